@@ -1,0 +1,151 @@
+"""Typed configuration: frozen dataclasses whose validation names the bad field and value."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from edgeft.errors import ConfigError
+
+Task = Literal["classification", "causal-lm", "regression", "multilabel"]
+AdapterKind = Literal["lora", "head", "full"]
+OptimizerName = Literal["adamw", "sgd"]
+
+TASKS: tuple[str, ...] = get_args(Task)
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+
+# The loss each task trains with; a torch.nn.Module source may pick any of them.
+LOSS_FOR_TASK = {
+    "classification": "cross-entropy",
+    "causal-lm": "causal-lm-cross-entropy",
+    "regression": "mse",
+    "multilabel": "bce",
+}
+LOSSES: tuple[str, ...] = tuple(LOSS_FOR_TASK.values())
+
+
+def _check(cond: bool, field_name: str, value: object, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid {field_name}={value!r}: {why}")
+
+
+def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
+    _check(value in choices, field_name, value, f"expected one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What becomes trainable.
+
+    kind: ``lora`` (low-rank adapters on ``target_modules`` plus ``trainable_modules``), ``head``
+    (only ``trainable_modules``), or ``full`` (every parameter).
+    target_modules: module-name patterns LoRA wraps (PEFT semantics: a name suffix or a regex);
+    ``None`` picks the architecture's default (query/value for BERT-likes, c_attn for GPT-2...).
+    trainable_modules: modules trained in full besides the adapters; ``None`` picks the task head.
+    """
+
+    kind: AdapterKind = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    trainable_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("adapter.kind", self.kind, ADAPTER_KINDS)
+        _check(self.rank >= 1, "adapter.rank", self.rank, "must be a positive integer")
+        _check(self.alpha > 0, "adapter.alpha", self.alpha, "must be positive")
+        _check(self.dropout == 0.0, "adapter.dropout", self.dropout,
+               "on-device training runs the graph in eval mode; LoRA dropout is not supported yet")
+        for name in ("target_modules", "trainable_modules"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The on-device optimizer, baked into the bundle's optimizer graph."""
+
+    name: OptimizerName = "adamw"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer.name", self.name, OPTIMIZERS)
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.name != "sgd" or self.momentum == 0.0, "optimizer.momentum", self.momentum,
+               "ONNX Runtime's on-device SGD has no momentum; use adamw")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How ``edgeft export`` turns a model into a training bundle."""
+
+    task: Task = "classification"
+    labels: tuple[str, ...] = ()
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: str | None = None
+    opset: int = 14
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.loss is None:
+            object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])
+        _check_choice("loss", self.loss, LOSSES)
+        _check(14 <= self.opset <= 16, "opset", self.opset,
+               "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)")
+        _check(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
+        if self.task in ("classification", "multilabel"):
+            _check(len(self.labels) >= 2, "labels", self.labels, f"a {self.task} task needs at least 2 labels")
+            _check(len(set(self.labels)) == len(self.labels), "labels", self.labels, "labels must be unique")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels) if self.labels else 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One device's local training run (also what the agent runs each federated round)."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_ratio: float = 0.06
+    grad_accum_steps: int = 1
+    early_stopping_patience: int | None = None
+    early_stopping_metric: str = "loss"
+    bucket_size: int = 50
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "early_stopping_patience", self.early_stopping_patience, "must be >= 1")
+        _check(self.bucket_size >= 1, "bucket_size", self.bucket_size, "must be >= 1")
+
+
+def to_dict(config: object) -> dict:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(config)  # type: ignore[arg-type]

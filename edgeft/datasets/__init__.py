@@ -1,0 +1,17 @@
+"""Small real data sets that ship with edgeft, so the demo and the tests need no download.
+
+BANKING77 (Casanueva et al., 2020, CC BY 4.0): see ``banking77/SOURCE.md`` for origin and attribution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BANKING77_DIR = Path(__file__).parent / "banking77"
+
+
+def banking77_labels() -> list[str]:
+    """The 77 BANKING77 intent labels, in label-id order."""
+    import json
+
+    return json.loads((BANKING77_DIR / "categories.json").read_text())

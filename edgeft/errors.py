@@ -1,0 +1,44 @@
+"""The one error hierarchy of edgeft.
+
+Every error a user can cause (bad input, a corrupt file, an unsupported model) is an ``EdgeftError``
+whose message names the problem and what to do. ``grpc_code`` is the gRPC status name the coordinator
+answers with when the error crosses the wire.
+"""
+
+from __future__ import annotations
+
+
+class EdgeftError(Exception):
+    """Base class of every error edgeft raises on purpose."""
+
+    grpc_code = "INTERNAL"
+
+
+class ConfigError(EdgeftError):
+    """A configuration value is invalid (names the field and the value)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class DataError(EdgeftError):
+    """A data file cannot be used: missing file or column, unknown label, bad value."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ExportError(EdgeftError):
+    """A model cannot be exported into training artifacts."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class BundleError(EdgeftError):
+    """A bundle is incomplete, corrupt or incompatible (missing file, sha256 mismatch, bad manifest)."""
+
+    grpc_code = "DATA_LOSS"
+
+
+class TrainingError(EdgeftError):
+    """On-device training failed (for example, the loss became NaN)."""
+
+    grpc_code = "ABORTED"

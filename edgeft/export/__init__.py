@@ -1,0 +1,123 @@
+"""Coordinator side: export a model into an ONNX Runtime training bundle with trainable adapters.
+
+Needs the ``export`` extra (torch, transformers, peft). Devices never import this package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from edgeft import __version__
+from edgeft.bundle import FORMAT_VERSION, MANIFEST, Bundle, Manifest, TensorSpec, load_bundle, sha256_of, write_manifest
+from edgeft.config import ExportConfig, to_dict
+from edgeft.errors import ExportError
+from edgeft.export import artifacts
+from edgeft.export.adapters import AdaptedModel, apply_adapter
+from edgeft.export.graph import export_graph, label_axes
+from edgeft.export.losses import LABEL_SPEC
+from edgeft.export.source import ModelSource, from_hf_folder, from_module
+
+__all__ = ["export_hf", "export_module", "export_source", "from_hf_folder", "from_module"]
+
+FORWARD_MODEL = "forward_model.onnx"
+TOKENIZER = "tokenizer.json"
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> Bundle:
+    """Export a Hugging Face model folder (sequence classification or causal LM) into a bundle."""
+    return export_source(from_hf_folder(model_dir, config), out_dir, config)
+
+
+def export_module(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_dir: str | Path,
+                  config: ExportConfig, **source_options: object) -> Bundle:
+    """Export any torch.nn.Module whose ``forward(**example_inputs)`` returns logits into a bundle."""
+    return export_source(from_module(model, example_inputs, **source_options), out_dir, config)  # type: ignore[arg-type]
+
+
+def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig,
+                  keep_forward_graph: bool = False) -> Bundle:
+    """Apply the adapter, export the (loss, logits) graph, generate ORT artifacts, write the manifest.
+
+    With ``keep_forward_graph`` the exported graph (before ORT adds gradients) stays in the bundle
+    directory as ``forward_model.onnx``, outside the manifest.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"output folder {out_dir} is not empty; choose a new folder for the bundle")
+    torch.manual_seed(config.seed)
+    adapted = apply_adapter(source, config.adapter, config.task)
+    l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
+    with tempfile.TemporaryDirectory(prefix="edgeft-export-") as tmp:
+        staging = Path(tmp) / "bundle"
+        staging.mkdir()
+        graph_path = Path(tmp) / FORWARD_MODEL
+        export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
+                     config.opset, l2=l2, seed=config.seed)
+        artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
+        if source.tokenizer_file is not None:
+            shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
+        manifest = _manifest(source, adapted, config, staging)
+        write_manifest(staging, manifest)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            shutil.move(str(item), out_dir / item.name)
+        if keep_forward_graph:
+            shutil.move(str(graph_path), out_dir / FORWARD_MODEL)
+    return load_bundle(out_dir)
+
+
+def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, staging: Path) -> Manifest:
+    params = dict(adapted.model.named_parameters())
+    trainable = [TensorSpec(name=n, dtype="float32", shape=list(params[n].shape),
+                            peft_key=(adapted.peft_keys or {}).get(n)) for n in adapted.trainable]
+    inputs = [TensorSpec(name=n, dtype=str(t.dtype).replace("torch.", ""),
+                         shape=_axes(t.dim(), source.dynamic_axes.get(n, {})))
+              for n, t in source.example_inputs.items()]
+    label_dtype, label_dims = LABEL_SPEC[config.loss]
+    inputs.append(TensorSpec(name="labels", dtype=label_dtype,
+                             shape=_axes(len(label_dims), label_axes(config.loss), config.num_outputs)))
+    outputs = [TensorSpec(name="loss", dtype="float32", shape=[]),
+               TensorSpec(name="logits", dtype="float32", shape=["batch", "..."])]
+    tokenizer = None
+    if source.tokenizer_file is not None:
+        tokenizer = {"file": TOKENIZER, "max_length": config.max_length, "pad_id": _pad_id(source)}
+    files = {p.name: sha256_of(p) for p in sorted(staging.iterdir()) if p.name != MANIFEST}
+    optimizer = to_dict(config.optimizer)
+    if config.optimizer.name == "sgd":
+        optimizer["weight_decay_mode"] = "l2 term in the training loss"
+    return Manifest(
+        format_version=FORMAT_VERSION, edgeft_version=__version__,
+        base_model={"id": source.base_id, "digest": source.base_digest, "model_type": source.model_type},
+        task=config.task, labels=list(config.labels), inputs=inputs, outputs=outputs, trainable=trainable,
+        adapter={**to_dict(config.adapter), "target_modules": adapted.target_modules,
+                 "trainable_modules": adapted.trainable_modules, "scale": config.adapter.scale},
+        loss=config.loss, optimizer=optimizer, opset=config.opset, tokenizer=tokenizer, files=files,
+        peft_config=adapted.peft_config)
+
+
+def _axes(rank: int, dynamic: dict[int, str], last: int | None = None) -> list[int | str]:
+    dims: list[int | str] = [dynamic.get(i, -1) for i in range(rank)]
+    if last is not None and rank > 1:
+        dims[-1] = last
+    return dims
+
+
+def _pad_id(source: ModelSource) -> int:
+    """The pad token id from the tokenizer's files (0 when the tokenizer has none)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(source.tokenizer_file))
+    if tok.padding and tok.padding.get("pad_id") is not None:
+        return int(tok.padding["pad_id"])
+    cfg = source.tokenizer_file.parent / "tokenizer_config.json" if source.tokenizer_file else None
+    if cfg and cfg.is_file():
+        pad = json.loads(cfg.read_text()).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad and tok.token_to_id(pad) is not None:
+            return int(tok.token_to_id(pad))
+    return 0

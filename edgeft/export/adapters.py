@@ -1,0 +1,108 @@
+"""Make part of a model trainable: LoRA adapters (via PEFT), the task head only, or everything."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from edgeft.config import AdapterConfig
+from edgeft.errors import ConfigError
+from edgeft.export.source import DEFAULT_HEADS, ModelSource
+
+
+@dataclass
+class AdaptedModel:
+    """The model to export and what in it trains.
+
+    trainable: parameter names (as the exported graph names them) in model order.
+    peft_keys: for LoRA, each trainable name's key in a PEFT ``adapter_model.safetensors``.
+    peft_config: for LoRA, PEFT's ``adapter_config.json`` content.
+    """
+
+    model: nn.Module
+    trainable: list[str]
+    target_modules: list[str]
+    trainable_modules: list[str]
+    peft_keys: dict[str, str] | None = None
+    peft_config: dict | None = None
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def _resolve(model: nn.Module, patterns: tuple[str, ...], what: str, field_name: str) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        if not any(_matches(pattern, n) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if n and isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D"})
+            raise ConfigError(f"unknown {what} {pattern!r} in {field_name}: no module of the model matches it; "
+                              f"Linear-like modules in this model: {', '.join(leaves[:40])}")
+
+
+def default_lora_targets(model_type: str | None) -> tuple[str, ...] | None:
+    """PEFT's default LoRA targets for a Hugging Face architecture (query/value for BERT-likes)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    targets = mapping.get(model_type or "")
+    return tuple(targets) if targets else None
+
+
+def default_heads(model: nn.Module, task: str) -> tuple[str, ...]:
+    """The task head modules that exist in ``model`` (e.g. ``classifier`` for BERT)."""
+    names = {n for n, _ in model.named_modules()}
+    return tuple(h for h in DEFAULT_HEADS.get(task, ()) if h in names)
+
+
+def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> AdaptedModel:
+    """Freeze ``source.model`` and make the adapter's parameters trainable, per ``config``."""
+    model = source.model
+    heads = config.trainable_modules if config.trainable_modules is not None else default_heads(model, task)
+    _resolve(model, heads, "trainable module", "adapter.trainable_modules")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if config.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return AdaptedModel(model, _trainable_names(model), [], list(heads))
+
+    if config.kind == "head":
+        if not heads:
+            raise ConfigError("adapter.kind='head' needs trainable_modules: this model has no default task head")
+        for name, p in model.named_parameters():
+            if any(_matches(h, name.rsplit(".", 1)[0]) or name.startswith(h + ".") for h in heads):
+                p.requires_grad_(True)
+        return AdaptedModel(model, _trainable_names(model), [], list(heads))
+
+    targets = config.target_modules or default_lora_targets(source.model_type)
+    if not targets:
+        raise ConfigError("adapter.target_modules is required: there is no default LoRA target for "
+                          f"model type {source.model_type!r}; name the Linear modules to adapt")
+    _resolve(model, targets, "target module", "adapter.target_modules")
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(targets), modules_to_save=list(heads) or None,
+                      task_type=source.peft_task_type, bias="none")
+    peft_model = get_peft_model(model, lora)
+    peft_model.eval()
+    trainable = _trainable_names(peft_model)
+    saved = set(get_peft_model_state_dict(peft_model))
+    peft_keys = {}
+    for name in trainable:
+        key = name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+        if key not in saved:
+            raise ConfigError(f"cannot map trainable parameter {name} to a PEFT adapter key")
+        peft_keys[name] = key
+    peft_config = peft_model.peft_config["default"].to_dict()
+    peft_config["base_model_name_or_path"] = source.base_id
+    peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
+    return AdaptedModel(peft_model, trainable, list(targets), list(heads), peft_keys, peft_config)
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]

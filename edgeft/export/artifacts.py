@@ -1,0 +1,55 @@
+"""The offline half of ONNX Runtime training: turn a (loss, logits) graph into training artifacts.
+
+One of the two modules that touch ``onnxruntime.training`` (the other is ``edgeft.train.session``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from edgeft.config import OptimizerConfig
+from edgeft.errors import ExportError
+
+# File names inside a bundle, fixed by ORT's generate_artifacts.
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+
+
+def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig, out_dir: Path) -> None:
+    """Write training, eval and optimizer models plus the checkpoint for ``trainable`` into ``out_dir``."""
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.onnxblock import optim
+
+    model = onnx.load(str(graph_path))
+    trainable_set = set(trainable)
+    frozen = [i.name for i in model.graph.initializer if i.name not in trainable_set]
+    if optimizer.name == "adamw":
+        opt = optim.AdamW(betas=tuple(optimizer.betas), eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+    else:
+        opt = optim.SGD()
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        artifacts.generate_artifacts(model, requires_grad=list(trainable), frozen_params=frozen, loss=None,
+                                     optimizer=opt, artifact_directory=str(out_dir))
+    except Exception as exc:  # ORT raises RuntimeError / Fail with the C++ message
+        message = str(exc)
+        raise ExportError(
+            "ONNX Runtime's gradient builder cannot differentiate this graph"
+            f"{_culprit(message, model)}: {message.strip().splitlines()[0][:500]}. Use opset 14-16, avoid "
+            "operators without gradients in the trainable path, or train fewer modules") from exc
+
+
+def _culprit(message: str, model: onnx.ModelProto) -> str:
+    """The operator type named in a gradient-builder error message, if any."""
+    for node in model.graph.node:
+        if node.name and node.name in message:
+            return f" (operator {node.op_type}, node {node.name})"
+    ops = {n.op_type for n in model.graph.node}
+    named = [op for op in sorted(ops) if f"'{op}'" in message or f" {op} " in message or f"{op}Grad" in message]
+    return f" (operator {named[0]})" if named else ""

@@ -1,0 +1,127 @@
+"""Export a model plus its loss into one ONNX graph that ONNX Runtime's gradient builder accepts.
+
+Settings that work with ORT 1.19's gradient builder (DESIGN.md section 4): TorchScript exporter,
+opset 14-16, TrainingMode.EVAL, no constant folding. The TorchScript exporter merges initializers with
+identical contents (all-zero LoRA B matrices would collapse into one), so every trainable parameter is
+exported holding a unique random placeholder and its true value is written back by name afterwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgeft.errors import ExportError
+from edgeft.export.losses import LABEL_SPEC, LOSS_FUNCTIONS
+from edgeft.export.source import ModelSource
+
+PREFIX = "model."
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits in whatever a model's forward returns."""
+    if hasattr(output, "logits"):
+        return output.logits  # type: ignore[no-any-return]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, torch.Tensor):
+        return output
+    raise ExportError(f"cannot find logits in the model output of type {type(output).__name__}")
+
+
+class TrainingGraph(nn.Module):
+    """model(**inputs) followed by the loss; returns (loss, logits).
+
+    With ``l2 > 0`` the loss adds 0.5 * l2 * ||trainable||^2 (PyTorch SGD's weight_decay, which ORT's
+    SGD optimizer lacks).
+    """
+
+    def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.loss_fn = LOSS_FUNCTIONS[loss]
+        self.l2 = l2
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = dict(zip(self.input_names, args[:-1]))
+        logits = logits_of(self.model(**inputs))
+        loss = self.loss_fn(logits, args[-1])
+        if self.l2:
+            penalty = sum((p * p).sum() for p in self.model.parameters() if p.requires_grad)
+            loss = loss + 0.5 * self.l2 * penalty
+        return loss, logits
+
+
+def example_labels(loss: str, source: ModelSource, num_outputs: int) -> torch.Tensor:
+    """Labels shaped and typed as ``loss`` expects for the source's example batch."""
+    first = next(iter(source.example_inputs.values()))
+    batch = first.shape[0]
+    dtype, axes = LABEL_SPEC[loss]
+    if loss == "cross-entropy":
+        return torch.zeros(batch, dtype=torch.long)
+    if loss == "causal-lm-cross-entropy":
+        return torch.zeros(batch, first.shape[1], dtype=torch.long)
+    return torch.zeros(batch, num_outputs, dtype=torch.float32)
+
+
+def label_axes(loss: str) -> dict[int, str]:
+    return dict(enumerate(LABEL_SPEC[loss][1][:2])) if LABEL_SPEC[loss][1] != ["batch", "outputs"] else {0: "batch"}
+
+
+def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], loss: str, num_outputs: int,
+                 path: Path, opset: int, l2: float = 0.0, seed: int = 0) -> None:
+    """Write the (loss, logits) graph of ``model`` to ``path``; trainable parameters keep their names."""
+    wrapper = TrainingGraph(model, source.input_names, loss, l2)
+    labels = example_labels(loss, source, num_outputs)
+    args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
+    params = dict(model.named_parameters())
+    originals = {name: params[name].detach().clone() for name in trainable}
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for name in trainable:
+                params[name].copy_(torch.randn(params[name].shape, generator=generator, dtype=params[name].dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, args, str(path), dynamo=False, opset_version=opset,
+                training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, export_params=True,
+                input_names=[*source.input_names, "labels"], output_names=["loss", "logits"],
+                dynamic_axes={**source.dynamic_axes, "labels": label_axes(loss)})
+    except ExportError:
+        raise
+    except Exception as exc:  # torch raises many types here; name the model and the cause
+        raise ExportError(f"torch.onnx could not export the model: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                params[name].copy_(value)
+    graph = onnx.load(str(path))
+    _strip_prefix(graph)
+    inits = {init.name: init for init in graph.graph.initializer}
+    missing = [n for n in trainable if n not in inits]
+    if missing:
+        raise ExportError(f"trainable parameters missing from the exported graph (unused by forward?): {missing[:5]}")
+    for name, value in originals.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value.cpu().numpy().astype(np.float32, copy=False), name))
+    onnx.save(graph, str(path))
+
+
+def _strip_prefix(model: onnx.ModelProto) -> None:
+    """Rename ``model.<param>`` tensors (the wrapper's prefix) to ``<param>``."""
+    renames = {i.name: i.name[len(PREFIX):] for i in model.graph.initializer if i.name.startswith(PREFIX)}
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for value in [*model.graph.input, *model.graph.value_info]:
+        value.name = renames.get(value.name, value.name)

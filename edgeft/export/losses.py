@@ -1,0 +1,46 @@
+"""The training losses, written in torch so they export into the training graph with the model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Classification: logits [B, C], integer labels [B]."""
+    return F.cross_entropy(logits, labels)
+
+
+def causal_lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits [B, T, V], labels [B, T]; padding positions carry -100."""
+    shifted = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Regression: predictions [B, K], float targets [B, K]."""
+    return F.mse_loss(logits, labels)
+
+
+def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label: logits [B, C], multi-hot float targets [B, C]."""
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+LOSS_FUNCTIONS = {
+    "cross-entropy": cross_entropy,
+    "causal-lm-cross-entropy": causal_lm_cross_entropy,
+    "mse": mse,
+    "bce": bce,
+}
+
+# dtype and rank of the labels input each loss expects (the device builds its batches from this).
+LABEL_SPEC = {
+    "cross-entropy": ("int64", ["batch"]),
+    "causal-lm-cross-entropy": ("int64", ["batch", "sequence"]),
+    "mse": ("float32", ["batch", "outputs"]),
+    "bce": ("float32", ["batch", "outputs"]),
+}

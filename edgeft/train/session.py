@@ -1,0 +1,79 @@
+"""The on-device half of ONNX Runtime training: a thin wrapper over ``onnxruntime.training.api``.
+
+One of the two modules that touch ``onnxruntime.training`` (the other is ``edgeft.export.artifacts``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeft.bundle import Bundle
+from edgeft.errors import BundleError, TrainingError
+
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+
+
+class TrainingSession:
+    """Train a bundle's trainable parameters on CPU (or another provider ORT offers).
+
+    ``train_step`` accumulates gradients; ``optimizer_step`` applies them and clears them.
+    """
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu"):
+        import onnxruntime as ort
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._state = CheckpointState.load_checkpoint(str(bundle.file(CHECKPOINT)))
+            self._module = Module(str(bundle.file(TRAINING_MODEL)), self._state, str(bundle.file(EVAL_MODEL)),
+                                  device=device, session_options=options)
+            self._optimizer = Optimizer(str(bundle.file(OPTIMIZER_MODEL)), self._module)
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+            raise BundleError(f"ONNX Runtime cannot load the bundle at {bundle.path}: {exc}") from exc
+        self.names = bundle.manifest.trainable_names
+        self.input_names = [i.name for i in bundle.manifest.inputs]
+
+    def _run(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        try:
+            loss, logits = self._module(*[batch[name] for name in self.input_names])
+        except KeyError as exc:
+            raise TrainingError(f"batch lacks the model input {exc}; the bundle expects {self.input_names}") from exc
+        return float(loss), logits
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        """Forward + backward on one batch; gradients add up until ``optimizer_step``."""
+        self._module.train()
+        return self._run(batch)
+
+    def eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        """Forward only: (loss, logits)."""
+        self._module.eval()
+        return self._run(batch)
+
+    def optimizer_step(self, learning_rate: float) -> None:
+        """Apply the accumulated gradients with ``learning_rate`` and reset them."""
+        self._optimizer.set_learning_rate(float(learning_rate))
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+
+    def get_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters, by name."""
+        return {name: np.array(self._state.parameters[name].data, copy=True) for name in self.names}
+
+    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite trainable parameters (e.g. with a global adapter); names and shapes must match."""
+        for name, value in values.items():
+            if name not in self._state.parameters:
+                raise TrainingError(f"unknown parameter {name!r}; the bundle trains {len(self.names)} parameters")
+            current = self._state.parameters[name].data
+            if tuple(current.shape) != tuple(value.shape):
+                raise TrainingError(f"parameter {name!r} has shape {tuple(current.shape)}, got {tuple(value.shape)}")
+            self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
