@@ -1,6 +1,7 @@
 """Small real data sets that ship with edgeft, so the demo and the tests need no download.
 
 BANKING77 (Casanueva et al., 2020, CC BY 4.0): see ``banking77/SOURCE.md`` for origin and attribution.
+Tiny Shakespeare (Karpathy, char-rnn; public-domain text): see ``tinyshakespeare/SOURCE.md``.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BANKING77_DIR = Path(__file__).parent / "banking77"
+TINYSHAKESPEARE = Path(__file__).parent / "tinyshakespeare" / "input.txt"
 
 
 def banking77_labels() -> list[str]:

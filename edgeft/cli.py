@@ -1,0 +1,148 @@
+"""The ``edgeft`` command line: each sub-command parses its flags into a config and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+
+
+def _csv_list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _labels(value: str | None) -> tuple[str, ...]:
+    """Labels from a JSON list file, a text file (one per line) or a comma-separated list."""
+    if not value:
+        return ()
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        return tuple(json.loads(text)) if path.suffix == ".json" else tuple(l for l in text.splitlines() if l.strip())
+    return _csv_list(value) or ()
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a Hugging Face model folder into a training bundle")
+    p.add_argument("model", help="Hugging Face model folder (config.json, weights, tokenizer.json)")
+    p.add_argument("--out", required=True, help="bundle folder to create (must be new or empty)")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm", "regression", "multilabel"])
+    p.add_argument("--labels", help="label names: a JSON list file, a text file (one per line) or a,b,c")
+    p.add_argument("--adapter", default="lora", choices=["lora", "head", "full"])
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--target-modules", help="modules LoRA adapts, comma-separated (default: per architecture)")
+    p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--opset", type=int, default=14)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig
+    from edgeft.export import export_hf
+
+    config = ExportConfig(
+        task=args.task, labels=_labels(args.labels),
+        adapter=AdapterConfig(kind=args.adapter, rank=args.rank, alpha=args.alpha,
+                              target_modules=_csv_list(args.target_modules),
+                              trainable_modules=_csv_list(args.trainable_modules)),
+        optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
+        opset=args.opset, max_length=args.max_length, seed=args.seed)
+    bundle = export_hf(args.model, args.out, config)
+    m = bundle.manifest
+    size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
+    n_params = sum(int(__import__("numpy").prod(t.shape)) for t in m.trainable)
+    print(f"bundle {bundle.path}: {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
+          f"{size:.1f} MiB")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a bundle on local data with ONNX Runtime (no torch)")
+    p.add_argument("bundle", help="bundle folder made by `edgeft export`")
+    p.add_argument("--data", required=True, help="training data: .csv, .jsonl or .txt")
+    p.add_argument("--val", help="validation data file (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when --val is absent (0 = none)")
+    p.add_argument("--test", help="test data file, evaluated once at the end")
+    p.add_argument("--format", choices=["csv", "jsonl", "text"], help="data format (default: from the suffix)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--label-map", help="JSON file mapping raw label values to the bundle's label names")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
+    p.add_argument("--early-stopping-metric", default="loss", help="validation metric to watch (default loss)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for update.safetensors, peft/ and metrics.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from edgeft.config import TrainConfig
+    from edgeft.data import DataConfig
+    from edgeft.run import LocalRun, run_local
+
+    label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
+
+    def data(path: str | None) -> DataConfig | None:
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
+                          format=args.format, label_map=label_map) if path else None
+
+    train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,
+                        early_stopping_patience=args.early_stopping_patience,
+                        early_stopping_metric=args.early_stopping_metric, threads=args.threads, seed=args.seed,
+                        progress=not args.no_progress)
+    run_local(LocalRun(bundle=Path(args.bundle), train=data(args.data), val=data(args.val), test=data(args.test),
+                       val_fraction=args.val_fraction, config=train, out=Path(args.out)))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="export all-MiniLM-L6-v2 with LoRA and fine-tune it on BANKING77 (shipped)")
+    p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from edgeft.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_export(sub)
+    _add_train(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeftError as exc:
+        print(f"edgeft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Local training data: read CSV / JSONL / plain text, map columns and labels, tokenise, batch.
+
+Device side: uses ``tokenizers`` with the tokenizer file carried in the bundle, never transformers.
+Batches are padded to their own longest example (dynamic padding); examples of similar length are
+grouped into the same batches (length bucketing) so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgeft.bundle import Bundle, Manifest
+from edgeft.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+FORMATS = ("csv", "jsonl", "text")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples are and which columns hold what.
+
+    format: ``csv``, ``jsonl`` or ``text`` (one document; for causal LM); ``None`` guesses from the suffix.
+    label_map: optional mapping from raw label values in the file to the bundle's label names.
+    label_separator: separates labels in a multi-label cell (JSON lists work too).
+    """
+
+    path: Path
+    text_column: str = "text"
+    label_column: str = "label"
+    format: str | None = None
+    label_map: dict[str, str] | None = None
+    label_separator: str = ";"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"invalid format={self.format!r}: expected one of {', '.join(FORMATS)}")
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        suffix = self.path.suffix.lower()
+        return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}.get(suffix, "text")
+
+
+@dataclass
+class Dataset:
+    """Tokenised examples: ``ids[i]`` token ids; ``targets`` per the task (see ``_targets``)."""
+
+    ids: list[np.ndarray]
+    targets: np.ndarray | None  # None for causal LM (the labels are the ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray | list[int]) -> Dataset:
+        return Dataset([self.ids[i] for i in index], None if self.targets is None else self.targets[index])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(x) for x in self.ids))
+
+
+def read_records(config: DataConfig) -> list[dict]:
+    """Rows of a CSV or JSONL file as dicts (``text`` format: one record holding the whole file)."""
+    path = config.path
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    fmt = config.resolved_format
+    try:
+        if fmt == "text":
+            return [{config.text_column: path.read_text(encoding="utf-8")}]
+        if fmt == "csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+                    rows.append(row)
+        return rows
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc}); is it the right file?") from exc
+    except (json.JSONDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} is not valid {fmt}: {exc}") from exc
+
+
+def _column(rows: list[dict], name: str, config: DataConfig) -> list:
+    if not rows:
+        raise DataError(f"{config.path} has no rows")
+    missing = [i for i, row in enumerate(rows) if name not in row]
+    if missing:
+        columns = ", ".join(map(str, rows[missing[0]].keys()))
+        raise DataError(f"{config.path} has no column {name!r} (row {missing[0] + 1}; columns: {columns}); "
+                        f"pick the column with --text-column / --label-column")
+    return [row[name] for row in rows]
+
+
+class Encoder:
+    """Tokenises text with the bundle's tokenizer file, truncating to the bundle's max length."""
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+
+        spec = bundle.manifest.tokenizer
+        if spec is None:
+            raise DataError("this bundle carries no tokenizer, so it cannot read text; feed arrays instead")
+        self.tokenizer = Tokenizer.from_file(str(bundle.file(spec["file"])))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.max_length = int(spec["max_length"])
+        self.pad_id = int(spec["pad_id"])
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts])
+        return [_truncate(np.asarray(e.ids, dtype=np.int64), self.max_length) for e in encodings]
+
+    def encode_stream(self, text: str) -> np.ndarray:
+        """One long text as a single token stream (no special tokens), for language modelling."""
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def _truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
+    if len(ids) <= max_length:
+        return ids
+    return np.concatenate([ids[: max_length - 1], ids[-1:]])  # keep a closing special token such as [SEP]
+
+
+def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = None) -> Dataset:
+    """Read, validate and tokenise a data file for the bundle's task."""
+    encoder = encoder or Encoder(bundle)
+    rows = read_records(config)
+    texts = _column(rows, config.text_column, config)
+    manifest = bundle.manifest
+    if manifest.task == "causal-lm":
+        if config.resolved_format == "text":
+            stream = encoder.encode_stream(texts[0])
+            block = encoder.max_length
+            if len(stream) < 2:
+                raise DataError(f"{config.path} holds fewer than 2 tokens")
+            return Dataset([stream[i: i + block] for i in range(0, len(stream) - 1, block)
+                            if len(stream[i: i + block]) > 1], None)
+        return Dataset(encoder.encode(texts), None)
+    raw = _column(rows, config.label_column, config)
+    return Dataset(encoder.encode(texts), _targets(raw, manifest, config))
+
+
+def _targets(raw: list, manifest: Manifest, config: DataConfig) -> np.ndarray:
+    labels = manifest.labels
+    if manifest.task == "regression":
+        try:
+            values = np.asarray([float(v) for v in raw], dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{config.path}: column {config.label_column!r} must hold numbers ({exc})") from exc
+        return values.reshape(-1, 1)
+    index = {name: i for i, name in enumerate(labels)}
+    mapped = (lambda v: config.label_map.get(str(v), str(v))) if config.label_map else (lambda v: str(v))
+    if manifest.task == "classification":
+        unknown = sorted({mapped(v) for v in raw} - set(index))
+        if unknown:
+            raise DataError(f"{config.path}: unknown label(s) {unknown[:5]} in column {config.label_column!r}; "
+                            f"the bundle knows {len(labels)} labels ({', '.join(labels[:8])}...); "
+                            "fix the data or pass a label map")
+        return np.asarray([index[mapped(v)] for v in raw], dtype=np.int64)
+    targets = np.zeros((len(raw), len(labels)), dtype=np.float32)
+    for row, value in enumerate(raw):
+        items = value if isinstance(value, list) else (
+            json.loads(value) if str(value).startswith("[") else [v for v in str(value).split(config.label_separator) if v])
+        for item in items:
+            name = mapped(item).strip()
+            if name not in index:
+                raise DataError(f"{config.path} row {row + 1}: unknown label {name!r}; known: {', '.join(labels[:8])}...")
+            targets[row, index[name]] = 1.0
+    return targets
+
+
+def split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Random (train, validation) split holding out ``fraction`` of the examples."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"invalid val_fraction={fraction!r}: must be in (0, 1)")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    cut = max(1, int(round(len(dataset) * fraction)))
+    return dataset.subset(order[cut:]), dataset.subset(order[:cut])
+
+
+def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0,
+            bucket_size: int = 50) -> Iterator[dict[str, np.ndarray]]:
+    """Padded batches; with ``shuffle``, examples are length-bucketed within windows of
+    ``bucket_size`` batches and the batches come out in random order."""
+    n = len(dataset)
+    if shuffle:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)
+        window = batch_size * bucket_size
+        lengths = np.array([len(x) for x in dataset.ids])
+        chunks = [order[i: i + window] for i in range(0, n, window)]
+        groups = []
+        for chunk in chunks:
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            groups += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    else:
+        groups = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    for group in groups:
+        yield collate(dataset, group, pad_id)
+
+
+def collate(dataset: Dataset, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Pad the examples at ``index`` to their longest one: input_ids, attention_mask, labels."""
+    seqs = [dataset.ids[i] for i in index]
+    width = max(len(s) for s in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    if dataset.targets is None:
+        labels = np.where(mask == 1, input_ids, IGNORE_INDEX)
+    else:
+        labels = dataset.targets[index]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,47 @@
+"""Tiny Hugging Face model folders built from a config, for fast tests and examples (random weights).
+
+Each folder has config.json, model.safetensors and tokenizer.json, like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT for sequence classification using an existing WordPiece tokenizer.json."""
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    directory = Path(directory)
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    Tokenizer.from_file(str(tokenizer_file)).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def tiny_gpt2(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0,
+              n_embd: int = 64, n_layer: int = 2) -> Path:
+    """A small GPT-2 with a byte-level BPE tokenizer trained on ``text``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=256, n_embd=n_embd, n_layer=n_layer,
+                        n_head=4, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory

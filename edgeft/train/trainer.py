@@ -1,0 +1,138 @@
+"""Local fine-tuning of a bundle on a device's data: the loop ``edgeft train`` and the agent run.
+
+Warm-up + linear-decay learning rate, gradient accumulation, epochs or a step budget, an evaluation
+after every epoch and early stopping on the validation split. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edgeft.bundle import Bundle
+from edgeft.config import TrainConfig
+from edgeft.data import Dataset, batches
+from edgeft.errors import ConfigError, TrainingError
+from edgeft.train.metrics import Accumulator, higher_is_better
+from edgeft.train.schedule import warmup_linear
+from edgeft.train.session import TrainingSession
+
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class TrainResult:
+    """What a local run produced: the kept parameters (best on validation, else last) and its history."""
+
+    parameters: dict[str, np.ndarray]
+    history: list[dict] = field(default_factory=list)
+    n_examples: int = 0
+    steps: int = 0
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def final_metrics(self) -> dict:
+        if not self.history:
+            return {}
+        record = self.history[(self.best_epoch or len(self.history)) - 1]
+        return {k: v for k, v in record.items() if k.startswith(("val_", "train_"))}
+
+
+def pad_id_of(bundle: Bundle) -> int:
+    return int(bundle.manifest.tokenizer["pad_id"]) if bundle.manifest.tokenizer else 0
+
+
+def evaluate(session: TrainingSession, dataset: Dataset, task: str, pad_id: int,
+             batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """The task's metrics of the session's current parameters on ``dataset``."""
+    order = np.argsort([len(x) for x in dataset.ids], kind="stable")
+    acc = Accumulator(task)
+    for batch in batches(dataset.subset(order), batch_size, pad_id):
+        _, logits = session.eval_step(batch)
+        acc.add(logits, batch["labels"])
+    return acc.result()
+
+
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    micro = math.ceil(n_examples / config.batch_size)
+    per_epoch = math.ceil(micro / config.grad_accum_steps)
+    total = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+    return per_epoch, total
+
+
+def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Dataset | None = None,
+          session: TrainingSession | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Fine-tune the bundle's trainable parameters on ``train_data``; evaluate on ``val_data`` each epoch."""
+    if len(train_data) == 0:
+        raise ConfigError("the training data is empty")
+    if config.early_stopping_patience and val_data is None:
+        raise ConfigError("early_stopping_patience needs a validation split (--val or --val-fraction)")
+    session = session or TrainingSession(bundle, threads=config.threads)
+    task, pad_id = bundle.manifest.task, pad_id_of(bundle)
+    per_epoch, total = plan_steps(len(train_data), config)
+    warmup = int(round(total * config.warmup_ratio))
+    # ORT sums accumulated gradients; AdamW is invariant to that scale, SGD is not.
+    lr_scale = 1.0 / config.grad_accum_steps if bundle.manifest.optimizer.get("name") == "sgd" else 1.0
+    metric = config.early_stopping_metric
+    result = TrainResult(parameters={}, n_examples=len(train_data))
+    best_value, bad_epochs, step, epoch = None, 0, 0, 0
+    bar = tqdm(total=total, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    while step < total:
+        epoch += 1
+        losses, micro = [], 0
+        for batch in batches(train_data, config.batch_size, pad_id, shuffle=True,
+                             seed=config.seed + epoch, bucket_size=config.bucket_size):
+            loss, _ = session.train_step(batch)
+            if not math.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss} at step {step}; lower the learning rate")
+            losses.append(loss)
+            micro += 1
+            if micro % config.grad_accum_steps == 0:
+                session.optimizer_step(warmup_linear(step, total, warmup, config.learning_rate) * lr_scale)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.4f}")
+                if step >= total:
+                    break
+        if micro % config.grad_accum_steps and step < total:  # a last partial accumulation
+            session.optimizer_step(warmup_linear(step, total, warmup, config.learning_rate) * lr_scale)
+            step += 1
+            bar.update(1)
+        record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        if val_data is not None and len(val_data):
+            record.update({f"val_{k}": v for k, v in evaluate(session, val_data, task, pad_id).items()})
+        result.history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if val_data is not None:
+            key = f"val_{metric}"
+            if key not in record:
+                raise ConfigError(f"invalid early_stopping_metric={metric!r}: evaluation reports "
+                                  f"{', '.join(k[4:] for k in record if k.startswith('val_'))}")
+            value = record[key]
+            improved = best_value is None or (value > best_value if higher_is_better(metric) else value < best_value)
+            if improved:
+                best_value, bad_epochs, result.best_epoch = value, 0, epoch
+                result.parameters = session.get_parameters()
+            else:
+                bad_epochs += 1
+                if config.early_stopping_patience and bad_epochs >= config.early_stopping_patience:
+                    result.stopped_early = True
+                    break
+    bar.close()
+    result.steps = step
+    if result.parameters:
+        session.set_parameters(result.parameters)  # keep the best epoch's weights
+    else:
+        result.parameters = session.get_parameters()
+    return result

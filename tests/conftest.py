@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real models built from configs, bundles exported from them, shipped data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeft.config import AdapterConfig, ExportConfig
+from edgeft.datasets import BANKING77_DIR, TINYSHAKESPEARE, banking77_labels
+
+LABELS = tuple(banking77_labels())
+
+
+def minilm_tokenizer() -> Path:
+    from edgeft.demo import minilm_dir
+
+    return minilm_dir() / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeft.export.toy import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_tokenizer(), num_labels=len(LABELS))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ExportConfig:
+    return ExportConfig(labels=LABELS, max_length=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_config: ExportConfig):
+    """A LoRA bundle of the tiny BERT for BANKING77, with the forward graph kept for comparisons."""
+    from edgeft.export import export_source, from_hf_folder
+
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    return export_source(from_hf_folder(tiny_bert_dir, tiny_config), out, tiny_config, keep_forward_graph=True)
+
+
+@pytest.fixture(scope="session")
+def banking_csv() -> dict[str, Path]:
+    return {"train": BANKING77_DIR / "train.csv", "test": BANKING77_DIR / "test.csv"}
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    return TINYSHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def small_banking(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every 20th BANKING77 row (train) and every 10th (test): real data, small enough for unit tests."""
+    import csv
+
+    out = tmp_path_factory.mktemp("banking-small")
+    files = {}
+    for split, step in (("train", 20), ("test", 10)):
+        with open(BANKING77_DIR / f"{split}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        path = out / f"{split}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["text", "category"])
+            writer.writeheader()
+            writer.writerows(rows[::step])
+        files[split] = path
+    return files
+
+
+def lora(**kw) -> AdapterConfig:
+    return AdapterConfig(kind="lora", **kw)
