@@ -70,3 +70,14 @@ def small_banking(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def lora(**kw) -> AdapterConfig:
     return AdapterConfig(kind="lora", **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_bundle(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path):
+    """A tiny GPT-2 (byte-level BPE trained on Tiny Shakespeare) with LoRA on c_attn."""
+    from edgeft.export import export_hf
+    from edgeft.export.toy import tiny_gpt2
+
+    folder = tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), shakespeare.read_text()[:200_000], vocab_size=384)
+    config = ExportConfig(task="causal-lm", max_length=64, adapter=AdapterConfig(rank=4))
+    return export_hf(folder, tmp_path_factory.mktemp("tiny-lm") / "bundle", config)

@@ -85,9 +85,11 @@ def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> Adap
     _resolve(model, targets, "target module", "adapter.target_modules")
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules()
+                 if any(_matches(t, n) for t in targets))  # GPT-2 stores Linear weights transposed
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(targets), modules_to_save=list(heads) or None,
-                      task_type=source.peft_task_type, bias="none")
+                      task_type=source.peft_task_type, bias="none", fan_in_fan_out=conv1d)
     peft_model = get_peft_model(model, lora)
     peft_model.eval()
     trainable = _trainable_names(peft_model)

@@ -5,7 +5,12 @@ One of the two modules that touch ``onnxruntime.training`` (the other is ``edgef
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
@@ -31,12 +36,10 @@ def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig,
         opt = optim.AdamW(betas=tuple(optimizer.betas), eps=optimizer.eps, weight_decay=optimizer.weight_decay)
     else:
         opt = optim.SGD()
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
     try:
-        artifacts.generate_artifacts(model, requires_grad=list(trainable), frozen_params=frozen, loss=None,
-                                     optimizer=opt, artifact_directory=str(out_dir))
+        with _native_stderr_silenced():
+            artifacts.generate_artifacts(model, requires_grad=list(trainable), frozen_params=frozen, loss=None,
+                                         optimizer=opt, artifact_directory=str(out_dir))
     except Exception as exc:  # ORT raises RuntimeError / Fail with the C++ message
         message = str(exc)
         raise ExportError(
@@ -53,3 +56,18 @@ def _culprit(message: str, model: onnx.ModelProto) -> str:
     ops = {n.op_type for n in model.graph.node}
     named = [op for op in sorted(ops) if f"'{op}'" in message or f" {op} " in message or f"{op}Grad" in message]
     return f" (operator {named[0]})" if named else ""
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Drop what native code writes to stderr: ORT's gradient builder logs every graph pass at INFO level
+    whatever the configured severity. Errors still surface as Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -2,14 +2,16 @@
 
 Settings that work with ORT 1.19's gradient builder (DESIGN.md section 4): TorchScript exporter,
 opset 14-16, TrainingMode.EVAL, no constant folding. The TorchScript exporter merges initializers with
-identical contents (all-zero LoRA B matrices would collapse into one), so every trainable parameter is
-exported holding a unique random placeholder and its true value is written back by name afterwards.
+identical contents (all-zero LoRA B matrices, or a fresh model's all-ones LayerNorm weights, would collapse
+into one tensor behind Identity nodes), so every parameter is exported holding a unique random placeholder
+and its true value is written back by name afterwards.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -42,15 +44,19 @@ class TrainingGraph(nn.Module):
     SGD optimizer lacks).
     """
 
-    def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0):
+    def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0,
+                 prepare_inputs: Callable[[dict], dict] | None = None):
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
         self.loss_fn = LOSS_FUNCTIONS[loss]
         self.l2 = l2
+        self.prepare_inputs = prepare_inputs
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = dict(zip(self.input_names, args[:-1]))
+        if self.prepare_inputs is not None:
+            inputs = self.prepare_inputs(inputs)
         logits = logits_of(self.model(**inputs))
         loss = self.loss_fn(logits, args[-1])
         if self.l2:
@@ -78,16 +84,16 @@ def label_axes(loss: str) -> dict[int, str]:
 def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], loss: str, num_outputs: int,
                  path: Path, opset: int, l2: float = 0.0, seed: int = 0) -> None:
     """Write the (loss, logits) graph of ``model`` to ``path``; trainable parameters keep their names."""
-    wrapper = TrainingGraph(model, source.input_names, loss, l2)
+    wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs).eval()
     labels = example_labels(loss, source, num_outputs)
     args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
     params = dict(model.named_parameters())
-    originals = {name: params[name].detach().clone() for name in trainable}
+    originals = {name: p.detach().clone() for name, p in params.items()}
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.no_grad():
-            for name in trainable:
-                params[name].copy_(torch.randn(params[name].shape, generator=generator, dtype=params[name].dtype))
+            for p in params.values():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -110,18 +116,21 @@ def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], lo
     if missing:
         raise ExportError(f"trainable parameters missing from the exported graph (unused by forward?): {missing[:5]}")
     for name, value in originals.items():
-        inits[name].CopyFrom(numpy_helper.from_array(value.cpu().numpy().astype(np.float32, copy=False), name))
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(value.cpu().numpy().astype(np.float32, copy=False), name))
     onnx.save(graph, str(path))
 
 
 def _strip_prefix(model: onnx.ModelProto) -> None:
-    """Rename ``model.<param>`` tensors (the wrapper's prefix) to ``<param>``."""
-    renames = {i.name: i.name[len(PREFIX):] for i in model.graph.initializer if i.name.startswith(PREFIX)}
-    for init in model.graph.initializer:
+    """Rename ``model.<name>`` tensors (the wrapper's prefix) to ``<name>`` everywhere in the graph."""
+    graph = model.graph
+    produced = [n for node in graph.node for n in node.output]
+    renames = {n: n[len(PREFIX):] for n in [*(i.name for i in graph.initializer), *produced] if n.startswith(PREFIX)}
+    for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-    for value in [*model.graph.input, *model.graph.value_info]:
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                names[i] = renames.get(name, name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
         value.name = renames.get(value.name, value.name)

@@ -26,8 +26,14 @@ def mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Multi-label: logits [B, C], multi-hot float targets [B, C]."""
-    return F.binary_cross_entropy_with_logits(logits, labels)
+    """Multi-label: logits [B, C], multi-hot float targets [B, C].
+
+    Written in the stable form max(x, 0) - x*y + log(1 + exp(-|x|)) with |x| = relu(x) + relu(-x):
+    torch exports binary_cross_entropy_with_logits as Log(Sigmoid(x)), which turns into NaN once a
+    logit saturates, and ORT has no gradient for Abs.
+    """
+    positive, negative = F.relu(logits), F.relu(-logits)
+    return (positive - logits * labels + torch.log1p(torch.exp(-(positive + negative)))).mean()
 
 
 LOSS_FUNCTIONS = {

@@ -58,7 +58,7 @@ def reference_for(source: ModelSource, config: ExportConfig, bundle: Bundle, dro
             params[name].copy_(torch.from_numpy(value))
     opt = config.optimizer
     l2 = opt.weight_decay if opt.name == "sgd" else 0.0
-    graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2)
+    graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs)
     graph.train(dropout)
     trainable = {n: params[n] for n in adapted.trainable}
     if opt.name == "adamw":

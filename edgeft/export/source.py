@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,7 +40,22 @@ class ModelSource:
     model_type: str | None = None
     hf_dir: Path | None = None
     peft_task_type: str | None = None
+    prepare_inputs: Callable[[dict[str, torch.Tensor]], dict] | None = None
     extra: dict = field(default_factory=dict)
+
+
+def causal_lm_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    """Turn a 2-D padding mask into the additive 4-D causal mask a decoder accepts as is.
+
+    transformers builds that mask with torch.vmap, which the TorchScript exporter cannot trace; built
+    here from plain tensor ops it stays dynamic in batch and sequence length.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    length = ids.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=ids.device))
+    allowed = causal[None, None] & mask[:, None, None, :].bool()
+    additive = (~allowed).to(torch.float32) * torch.finfo(torch.float32).min
+    return {**inputs, "attention_mask": additive, "use_cache": False}
 
 
 def _weights_digest(files: list[Path]) -> str:
@@ -106,7 +122,8 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
     return ModelSource(model=model, input_names=list(example), example_inputs=example, dynamic_axes=axes,
                        base_id=str(getattr(hf_config, "_name_or_path", "") or model_dir.name),
                        base_digest=_weights_digest(weights), tokenizer_file=tokenizer_file,
-                       model_type=hf_config.model_type, hf_dir=model_dir, peft_task_type=peft_task)
+                       model_type=hf_config.model_type, hf_dir=model_dir, peft_task_type=peft_task,
+                       prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None)
 
 
 def from_module(model: nn.Module, example_inputs: dict[str, torch.Tensor], *, base_id: str = "custom",

@@ -1,0 +1,33 @@
+"""Shared set-up for the benchmarks: the all-MiniLM-L6-v2 + LoRA(q, v) + head BANKING77 bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edgeft.config import ExportConfig
+from edgeft.data import DataConfig
+from edgeft.datasets import BANKING77_DIR, banking77_labels
+
+CONFIG = ExportConfig(labels=tuple(banking77_labels()))
+TRAIN = DataConfig(BANKING77_DIR / "train.csv", label_column="category")
+TEST = DataConfig(BANKING77_DIR / "test.csv", label_column="category")
+
+
+def minilm_bundle(work: Path) -> Path:
+    """Export the benchmark bundle into ``work/bundle`` once; returns its path."""
+    from edgeft.demo import minilm_dir
+    from edgeft.export import export_hf
+
+    path = work / "bundle"
+    if not (path / "manifest.json").is_file():
+        export_hf(minilm_dir(), path, CONFIG)
+    return path
+
+
+def emit(result: dict, summary: str) -> None:
+    """Print the JSON result, then the one-line summary."""
+    print(json.dumps(result, indent=2))
+    print(summary)
+    sys.stdout.flush()
