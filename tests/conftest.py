@@ -73,11 +73,21 @@ def lora(**kw) -> AdapterConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_bundle(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path):
-    """A tiny GPT-2 (byte-level BPE trained on Tiny Shakespeare) with LoRA on c_attn."""
-    from edgeft.export import export_hf
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    """A tiny GPT-2 with a byte-level BPE tokenizer trained on Tiny Shakespeare."""
     from edgeft.export.toy import tiny_gpt2
 
-    folder = tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), shakespeare.read_text()[:200_000], vocab_size=384)
-    config = ExportConfig(task="causal-lm", max_length=64, adapter=AdapterConfig(rank=4))
-    return export_hf(folder, tmp_path_factory.mktemp("tiny-lm") / "bundle", config)
+    return tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), shakespeare.read_text()[:200_000], vocab_size=384)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_config() -> ExportConfig:
+    return ExportConfig(task="causal-lm", max_length=64, adapter=AdapterConfig(rank=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_lm_config: ExportConfig):
+    """The tiny GPT-2 with LoRA on c_attn (GPT-2's default target)."""
+    from edgeft.export import export_hf
+
+    return export_hf(tiny_gpt2_dir, tmp_path_factory.mktemp("tiny-lm") / "bundle", tiny_lm_config)

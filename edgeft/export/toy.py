@@ -19,7 +19,8 @@ def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int
     vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+                        initializer_range=0.2)  # wide enough that a random body tells inputs apart
     BertForSequenceClassification(config).save_pretrained(directory)
     Tokenizer.from_file(str(tokenizer_file)).save(str(directory / "tokenizer.json"))
     return directory

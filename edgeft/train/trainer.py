@@ -27,7 +27,8 @@ EVAL_BATCH_SIZE = 64
 
 @dataclass
 class TrainResult:
-    """What a local run produced: the kept parameters (best on validation, else last) and its history."""
+    """What a local run produced and its history: the last parameters, or with early stopping the
+    parameters of the best validation epoch."""
 
     parameters: dict[str, np.ndarray]
     history: list[dict] = field(default_factory=list)
@@ -114,7 +115,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         result.history.append(record)
         if on_epoch:
             on_epoch(record)
-        if val_data is not None:
+        if val_data is not None and config.early_stopping_patience:
             key = f"val_{metric}"
             if key not in record:
                 raise ConfigError(f"invalid early_stopping_metric={metric!r}: evaluation reports "
