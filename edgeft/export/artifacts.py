@@ -40,12 +40,30 @@ def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig,
         with _native_stderr_silenced():
             artifacts.generate_artifacts(model, requires_grad=list(trainable), frozen_params=frozen, loss=None,
                                          optimizer=opt, artifact_directory=str(out_dir))
+        if optimizer.name == "adamw":
+            _use_pytorch_adamw(out_dir / OPTIMIZER_MODEL)
     except Exception as exc:  # ORT raises RuntimeError / Fail with the C++ message
         message = str(exc)
         raise ExportError(
             "ONNX Runtime's gradient builder cannot differentiate this graph"
             f"{_culprit(message, model)}: {message.strip().splitlines()[0][:500]}. Use opset 14-16, avoid "
             "operators without gradients in the trainable path, or train fewer modules") from exc
+
+
+def _use_pytorch_adamw(path: Path) -> None:
+    """Switch ORT's AdamW node to PyTorch's semantics (adam_mode 0).
+
+    onnxblock hard-codes adam_mode 1 (the old transformers AdamW: eps added before bias correction,
+    decay after the step). That changes the step of coordinates with small gradients, such as LoRA
+    matrices early in training, so results drifted from the PyTorch + PEFT recipe users compare with.
+    """
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attribute in node.attribute:
+                if attribute.name == "adam_mode":
+                    attribute.i = 0
+    onnx.save(model, str(path))
 
 
 def _culprit(message: str, model: onnx.ModelProto) -> str:
