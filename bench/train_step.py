@@ -38,6 +38,10 @@ def _batches(bundle_path: Path, n: int):
 
 
 def worker(kind: str, bundle_path: Path, steps: int, warmup: int, threads: int) -> dict:
+    if kind == "ort":
+        from edgeft.train.session import keep_torch_out
+
+        keep_torch_out()  # as on a device, where torch is not installed
     bundle, data = _batches(bundle_path, steps + warmup)
     if kind == "ort":
         from edgeft.train.session import TrainingSession

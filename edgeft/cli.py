@@ -91,6 +91,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()  # a device command: never load torch, even where it is installed
     from edgeft.config import TrainConfig
     from edgeft.data import DataConfig
     from edgeft.run import LocalRun, run_local

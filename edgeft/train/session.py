@@ -5,6 +5,10 @@ One of the two modules that touch ``onnxruntime.training`` (the other is ``edgef
 
 from __future__ import annotations
 
+import sys
+import types
+from pathlib import Path
+
 import numpy as np
 
 from edgeft.bundle import Bundle
@@ -16,6 +20,39 @@ OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 
 
+HOST_ONLY_PACKAGES = ("torch", "transformers", "peft", "optimum")
+
+
+def keep_torch_out() -> None:
+    """Make this process a device process: torch and friends stay unloaded even where they are installed.
+
+    The ONNX Runtime training build imports torch on ``import onnxruntime`` whenever it can (to probe for
+    ORTModule), which costs a device process about 250 MB and a second of start-up for nothing. Call this
+    before anything imports onnxruntime; it does nothing once torch is loaded.
+    """
+    for name in HOST_ONLY_PACKAGES:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
+def training_api() -> types.ModuleType:
+    """``onnxruntime.training.api`` without importing torch.
+
+    The package ``onnxruntime.training`` imports torch in its ``__init__`` (for ORTModule and AMP), which a
+    device neither has nor needs. When the package is not loaded yet, a bare package entry pointing at its
+    folder lets Python import just the ``api`` sub-package, which needs only ORT's own bindings.
+    """
+    if "onnxruntime.training" not in sys.modules:
+        import onnxruntime
+
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = [str(Path(onnxruntime.__file__).parent / "training")]
+        sys.modules["onnxruntime.training"] = package
+    from onnxruntime.training import api
+
+    return api
+
+
 class TrainingSession:
     """Train a bundle's trainable parameters on CPU (or another provider ORT offers).
 
@@ -24,7 +61,9 @@ class TrainingSession:
 
     def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
-        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        api = training_api()
+        CheckpointState, Module, Optimizer = api.CheckpointState, api.Module, api.Optimizer
 
         ort.set_default_logger_severity(3)
         options = ort.SessionOptions()

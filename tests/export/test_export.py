@@ -19,9 +19,9 @@ from edgeft.train.session import CHECKPOINT, TrainingSession
 
 
 def checkpoint_parameters(bundle) -> dict:
-    from onnxruntime.training.api import CheckpointState
+    from edgeft.train.session import training_api
 
-    state = CheckpointState.load_checkpoint(str(bundle.file(CHECKPOINT)))
+    state = training_api().CheckpointState.load_checkpoint(str(bundle.file(CHECKPOINT)))
     return {name: state.parameters[name] for name in bundle.manifest.trainable_names}
 
 

@@ -1,0 +1,43 @@
+"""The command line: export then train end to end; bad input is a one-line error and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from edgeft.cli import main
+
+
+def test_export_and_train_from_the_command_line(tmp_path, tiny_bert_dir, small_banking, capsys):
+    labels = tmp_path / "labels.json"
+    from conftest import LABELS
+
+    labels.write_text(json.dumps(list(LABELS)))
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(tiny_bert_dir), "--out", str(bundle), "--labels", str(labels),
+                 "--rank", "4", "--max-length", "32"]) == 0
+    assert "trainable tensors" in capsys.readouterr().out
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["adapter"]["rank"] == 4 and manifest["tokenizer"]["max_length"] == 32
+    out = tmp_path / "run"
+    assert main(["train", str(bundle), "--data", str(small_banking["train"]), "--label-column", "category",
+                 "--epochs", "2", "--val-fraction", "0.2", "--early-stopping-patience", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert '"epoch": 2' in printed and "adapter written to" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and "val_macro_f1" in metrics["history"][0]
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_bundle, small_banking, capsys):
+    code = main(["train", str(tiny_bundle.path), "--data", str(small_banking["train"]), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: " in err and "no column 'label'" in err and "Traceback" not in err
+    code = main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b"), "--labels", "a,b"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "edgeft.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "export" in proc.stdout and "train" in proc.stdout
