@@ -1,0 +1,1 @@
+"""edgeft.server: the gRPC coordinator (not built yet; see protos/README.md)."""
