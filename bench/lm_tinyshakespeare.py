@@ -10,6 +10,7 @@ learning: the point is that the LM path trains, not a good Shakespeare model.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -26,14 +27,13 @@ def main() -> None:
     from common import emit
 
     from edgeft.config import AdapterConfig, ExportConfig, TrainConfig
-    from edgeft.data import DataConfig
+    from edgeft.data import DataConfig, Encoder, load_dataset, split
     from edgeft.datasets import TINYSHAKESPEARE
     from edgeft.export import export_hf
     from edgeft.export.toy import tiny_gpt2
     from edgeft.run import LocalRun, run_local
     from edgeft.train.session import TrainingSession
     from edgeft.train.trainer import evaluate
-    from edgeft.data import Encoder, load_dataset, split
 
     shutil.rmtree(args.work, ignore_errors=True)
     text = TINYSHAKESPEARE.read_text()
@@ -48,7 +48,7 @@ def main() -> None:
                                     config=TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=3e-3,
                                                        progress=False), out=args.work / "adapter"))
     ppl = [round(h["val_perplexity"], 2) for h in summary["history"]]
-    n_params = sum(int(__import__("math").prod(t.shape)) for t in bundle.manifest.trainable)
+    n_params = sum(math.prod(t.shape) for t in bundle.manifest.trainable)
     emit({"bench": "lm_tinyshakespeare", "model": "GPT-2 from config (4 layers, 128 wide, BPE vocab 1024), random "
           "weights", "adapter": "LoRA r=16 on c_attn, c_proj, c_fc", "trainable_parameters": n_params,
           "train_examples": summary["n_examples"], "val_perplexity_before": round(before["perplexity"], 2),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeft import __version__
@@ -16,6 +16,12 @@ from edgeft.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The ONNX Runtime training artifacts inside a bundle (names fixed by ORT's generate_artifacts).
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+TOKENIZER = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,6 @@ class Manifest:
     tokenizer: dict | None  # {"file", "max_length", "pad_id"}
     files: dict[str, str]  # relative path -> sha256
     peft_config: dict | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

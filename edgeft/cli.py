@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _run_export(args: argparse.Namespace) -> int:
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
-    n_params = sum(int(__import__("numpy").prod(t.shape)) for t in m.trainable)
+    n_params = sum(math.prod(t.shape) for t in m.trainable)
     print(f"bundle {bundle.path}: {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
           f"{size:.1f} MiB")
     return 0

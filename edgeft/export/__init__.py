@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from edgeft import __version__
-from edgeft.bundle import FORMAT_VERSION, MANIFEST, Bundle, Manifest, TensorSpec, load_bundle, sha256_of, write_manifest
+from edgeft.bundle import (FORMAT_VERSION, MANIFEST, TOKENIZER, Bundle, Manifest, TensorSpec, load_bundle, sha256_of,
+                           write_manifest)
 from edgeft.config import ExportConfig, to_dict
 from edgeft.errors import ExportError
 from edgeft.export import artifacts
@@ -25,7 +26,6 @@ from edgeft.export.source import ModelSource, from_hf_folder, from_module
 __all__ = ["export_hf", "export_module", "export_source", "from_hf_folder", "from_module"]
 
 FORWARD_MODEL = "forward_model.onnx"
-TOKENIZER = "tokenizer.json"
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> Bundle:

@@ -14,14 +14,9 @@ from typing import Iterator
 
 import onnx
 
+from edgeft.bundle import OPTIMIZER_MODEL
 from edgeft.config import OptimizerConfig
 from edgeft.errors import ExportError
-
-# File names inside a bundle, fixed by ORT's generate_artifacts.
-TRAINING_MODEL = "training_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
 
 
 def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig, out_dir: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,10 +38,8 @@ class ModelSource:
     base_digest: str
     tokenizer_file: Path | None = None
     model_type: str | None = None
-    hf_dir: Path | None = None
     peft_task_type: str | None = None
     prepare_inputs: Callable[[dict[str, torch.Tensor]], dict] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def causal_lm_inputs(inputs: dict[str, torch.Tensor]) -> dict:
@@ -122,7 +120,7 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
     return ModelSource(model=model, input_names=list(example), example_inputs=example, dynamic_axes=axes,
                        base_id=str(getattr(hf_config, "_name_or_path", "") or model_dir.name),
                        base_digest=_weights_digest(weights), tokenizer_file=tokenizer_file,
-                       model_type=hf_config.model_type, hf_dir=model_dir, peft_task_type=peft_task,
+                       model_type=hf_config.model_type, peft_task_type=peft_task,
                        prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None)
 
 

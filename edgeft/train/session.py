@@ -11,13 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.bundle import Bundle
+from edgeft.bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle
 from edgeft.errors import BundleError, TrainingError
-
-TRAINING_MODEL = "training_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
 
 
 HOST_ONLY_PACKAGES = ("torch", "transformers", "peft", "optimum")

@@ -15,7 +15,8 @@ from edgeft.bundle import sha256_of
 from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig
 from edgeft.data import DataConfig, batches, load_dataset
 from edgeft.export import export_module, export_source, from_hf_folder
-from edgeft.train.session import CHECKPOINT, TrainingSession
+from edgeft.bundle import CHECKPOINT
+from edgeft.train.session import TrainingSession
 
 
 def checkpoint_parameters(bundle) -> dict:
