@@ -22,7 +22,7 @@ def test_minilm_learns_banking77(tmp_path, banking_csv):
     assert len(bundle.manifest.trainable) == 26  # 6 layers x (query, value) x (A, B) + classifier weight, bias
     train_data = load_dataset(DataConfig(banking_csv["train"], label_column="category"), bundle)
     test_data = load_dataset(DataConfig(banking_csv["test"], label_column="category"), bundle).subset(range(0, 3080, 4))
-    result = train(bundle, train_data, TrainConfig(max_steps=120, learning_rate=3e-3, progress=False))
+    result = train(bundle, train_data, TrainConfig(max_steps=200, learning_rate=5e-3, progress=False))
     session = TrainingSession(bundle)
     session.set_parameters(result.parameters)
     metrics = evaluate(session, test_data, "classification", 0)
