@@ -3,7 +3,8 @@ vs PyTorch + PEFT with the same recipe, initial weights, batches and schedule, i
 
 Recipe: batch 32, peak lr 3e-3, AdamW (weight decay 0.01), 6% warm-up then linear decay, 3 epochs;
 test accuracy and macro-F1 after every epoch. PyTorch trains in train mode (dropout 0.1, the usual
-recipe); edgeft's graph runs without dropout.
+recipe); edgeft's graph runs without dropout, so a second PyTorch run without dropout (the same graph as
+edgeft's) is reported too.
 
     python bench/finetune_banking77.py [--epochs 3] [--threads 2] [--work runs/bench]
 """
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--work", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--no-twin", dest="twin", action="store_false",
+                        help="skip the PyTorch run without dropout (edgeft's exact graph)")
     args = parser.parse_args()
 
     import torch
@@ -49,23 +52,29 @@ def main() -> None:
     ort_seconds = time.perf_counter() - started
 
     torch.set_num_threads(args.threads)
-    reference = reference_for(from_hf_folder(minilm_dir(), CONFIG), CONFIG, bundle, dropout=True)
     _, total = plan_steps(len(train_data), config)
     warmup = int(round(total * config.warmup_ratio))
-    torch_history, step = [], 0
-    started = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        for batch in batches(train_data, 32, 0, shuffle=True, seed=config.seed + epoch, bucket_size=config.bucket_size):
-            reference.step(batch, warmup_linear(step, total, warmup, config.learning_rate))
-            step += 1
-        reference.graph.eval()
-        acc = Accumulator("classification")
-        for batch in batches(test_data, 64, 0):
-            acc.add(reference.logits(batch), batch["labels"])
-        reference.graph.train()
-        torch_history.append({"epoch": epoch, **{f"val_{k}": v for k, v in acc.result().items()},
-                              "seconds": round(time.perf_counter() - started, 2)})
-    torch_seconds = time.perf_counter() - started
+
+    def pytorch_run(dropout: bool) -> tuple[list[dict], float]:
+        reference = reference_for(from_hf_folder(minilm_dir(), CONFIG), CONFIG, bundle, dropout=dropout)
+        history, step = [], 0
+        started = time.perf_counter()
+        for epoch in range(1, args.epochs + 1):
+            for batch in batches(train_data, 32, 0, shuffle=True, seed=config.seed + epoch,
+                                 bucket_size=config.bucket_size):
+                reference.step(batch, warmup_linear(step, total, warmup, config.learning_rate))
+                step += 1
+            reference.graph.eval()
+            acc = Accumulator("classification")
+            for batch in batches(test_data, 64, 0):
+                acc.add(reference.logits(batch), batch["labels"])
+            reference.graph.train(dropout)
+            history.append({"epoch": epoch, **{f"val_{k}": v for k, v in acc.result().items()},
+                            "seconds": round(time.perf_counter() - started, 2)})
+        return history, time.perf_counter() - started
+
+    torch_history, torch_seconds = pytorch_run(dropout=True)
+    twin_history, _ = pytorch_run(dropout=False) if args.twin else ([], 0.0)
 
     def table(history):
         return [{"epoch": h["epoch"], "test_accuracy": round(h["val_accuracy"], 4),
@@ -76,6 +85,7 @@ def main() -> None:
     emit({"bench": "finetune_banking77", "recipe": "LoRA r=8 alpha=16 (query, value) + classifier, batch 32, "
           f"lr 3e-3, AdamW wd 0.01, warm-up 6% + linear decay, {args.epochs} epochs", "threads": args.threads,
           "edgeft_ort": ort, "pytorch_peft": pt, "accuracy_gap_points": gaps,
+          "pytorch_peft_without_dropout": table(twin_history),
           "train_seconds": {"edgeft_ort": round(ort_seconds, 1), "pytorch_peft": round(torch_seconds, 1)}},
          "finetune_banking77: test accuracy per epoch edgeft " + ", ".join(f"{o['test_accuracy']:.1%}" for o in ort)
          + " vs PyTorch+PEFT " + ", ".join(f"{p['test_accuracy']:.1%}" for p in pt)

@@ -145,3 +145,28 @@ def test_torch_module_source_trains_with_each_loss(tmp_path, task, loss, optimiz
         session.train_step({"x": x, "labels": y})
         session.optimizer_step(0.2 if optimizer == "sgd" else 0.02)
     assert session.eval_step({"x": x, "labels": y})[0] < 0.8 * first
+
+
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_hf_folder_for_regression_and_multilabel(tmp_path, tiny_bert_dir, task):
+    from edgeft.config import TrainConfig
+    from edgeft.export import export_hf
+    from edgeft.train.trainer import train
+
+    labels = () if task == "regression" else ("card", "cash", "fee")
+    bundle = export_hf(tiny_bert_dir, tmp_path / "b", ExportConfig(task=task, labels=labels, max_length=32))
+    assert bundle.manifest.loss == ("mse" if task == "regression" else "bce")
+    rows = [("my card is lost", "0.5", "card"), ("withdraw cash abroad", "1.5", "cash;fee"),
+            ("why was I charged a fee", "2.0", "fee"), ("card and cash both gone", "0.1", '["card", "cash"]')]
+    path = tmp_path / "d.csv"
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([(t, v if task == "regression" else l) for t, v, l in rows])
+    data = load_dataset(DataConfig(path), bundle)
+    if task == "multilabel":
+        assert data.targets.tolist()[1] == [0.0, 1.0, 1.0] and data.targets.tolist()[3] == [1.0, 1.0, 0.0]
+    result = train(bundle, data, TrainConfig(max_steps=3, batch_size=2, progress=False), data)
+    assert ("val_mse" if task == "regression" else "val_macro_f1") in result.history[0]
