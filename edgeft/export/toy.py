@@ -27,7 +27,7 @@ def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int
 
 
 def tiny_gpt2(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0,
-              n_embd: int = 64, n_layer: int = 2) -> Path:
+              n_embd: int = 64, n_layer: int = 2, initializer_range: float = 0.02) -> Path:
     """A small GPT-2 with a byte-level BPE tokenizer trained on ``text``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -43,6 +43,6 @@ def tiny_gpt2(directory: str | Path, text: str, vocab_size: int = 512, seed: int
     tokenizer.save(str(directory / "tokenizer.json"))
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=256, n_embd=n_embd, n_layer=n_layer,
-                        n_head=4, bos_token_id=0, eos_token_id=0)
+                        n_head=4, bos_token_id=0, eos_token_id=0, initializer_range=initializer_range)
     GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
