@@ -76,7 +76,19 @@ def worker(kind: str, bundle_path: Path, steps: int, warmup: int, threads: int) 
     padded = sum(b["input_ids"].size for b in measured)
     return {"steps": len(measured), "seconds": seconds, "step_s": seconds / len(measured),
             "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-            "padding_share": 1 - tokens / padded, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "padding_share": 1 - tokens / padded, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    parent across fork + exec, so a worker started by a parent that loaded torch would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
