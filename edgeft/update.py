@@ -78,3 +78,23 @@ def save_peft_adapter(directory: str | Path, tensors: dict[str, np.ndarray], man
               str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     (directory / "adapter_config.json").write_text(json.dumps(manifest.peft_config, indent=2, sort_keys=True))
     return directory
+
+
+def check_update(update: AdapterUpdate, manifest: Manifest) -> None:
+    """Refuse an update that does not fit the bundle: unknown or missing tensors, wrong shapes or dtypes,
+    non-finite values, a non-positive example count. Raises ``DataError`` naming the first problem."""
+    expected = {t.name: t for t in manifest.trainable}
+    unknown = sorted(set(update.tensors) - set(expected))
+    missing = sorted(set(expected) - set(update.tensors))
+    if unknown or missing:
+        raise DataError(f"update does not match the bundle: unknown tensors {unknown[:3]}, missing {missing[:3]}")
+    if update.n_examples <= 0:
+        raise DataError(f"update reports n_examples={update.n_examples}; it must be positive")
+    for name, value in update.tensors.items():
+        spec = expected[name]
+        if list(value.shape) != list(spec.shape):
+            raise DataError(f"tensor {name!r} has shape {list(value.shape)}, the bundle says {spec.shape}")
+        if value.dtype != np.dtype(spec.dtype):
+            raise DataError(f"tensor {name!r} has dtype {value.dtype}, the bundle says {spec.dtype}")
+        if not np.isfinite(value).all():
+            raise DataError(f"tensor {name!r} holds NaN or infinite values")

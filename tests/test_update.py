@@ -65,3 +65,23 @@ def test_peft_adapter_loads_onto_the_base_model_with_the_same_logits(tmp_path, t
                             attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
     np.testing.assert_allclose(ort_logits, peft_logits, atol=1e-4, rtol=0)
     assert np.abs(ort_logits - TrainingSession(tiny_bundle).eval_step(batch)[1]).max() > 1e-3  # it did train
+
+
+def test_updates_are_checked_against_the_manifest(trained, tiny_bundle):
+    from edgeft.update import check_update
+
+    good = dict(trained.parameters)
+    check_update(AdapterUpdate(good, 10), tiny_bundle.manifest)
+    name = next(iter(good))
+    cases = {
+        "missing": {k: v for k, v in good.items() if k != name},
+        "unknown": {**good, "rogue.weight": np.zeros(2, np.float32)},
+        "has shape": {**good, name: np.zeros((1, 1), np.float32)},
+        "has dtype": {**good, name: good[name].astype(np.float64)},
+        "NaN": {**good, name: np.full_like(good[name], np.nan)},
+    }
+    for message, tensors in cases.items():
+        with pytest.raises(DataError, match=message):
+            check_update(AdapterUpdate(tensors, 10), tiny_bundle.manifest)
+    with pytest.raises(DataError, match="n_examples"):
+        check_update(AdapterUpdate(good, 0), tiny_bundle.manifest)

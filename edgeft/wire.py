@@ -1,0 +1,175 @@
+"""The one serde boundary: edgeft.v1 protobuf messages <-> edgeft's own dataclasses and numpy arrays.
+
+Tensors travel as raw little-endian bytes (float32, or float16 to halve an upload), cut into chunks well
+below gRPC's 4 MiB message limit. Everything read from the wire is checked here; a malformed message
+raises ``WireError`` (INVALID_ARGUMENT) naming the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from edgeft.config import TrainConfig
+from edgeft.errors import EdgeftError
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+
+CHUNK_BYTES = 1 << 20  # 1 MiB of tensor bytes per message
+MAX_TENSOR_BYTES = 1 << 31
+
+_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT64: np.dtype("<i8")}
+_CODES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
+
+
+class WireError(EdgeftError):
+    """A message from the wire is malformed (bad shape, dtype, offsets, sizes or values)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+def dtype_code(dtype: np.dtype | str) -> int:
+    """The wire code of a numpy dtype (float32, float16 or int64)."""
+    code = _CODES.get(np.dtype(dtype).newbyteorder("<").str)
+    if code is None:
+        raise WireError(f"dtype {np.dtype(dtype)} cannot travel; use float32, float16 or int64")
+    return code
+
+
+def _numpy_dtype(code: int, name: str) -> np.dtype:
+    if code not in _DTYPES:
+        raise WireError(f"tensor {name!r} has unknown dtype code {code}")
+    return _DTYPES[code]
+
+
+def _expected_bytes(name: str, shape: Iterable[int], dtype: np.dtype) -> tuple[tuple[int, ...], int]:
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"tensor {name!r} has a negative dimension in shape {shape}")
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if size > MAX_TENSOR_BYTES:
+        raise WireError(f"tensor {name!r} of shape {shape} is too large ({size} bytes)")
+    return shape, size
+
+
+def tensor_to_pb(name: str, array: np.ndarray, dtype: np.dtype | str | None = None) -> pb.Tensor:
+    """A whole tensor message (for adapters small enough to fit one message)."""
+    array = np.ascontiguousarray(array, dtype=np.dtype(dtype or array.dtype).newbyteorder("<"))
+    return pb.Tensor(name=name, dtype=dtype_code(array.dtype), shape=list(array.shape), data=array.tobytes())
+
+
+def tensor_from_pb(message: pb.Tensor) -> tuple[str, np.ndarray]:
+    """(name, array) of a Tensor message; the array is float32 whatever the wire dtype of a float."""
+    dtype = _numpy_dtype(message.dtype, message.name)
+    shape, size = _expected_bytes(message.name, message.shape, dtype)
+    if len(message.data) != size:
+        raise WireError(f"tensor {message.name!r} of shape {shape} needs {size} bytes, got {len(message.data)}")
+    array = np.frombuffer(message.data, dtype=dtype).reshape(shape)
+    return message.name, _widen(array)
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype.kind == "f" else array.astype(array.dtype.newbyteorder("="))
+
+
+def tensors_to_chunks(tensors: dict[str, np.ndarray], dtype: np.dtype | str | None = None,
+                      chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Cut tensors into TensorChunk messages of at most ``chunk_bytes`` data bytes each."""
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=np.dtype(dtype or array.dtype).newbyteorder("<"))
+        data, code, shape = array.tobytes(), dtype_code(array.dtype), list(array.shape)
+        for offset in range(0, max(len(data), 1), chunk_bytes):
+            yield pb.TensorChunk(name=name, dtype=code, shape=shape, offset=offset,
+                                 data=data[offset: offset + chunk_bytes])
+
+
+@dataclass
+class _Assembly:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    size: int
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+def chunks_to_tensors(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:
+    """Reassemble TensorChunk messages (in order, each tensor's chunks contiguous) into float32 arrays."""
+    parts: dict[str, _Assembly] = {}
+    for chunk in chunks:
+        dtype = _numpy_dtype(chunk.dtype, chunk.name)
+        shape, size = _expected_bytes(chunk.name, chunk.shape, dtype)
+        part = parts.get(chunk.name)
+        if part is None:
+            part = parts[chunk.name] = _Assembly(dtype, shape, size)
+        elif (part.dtype, part.shape) != (dtype, shape):
+            raise WireError(f"chunks of tensor {chunk.name!r} disagree on dtype or shape")
+        if chunk.offset != len(part.buffer):
+            raise WireError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {len(part.buffer)} "
+                            "(missing, repeated or reordered chunk)")
+        if len(part.buffer) + len(chunk.data) > size:
+            raise WireError(f"tensor {chunk.name!r} of shape {shape} overflows its {size} bytes")
+        part.buffer += chunk.data
+    tensors = {}
+    for name, part in parts.items():
+        if len(part.buffer) != part.size:
+            raise WireError(f"tensor {name!r} is truncated: {len(part.buffer)} of {part.size} bytes arrived")
+        tensors[name] = _widen(np.frombuffer(bytes(part.buffer), dtype=part.dtype).reshape(part.shape))
+    return tensors
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """Who sent an update, for which job and round, and its idempotence key."""
+
+    job_id: str
+    round: int
+    device_id: str
+    upload_id: str
+
+
+def update_to_parts(header: UploadHeader, update: AdapterUpdate, dtype: str = "float32",
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UpdatePart]:
+    """The client-stream messages of one upload: the header, then the tensors' chunks."""
+    yield pb.UpdatePart(header=pb.UpdateHeader(
+        job_id=header.job_id, round=header.round, device_id=header.device_id, upload_id=header.upload_id,
+        n_examples=update.n_examples, metrics={k: float(v) for k, v in update.metrics.items()
+                                               if isinstance(v, (int, float))}))
+    for chunk in tensors_to_chunks(update.tensors, dtype, chunk_bytes):
+        yield pb.UpdatePart(chunk=chunk)
+
+
+def update_from_parts(parts: Iterable[pb.UpdatePart]) -> tuple[UploadHeader, AdapterUpdate]:
+    """Read one upload; the first message must be the header."""
+    iterator = iter(parts)
+    first = next(iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise WireError("an upload must start with its header")
+    h = first.header
+    if h.n_examples <= 0:
+        raise WireError(f"n_examples must be positive, got {h.n_examples}")
+    if not (h.job_id and h.device_id and h.upload_id):
+        raise WireError("the upload header needs job_id, device_id and upload_id")
+
+    def chunks() -> Iterator[pb.TensorChunk]:
+        for part in iterator:
+            if part.WhichOneof("part") != "chunk":
+                raise WireError("an upload carries one header, then tensor chunks only")
+            yield part.chunk
+
+    tensors = chunks_to_tensors(chunks())
+    return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id),
+            AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
+
+
+def train_spec(config: TrainConfig) -> pb.TrainSpec:
+    return pb.TrainSpec(epochs=config.epochs, max_steps=config.max_steps or 0, batch_size=config.batch_size,
+                        learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
+                        grad_accum_steps=config.grad_accum_steps)
+
+
+def train_config(spec: pb.TrainSpec, **device_settings: object) -> TrainConfig:
+    """The TrainConfig a Task asks for, plus the device's own settings (threads, progress)."""
+    return TrainConfig(epochs=spec.epochs or 1, max_steps=spec.max_steps or None, batch_size=spec.batch_size or 32,
+                       learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio,
+                       grad_accum_steps=spec.grad_accum_steps or 1, **device_settings)  # type: ignore[arg-type]

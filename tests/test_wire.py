@@ -1,0 +1,84 @@
+"""The serde boundary: tensors and uploads survive the wire exactly; malformed messages are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeft.config import TrainConfig
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+from edgeft.wire import (UploadHeader, WireError, chunks_to_tensors, tensor_from_pb, tensor_to_pb, tensors_to_chunks,
+                         train_config, train_spec, update_from_parts, update_to_parts)
+
+HEADER = UploadHeader("job", 3, "dev-1", "upload-1")
+
+
+def tensors():
+    rng = np.random.default_rng(0)
+    return {"a": rng.normal(size=(300, 700)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+
+
+def test_chunked_round_trip_is_exact_and_below_the_message_limit():
+    chunks = list(tensors_to_chunks(tensors(), chunk_bytes=100_000))
+    assert max(c.ByteSize() for c in chunks) < 4 * 2**20 and len(chunks) > 8
+    back = chunks_to_tensors(chunks)
+    for name, value in tensors().items():
+        np.testing.assert_array_equal(back[name], value)
+
+
+def test_float16_halves_the_bytes():
+    full = sum(len(c.data) for c in tensors_to_chunks(tensors()))
+    half = list(tensors_to_chunks(tensors(), dtype="float16"))
+    assert sum(len(c.data) for c in half) == full // 2
+    back = chunks_to_tensors(half)
+    assert back["a"].dtype == np.float32
+    np.testing.assert_allclose(back["a"], tensors()["a"], atol=2e-3)
+
+
+def test_whole_tensor_round_trip_and_size_check():
+    name, value = tensor_from_pb(tensor_to_pb("w", np.arange(6, dtype=np.float32).reshape(2, 3)))
+    assert name == "w" and value.shape == (2, 3) and value[1, 2] == 5
+    with pytest.raises(WireError, match="needs 24 bytes, got 20"):
+        tensor_from_pb(pb.Tensor(name="w", dtype=pb.FLOAT32, shape=[2, 3], data=b"\x00" * 20))
+    with pytest.raises(WireError, match="unknown dtype"):
+        tensor_from_pb(pb.Tensor(name="w", dtype=99, shape=[1], data=b"\x00" * 4))
+
+
+def test_truncated_reordered_and_inconsistent_chunks_are_refused():
+    chunks = list(tensors_to_chunks(tensors(), chunk_bytes=100_000))
+    with pytest.raises(WireError, match="truncated"):
+        chunks_to_tensors(chunks[:3])
+    with pytest.raises(WireError, match="offset"):
+        chunks_to_tensors([chunks[1], chunks[0], *chunks[2:]])
+    bad = pb.TensorChunk()
+    bad.CopyFrom(chunks[1])
+    bad.shape[:] = [10, 10]
+    with pytest.raises(WireError, match="disagree"):
+        chunks_to_tensors([chunks[0], bad])
+    huge = pb.TensorChunk(name="x", dtype=pb.FLOAT32, shape=[2], offset=0, data=b"\x00" * 12)
+    with pytest.raises(WireError, match="overflows"):
+        chunks_to_tensors([huge])
+
+
+def test_upload_round_trip():
+    update = AdapterUpdate(tensors(), 42, {"val_accuracy": 0.5})
+    header, back = update_from_parts(update_to_parts(HEADER, update, chunk_bytes=200_000))
+    assert header == HEADER and back.n_examples == 42 and back.metrics == {"val_accuracy": 0.5}
+    np.testing.assert_array_equal(back.tensors["a"], update.tensors["a"])
+
+
+def test_upload_without_header_or_with_bad_count_is_refused():
+    parts = list(update_to_parts(HEADER, AdapterUpdate(tensors(), 1)))
+    with pytest.raises(WireError, match="start with its header"):
+        update_from_parts(parts[1:])
+    parts[0].header.n_examples = 0
+    with pytest.raises(WireError, match="n_examples"):
+        update_from_parts(parts)
+
+
+def test_train_spec_round_trip():
+    config = TrainConfig(epochs=2, max_steps=None, batch_size=16, learning_rate=1e-3, grad_accum_steps=2)
+    back = train_config(train_spec(config), threads=1, progress=False)
+    assert (back.epochs, back.max_steps, back.batch_size, back.learning_rate, back.grad_accum_steps) == (2, None, 16, 1e-3, 2)
+    assert back.threads == 1
