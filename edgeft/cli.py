@@ -130,12 +130,69 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="run the federated coordinator (gRPC) for the jobs in a TOML file")
+    p.add_argument("--config", required=True, help="TOML file with [server] and [[job]] tables (see README)")
+    p.add_argument("--address", help="listen address, overrides the file (e.g. 0.0.0.0:50051)")
+    p.set_defaults(func=_run_server)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from edgeft.server.config import load_server_config
+    from edgeft.server.servicer import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_server_config(args.config)
+    if args.address:
+        config = dataclasses.replace(config, address=args.address)
+    serve(config)
+    return 0
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="run a device agent: train each round on local data (no torch)")
+    p.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    p.add_argument("--data", required=True, help="the device's data: .csv, .jsonl or .txt")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--format", choices=["csv", "jsonl", "text"])
+    p.add_argument("--cache-dir", default=".edgeft-device", help="bundle cache and device id (default .edgeft-device)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--give-up-after", type=float, default=600.0,
+                   help="seconds the coordinator may stay unreachable before the agent stops (default 600)")
+    p.set_defaults(func=_run_client)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()
+    import logging
+
+    from edgeft.client.agent import Agent, AgentConfig
+    from edgeft.data import DataConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    data = DataConfig(args.data, text_column=args.text_column, label_column=args.label_column, format=args.format)
+    if not data.path.is_file():
+        raise EdgeftError(f"data file {data.path} does not exist")
+    agent = Agent(AgentConfig(server=args.server, data=data, cache_dir=Path(args.cache_dir), threads=args.threads,
+                              give_up_after_s=args.give_up_after))
+    print(f"done: {agent.run()}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_server(sub)
+    _add_client(sub)
     return parser
 
 

@@ -1,0 +1,209 @@
+"""The device agent: register, fetch the bundle once, train each round on local data, upload the update.
+
+Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts) is retried
+with exponential backoff; a refusal that retrying cannot fix (bad data, unknown job) stops the agent
+with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from edgeft.bundle import MANIFEST, Bundle, load_bundle, sha256_of
+from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
+from edgeft.errors import BundleError, EdgeftError
+from edgeft.train.trainer import train
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
+from edgeft.wire import UploadHeader, tensor_from_pb, train_config, update_to_parts
+
+log = logging.getLogger("edgeft.client")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED}
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+class CoordinatorError(EdgeftError):
+    """The coordinator refused a request in a way retrying will not fix."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Where the coordinator is, where the device's data and cache are, how patient to be."""
+
+    server: str
+    data: DataConfig
+    cache_dir: Path = Path(".edgeft-device")
+    threads: int | None = None
+    poll_wait_s: int = 5
+    max_backoff_s: float = 30.0
+    give_up_after_s: float = 600.0  # stop when the coordinator stays unreachable this long
+    call_timeout_s: float = 120.0
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    device_id: str = ""
+    rounds_done: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config.cache_dir.mkdir(parents=True, exist_ok=True)
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = grpc.insecure_channel(self.config.server, options=options)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        id_file = self.config.cache_dir / "device_id"
+        self.device_id = self.device_id or (id_file.read_text().strip() if id_file.is_file() else "")
+        self._data: dict[str, Dataset] = {}
+
+    # -- the one edge where grpc errors become edgeft errors or retries -----------------------------
+    def _call(self, what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        delay, started = 0.5, time.monotonic()
+        while True:
+            try:
+                return fn(*args, timeout=self.config.call_timeout_s, **kwargs)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in RETRYABLE:
+                    raise CoordinatorError(f"{what} refused by {self.config.server}: {code.name}: {exc.details()}") from exc
+                if time.monotonic() - started > self.config.give_up_after_s:
+                    raise CoordinatorError(f"coordinator {self.config.server} unreachable for "
+                                           f"{self.config.give_up_after_s:.0f} s ({exc.details()}); check the "
+                                           "address and that `edgeft server` runs") from exc
+                log.warning("%s: %s (%s); retrying in %.1f s", what, code.name, exc.details(), delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.config.max_backoff_s)
+
+    # -- protocol steps ------------------------------------------------------------------------------
+    def register(self) -> str:
+        caps = pb.Capabilities(os=f"{platform.system()} {platform.release()}", cores=os.cpu_count() or 1,
+                               ram_bytes=_ram_bytes(), free_disk_bytes=shutil.disk_usage(self.config.cache_dir).free,
+                               ort_version=_ort_version(), execution_providers=_providers())
+        reply = self._call("register", self.stub.Register,
+                           pb.RegisterRequest(device_id=self.device_id, capabilities=caps))
+        self.device_id = reply.device_id
+        (self.config.cache_dir / "device_id").write_text(self.device_id)
+        return self.device_id
+
+    def fetch_bundle(self, digest: str) -> Bundle:
+        """The bundle from the cache, or downloaded (resuming partial files) and verified."""
+        target = self.config.cache_dir / "bundles" / digest
+        if target.is_dir():
+            try:
+                return load_bundle(target)
+            except BundleError as exc:
+                log.warning("cached bundle %s is damaged (%s); downloading it again", digest[:12], exc)
+                shutil.rmtree(target)
+        info = self._call("get bundle", self.stub.GetBundle, pb.GetBundleRequest(bundle_digest=digest))
+        partial = self.config.cache_dir / "partial" / digest
+        partial.mkdir(parents=True, exist_ok=True)
+        for spec in info.files:
+            self._download(digest, spec, partial / spec.name)
+        (partial / MANIFEST).write_bytes(info.manifest_json)
+        if hashlib.sha256(info.manifest_json).hexdigest() != digest:
+            shutil.rmtree(partial)
+            raise BundleError(f"the coordinator sent a manifest whose digest is not {digest[:12]}...")
+        load_bundle(partial)  # every file against the manifest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, target)
+        return load_bundle(target, verify=False)
+
+    def _download(self, digest: str, spec: pb.BundleFile, path: Path) -> None:
+        for _ in range(10):
+            offset = path.stat().st_size if path.exists() else 0
+            if offset == spec.size and sha256_of(path) == spec.sha256:
+                return
+            if offset >= spec.size:
+                path.unlink()
+                offset = 0
+            try:
+                with open(path, "ab") as fh:
+                    for chunk in self.stub.DownloadBundle(pb.DownloadRequest(bundle_digest=digest, file=spec.name,
+                                                                             offset=offset),
+                                                          timeout=self.config.call_timeout_s):
+                        if chunk.offset != fh.tell() or hashlib.sha256(chunk.data).hexdigest() != chunk.chunk_sha256:
+                            raise BundleError(f"chunk of {spec.name} at offset {chunk.offset} is corrupt")
+                        fh.write(chunk.data)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise CoordinatorError(f"download of {spec.name} refused: {exc.details()}") from exc
+                log.warning("download of %s interrupted at %d bytes (%s); resuming", spec.name, path.stat().st_size,
+                            exc.code().name)
+                time.sleep(1)
+            except BundleError as exc:
+                log.warning("%s; downloading %s again", exc, spec.name)
+                path.unlink(missing_ok=True)
+        raise BundleError(f"could not download {spec.name} intact after 10 attempts")
+
+    def run_task(self, task: pb.Task) -> AdapterUpdate:
+        bundle = self.fetch_bundle(task.bundle_digest)
+        if task.bundle_digest not in self._data:
+            self._data[task.bundle_digest] = load_dataset(self.config.data, bundle, Encoder(bundle))
+        from edgeft.train.session import TrainingSession
+
+        session = TrainingSession(bundle, threads=self.config.threads)
+        session.set_parameters(dict(tensor_from_pb(t) for t in task.global_adapter))
+        config = train_config(task.train, threads=self.config.threads, progress=False)
+        result = train(bundle, self._data[task.bundle_digest], config, session=session)
+        return AdapterUpdate(result.parameters, result.n_examples, result.final_metrics, bundle.digest)
+
+    def upload(self, task: pb.Task, update: AdapterUpdate) -> pb.UploadResponse:
+        header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")
+        dtype = "float16" if task.upload_dtype == pb.FLOAT16 else "float32"
+        return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
+
+    def run(self) -> str:
+        """Serve until every job this device takes part in is over; returns the coordinator's final word."""
+        self.register()  # a known device id is kept; its capabilities are refreshed
+        while True:
+            reply = self._call("poll", self.stub.PollTask,
+                               pb.PollTaskRequest(device_id=self.device_id, wait_seconds=self.config.poll_wait_s))
+            outcome = reply.WhichOneof("outcome")
+            if outcome == "finished":
+                log.info("coordinator says: %s", reply.finished)
+                return reply.finished
+            if outcome == "task":
+                task = reply.task
+                log.info("round %d of job %s: training", task.round, task.job_id)
+                update = self.run_task(task)
+                try:
+                    response = self.upload(task, update)
+                    log.info("round %d of job %s: update %s", task.round, task.job_id, response.message)
+                except CoordinatorError as exc:
+                    log.warning("round %d of job %s: update refused: %s", task.round, task.job_id, exc)
+                self.rounds_done.append((task.job_id, task.round))
+                continue
+            time.sleep(max(reply.retry_after_seconds, 0) * 0.5)
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())

@@ -1,0 +1,67 @@
+"""A content-addressed artifact store on disk: blobs named by their sha256, written atomically,
+verified when read; bundles stored as folders named by their digest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edgeft.bundle import Bundle, load_bundle
+from edgeft.errors import BundleError
+
+
+class ArtifactStore:
+    """Blobs under ``root/blobs/ab/abcdef...``, bundles under ``root/bundles/<digest>/``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "bundles").mkdir(parents=True, exist_ok=True)
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / digest[:2] / digest
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; returns its sha256. Storing the same bytes twice is a no-op."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._blob_path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        """The blob's bytes, checked against its name (a corrupt blob raises BundleError)."""
+        path = self._blob_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise BundleError(f"artifact {digest[:12]}... is missing from {self.root}") from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"artifact {digest[:12]}... in {self.root} is corrupt (sha256 mismatch)")
+        return data
+
+    def add_bundle(self, source: str | Path) -> Bundle:
+        """Verify a bundle folder and keep a copy named by its digest; returns the stored bundle."""
+        bundle = load_bundle(source)
+        target = self.root / "bundles" / bundle.digest
+        if not target.exists():
+            tmp = Path(tempfile.mkdtemp(dir=self.root / "bundles", prefix=".tmp-"))
+            for name in ["manifest.json", *bundle.manifest.files]:
+                shutil.copyfile(bundle.file(name), tmp / name)
+            os.replace(tmp, target)
+        return self.bundle(bundle.digest)
+
+    def bundle(self, digest: str) -> Bundle:
+        path = self.root / "bundles" / digest
+        if not path.is_dir() or "/" in digest or digest.startswith("."):
+            raise BundleError(f"no bundle with digest {digest[:12]}... on this coordinator")
+        return load_bundle(path, verify=False)

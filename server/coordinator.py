@@ -1,0 +1,261 @@
+"""Federated rounds: who trains, what they get, which updates count, when a round closes.
+
+Transport-free: the gRPC servicer calls these methods with edgeft's own types. All state lives in the
+database and the artifact store, so a restarted coordinator (even after SIGKILL) carries on where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from edgeft.aggregate import FedAvg, Strategy
+from edgeft.bundle import Bundle
+from edgeft.errors import DataError, EdgeftError
+from edgeft.train.session import TrainingSession
+from edgeft.update import AdapterUpdate, check_update
+from edgeft.wire import UploadHeader
+from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.config import JobConfig, ServerConfig
+from edgeft.server.store import adapters, devices, jobs, now, open_database, rounds, updates, upsert_device
+
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+
+
+class NotFound(EdgeftError):
+    """No such job, round, device or bundle."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class Rejected(EdgeftError):
+    """A well-formed request that the round's state refuses (late, closed, not selected)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class TaskAssignment:
+    """What a device trains now."""
+
+    job: JobConfig
+    round: int
+    bundle_digest: str
+    global_adapter: dict[str, np.ndarray]
+    deadline: float
+
+
+def encode(tensors: dict[str, np.ndarray]) -> bytes:
+    return save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+
+class Coordinator:
+    """The coordinator's rules over its stored state."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine = open_database(config.state_dir / "state.db")
+        self.artifacts = ArtifactStore(config.state_dir / "artifacts")
+        self.jobs = {job.id: job for job in config.jobs}
+        self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
+        self.bundles: dict[str, Bundle] = {}
+        for job in config.jobs:
+            self._start_job(job)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def _start_job(self, job: JobConfig) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
+        if row is not None:
+            self.bundles[job.id] = self.artifacts.bundle(row.bundle_digest)
+            return
+        bundle = self.artifacts.add_bundle(job.bundle)
+        initial = TrainingSession(bundle, threads=1).get_parameters()
+        blob = self.artifacts.put(encode(initial))
+        with self.engine.begin() as conn:
+            conn.execute(insert(jobs).values(id=job.id, bundle_digest=bundle.digest, rounds=job.rounds,
+                                             current_round=1, status="running", message=""))
+            conn.execute(insert(adapters).values(job_id=job.id, version=0, blob=blob, created_at=now()))
+        self.bundles[job.id] = bundle
+
+    def job_status(self, job_id: str) -> dict:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"unknown job {job_id!r}")
+        return dict(row._mapping)
+
+    def global_adapter(self, job_id: str, version: int | None = None) -> dict[str, np.ndarray]:
+        """The global adapter after round ``version`` (default: the latest)."""
+        with self.engine.begin() as conn:
+            query = select(adapters).where(adapters.c.job_id == job_id)
+            if version is not None:
+                query = query.where(adapters.c.version == version)
+            row = conn.execute(query.order_by(adapters.c.version.desc())).first()
+        if row is None:
+            raise NotFound(f"job {job_id!r} has no adapter version {version}")
+        return load_tensors(self.artifacts.get(row.blob))
+
+    def round_updates(self, job_id: str, number: int) -> list[AdapterUpdate]:
+        """The updates accepted for a round, as stored."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(updates).where(updates.c.job_id == job_id, updates.c.round == number)
+                                .order_by(updates.c.device_id)).all()
+        return [AdapterUpdate(load_tensors(self.artifacts.get(r.blob)), r.n_examples, r.metrics) for r in rows]
+
+    # -- devices ------------------------------------------------------------------------------------
+    def register(self, device_id: str, capabilities: dict) -> str:
+        device_id = device_id or uuid.uuid4().hex
+        with self._lock, self.engine.begin() as conn:
+            upsert_device(conn, device_id, capabilities)
+        return device_id
+
+    def heartbeat(self, device_id: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            self._known_device(conn, device_id)
+
+    def _known_device(self, conn, device_id: str) -> None:  # noqa: ANN001
+        if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
+            raise NotFound(f"unknown device {device_id!r}: register first")
+        conn.execute(update(devices).where(devices.c.id == device_id).values(last_seen=now()))
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def poll(self, device_id: str) -> TaskAssignment | str | None:
+        """A task for the device, the string reason when all its jobs are over, or None (ask later)."""
+        with self._lock:
+            self.tick()
+            with self.engine.begin() as conn:
+                self._known_device(conn, device_id)
+                running = conn.execute(select(jobs).where(jobs.c.status == "running")).all()
+                if not running:
+                    states = conn.execute(select(jobs.c.id, jobs.c.status, jobs.c.message)).all()
+                    return "; ".join(f"job {r.id} {r.status}{': ' + r.message if r.message else ''}" for r in states)
+                for job_row in running:
+                    job = self.jobs.get(job_row.id)
+                    if job is None:
+                        continue
+                    round_row = self._open_round(conn, job, job_row.current_round)
+                    if round_row is None or device_id not in round_row.selected:
+                        continue
+                    done = conn.execute(select(updates.c.device_id).where(
+                        updates.c.job_id == job.id, updates.c.round == round_row.number,
+                        updates.c.device_id == device_id)).first()
+                    if done is None:
+                        return TaskAssignment(job, round_row.number, job_row.bundle_digest,
+                                              self.global_adapter(job.id, round_row.number - 1), round_row.deadline)
+        return None
+
+    def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
+        row = conn.execute(select(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)).first()
+        if row is not None:
+            return row if row.status == "open" else None
+        recent = now() - max(60.0, 4 * self.config.poll_wait_s)
+        available = [r.id for r in conn.execute(select(devices.c.id).where(devices.c.last_seen >= recent)
+                                                 .order_by(devices.c.id)).all()]
+        if len(available) < job.clients.min:
+            return None
+        rng = np.random.default_rng(int(hashlib.sha256(f"{job.id}:{number}".encode()).hexdigest()[:8], 16))
+        chosen = STRATEGIES[job.strategy]().configure_round(number, available, job.clients.fraction,
+                                                           job.clients.min, job.clients.max, rng)
+        conn.execute(insert(rounds).values(job_id=job.id, number=number, status="open", selected=chosen,
+                                           opened_at=now(), deadline=now() + job.round_deadline_s, message=""))
+        return conn.execute(select(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)).first()
+
+    def submit(self, header: UploadHeader, update: AdapterUpdate, size: int = 0) -> bool:
+        """Accept a device's update for the open round; returns False when it was already received."""
+        job = self.jobs.get(header.job_id)
+        if job is None:
+            raise NotFound(f"unknown job {header.job_id!r}")
+        with self._lock:
+            with self.engine.begin() as conn:
+                self._known_device(conn, header.device_id)
+                job_row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
+                round_row = conn.execute(select(rounds).where(rounds.c.job_id == job.id,
+                                                               rounds.c.number == header.round)).first()
+                duplicate = conn.execute(select(updates.c.upload_id).where(
+                    updates.c.job_id == job.id, updates.c.round == header.round,
+                    updates.c.device_id == header.device_id)).first()
+            if duplicate is not None:
+                return False
+            if round_row is None or job_row.current_round != header.round:
+                raise Rejected(f"round {header.round} of job {job.id!r} is not open (current round: "
+                               f"{job_row.current_round}, status {job_row.status})")
+            if round_row.status != "open":
+                raise Rejected(f"round {header.round} of job {job.id!r} is {round_row.status}; the update came late")
+            if header.device_id not in round_row.selected:
+                raise Rejected(f"device {header.device_id} was not selected for round {header.round}")
+            if now() > round_row.deadline:
+                raise Rejected(f"round {header.round} of job {job.id!r} passed its deadline; the update came late")
+            try:
+                check_update(update, self.bundles[job.id].manifest)
+            except DataError as exc:
+                raise DataError(f"update from {header.device_id} refused: {exc}") from exc
+            blob = self.artifacts.put(encode(update.tensors))
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(updates).values(
+                        job_id=job.id, round=header.round, device_id=header.device_id, upload_id=header.upload_id,
+                        n_examples=update.n_examples, metrics=update.metrics, blob=blob, received_at=now(),
+                        bytes=size))
+            except IntegrityError:
+                return False
+            self._maybe_close(job, header.round)
+        return True
+
+    def tick(self) -> None:
+        """Close rounds whose deadline passed (or fail them below the minimum)."""
+        with self._lock:
+            with self.engine.begin() as conn:
+                due = conn.execute(select(rounds).where(rounds.c.status == "open", rounds.c.deadline < now())).all()
+            for row in due:
+                job = self.jobs.get(row.job_id)
+                if job is not None:
+                    self._maybe_close(job, row.number, deadline_passed=True)
+
+    def _maybe_close(self, job: JobConfig, number: int, deadline_passed: bool = False) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)).first()
+            count = conn.execute(select(func.count()).select_from(updates).where(
+                updates.c.job_id == job.id, updates.c.round == number)).scalar_one()
+        if row is None or row.status != "open":
+            return
+        if count < len(row.selected) and not deadline_passed:
+            return
+        if count < job.clients.min:
+            with self.engine.begin() as conn:
+                message = f"round {number} got {count} updates by its deadline, fewer than the minimum {job.clients.min}"
+                conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
+                             .values(status="failed", closed_at=now(), message=message))
+                conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
+            return
+        aggregation = STRATEGIES[job.strategy]().start(self.global_adapter(job.id, number - 1))
+        for stored in self.round_updates(job.id, number):
+            aggregation.add(stored)
+        blob = self.artifacts.put(encode(aggregation.result()))
+        finished = number >= job.rounds
+        with self.engine.begin() as conn:
+            conn.execute(insert(adapters).values(job_id=job.id, version=number, blob=blob, created_at=now()))
+            conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
+                         .values(status="closed", closed_at=now()))
+            conn.execute(update(jobs).where(jobs.c.id == job.id).values(
+                current_round=number + 1, status="finished" if finished else "running"))
+
+    def wait_until_finished(self, timeout: float) -> None:
+        """Block until every job has finished or failed (for scripts and tests)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.tick()
+            with self.engine.begin() as conn:
+                if not conn.execute(select(jobs.c.id).where(jobs.c.status == "running")).first():
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("jobs still running")

@@ -1,0 +1,102 @@
+"""The coordinator's state in SQL (SQLite with WAL by default) through SQLAlchemy Core.
+
+Every state change is one transaction, so a crash at any point leaves either the old or the new state:
+an accepted update is a row (unique per job, round and device), a closed round and the global adapter it
+produced are written together.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
+                        event, insert, select, update)
+from sqlalchemy.engine import Connection, Engine
+
+metadata = MetaData()
+
+devices = Table(
+    "devices", metadata,
+    Column("id", String, primary_key=True),
+    Column("capabilities", JSON, nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String, primary_key=True),
+    Column("bundle_digest", String, nullable=False),
+    Column("rounds", Integer, nullable=False),
+    Column("current_round", Integer, nullable=False),  # the round being trained (1-based); rounds+1 when done
+    Column("status", String, nullable=False),  # running | finished | failed
+    Column("message", String, nullable=False, default=""),
+)
+
+rounds = Table(
+    "rounds", metadata,
+    Column("job_id", String, primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("status", String, nullable=False),  # open | closed | failed
+    Column("selected", JSON, nullable=False),
+    Column("opened_at", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    Column("closed_at", Float),
+    Column("message", String, nullable=False, default=""),
+)
+
+updates = Table(
+    "updates", metadata,
+    Column("job_id", String, nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("device_id", String, nullable=False),
+    Column("upload_id", String, nullable=False),
+    Column("n_examples", Integer, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("blob", String, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    UniqueConstraint("job_id", "round", "device_id"),
+)
+
+adapters = Table(
+    "adapters", metadata,
+    Column("job_id", String, primary_key=True),
+    Column("version", Integer, primary_key=True),  # version r is the global adapter after round r (0: initial)
+    Column("blob", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+
+def open_database(url_or_path: str | Path) -> Engine:
+    """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised)."""
+    url = str(url_or_path)
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{url}"
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if url.startswith("sqlite")
+                           else {})
+    if url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.close()
+    metadata.create_all(engine)
+    return engine
+
+
+def now() -> float:
+    return time.time()
+
+
+def upsert_device(conn: Connection, device_id: str, capabilities: dict) -> None:
+    row = conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first()
+    if row is None:
+        conn.execute(insert(devices).values(id=device_id, capabilities=capabilities, registered_at=now(),
+                                            last_seen=now()))
+    else:
+        conn.execute(update(devices).where(devices.c.id == device_id).values(capabilities=capabilities,
+                                                                               last_seen=now()))

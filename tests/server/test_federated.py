@@ -1,0 +1,153 @@
+"""A real coordinator on a loopback port and real device agents in their own processes."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edgeft.config import TrainConfig
+from edgeft.data import DataConfig, load_dataset
+from edgeft.datasets import BANKING77_DIR
+from edgeft.server.config import ClientSelection, JobConfig, ServerConfig
+from edgeft.server.servicer import create_server
+from edgeft.train.session import TrainingSession
+from edgeft.train.trainer import evaluate
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
+from edgeft.wire import UploadHeader, update_to_parts
+
+
+
+def five_intents(split: str) -> list[dict]:
+    """BANKING77 rows of its first five intents (real queries)."""
+    import json
+
+    labels = json.loads((BANKING77_DIR / "categories.json").read_text())[:5]
+    with open(BANKING77_DIR / f"{split}.csv", newline="") as fh:
+        return [row for row in csv.DictReader(fh) if row["category"] in labels]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def shards(tmp_path) -> list[Path]:
+    rows = five_intents("train")
+    return [write_csv(tmp_path / f"shard{i}.csv", rows[i::3][: 150 + 40 * i]) for i in range(3)]
+
+
+def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0):
+    job = JobConfig(id="banking", bundle=bundle.path, rounds=rounds, round_deadline_s=deadline,
+                    clients=ClientSelection(fraction=1.0, min=minimum),
+                    train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
+    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), poll_wait_s=1)
+    server, port, coordinator = create_server(config)
+    server.start()
+    return server, port, coordinator
+
+
+def agent(port: int, data: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgeft.cli", "client", "--server", f"127.0.0.1:{port}",
+                             "--data", str(data), "--label-column", "category", "--cache-dir", str(cache),
+                             "--threads", "1", "--give-up-after", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, shards):
+    server, port, coordinator = start(tmp_path, tiny_bundle)
+    try:
+        procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
+        coordinator.wait_until_finished(timeout=240)
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        assert coordinator.job_status("banking")["status"] == "finished"
+        for number in (1, 2):
+            received = coordinator.round_updates("banking", number)
+            assert len(received) == 3 and sorted(u.n_examples for u in received) == [150, 190, 230]
+            weight = sum(u.n_examples for u in received)
+            global_adapter = coordinator.global_adapter("banking", number)
+            for name, value in global_adapter.items():
+                expected = sum(u.n_examples * u.tensors[name].astype(np.float64) for u in received) / weight
+                np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=name)
+        test_rows = write_csv(tmp_path / "test.csv", five_intents("test"))
+        data = load_dataset(DataConfig(test_rows, label_column="category"), tiny_bundle)
+        accuracy = []
+        for version in (0, 2):
+            session = TrainingSession(tiny_bundle)
+            session.set_parameters(coordinator.global_adapter("banking", version))
+            accuracy.append(evaluate(session, data, "classification", 0)["accuracy"])
+        assert accuracy[1] > accuracy[0] + 0.1, accuracy
+        assert "job banking finished" in outputs[0]
+    finally:
+        server.stop(grace=None)
+
+
+def test_malformed_and_forged_uploads_get_the_right_status(tmp_path, tiny_bundle, shards):
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1)
+    try:
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        device = stub.Register(pb.RegisterRequest()).device_id
+        task = stub.PollTask(pb.PollTaskRequest(device_id=device, wait_seconds=1)).task
+        assert task.round == 1 and len(task.global_adapter) == 10
+        good = coordinator.global_adapter("banking", 0)
+        name = next(iter(good))
+
+        def upload(tensors, job="banking", round_number=1, n=10, upload_id="u1"):
+            parts = update_to_parts(UploadHeader(job, round_number, device, upload_id), AdapterUpdate(tensors, n))
+            return stub.UploadUpdate(parts)
+
+        cases = [
+            (dict(tensors=good, job="nope"), grpc.StatusCode.NOT_FOUND),
+            (dict(tensors=good, round_number=7), grpc.StatusCode.FAILED_PRECONDITION),
+            (dict(tensors={**good, name: np.zeros((3, 3), np.float32)}), grpc.StatusCode.INVALID_ARGUMENT),
+            (dict(tensors={**good, name: np.full_like(good[name], np.nan)}), grpc.StatusCode.INVALID_ARGUMENT),
+            (dict(tensors=good, n=0), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for kwargs, code in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                upload(**kwargs)
+            assert info.value.code() == code, (kwargs.keys(), info.value.details())
+        truncated = list(update_to_parts(UploadHeader("banking", 1, device, "u2"), AdapterUpdate(good, 5)))
+        truncated[-1].chunk.data = truncated[-1].chunk.data[:-4]  # the last tensor loses its last float
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadUpdate(iter(truncated))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.DownloadBundle(pb.DownloadRequest(bundle_digest="0" * 64, file="checkpoint")))
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS or info.value.code() == grpc.StatusCode.NOT_FOUND
+        # an honest upload still works, and the same upload twice counts once
+        assert upload(good).duplicate is False
+        assert upload(good).duplicate is True
+        assert len(coordinator.round_updates("banking", 1)) == 1
+    finally:
+        server.stop(grace=None)
+
+
+def test_health_and_unreachable_server(tmp_path, tiny_bundle, shards):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, port, _ = start(tmp_path, tiny_bundle)
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        reply = health.Check(health_pb2.HealthCheckRequest(service="edgeft.v1.Coordinator"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(grace=None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "edgeft.cli", "client", "--server", "127.0.0.1:1", "--data",
+                           str(shards[0]), "--label-column", "category", "--cache-dir", str(tmp_path / "d"),
+                           "--give-up-after", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unreachable" in proc.stderr and time.monotonic() - started < 60
