@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from edgeft.config import TrainConfig
 from edgeft.data import DataConfig, load_dataset
-from edgeft.datasets import BANKING77_DIR
-from edgeft.server.config import ClientSelection, JobConfig, ServerConfig
-from edgeft.server.servicer import create_server
 from edgeft.train.session import TrainingSession
 from edgeft.train.trainer import evaluate
 from edgeft.update import AdapterUpdate
@@ -24,46 +18,8 @@ from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
 from edgeft.wire import UploadHeader, update_to_parts
 
+from conftest_server import agent, five_intents, start, write_csv
 
-
-def five_intents(split: str) -> list[dict]:
-    """BANKING77 rows of its first five intents (real queries)."""
-    import json
-
-    labels = json.loads((BANKING77_DIR / "categories.json").read_text())[:5]
-    with open(BANKING77_DIR / f"{split}.csv", newline="") as fh:
-        return [row for row in csv.DictReader(fh) if row["category"] in labels]
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "category"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture()
-def shards(tmp_path) -> list[Path]:
-    rows = five_intents("train")
-    return [write_csv(tmp_path / f"shard{i}.csv", rows[i::3][: 150 + 40 * i]) for i in range(3)]
-
-
-def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0):
-    job = JobConfig(id="banking", bundle=bundle.path, rounds=rounds, round_deadline_s=deadline,
-                    clients=ClientSelection(fraction=1.0, min=minimum),
-                    train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
-    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), poll_wait_s=1)
-    server, port, coordinator = create_server(config)
-    server.start()
-    return server, port, coordinator
-
-
-def agent(port: int, data: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeft.cli", "client", "--server", f"127.0.0.1:{port}",
-                             "--data", str(data), "--label-column", "category", "--cache-dir", str(cache),
-                             "--threads", "1", "--give-up-after", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, shards):

@@ -1,0 +1,3 @@
+"""Fixtures for the coordinator tests."""
+
+from conftest_server import shards  # noqa: F401
