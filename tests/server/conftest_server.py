@@ -47,10 +47,12 @@ def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0):
     return server, port, coordinator
 
 
-def agent(port: int, data: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeft.cli", "client", "--server", f"127.0.0.1:{port}",
-                             "--data", str(data), "--label-column", "category", "--cache-dir", str(cache),
-                             "--threads", "1", "--give-up-after", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+# Agents run as a device would: torch, transformers and peft cannot be imported in their process.
+NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
 
 
+def agent(port: int, data: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--label-column", "category",
+            "--cache-dir", str(cache), "--threads", "1", "--give-up-after", "60", *extra]
+    code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -118,3 +118,30 @@ learning_rate = 0.03
             expected = sum(u.n_examples * u.tensors[name].astype(np.float64) for u in received) / weight
             np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6)
 
+
+
+def test_round_below_minimum_fails_cleanly(tmp_path, tiny_bundle, shards):
+    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=2, minimum=2, deadline=5)
+    procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards[:2])]
+    try:
+        wait_for(lambda: _round_open(coordinator), 60, "round 1 to open")
+        procs[1].send_signal(signal.SIGKILL)
+        coordinator.wait_until_finished(timeout=60)
+        status = coordinator.job_status("banking")
+        assert status["status"] == "failed" and "fewer than the minimum 2" in status["message"]
+        output = procs[0].communicate(timeout=60)[0]
+        assert procs[0].returncode == 0 and "job banking failed" in output
+    finally:
+        server.stop(grace=None)
+        for p in procs:
+            p.kill()
+
+
+def test_data_that_does_not_fit_the_job_is_named(tmp_path, tiny_bundle, shards):
+    server, port, _ = start(tmp_path, tiny_bundle, minimum=1)
+    try:
+        proc = agent(port, shards[0], tmp_path / "device", "--label-column", "intent")
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 2 and "no column 'intent'" in output
+    finally:
+        server.stop(grace=None)
