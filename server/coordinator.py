@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
@@ -66,6 +67,7 @@ class Coordinator:
         self.engine = open_database(config.state_dir / "state.db")
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
         self.jobs = {job.id: job for job in config.jobs}
+        self.last_close_seconds = 0.0  # how long the last round's aggregation took
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
         self.bundles: dict[str, Bundle] = {}
         for job in config.jobs:
@@ -107,10 +109,15 @@ class Coordinator:
 
     def round_updates(self, job_id: str, number: int) -> list[AdapterUpdate]:
         """The updates accepted for a round, as stored."""
+        return list(self._iter_updates(job_id, number))
+
+    def _iter_updates(self, job_id: str, number: int) -> Iterator[AdapterUpdate]:
+        """The stored updates of a round one at a time, so aggregation holds one update in memory."""
         with self.engine.begin() as conn:
             rows = conn.execute(select(updates).where(updates.c.job_id == job_id, updates.c.round == number)
                                 .order_by(updates.c.device_id)).all()
-        return [AdapterUpdate(load_tensors(self.artifacts.get(r.blob)), r.n_examples, r.metrics) for r in rows]
+        for r in rows:
+            yield AdapterUpdate(load_tensors(self.artifacts.get(r.blob)), r.n_examples, r.metrics)
 
     # -- devices ------------------------------------------------------------------------------------
     def register(self, device_id: str, capabilities: dict) -> str:
@@ -237,10 +244,12 @@ class Coordinator:
                              .values(status="failed", closed_at=now(), message=message))
                 conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
             return
+        started = time.perf_counter()
         aggregation = STRATEGIES[job.strategy]().start(self.global_adapter(job.id, number - 1))
-        for stored in self.round_updates(job.id, number):
+        for stored in self._iter_updates(job.id, number):
             aggregation.add(stored)
         blob = self.artifacts.put(encode(aggregation.result()))
+        self.last_close_seconds = time.perf_counter() - started
         finished = number >= job.rounds
         with self.engine.begin() as conn:
             conn.execute(insert(adapters).values(job_id=job.id, version=number, blob=blob, created_at=now()))

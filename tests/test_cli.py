@@ -11,7 +11,9 @@ from edgeft.cli import main
 
 def test_export_and_train_from_the_command_line(tmp_path, tiny_bert_dir, small_banking, capsys):
     labels = tmp_path / "labels.json"
-    from conftest import LABELS
+    from edgeft.datasets import banking77_labels
+
+    LABELS = tuple(banking77_labels())
 
     labels.write_text(json.dumps(list(LABELS)))
     bundle = tmp_path / "bundle"

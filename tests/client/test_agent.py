@@ -45,7 +45,9 @@ def test_download_resumes_and_repairs(tmp_path, tiny_bundle):
 
 @pytest.mark.slow
 def test_full_finetuning_bundle_of_90_mb_arrives_intact(tmp_path):
-    from conftest import LABELS
+    from edgeft.datasets import banking77_labels
+
+    LABELS = tuple(banking77_labels())
 
     from edgeft.config import AdapterConfig, ExportConfig
     from edgeft.demo import minilm_dir

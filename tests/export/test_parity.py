@@ -64,7 +64,9 @@ def test_ort_matches_pytorch_peft_minilm(tmp_path, banking_csv):
     from edgeft.demo import minilm_dir
     from edgeft.export import export_source
 
-    from conftest import LABELS
+    from edgeft.datasets import banking77_labels
+
+    LABELS = tuple(banking77_labels())
 
     config = ExportConfig(labels=LABELS)
     bundle = export_source(from_hf_folder(minilm_dir(), config), tmp_path / "b", config)

@@ -31,19 +31,23 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, tiny_bundle, shards):
-    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=2, minimum=2, deadline=15)
+    """The round waits for the dead client until its deadline (30 s, room for a slow CI machine), then
+    closes with the two survivors' updates."""
+    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1, minimum=2, deadline=30)
     try:
         procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
-        wait_for(lambda: coordinator.job_status("banking")["current_round"] >= 1 and
-                 any(len(r.tensors) for r in [*coordinator.round_updates("banking", 1)]) or
-                 _round_open(coordinator), 60, "round 1 to open")
+        wait_for(lambda: _round_open(coordinator), 60, "round 1 to open")
         procs[2].send_signal(signal.SIGKILL)
         coordinator.wait_until_finished(timeout=120)
         for p in procs[:2]:
             p.communicate(timeout=60)
-        assert coordinator.job_status("banking")["status"] == "finished"
-        for number in (1, 2):
-            assert len(coordinator.round_updates("banking", number)) >= 2
+        assert coordinator.job_status("banking")["status"] == "finished", coordinator.job_status("banking")
+        survivors = coordinator.round_updates("banking", 1)
+        assert len(survivors) == 2
+        weight = sum(u.n_examples for u in survivors)
+        for name, value in coordinator.global_adapter("banking", 1).items():
+            expected = sum(u.n_examples * u.tensors[name].astype(np.float64) for u in survivors) / weight
+            np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6)
     finally:
         server.stop(grace=None)
         for p in procs:

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_learns_banking77(tmp_path, banking_csv):
-    from conftest import LABELS
+    from edgeft.datasets import banking77_labels
+
+    LABELS = tuple(banking77_labels())
 
     from edgeft.demo import minilm_dir
     from edgeft.export import export_hf

@@ -1,0 +1,107 @@
+"""Coordinator overhead per round: N lightweight clients over real gRPC uploading real-size updates (the
+MiniLM LoRA adapter), no training. Reports round wall time, server peak RSS, bytes per client and the
+time FedAvg takes for the round.
+
+    python bench/round_overhead.py [--clients 10 100 1000] [--work runs/round]
+
+Each N runs in a fresh coordinator process (so its peak RSS is its own); clients are threads of this
+process sharing a few channels, each registering, polling, and uploading the global adapter perturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SERVER = """
+import sys, time, json
+from pathlib import Path
+from edgeft.server.config import load_server_config
+from edgeft.server.servicer import create_server
+config = load_server_config(sys.argv[1])
+server, port, coordinator = create_server(config)
+server.start()
+print(json.dumps({"port": port}), flush=True)
+coordinator.wait_until_finished(timeout=3600)
+aggregate_s = coordinator.last_close_seconds
+hwm = [int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")][0]
+print(json.dumps({"peak_rss_mb": hwm / 1024, "aggregate_s": aggregate_s}), flush=True)
+server.stop(grace=1)
+"""
+
+
+def run(n: int, bundle: Path, work: Path) -> dict:
+    import grpc
+    import numpy as np
+
+    from edgeft.update import AdapterUpdate
+    from edgeft.v1 import edgeft_pb2 as pb
+    from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
+    from edgeft.wire import UploadHeader, tensor_from_pb, update_to_parts
+
+    state = work / f"n{n}"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    config = state / "jobs.toml"
+    config.write_text(f'[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\n'
+                      f'[[job]]\nid = "bench"\nbundle = "{bundle.resolve()}"\nrounds = 1\nround_deadline_s = 3600\n'
+                      f'[job.clients]\nfraction = 1.0\nmin = {n}\n')
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdout=subprocess.PIPE, text=True)
+    port = json.loads(server.stdout.readline())["port"]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 8 << 20)])
+                for _ in range(4)]
+    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    devices = [stubs[i % 4].Register(pb.RegisterRequest()).device_id for i in range(n)]
+    started = time.perf_counter()
+    down, up = [0] * n, [0] * n
+
+    def client(i: int) -> None:
+        stub = stubs[i % 4]
+        while True:
+            reply = stub.PollTask(pb.PollTaskRequest(device_id=devices[i], wait_seconds=1))
+            if reply.WhichOneof("outcome") == "task":
+                break
+        down[i] = reply.ByteSize()
+        task = reply.task
+        rng = np.random.default_rng(i)
+        tensors = {name: value + rng.normal(0, 1e-3, value.shape).astype(np.float32)
+                   for name, value in (tensor_from_pb(t) for t in task.global_adapter)}
+        parts = list(update_to_parts(UploadHeader(task.job_id, task.round, devices[i], f"u{i}"),
+                                     AdapterUpdate(tensors, 100 + i)))
+        up[i] = sum(p.ByteSize() for p in parts)
+        stub.UploadUpdate(iter(parts))
+
+    with ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
+        list(pool.map(client, range(n)))
+    round_s = time.perf_counter() - started
+    result = json.loads(server.stdout.readline())
+    server.wait(timeout=60)
+    return {"clients": n, "round_s": round(round_s, 2), "server_peak_rss_mb": round(result["peak_rss_mb"], 1),
+            "aggregate_s": round(result["aggregate_s"], 3), "bytes_down_per_client": int(np.mean(down)),
+            "bytes_up_per_client": int(np.mean(up))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--work", type=Path, default=Path("runs/round"))
+    args = parser.parse_args()
+    from common import emit, minilm_bundle
+
+    bundle = minilm_bundle(args.work)
+    rows = [run(n, bundle, args.work) for n in args.clients]
+    emit({"bench": "round_overhead", "adapter": "all-MiniLM-L6-v2 LoRA r=8 (query, value) + classifier", "rows": rows},
+         "round_overhead: " + "; ".join(f"N={r['clients']}: round {r['round_s']} s, FedAvg {r['aggregate_s']} s, "
+                                        f"server RSS {r['server_peak_rss_mb']:.0f} MB" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
