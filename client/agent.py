@@ -45,8 +45,12 @@ class AgentConfig:
     """Where the coordinator is, where the device's data and cache are, how patient to be."""
 
     server: str
-    data: DataConfig
+    data: Path
     cache_dir: Path = Path(".edgeft-device")
+    # Override the job's data schema (which columns hold text and label, the file format).
+    text_column: str | None = None
+    label_column: str | None = None
+    format: str | None = None
     threads: int | None = None
     poll_wait_s: int = 5
     max_backoff_s: float = 30.0
@@ -152,7 +156,7 @@ class Agent:
     def run_task(self, task: pb.Task) -> AdapterUpdate:
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
-            self._data[task.bundle_digest] = load_dataset(self.config.data, bundle, Encoder(bundle))
+            self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle, Encoder(bundle))
         from edgeft.train.session import TrainingSession
 
         session = TrainingSession(bundle, threads=self.config.threads)
@@ -160,6 +164,13 @@ class Agent:
         config = train_config(task.train, threads=self.config.threads, progress=False)
         result = train(bundle, self._data[task.bundle_digest], config, session=session)
         return AdapterUpdate(result.parameters, result.n_examples, result.final_metrics, bundle.digest)
+
+    def data_config(self, schema: pb.DataSchema) -> DataConfig:
+        """The device's file read with the job's schema, unless the device overrides it."""
+        c = self.config
+        return DataConfig(c.data, text_column=c.text_column or schema.text_column or "text",
+                          label_column=c.label_column or schema.label_column or "label",
+                          format=c.format or schema.format or None)
 
     def upload(self, task: pb.Task, update: AdapterUpdate) -> pb.UploadResponse:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")

@@ -156,9 +156,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="run a device agent: train each round on local data (no torch)")
     p.add_argument("--server", required=True, help="coordinator address HOST:PORT")
     p.add_argument("--data", required=True, help="the device's data: .csv, .jsonl or .txt")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--format", choices=["csv", "jsonl", "text"])
+    p.add_argument("--text-column", help="override the job's text column")
+    p.add_argument("--label-column", help="override the job's label column")
+    p.add_argument("--format", choices=["csv", "jsonl", "text"], help="override the file format")
     p.add_argument("--cache-dir", default=".edgeft-device", help="bundle cache and device id (default .edgeft-device)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--give-up-after", type=float, default=600.0,
@@ -173,14 +173,13 @@ def _run_client(args: argparse.Namespace) -> int:
     import logging
 
     from edgeft.client.agent import Agent, AgentConfig
-    from edgeft.data import DataConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    data = DataConfig(args.data, text_column=args.text_column, label_column=args.label_column, format=args.format)
-    if not data.path.is_file():
-        raise EdgeftError(f"data file {data.path} does not exist")
-    agent = Agent(AgentConfig(server=args.server, data=data, cache_dir=Path(args.cache_dir), threads=args.threads,
-                              give_up_after_s=args.give_up_after))
+    if not Path(args.data).is_file():
+        raise EdgeftError(f"data file {args.data} does not exist")
+    agent = Agent(AgentConfig(server=args.server, data=Path(args.data), cache_dir=Path(args.cache_dir),
+                              text_column=args.text_column, label_column=args.label_column, format=args.format,
+                              threads=args.threads, give_up_after_s=args.give_up_after))
     print(f"done: {agent.run()}", flush=True)
     return 0
 

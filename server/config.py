@@ -6,19 +6,26 @@
 
     [[job]]
     id = "banking77"
-    bundle = "bundle"             # an exported bundle folder (edgeft export)
+    bundle = "bundle"             # an exported bundle folder (edgeft export) ...
+    # model = "path/to/hf-model"  # ... or a Hugging Face folder the coordinator exports itself, with:
+    # [job.export]  task = "classification", labels = "categories.json", max_length = 128
+    # [job.adapter] kind = "lora", rank = 8, alpha = 16, target_modules = ["query", "value"]
     rounds = 3
     strategy = "fedavg"
     round_deadline_s = 600
     upload_dtype = "float32"      # or "float16" to halve upload bytes
     [job.clients]
     fraction = 1.0
-    min = 2
+    min = 2                       # updates a round needs by its deadline
     max = 100
+    min_available = 2             # connected devices before a round opens (default: min)
     [job.train]                   # what each client runs per round
     epochs = 1
     batch_size = 32
     learning_rate = 3e-3
+    [job.data]                    # the data schema devices read their files with
+    text_column = "text"
+    label_column = "label"
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.config import TrainConfig
+from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
 from edgeft.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -45,24 +52,44 @@ def _check(cond: bool, name: str, value: object, why: str) -> None:
 
 @dataclass(frozen=True)
 class ClientSelection:
-    """How many registered devices train in each round: ceil(fraction * available) within [min, max]."""
+    """Who trains in each round.
+
+    A round opens once ``min_available`` devices (default: ``min``) are connected; ceil(fraction x
+    available) of them, within [min, max], are selected; the round needs ``min`` updates by its deadline.
+    """
 
     fraction: float = 1.0
     min: int = 1
     max: int | None = None
+    min_available: int | None = None
 
     def __post_init__(self) -> None:
         _check(0 < self.fraction <= 1, "clients.fraction", self.fraction, "must be in (0, 1]")
         _check(self.min >= 1, "clients.min", self.min, "must be >= 1")
         _check(self.max is None or self.max >= self.min, "clients.max", self.max, "must be >= clients.min")
+        if self.min_available is None:
+            object.__setattr__(self, "min_available", self.min)
+        _check(self.min_available >= self.min, "clients.min_available", self.min_available, "must be >= clients.min")
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """Which columns of a device's file hold the text and the label; ``format`` None: from the suffix."""
+
+    text_column: str = "text"
+    label_column: str = "label"
+    format: str | None = None
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    """One federated job: which bundle, how many rounds, who trains and how."""
+    """One federated job: which bundle (or model to export), how many rounds, who trains and how."""
 
     id: str
-    bundle: Path
+    bundle: Path | None = None
+    model: Path | None = None
+    export: ExportConfig | None = None
+    data: DataSchema = field(default_factory=DataSchema)
     rounds: int = 3
     strategy: str = "fedavg"
     round_deadline_s: float = 600.0
@@ -73,7 +100,13 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check(bool(self.id) and self.id.replace("-", "").replace("_", "").isalnum(), "job.id", self.id,
                "use letters, digits, - and _")
-        object.__setattr__(self, "bundle", Path(self.bundle))
+        _check((self.bundle is None) != (self.model is None), "job.bundle", self.bundle,
+               "give exactly one of bundle (an exported bundle) or model (a Hugging Face folder to export)")
+        for name in ("bundle", "model"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.model is not None and self.export is None:
+            object.__setattr__(self, "export", ExportConfig())
         _check(self.rounds >= 1, "job.rounds", self.rounds, "must be >= 1")
         _check(self.strategy in STRATEGIES, "job.strategy", self.strategy, f"expected one of {', '.join(STRATEGIES)}")
         _check(self.round_deadline_s > 0, "job.round_deadline_s", self.round_deadline_s, "must be positive")
@@ -113,8 +146,10 @@ def load_server_config(path: str | Path) -> ServerConfig:
         try:
             clients = ClientSelection(**raw.pop("clients", {}))
             train = TrainConfig(**{"progress": False, **raw.pop("train", {})})
-            bundle = base / raw.pop("bundle")
-            jobs.append(JobConfig(bundle=bundle, clients=clients, train=train, **raw))
+            data_schema = DataSchema(**raw.pop("data", {}))
+            paths = {k: base / raw.pop(k) for k in ("bundle", "model") if k in raw}
+            export = _export_config(raw.pop("export", {}), raw.pop("adapter", {}), raw.pop("optimizer", {}), base)
+            jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export, **paths, **raw))
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: {exc}") from exc
     try:
@@ -123,3 +158,20 @@ def load_server_config(path: str | Path) -> ServerConfig:
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
+
+
+def _export_config(export: dict, adapter: dict, optimizer: dict, base: Path) -> ExportConfig | None:
+    """[job.export], [job.adapter] and [job.optimizer] as an ExportConfig (labels may name a JSON file)."""
+    if not (export or adapter or optimizer):
+        return None
+    export = dict(export)
+    labels = export.pop("labels", ())
+    if isinstance(labels, str):
+        import json
+
+        labels = json.loads((base / labels).read_text())
+    for key in ("target_modules", "trainable_modules"):
+        if key in adapter:
+            adapter[key] = tuple(adapter[key])
+    return ExportConfig(labels=tuple(labels), adapter=AdapterConfig(**adapter),
+                        optimizer=OptimizerConfig(**optimizer), **export)

@@ -7,10 +7,12 @@ database and the artifact store, so a restarted coordinator (even after SIGKILL)
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -80,7 +82,7 @@ class Coordinator:
         if row is not None:
             self.bundles[job.id] = self.artifacts.bundle(row.bundle_digest)
             return
-        bundle = self.artifacts.add_bundle(job.bundle)
+        bundle = self.artifacts.add_bundle(job.bundle if job.bundle is not None else self._export(job))
         initial = TrainingSession(bundle, threads=1).get_parameters()
         blob = self.artifacts.put(encode(initial))
         with self.engine.begin() as conn:
@@ -88,6 +90,16 @@ class Coordinator:
                                              current_round=1, status="running", message=""))
             conn.execute(insert(adapters).values(job_id=job.id, version=0, blob=blob, created_at=now()))
         self.bundles[job.id] = bundle
+
+    def _export(self, job: JobConfig) -> Path:
+        """Export the job's model into a bundle under the state folder (once; torch needed here only)."""
+        from edgeft.export import export_hf
+
+        target = self.config.state_dir / "exports" / job.id
+        if not (target / "manifest.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            export_hf(job.model, target, job.export)
+        return target
 
     def job_status(self, job_id: str) -> dict:
         with self.engine.begin() as conn:
@@ -168,7 +180,7 @@ class Coordinator:
         recent = now() - max(60.0, 4 * self.config.poll_wait_s)
         available = [r.id for r in conn.execute(select(devices.c.id).where(devices.c.last_seen >= recent)
                                                  .order_by(devices.c.id)).all()]
-        if len(available) < job.clients.min:
+        if len(available) < job.clients.min_available:
             return None
         rng = np.random.default_rng(int(hashlib.sha256(f"{job.id}:{number}".encode()).hexdigest()[:8], 16))
         chosen = STRATEGIES[job.strategy]().configure_round(number, available, job.clients.fraction,

@@ -95,7 +95,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.Task(job_id=task.job.id, round=task.round, bundle_digest=task.bundle_digest,
                        train=train_spec(task.job.train), deadline_unix_ms=int(task.deadline * 1000),
                        global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
-                       upload_dtype=dtype_code(task.job.upload_dtype))
+                       upload_dtype=dtype_code(task.job.upload_dtype),
+                       data=pb.DataSchema(text_column=task.job.data.text_column,
+                                          label_column=task.job.data.label_column,
+                                          format=task.job.data.format or ""))
 
     @rpc
     def GetBundle(self, request: pb.GetBundleRequest, context) -> pb.BundleInfo:  # noqa: ANN001, N802

@@ -92,6 +92,16 @@ class TrainSpec(_message.Message):
     grad_accum_steps: int
     def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., grad_accum_steps: _Optional[int] = ...) -> None: ...
 
+class DataSchema(_message.Message):
+    __slots__ = ("text_column", "label_column", "format")
+    TEXT_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    text_column: str
+    label_column: str
+    format: str
+    def __init__(self, text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
 class PollTaskRequest(_message.Message):
     __slots__ = ("device_id", "wait_seconds")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +111,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype")
+    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +119,7 @@ class Task(_message.Message):
     GLOBAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     bundle_digest: str
@@ -116,7 +127,8 @@ class Task(_message.Message):
     global_adapter: _containers.RepeatedCompositeFieldContainer[Tensor]
     deadline_unix_ms: int
     upload_dtype: DType
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    data: DataSchema
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_seconds", "finished")

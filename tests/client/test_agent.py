@@ -6,7 +6,6 @@ import pytest
 
 from edgeft.bundle import load_bundle
 from edgeft.client.agent import Agent, AgentConfig, CoordinatorError
-from edgeft.data import DataConfig
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.servicer import create_server
 
@@ -20,7 +19,7 @@ def serve(tmp_path, bundle):
 
 
 def make_agent(tmp_path, port):
-    return Agent(AgentConfig(server=f"127.0.0.1:{port}", data=DataConfig(tmp_path / "unused.csv"),
+    return Agent(AgentConfig(server=f"127.0.0.1:{port}", data=tmp_path / "unused.csv",
                              cache_dir=tmp_path / "device", give_up_after_s=5))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from edgeft.config import TrainConfig
 from edgeft.datasets import BANKING77_DIR
-from edgeft.server.config import ClientSelection, JobConfig, ServerConfig
+from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
 from edgeft.server.servicer import create_server
 
 
@@ -37,9 +37,9 @@ def shards(tmp_path) -> list[Path]:
     return [write_csv(tmp_path / f"shard{i}.csv", rows[i::3][: 150 + 40 * i]) for i in range(3)]
 
 
-def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0):
+def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None):
     job = JobConfig(id="banking", bundle=bundle.path, rounds=rounds, round_deadline_s=deadline,
-                    clients=ClientSelection(fraction=1.0, min=minimum),
+                    clients=ClientSelection(fraction=1.0, min=minimum, min_available=available), data=DataSchema(label_column="category"),
                     train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
     config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), poll_wait_s=1)
     server, port, coordinator = create_server(config)
@@ -52,7 +52,7 @@ NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modul
 
 
 def agent(port: int, data: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--label-column", "category",
+    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data),
             "--cache-dir", str(cache), "--threads", "1", "--give-up-after", "60", *extra]
     code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -33,15 +33,14 @@ def wait_for(condition, timeout: float, what: str) -> None:
 def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, tiny_bundle, shards):
     """The round waits for the dead client until its deadline (30 s, room for a slow CI machine), then
     closes with the two survivors' updates."""
-    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1, minimum=2, deadline=30)
+    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1, minimum=2, deadline=30, available=3)
     try:
         procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
         wait_for(lambda: _round_open(coordinator), 60, "round 1 to open")
         procs[2].send_signal(signal.SIGKILL)
         coordinator.wait_until_finished(timeout=120)
-        for p in procs[:2]:
-            p.communicate(timeout=60)
-        assert coordinator.job_status("banking")["status"] == "finished", coordinator.job_status("banking")
+        outputs = [p.communicate(timeout=60)[0] for p in procs[:2]]
+        assert coordinator.job_status("banking")["status"] == "finished", (coordinator.job_status("banking"), outputs)
         survivors = coordinator.round_updates("banking", 1)
         assert len(survivors) == 2
         weight = sum(u.n_examples for u in survivors)
@@ -78,6 +77,8 @@ min = 3
 [job.train]
 epochs = 2
 learning_rate = 0.03
+[job.data]
+label_column = "category"
 """)
 
     def server() -> subprocess.Popen:

@@ -47,6 +47,14 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, shards):
             accuracy.append(evaluate(session, data, "classification", 0)["accuracy"])
         assert accuracy[1] > accuracy[0] + 0.1, accuracy
         assert "job banking finished" in outputs[0]
+        # a late update, for a round that has closed, is refused and changes nothing
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        late = stub.Register(pb.RegisterRequest()).device_id
+        before = coordinator.global_adapter("banking", 1)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, late, "late"), AdapterUpdate(before, 9)))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not open" in info.value.details()
+        assert len(coordinator.round_updates("banking", 1)) == 3
     finally:
         server.stop(grace=None)
 
