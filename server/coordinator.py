@@ -138,9 +138,18 @@ class Coordinator:
             upsert_device(conn, device_id, capabilities)
         return device_id
 
-    def heartbeat(self, device_id: str) -> None:
+    def heartbeat(self, device_id: str, metrics: dict[str, float]) -> None:
+        """A device is alive; keep its latest metrics."""
         with self._lock, self.engine.begin() as conn:
             self._known_device(conn, device_id)
+            conn.execute(update(devices).where(devices.c.id == device_id).values(metrics=metrics))
+
+    def device(self, device_id: str) -> dict:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(devices).where(devices.c.id == device_id)).first()
+        if row is None:
+            raise NotFound(f"unknown device {device_id!r}")
+        return dict(row._mapping)
 
     def _known_device(self, conn, device_id: str) -> None:  # noqa: ANN001
         if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:

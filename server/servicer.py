@@ -135,7 +135,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @rpc
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:  # noqa: ANN001, N802
-        self.coordinator.heartbeat(request.device_id)
+        self.coordinator.heartbeat(request.device_id, dict(request.metrics))
         return pb.HeartbeatResponse()
 
 

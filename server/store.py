@@ -22,6 +22,7 @@ devices = Table(
     Column("capabilities", JSON, nullable=False),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("metrics", JSON, nullable=False, default=dict),  # the latest heartbeat's metrics
 )
 
 jobs = Table(
@@ -96,7 +97,7 @@ def upsert_device(conn: Connection, device_id: str, capabilities: dict) -> None:
     row = conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first()
     if row is None:
         conn.execute(insert(devices).values(id=device_id, capabilities=capabilities, registered_at=now(),
-                                            last_seen=now()))
+                                            last_seen=now(), metrics={}))
     else:
         conn.execute(update(devices).where(devices.c.id == device_id).values(capabilities=capabilities,
                                                                                last_seen=now()))

@@ -115,3 +115,31 @@ def test_health_and_unreachable_server(tmp_path, tiny_bundle, shards):
                            str(shards[0]), "--label-column", "category", "--cache-dir", str(tmp_path / "d"),
                            "--give-up-after", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unreachable" in proc.stderr and time.monotonic() - started < 60
+
+
+def test_two_jobs_share_a_coordinator_and_heartbeats_are_kept(tmp_path, tiny_bundle, shards):
+    from edgeft.config import TrainConfig
+    from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
+    from edgeft.server.servicer import create_server
+
+    jobs = tuple(JobConfig(id=name, bundle=tiny_bundle.path, rounds=1, clients=ClientSelection(min=1),
+                           data=DataSchema(label_column="category"), train=TrainConfig(max_steps=2, progress=False))
+                 for name in ("first", "second"))
+    server, port, coordinator = create_server(ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "s", jobs=jobs,
+                                                           poll_wait_s=1))
+    server.start()
+    try:
+        proc = agent(port, shards[0], tmp_path / "device")
+        coordinator.wait_until_finished(timeout=120)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+        for name in ("first", "second"):
+            assert coordinator.job_status(name)["status"] == "finished"
+            assert len(coordinator.round_updates(name, 1)) == 1
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        device = stub.Register(pb.RegisterRequest(capabilities=pb.Capabilities(os="test", cores=2))).device_id
+        stub.Heartbeat(pb.HeartbeatRequest(device_id=device, metrics={"battery": 0.8}))
+        record = coordinator.device(device)
+        assert record["metrics"] == {"battery": 0.8} and record["capabilities"]["cores"] == 2
+    finally:
+        server.stop(grace=None)
