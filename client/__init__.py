@@ -1,1 +1,1 @@
-"""edgeft.client: the device agent (not built yet; see protos/README.md). Never imports torch."""
+"""edgeft.client: the device agent (``edgeft client``). Never imports torch."""

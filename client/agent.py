@@ -21,7 +21,7 @@ import grpc
 
 from edgeft.bundle import MANIFEST, Bundle, load_bundle, sha256_of
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
-from edgeft.errors import BundleError, EdgeftError
+from edgeft.errors import BundleError, CoordinatorError
 from edgeft.train.trainer import train
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
@@ -32,12 +32,6 @@ log = logging.getLogger("edgeft.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED}
 MAX_MESSAGE_BYTES = 8 << 20
-
-
-class CoordinatorError(EdgeftError):
-    """The coordinator refused a request in a way retrying will not fix."""
-
-    grpc_code = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

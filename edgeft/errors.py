@@ -42,3 +42,27 @@ class TrainingError(EdgeftError):
     """On-device training failed (for example, the loss became NaN)."""
 
     grpc_code = "ABORTED"
+
+
+class WireError(EdgeftError):
+    """A message from the wire is malformed (bad shape, dtype, offsets, sizes or values)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFound(EdgeftError):
+    """No such job, round, device or bundle on the coordinator."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class Rejected(EdgeftError):
+    """A well-formed request that the round's state refuses (late, closed, not selected)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class CoordinatorError(EdgeftError):
+    """The coordinator refused an agent's request in a way retrying will not fix (or stayed unreachable)."""
+
+    grpc_code = "FAILED_PRECONDITION"

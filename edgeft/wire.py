@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from edgeft.config import TrainConfig
-from edgeft.errors import EdgeftError
+from edgeft.errors import WireError
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 
@@ -22,12 +22,6 @@ MAX_TENSOR_BYTES = 1 << 31
 
 _DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT64: np.dtype("<i8")}
 _CODES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
-
-
-class WireError(EdgeftError):
-    """A message from the wire is malformed (bad shape, dtype, offsets, sizes or values)."""
-
-    grpc_code = "INVALID_ARGUMENT"
 
 
 def dtype_code(dtype: np.dtype | str) -> int:

@@ -1,1 +1,5 @@
-"""edgeft.server: the gRPC coordinator (not built yet; see protos/README.md)."""
+"""edgeft.server: the federated coordinator (``edgeft server``).
+
+``config`` (job files), ``store`` (state in SQL), ``artifacts`` (content-addressed files), ``coordinator``
+(round rules), ``servicer`` (the gRPC face; ``create_server`` / ``serve``).
+"""

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import FedAvg, Strategy
 from edgeft.bundle import Bundle
-from edgeft.errors import DataError, EdgeftError
+from edgeft.errors import DataError, NotFound, Rejected
 from edgeft.train.session import TrainingSession
 from edgeft.update import AdapterUpdate, check_update
 from edgeft.wire import UploadHeader
@@ -32,18 +32,6 @@ from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.store import adapters, devices, jobs, now, open_database, rounds, updates, upsert_device
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
-
-
-class NotFound(EdgeftError):
-    """No such job, round, device or bundle."""
-
-    grpc_code = "NOT_FOUND"
-
-
-class Rejected(EdgeftError):
-    """A well-formed request that the round's state refuses (late, closed, not selected)."""
-
-    grpc_code = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

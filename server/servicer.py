@@ -16,12 +16,12 @@ from typing import Callable
 import grpc
 
 from edgeft.bundle import MANIFEST
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, NotFound, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import WireError, dtype_code, tensor_to_pb, train_spec, update_from_parts
+from edgeft.wire import dtype_code, tensor_to_pb, train_spec, update_from_parts
 from edgeft.server.config import ServerConfig
-from edgeft.server.coordinator import Coordinator, NotFound, TaskAssignment
+from edgeft.server.coordinator import Coordinator, TaskAssignment
 
 log = logging.getLogger("edgeft.server")
 CHUNK_BYTES = 1 << 20

@@ -8,7 +8,8 @@ import pytest
 from edgeft.config import TrainConfig
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
-from edgeft.wire import (UploadHeader, WireError, chunks_to_tensors, tensor_from_pb, tensor_to_pb, tensors_to_chunks,
+from edgeft.errors import WireError
+from edgeft.wire import (UploadHeader, chunks_to_tensors, tensor_from_pb, tensor_to_pb, tensors_to_chunks,
                          train_config, train_spec, update_from_parts, update_to_parts)
 
 HEADER = UploadHeader("job", 3, "dev-1", "upload-1")

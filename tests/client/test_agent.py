@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edgeft.bundle import load_bundle
-from edgeft.client.agent import Agent, AgentConfig, CoordinatorError
+from edgeft.client.agent import Agent, AgentConfig
+from edgeft.errors import CoordinatorError
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.servicer import create_server
 
