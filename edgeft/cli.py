@@ -184,6 +184,81 @@ def _run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="merge a trained adapter, export an inference model, quantise and measure it")
+    p.add_argument("--model", required=True, help="the base Hugging Face model folder the bundle was exported from")
+    p.add_argument("--bundle", required=True, help="the bundle the adapter was trained from")
+    p.add_argument("--adapter", required=True, help="an adapter folder from `edgeft train` (or its update.safetensors)")
+    p.add_argument("--out", required=True, help="deployment package folder to write")
+    p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8"], help="quantisation (default int8)")
+    p.add_argument("--eval-data", help="held-out data for the report's accuracy and latency")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--accuracy-budget", type=float, default=1.0,
+                   help="accuracy points the quantised model may lose against fp32 (default 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_run_deploy)
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from edgeft.data import DataConfig
+    from edgeft.deploy import DeployConfig, deploy
+
+    eval_data = (DataConfig(args.eval_data, text_column=args.text_column, label_column=args.label_column)
+                 if args.eval_data else None)
+    report = deploy(DeployConfig(model_dir=Path(args.model), bundle=Path(args.bundle), adapter=Path(args.adapter),
+                                 out=Path(args.out), mode=args.mode, eval_data=eval_data,
+                                 accuracy_budget=args.accuracy_budget, threads=args.threads))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"package written to {args.out} (size ratio {report['size_ratio']})")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="run a deployment package on texts (onnxruntime only, no torch)")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--model", required=True, help="deployment package folder from `edgeft deploy`")
+    p.add_argument("--input", help="CSV/JSONL file of texts instead of arguments")
+    p.add_argument("--output", help="CSV file to write (input columns + label, score); default: print")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--provider", help="execution provider (cpu, cuda, qnn, openvino, coreml); default cpu")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()
+    import csv
+
+    from edgeft.data import DataConfig, read_records
+    from edgeft.predict import Predictor
+
+    predictor = Predictor(args.model, provider=args.provider)
+    print(f"execution provider: {predictor.provider}", file=sys.stderr)
+    if args.input:
+        rows = read_records(DataConfig(args.input, text_column=args.text_column))
+        if rows and args.text_column not in rows[0]:
+            raise EdgeftError(f"{args.input} has no column {args.text_column!r}; pass --text-column")
+        texts = [str(r[args.text_column]) for r in rows]
+    else:
+        if not args.texts:
+            raise EdgeftError("give texts to classify, or --input FILE")
+        rows, texts = [{"text": t} for t in args.texts], list(args.texts)
+    predictions = predictor.predict(texts)
+    if args.output:
+        with open(args.output, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*rows[0].keys(), "label", "score"])
+            writer.writeheader()
+            for row, (label, score) in zip(rows, predictions):
+                writer.writerow({**row, "label": label, "score": f"{score:.4f}"})
+        print(f"{len(predictions)} predictions written to {args.output}")
+    else:
+        for text, (label, score) in zip(texts, predictions):
+            print(f"{label}\t{score:.3f}\t{text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_server(sub)
     _add_client(sub)
+    _add_deploy(sub)
+    _add_predict(sub)
     return parser
 
 

@@ -1,0 +1,90 @@
+"""Run a deployment package: tokenise with its tokenizer.json, run its model.onnx with ONNX Runtime.
+
+Needs only onnxruntime (the plain inference package works) and tokenizers: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import BundleError, ConfigError
+
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "QNNExecutionProvider", "OpenVINOExecutionProvider",
+                       "CoreMLExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_provider(requested: str | None = None) -> str:
+    """The execution provider to use: ``requested`` if the runtime offers it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        name = requested if requested.endswith("ExecutionProvider") else f"{requested.upper()}ExecutionProvider"
+        name = {"OPENVINOExecutionProvider": "OpenVINOExecutionProvider",
+                "COREMLExecutionProvider": "CoreMLExecutionProvider"}.get(name, name)
+        if name not in available:
+            raise ConfigError(f"execution provider {requested!r} is not available here; this runtime offers "
+                              f"{', '.join(available)}")
+        return name
+    return "CPUExecutionProvider"
+
+
+class Predictor:
+    """A loaded deployment package."""
+
+    def __init__(self, package_dir: str | Path, model_file: str | Path | None = None, provider: str | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        package_dir = Path(package_dir)
+        meta_path = package_dir / "package.json"
+        if not meta_path.is_file():
+            raise BundleError(f"{package_dir} is not a deployment package (package.json is missing); "
+                              "make one with `edgeft deploy`")
+        self.meta = json.loads(meta_path.read_text())
+        self.labels = list(self.meta["labels"])
+        self.tokenizer = Tokenizer.from_file(str(package_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.provider = choose_provider(provider)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        model = Path(model_file) if model_file else package_dir / "model.onnx"
+        try:
+            self.session = ort.InferenceSession(str(model), options, providers=[self.provider])
+        except Exception as exc:  # ORT raises its own InvalidProtobuf / Fail types
+            raise BundleError(f"ONNX Runtime cannot load {model}: {exc}") from exc
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        limit = int(self.meta["max_length"])
+        ids = [e.ids[:limit] for e in self.tokenizer.encode_batch([str(t) for t in texts])]
+        width = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), width), int(self.meta["pad_id"]), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def run(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["logits"], encoded)[0]
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.run(self.encode(texts))
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[tuple[str, float]]:
+        """(label, probability) for each text."""
+        results = []
+        for start in range(0, len(texts), batch_size):
+            logits = self.logits(texts[start: start + batch_size]).astype(np.float64)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            for row in probs:
+                best = int(row.argmax())
+                results.append((self.labels[best] if best < len(self.labels) else str(best), float(row[best])))
+        return results
