@@ -21,7 +21,8 @@ from edgeft.export.graph import logits_of
 from edgeft.export.source import causal_lm_inputs
 from edgeft.update import load_update
 
-MODES = ("none", "fp16", "int8")
+MODES = ("none", "fp16", "int8", "int8-static")
+CALIBRATION_EXAMPLES = 128
 PACKAGE_FORMAT = "edgeft-package/1"
 INFERENCE_OPSET = 17
 
@@ -69,10 +70,29 @@ def export_inference(model: torch.nn.Module, path: Path, causal: bool) -> None:
                           input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes)
 
 
-def quantise(fp32: Path, out: Path, mode: str) -> None:
-    """Write ``fp32`` quantised per ``mode`` to ``out``."""
+class _Calibration:
+    """Batches of real task inputs for static quantisation (onnxruntime's CalibrationDataReader protocol)."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]] | None = None) -> None:
+    """Write ``fp32`` quantised per ``mode`` to ``out``; ``int8-static`` calibrates on ``calibration``."""
     import onnx
 
+    if mode == "int8-static":
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        if not calibration:
+            raise ConfigError("mode int8-static needs calibration data: pass --eval-data (a sample of the task's data)")
+        quantize_static(str(fp32), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm"])
+        return
     if mode == "none":
         shutil.copyfile(fp32, out)
     elif mode == "int8":
@@ -83,6 +103,18 @@ def quantise(fp32: Path, out: Path, mode: str) -> None:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
+
+
+def _calibration_batches(package_dir: Path, fp32: Path, config: DeployConfig) -> list[dict[str, np.ndarray]] | None:
+    """Up to CALIBRATION_EXAMPLES texts of the eval data, tokenised as the package will, in batches of 8."""
+    if config.mode != "int8-static" or config.eval_data is None:
+        return None
+    from edgeft.data import read_records
+    from edgeft.predict import Predictor
+
+    texts = [str(r[config.eval_data.text_column]) for r in read_records(config.eval_data)[:CALIBRATION_EXAMPLES]]
+    predictor = Predictor(package_dir, model_file=fp32)
+    return [predictor.encode(texts[i: i + 8]) for i in range(0, len(texts), 8)]
 
 
 def within_budget(loss_points: float | None, budget_points: float) -> bool:
@@ -105,13 +137,13 @@ def deploy(config: DeployConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeft-deploy-") as tmp:
         fp32 = Path(tmp) / "model-fp32.onnx"
         export_inference(model, fp32, causal=bundle.manifest.task == "causal-lm")
-        quantise(fp32, out / "model.onnx", config.mode)
         shutil.copyfile(bundle.file(TOKENIZER), out / TOKENIZER)
         package = {"format": PACKAGE_FORMAT, "task": bundle.manifest.task, "labels": bundle.manifest.labels,
                    "mode": config.mode, "max_length": bundle.manifest.tokenizer["max_length"],
                    "pad_id": bundle.manifest.tokenizer["pad_id"], "base_model": bundle.manifest.base_model,
                    "bundle_digest": bundle.digest, "good": False}
         (out / "package.json").write_text(json.dumps(package, indent=2))
+        quantise(fp32, out / "model.onnx", config.mode, _calibration_batches(out, fp32, config))
         report = measure(fp32, out / "model.onnx", out, config.eval_data, config.threads)
     report["mode"] = config.mode
     loss = report.get("accuracy_loss_points")
