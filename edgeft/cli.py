@@ -190,8 +190,9 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", required=True, help="the bundle the adapter was trained from")
     p.add_argument("--adapter", required=True, help="an adapter folder from `edgeft train` (or its update.safetensors)")
     p.add_argument("--out", required=True, help="deployment package folder to write")
-    p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8", "int8-static"],
-                   help="quantisation (default int8; int8-static: QDQ calibrated on --eval-data, for NPUs)")
+    p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8", "int8-static", "int4"],
+                   help="quantisation (default int8; int8-static: QDQ calibrated on --eval-data, for NPUs; "
+                        "int4: weight-only MatMulNBits)")
     p.add_argument("--eval-data", help="held-out data for the report's accuracy and latency")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")

@@ -21,7 +21,7 @@ from edgeft.export.graph import logits_of
 from edgeft.export.source import causal_lm_inputs
 from edgeft.update import load_update
 
-MODES = ("none", "fp16", "int8", "int8-static")
+MODES = ("none", "fp16", "int8", "int8-static", "int4")
 CALIBRATION_EXAMPLES = 128
 PACKAGE_FORMAT = "edgeft-package/1"
 INFERENCE_OPSET = 17
@@ -92,6 +92,19 @@ def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.nd
         quantize_static(str(fp32), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"])
+        return
+    if mode == "int4":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from edgeft.deploy.int4 import quantise_matmuls
+
+        model = onnx.load(str(fp32))
+        quantise_matmuls(model)
+        packed = out.with_name("model-int4-matmul.onnx")
+        onnx.save(model, str(packed))
+        # the embedding tables (half of a small BERT) as int8: gathered rows are dequantised after the lookup
+        quantize_dynamic(str(packed), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
+        packed.unlink()
         return
     if mode == "none":
         shutil.copyfile(fp32, out)

@@ -52,7 +52,7 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_bert_dir, tiny_bun
     np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "int8-static"])
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "int8-static", "int4"])
 def test_every_mode_makes_a_package_that_predicts(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode):
     report = deploy(config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode=mode,
                            accuracy_budget=100))
@@ -66,6 +66,13 @@ def test_every_mode_makes_a_package_that_predicts(tmp_path, tiny_bert_dir, tiny_
         assert report["size_ratio"] < 0.4
     if mode == "fp16":
         assert 0.4 < report["size_ratio"] < 0.6
+    if mode == "int4":
+        graph = onnx.load(str(package / "model.onnx")).graph
+        weights = {i.name for i in graph.initializer}
+        # every encoder Linear (2 layers x query, key, value, output, 2 feed-forward) runs as MatMulNBits
+        assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 12
+        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                    and "/encoder/" in n.name]
     if mode == "int8-static":
         graph = onnx.load(str(package / "model.onnx")).graph
         producers = {out: node.op_type for node in graph.node for out in node.output}
