@@ -124,17 +124,18 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         encodings = self.tokenizer.encode_batch([str(t) for t in texts])
-        return [_truncate(np.asarray(e.ids, dtype=np.int64), self.max_length) for e in encodings]
+        return [truncate(np.asarray(e.ids, dtype=np.int64), self.max_length) for e in encodings]
 
     def encode_stream(self, text: str) -> np.ndarray:
         """One long text as a single token stream (no special tokens), for language modelling."""
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
-def _truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
+def truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
+    """At most ``max_length`` tokens, keeping the last one (a closing special token such as [SEP])."""
     if len(ids) <= max_length:
         return ids
-    return np.concatenate([ids[: max_length - 1], ids[-1:]])  # keep a closing special token such as [SEP]
+    return np.concatenate([ids[: max_length - 1], ids[-1:]])
 
 
 def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = None) -> Dataset:
@@ -216,15 +217,20 @@ def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool = F
         yield collate(dataset, group, pad_id)
 
 
-def collate(dataset: Dataset, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Pad the examples at ``index`` to their longest one: input_ids, attention_mask, labels."""
-    seqs = [dataset.ids[i] for i in index]
+def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of token sequences padded on the right to the longest one."""
     width = max(len(s) for s in seqs)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for row, seq in enumerate(seqs):
         input_ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def collate(dataset: Dataset, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Pad the examples at ``index`` to their longest one: input_ids, attention_mask, labels."""
+    input_ids, mask = pad([dataset.ids[i] for i in index], pad_id)
     if dataset.targets is None:
         labels = np.where(mask == 1, input_ids, IGNORE_INDEX)
     else:

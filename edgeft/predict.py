@@ -61,14 +61,13 @@ class Predictor:
             raise BundleError(f"ONNX Runtime cannot load {model}: {exc}") from exc
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Model inputs for ``texts``, tokenised and truncated exactly as in training."""
+        from edgeft.data import pad, truncate
+
         limit = int(self.meta["max_length"])
-        ids = [e.ids[:limit] for e in self.tokenizer.encode_batch([str(t) for t in texts])]
-        width = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), width), int(self.meta["pad_id"]), dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+        ids = [truncate(np.asarray(e.ids, dtype=np.int64), limit)
+               for e in self.tokenizer.encode_batch([str(t) for t in texts])]
+        input_ids, mask = pad(ids, int(self.meta["pad_id"]))
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def run(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
