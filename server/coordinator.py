@@ -58,6 +58,7 @@ class Coordinator:
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
         self.jobs = {job.id: job for job in config.jobs}
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
+        self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
         self.bundles: dict[str, Bundle] = {}
         for job in config.jobs:
@@ -97,7 +98,13 @@ class Coordinator:
         return dict(row._mapping)
 
     def global_adapter(self, job_id: str, version: int | None = None) -> dict[str, np.ndarray]:
-        """The global adapter after round ``version`` (default: the latest)."""
+        """The global adapter after round ``version`` (default: the latest).
+
+        Versions never change once written, so the last one read per job is kept decoded: every device's
+        poll in a round asks for the same one."""
+        cached = self._adapter_cache.get(job_id)
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
         with self.engine.begin() as conn:
             query = select(adapters).where(adapters.c.job_id == job_id)
             if version is not None:
@@ -105,7 +112,9 @@ class Coordinator:
             row = conn.execute(query.order_by(adapters.c.version.desc())).first()
         if row is None:
             raise NotFound(f"job {job_id!r} has no adapter version {version}")
-        return load_tensors(self.artifacts.get(row.blob))
+        tensors = load_tensors(self.artifacts.get(row.blob))
+        self._adapter_cache[job_id] = (row.version, tensors)
+        return tensors
 
     def round_updates(self, job_id: str, number: int) -> list[AdapterUpdate]:
         """The updates accepted for a round, as stored."""

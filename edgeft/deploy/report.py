@@ -25,17 +25,12 @@ def _latency(predictor: Predictor, texts: list[str], batch: int, repeats: int) -
     return {"p50_ms": float(np.percentile(times, 50) * 1000), "p95_ms": float(np.percentile(times, 95) * 1000)}
 
 
-def _model_report(path: Path, package_dir: Path, eval_data: DataConfig | None, threads: int) -> dict:
+def _model_report(path: Path, package_dir: Path, texts: list[str], labels: list[str], threads: int) -> dict:
     predictor = Predictor(package_dir, model_file=path, threads=threads)
     report: dict = {"size_mb": round(path.stat().st_size / 1e6, 2)}
-    if eval_data is not None:
-        from edgeft.data import read_records
-
-        rows = read_records(eval_data)
-        texts = [str(r[eval_data.text_column]) for r in rows]
-        labels = predictor.labels
-        index = {name: i for i, name in enumerate(labels)}
-        truth = np.array([index.get(str(r[eval_data.label_column]), -1) for r in rows])
+    if texts:
+        index = {name: i for i, name in enumerate(predictor.labels)}
+        truth = np.array([index.get(label, -1) for label in labels])
         predicted = np.concatenate([predictor.logits(texts[i: i + 64]).argmax(-1) for i in range(0, len(texts), 64)])
         keep = truth >= 0
         metrics = classification_metrics(truth[keep], predicted[keep])
@@ -46,9 +41,17 @@ def _model_report(path: Path, package_dir: Path, eval_data: DataConfig | None, t
 
 
 def measure(fp32: Path, deployed: Path, package_dir: Path, eval_data: DataConfig | None, threads: int) -> dict:
-    """Report on the fp32 model and the deployed one (same package tokenizer and data)."""
-    report = {"fp32": _model_report(fp32, package_dir, eval_data, threads),
-              "deployed": _model_report(deployed, package_dir, eval_data, threads), "threads": threads}
+    """Report on the fp32 model and the deployed one (same package tokenizer and data, read once)."""
+    texts: list[str] = []
+    labels: list[str] = []
+    if eval_data is not None:
+        from edgeft.data import read_records
+
+        rows = read_records(eval_data)
+        texts = [str(r[eval_data.text_column]) for r in rows]
+        labels = [str(r[eval_data.label_column]) for r in rows]
+    report = {"fp32": _model_report(fp32, package_dir, texts, labels, threads),
+              "deployed": _model_report(deployed, package_dir, texts, labels, threads), "threads": threads}
     report["size_ratio"] = round(report["deployed"]["size_mb"] / report["fp32"]["size_mb"], 3)
     if eval_data is not None:
         report["accuracy_loss_points"] = round(100 * (report["fp32"]["accuracy"] - report["deployed"]["accuracy"]), 2)
