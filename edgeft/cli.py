@@ -187,29 +187,53 @@ def _run_client(args: argparse.Namespace) -> int:
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="merge a trained adapter, export an inference model, quantise and measure it")
     p.add_argument("--model", required=True, help="the base Hugging Face model folder the bundle was exported from")
-    p.add_argument("--bundle", required=True, help="the bundle the adapter was trained from")
-    p.add_argument("--adapter", required=True, help="an adapter folder from `edgeft train` (or its update.safetensors)")
+    p.add_argument("--adapter", help="an adapter folder from `edgeft train` (or its update.safetensors)")
+    p.add_argument("--bundle", help="the bundle the --adapter was trained from")
+    p.add_argument("--state", help="instead of --adapter: a coordinator's state folder (its state_dir)")
+    p.add_argument("--job", help="with --state: the job whose global adapter to deploy")
+    p.add_argument("--round", type=int, help="with --state: the round (default: the latest)")
     p.add_argument("--out", required=True, help="deployment package folder to write")
     p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8", "int8-static", "int4"],
-                   help="quantisation (default int8; int8-static: QDQ calibrated on --eval-data, for NPUs; "
+                   help="quantisation (default int8; int8-static: QDQ calibrated on --calibration-data, for NPUs; "
                         "int4: weight-only MatMulNBits)")
     p.add_argument("--eval-data", help="held-out data for the report's accuracy and latency")
+    p.add_argument("--calibration-data", help="int8-static: a sample of the task's data to calibrate on "
+                                              "(default: --eval-data)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--fixed-shape", metavar="BATCHxSEQUENCE",
+                   help="freeze the input shape, e.g. 1x128 (what NPU execution providers want)")
     p.add_argument("--accuracy-budget", type=float, default=1.0,
                    help="accuracy points the quantised model may lose against fp32 (default 1)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_run_deploy)
 
 
+def _fixed_shape(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        batch, sequence = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise EdgeftError(f"invalid --fixed-shape {value!r}: expected BATCHxSEQUENCE, e.g. 1x128") from None
+    return batch, sequence
+
+
 def _run_deploy(args: argparse.Namespace) -> int:
     from edgeft.data import DataConfig
     from edgeft.deploy import DeployConfig, deploy
 
-    eval_data = (DataConfig(args.eval_data, text_column=args.text_column, label_column=args.label_column)
-                 if args.eval_data else None)
-    report = deploy(DeployConfig(model_dir=Path(args.model), bundle=Path(args.bundle), adapter=Path(args.adapter),
-                                 out=Path(args.out), mode=args.mode, eval_data=eval_data,
+    def data(path: str | None) -> DataConfig | None:
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column) if path else None
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    report = deploy(DeployConfig(model_dir=Path(args.model), out=Path(args.out), bundle=path(args.bundle),
+                                 adapter=path(args.adapter), state_dir=path(args.state), job=args.job,
+                                 round=args.round, mode=args.mode, eval_data=data(args.eval_data),
+                                 calibration_data=data(args.calibration_data),
+                                 fixed_shape=_fixed_shape(args.fixed_shape),
                                  accuracy_budget=args.accuracy_budget, threads=args.threads))
     print((Path(args.out) / "report.md").read_text())
     print(f"package written to {args.out} (size ratio {report['size_ratio']})")

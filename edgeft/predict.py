@@ -60,18 +60,43 @@ class Predictor:
         except Exception as exc:  # ORT raises its own InvalidProtobuf / Fail types
             raise BundleError(f"ONNX Runtime cannot load {model}: {exc}") from exc
 
-    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Model inputs for ``texts``, tokenised and truncated exactly as in training."""
+    @property
+    def fixed_shape(self) -> tuple[int, int] | None:
+        """(batch, sequence) when the package's model takes only that input shape (NPU packages)."""
+        shape = self.meta.get("fixed_shape")
+        return (int(shape[0]), int(shape[1])) if shape else None
+
+    def encode(self, texts: list[str], fill_batch: bool = False) -> dict[str, np.ndarray]:
+        """Model inputs for ``texts``, tokenised and truncated exactly as in training (and padded to the fixed
+        sequence length, and with ``fill_batch`` to the fixed batch size, when the package has one)."""
         from edgeft.data import pad, truncate
 
-        limit = int(self.meta["max_length"])
+        fixed = self.fixed_shape
+        limit = min(int(self.meta["max_length"]), fixed[1]) if fixed else int(self.meta["max_length"])
         ids = [truncate(np.asarray(e.ids, dtype=np.int64), limit)
                for e in self.tokenizer.encode_batch([str(t) for t in texts])]
         input_ids, mask = pad(ids, int(self.meta["pad_id"]))
+        if fixed:
+            extra_rows = fixed[0] - len(ids) if fill_batch else 0
+            widths = ((0, max(extra_rows, 0)), (0, fixed[1] - input_ids.shape[1]))
+            input_ids = np.pad(input_ids, widths, constant_values=int(self.meta["pad_id"]))
+            mask = np.pad(mask, widths, constant_values=0)
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def run(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(["logits"], encoded)[0]
+        """Logits for encoded inputs; a fixed-shape model runs them in slices of its batch size."""
+        fixed = self.fixed_shape
+        if not fixed:
+            return self.session.run(["logits"], encoded)[0]
+        rows = len(encoded["input_ids"])
+        outputs = []
+        for start in range(0, rows, fixed[0]):
+            chunk = {k: v[start: start + fixed[0]] for k, v in encoded.items()}
+            short = fixed[0] - len(chunk["input_ids"])
+            if short:
+                chunk = {k: np.pad(v, ((0, short), (0, 0))) for k, v in chunk.items()}
+            outputs.append(self.session.run(["logits"], chunk)[0][: fixed[0] - short])
+        return np.concatenate(outputs)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         return self.run(self.encode(texts))

@@ -7,10 +7,12 @@ database and the artifact store, so a restarted coordinator (even after SIGKILL)
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +31,10 @@ from edgeft.update import AdapterUpdate, check_update
 from edgeft.wire import UploadHeader
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.config import JobConfig, ServerConfig
-from edgeft.server.store import adapters, devices, jobs, now, open_database, rounds, updates, upsert_device
+from edgeft.server.store import (adapters, devices, downloads, evaluations, jobs, now, open_database, rounds, updates,
+                                 upsert_device)
+
+log = logging.getLogger("edgeft.server")
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 
@@ -49,6 +54,41 @@ def encode(tensors: dict[str, np.ndarray]) -> bytes:
     return save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
+def _adapter_row(conn, job_id: str, version: int | None):  # noqa: ANN001, ANN202
+    """The stored global adapter row of ``job_id`` after round ``version`` (default: the latest)."""
+    query = select(adapters).where(adapters.c.job_id == job_id)
+    if version is not None:
+        query = query.where(adapters.c.version == version)
+    row = conn.execute(query.order_by(adapters.c.version.desc())).first()
+    if row is None:
+        known = conn.execute(select(func.max(adapters.c.version)).where(adapters.c.job_id == job_id)).scalar()
+        if known is None:
+            names = conn.execute(select(jobs.c.id)).scalars().all()
+            raise NotFound(f"no job {job_id!r} on this coordinator (jobs: {', '.join(names) or 'none'})")
+        raise NotFound(f"job {job_id!r} has no round {version}: its global adapters go from round 0 (initial) "
+                       f"to round {known}")
+    return row
+
+
+def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None
+                   ) -> tuple[Bundle, dict[str, np.ndarray], int]:
+    """Read-only: a job's global adapter after ``round_number`` (default: the latest), its bundle and the
+    round, from a coordinator's state folder (for ``edgeft deploy --state``; the coordinator may be running)."""
+    state_dir = Path(state_dir)
+    if not (state_dir / "state.db").is_file():
+        raise NotFound(f"{state_dir} is not a coordinator state folder (no state.db); pass the server's "
+                       "state_dir")
+    engine = open_database(state_dir / "state.db")
+    try:
+        with engine.begin() as conn:
+            row = _adapter_row(conn, job_id, round_number)
+            digest = conn.execute(select(jobs.c.bundle_digest).where(jobs.c.id == job_id)).scalar_one()
+    finally:
+        engine.dispose()
+    store = ArtifactStore(state_dir / "artifacts")
+    return store.bundle(digest), load_tensors(store.get(row.blob)), row.version
+
+
 class Coordinator:
     """The coordinator's rules over its stored state."""
 
@@ -61,6 +101,10 @@ class Coordinator:
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
         self.bundles: dict[str, Bundle] = {}
+        # evaluations of global adapters run one at a time beside the rounds, never under the lock
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
+        self._pending: list[Future] = []
+        self._eval_sets: dict[str, object] = {}
         for job in config.jobs:
             self._start_job(job)
 
@@ -70,6 +114,11 @@ class Coordinator:
             row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
         if row is not None:
             self.bundles[job.id] = self.artifacts.bundle(row.bundle_digest)
+            with self.engine.begin() as conn:  # after a restart: evaluate what was not evaluated yet
+                done = set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job.id)).scalars())
+                versions = conn.execute(select(adapters.c.version).where(adapters.c.job_id == job.id)).scalars().all()
+            for version in sorted(set(versions) - done):
+                self._schedule_evaluation(job, version)
             return
         bundle = self.artifacts.add_bundle(job.bundle if job.bundle is not None else self._export(job))
         initial = TrainingSession(bundle, threads=1).get_parameters()
@@ -79,6 +128,7 @@ class Coordinator:
                                              current_round=1, status="running", message=""))
             conn.execute(insert(adapters).values(job_id=job.id, version=0, blob=blob, created_at=now()))
         self.bundles[job.id] = bundle
+        self._schedule_evaluation(job, 0)
 
     def _export(self, job: JobConfig) -> Path:
         """Export the job's model into a bundle under the state folder (once; torch needed here only)."""
@@ -106,12 +156,7 @@ class Coordinator:
         if version is not None and cached is not None and cached[0] == version:
             return cached[1]
         with self.engine.begin() as conn:
-            query = select(adapters).where(adapters.c.job_id == job_id)
-            if version is not None:
-                query = query.where(adapters.c.version == version)
-            row = conn.execute(query.order_by(adapters.c.version.desc())).first()
-        if row is None:
-            raise NotFound(f"job {job_id!r} has no adapter version {version}")
+            row = _adapter_row(conn, job_id, version)
         tensors = load_tensors(self.artifacts.get(row.blob))
         self._adapter_cache[job_id] = (row.version, tensors)
         return tensors
@@ -275,14 +320,77 @@ class Coordinator:
                          .values(status="closed", closed_at=now()))
             conn.execute(update(jobs).where(jobs.c.id == job.id).values(
                 current_round=number + 1, status="finished" if finished else "running"))
+        self._schedule_evaluation(job, number)
 
     def wait_until_finished(self, timeout: float) -> None:
-        """Block until every job has finished or failed (for scripts and tests)."""
+        """Block until every job has finished or failed and its evaluations are stored (for scripts and tests)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self.tick()
             with self.engine.begin() as conn:
-                if not conn.execute(select(jobs.c.id).where(jobs.c.status == "running")).first():
-                    return
+                running = conn.execute(select(jobs.c.id).where(jobs.c.status == "running")).first()
+            if not running and all(f.done() for f in self._pending):
+                return
             time.sleep(0.2)
         raise TimeoutError("jobs still running")
+
+    # -- evaluation and records ----------------------------------------------------------------------
+    def _schedule_evaluation(self, job: JobConfig, version: int) -> None:
+        if job.eval_data is not None:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._evaluator.submit(self._evaluate, job, version))
+
+    def _evaluate(self, job: JobConfig, version: int) -> None:
+        """Evaluate the global adapter after round ``version`` on the job's held-out data; store the metrics."""
+        from edgeft.data import load_dataset
+        from edgeft.train.trainer import evaluate, pad_id_of
+
+        bundle = self.bundles[job.id]
+        try:
+            if job.id not in self._eval_sets:
+                self._eval_sets[job.id] = load_dataset(job.eval_data, bundle)
+            session = TrainingSession(bundle, threads=job.train.threads)
+            session.set_parameters(self.global_adapter(job.id, version))
+            started = time.perf_counter()
+            metrics = evaluate(session, self._eval_sets[job.id], bundle.manifest.task, pad_id_of(bundle))
+            metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
+        except Exception as exc:  # an evaluation failure is recorded, never fatal to the job
+            log.error("evaluation of job %s after round %d failed: %s", job.id, version, exc)
+            metrics = {"error": f"{type(exc).__name__}: {exc}"}
+        with self.engine.begin() as conn:
+            if conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job.id,
+                                                              evaluations.c.round == version)).first() is None:
+                conn.execute(insert(evaluations).values(job_id=job.id, round=version, metrics=metrics,
+                                                        created_at=now()))
+
+    def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
+        """Count a task's bytes sent to a device (once per device and round)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(downloads).values(job_id=job_id, round=number, device_id=device_id, bytes=size,
+                                                      sent_at=now()))
+        except IntegrityError:
+            pass
+
+    def history(self, job_id: str) -> dict:
+        """Everything recorded about a job, per round: status and wall time, the evaluation of the global
+        adapter, and per client its examples, training metrics and bytes up and down."""
+        status = self.job_status(job_id)
+        with self.engine.begin() as conn:
+            round_rows = conn.execute(select(rounds).where(rounds.c.job_id == job_id).order_by(rounds.c.number)).all()
+            evals = {r.round: r.metrics for r in conn.execute(select(evaluations).where(evaluations.c.job_id == job_id))}
+            ups = conn.execute(select(updates.c.round, updates.c.device_id, updates.c.n_examples, updates.c.metrics,
+                                      updates.c.bytes).where(updates.c.job_id == job_id)).all()
+            downs = {(r.round, r.device_id): r.bytes
+                     for r in conn.execute(select(downloads).where(downloads.c.job_id == job_id))}
+        history = {"job": job_id, "status": status["status"], "message": status["message"],
+                   "rounds": [{"round": 0, "status": "initial", "evaluation": evals.get(0), "clients": []}]}
+        for row in round_rows:
+            clients = [{"device_id": u.device_id, "n_examples": u.n_examples, "metrics": u.metrics,
+                        "bytes_up": u.bytes, "bytes_down": downs.get((row.number, u.device_id), 0)}
+                       for u in ups if u.round == row.number]
+            history["rounds"].append({
+                "round": row.number, "status": row.status, "message": row.message, "selected": list(row.selected),
+                "seconds": round(row.closed_at - row.opened_at, 2) if row.closed_at else None,
+                "evaluation": evals.get(row.number), "clients": sorted(clients, key=lambda c: c["device_id"])})
+        return history

@@ -5,39 +5,46 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from edgeft.bundle import TOKENIZER, load_bundle
+from edgeft.bundle import TOKENIZER, Bundle, load_bundle
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError, EdgeftError
 from edgeft.deploy.merge import merged_model
 from edgeft.deploy.report import measure, write_report
-from edgeft.export.graph import logits_of
-from edgeft.export.source import causal_lm_inputs
+from edgeft.deploy.inference import export_inference
 from edgeft.update import load_update
 
 MODES = ("none", "fp16", "int8", "int8-static", "int4")
 CALIBRATION_EXAMPLES = 128
 PACKAGE_FORMAT = "edgeft-package/1"
-INFERENCE_OPSET = 17
 
 
 @dataclass(frozen=True)
 class DeployConfig:
-    """What to deploy and how: the base model folder, the bundle, the trained adapter, the quantisation mode,
-    the held-out data the report measures on, and the accuracy budget (points lost against fp32)."""
+    """What to deploy and how.
+
+    The trained adapter comes either from ``adapter`` (an ``edgeft train`` folder or its update.safetensors,
+    with the ``bundle`` it was trained from) or from a coordinator's ``state_dir``: the global adapter of
+    ``job`` after ``round`` (default: the latest), whose bundle the coordinator keeps. ``model_dir`` is the
+    base Hugging Face model either way. ``eval_data`` is the held-out set the report measures on;
+    ``calibration_data`` the sample ``int8-static`` calibrates on (default: ``eval_data``, which the report then
+    flags). ``fixed_shape`` (batch, sequence) freezes the input shapes, as NPU execution providers want."""
 
     model_dir: Path
-    bundle: Path
-    adapter: Path  # an update.safetensors file or a folder holding one
     out: Path
+    bundle: Path | None = None
+    adapter: Path | None = None  # an update.safetensors file or a folder holding one
+    state_dir: Path | None = None
+    job: str | None = None
+    round: int | None = None
     mode: str = "int8"
     eval_data: DataConfig | None = None
+    calibration_data: DataConfig | None = None
+    fixed_shape: tuple[int, int] | None = None
     accuracy_budget: float = 1.0
     threads: int = 2
 
@@ -46,28 +53,14 @@ class DeployConfig:
             raise ConfigError(f"invalid mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.accuracy_budget < 0:
             raise ConfigError(f"invalid accuracy_budget={self.accuracy_budget!r}: must be >= 0")
-
-
-class _Inference(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, causal: bool):
-        super().__init__()
-        self.model, self.causal = model, causal
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return logits_of(self.model(**(causal_lm_inputs(inputs) if self.causal else inputs)))
-
-
-def export_inference(model: torch.nn.Module, path: Path, causal: bool) -> None:
-    """torch.onnx export of input_ids, attention_mask -> logits with dynamic batch and sequence."""
-    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Inference(model, causal).eval(), example, str(path), dynamo=False,
-                          opset_version=INFERENCE_OPSET, do_constant_folding=True,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes)
+        if (self.adapter is None) == (self.state_dir is None):
+            raise ConfigError("give either an adapter (with its bundle) or a coordinator state folder with a job")
+        if self.adapter is not None and self.bundle is None:
+            raise ConfigError("an adapter folder needs the bundle it was trained from (--bundle)")
+        if self.state_dir is not None and not self.job:
+            raise ConfigError("deploying from a coordinator state folder needs the job id (--job)")
+        if self.fixed_shape is not None and (len(self.fixed_shape) != 2 or min(self.fixed_shape) < 1):
+            raise ConfigError(f"invalid fixed_shape={self.fixed_shape!r}: expected (batch, sequence), both >= 1")
 
 
 class _Calibration:
@@ -90,21 +83,19 @@ def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.nd
         if not calibration:
             raise ConfigError("mode int8-static needs calibration data: pass --eval-data (a sample of the task's data)")
         quantize_static(str(fp32), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        # reduce_range: 7-bit weights, so the u8 x s8 products cannot saturate the 16-bit
+                        # accumulators of CPUs without VNNI (the fused QLinearMatMul lost ~0.4 logits without it)
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"])
         return
     if mode == "int4":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from edgeft.deploy.int4 import quantise_matmuls
+        from edgeft.deploy.int4 import quantise_gathers, quantise_matmuls
 
         model = onnx.load(str(fp32))
         quantise_matmuls(model)
-        packed = out.with_name("model-int4-matmul.onnx")
-        onnx.save(model, str(packed))
-        # the embedding tables (half of a small BERT) as int8: gathered rows are dequantised after the lookup
-        quantize_dynamic(str(packed), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
-        packed.unlink()
+        quantise_gathers(model)  # the embedding tables: half of a small BERT's weights
+        onnx.save(model, str(out))
         return
     if mode == "none":
         shutil.copyfile(fp32, out)
@@ -119,15 +110,46 @@ def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.nd
 
 
 def _calibration_batches(package_dir: Path, fp32: Path, config: DeployConfig) -> list[dict[str, np.ndarray]] | None:
-    """Up to CALIBRATION_EXAMPLES texts of the eval data, tokenised as the package will, in batches of 8."""
-    if config.mode != "int8-static" or config.eval_data is None:
+    """Up to CALIBRATION_EXAMPLES texts of the calibration data, tokenised as the package will, in batches of 8
+    (of the fixed batch size when shapes are fixed)."""
+    data = config.calibration_data or config.eval_data
+    if config.mode != "int8-static" or data is None:
         return None
     from edgeft.data import read_records
     from edgeft.predict import Predictor
 
-    texts = [str(r[config.eval_data.text_column]) for r in read_records(config.eval_data)[:CALIBRATION_EXAMPLES]]
+    texts = [str(r[data.text_column]) for r in read_records(data)[:CALIBRATION_EXAMPLES]]
+    size = config.fixed_shape[0] if config.fixed_shape else 8
     predictor = Predictor(package_dir, model_file=fp32)
-    return [predictor.encode(texts[i: i + 8]) for i in range(0, len(texts), 8)]
+    return [predictor.encode(texts[i: i + size], fill_batch=True) for i in range(0, len(texts), size)]
+
+
+def fix_shapes(path: Path, batch: int, sequence: int) -> None:
+    """Freeze the model's input (and so every) shape to [batch, sequence], with ONNX Runtime's own tool."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    model = onnx.load(str(path))
+    for name in ("input_ids", "attention_mask"):
+        make_input_shape_fixed(model.graph, name, [batch, sequence])
+    fix_output_shapes(model)
+    onnx.save(model, str(path))
+
+
+def _trained_adapter(config: DeployConfig) -> tuple[Bundle, dict[str, np.ndarray], dict]:
+    """The bundle, the trained adapter tensors and where they came from (for the package's metadata)."""
+    if config.state_dir is not None:
+        from edgeft.server.coordinator import stored_adapter
+
+        bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round)
+        return bundle, tensors, {"state_dir": str(config.state_dir), "job": config.job, "round": number}
+    bundle = load_bundle(config.bundle)
+    adapter_file = config.adapter / "update.safetensors" if config.adapter.is_dir() else config.adapter
+    update = load_update(adapter_file)
+    if update.bundle_digest and update.bundle_digest != bundle.digest:
+        raise ConfigError(f"{adapter_file} was trained from another bundle ({update.bundle_digest[:12]}...), "
+                          f"not {bundle.digest[:12]}...")
+    return bundle, update.tensors, {"adapter": str(adapter_file)}
 
 
 def within_budget(loss_points: float | None, budget_points: float) -> bool:
@@ -138,27 +160,30 @@ def within_budget(loss_points: float | None, budget_points: float) -> bool:
 def deploy(config: DeployConfig) -> dict:
     """Build the deployment package in ``config.out``; returns the report. Raises EdgeftError when the
     quantised model loses more accuracy than the budget (the package is then marked not good)."""
-    bundle = load_bundle(config.bundle)
-    adapter_file = config.adapter / "update.safetensors" if config.adapter.is_dir() else config.adapter
-    update = load_update(adapter_file)
-    if update.bundle_digest and update.bundle_digest != bundle.digest:
-        raise ConfigError(f"{adapter_file} was trained from another bundle ({update.bundle_digest[:12]}...), "
-                          f"not {bundle.digest[:12]}...")
-    model = merged_model(config.model_dir, bundle, update.tensors)
+    bundle, tensors, source = _trained_adapter(config)
+    model = merged_model(config.model_dir, bundle, tensors)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeft-deploy-") as tmp:
         fp32 = Path(tmp) / "model-fp32.onnx"
-        export_inference(model, fp32, causal=bundle.manifest.task == "causal-lm")
+        exporter = export_inference(model, fp32, causal=bundle.manifest.task == "causal-lm")
+        if config.fixed_shape:
+            fix_shapes(fp32, *config.fixed_shape)
         shutil.copyfile(bundle.file(TOKENIZER), out / TOKENIZER)
         package = {"format": PACKAGE_FORMAT, "task": bundle.manifest.task, "labels": bundle.manifest.labels,
                    "mode": config.mode, "max_length": bundle.manifest.tokenizer["max_length"],
                    "pad_id": bundle.manifest.tokenizer["pad_id"], "base_model": bundle.manifest.base_model,
-                   "bundle_digest": bundle.digest, "good": False}
+                   "bundle_digest": bundle.digest, "adapter_source": source, "exporter": exporter,
+                   "fixed_shape": list(config.fixed_shape) if config.fixed_shape else None, "good": False}
         (out / "package.json").write_text(json.dumps(package, indent=2))
         quantise(fp32, out / "model.onnx", config.mode, _calibration_batches(out, fp32, config))
         report = measure(fp32, out / "model.onnx", out, config.eval_data, config.threads)
     report["mode"] = config.mode
+    report["fixed_shape"] = list(config.fixed_shape) if config.fixed_shape else None
+    if config.mode == "int8-static":
+        report["calibration"] = ("a sample of the evaluation data (pass separate calibration data for an "
+                                 "unbiased report)" if config.calibration_data is None else
+                                 str(config.calibration_data.path))
     loss = report.get("accuracy_loss_points")
     report["good"] = within_budget(loss, config.accuracy_budget)
     report["accuracy_budget_points"] = config.accuracy_budget

@@ -76,4 +76,8 @@ def write_report(out: Path, report: dict) -> None:
         lines.append(f"| {name} | {r['size_mb']} MB | {acc} | {f1} | {lat1} | {lat32} |")
     lines += ["", f"Size ratio {report['size_ratio']}; accuracy budget {report['accuracy_budget_points']} points; "
               f"loss {report.get('accuracy_loss_points', 'n/a')} points; {report['threads']} threads."]
+    if report.get("fixed_shape"):
+        lines.append(f"Input shape fixed at batch x sequence = {report['fixed_shape'][0]} x {report['fixed_shape'][1]}.")
+    if report.get("calibration"):
+        lines.append(f"Calibrated on {report['calibration']}.")
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -11,24 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeft.config import TrainConfig
 from edgeft.data import DataConfig, batches, load_dataset
 from edgeft.deploy import DeployConfig, deploy
 from edgeft.deploy.package import within_budget
-from edgeft.errors import BundleError, ConfigError
+from edgeft.errors import BundleError, ConfigError, NotFound
 from edgeft.predict import Predictor
 from edgeft.train.session import TrainingSession
-from edgeft.train.trainer import train
-from edgeft.update import AdapterUpdate, save_update
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_bundle, small_banking):
-    data = load_dataset(DataConfig(small_banking["train"], label_column="category"), tiny_bundle)
-    result = train(tiny_bundle, data, TrainConfig(max_steps=15, learning_rate=3e-2, progress=False))
-    path = tmp_path_factory.mktemp("adapter") / "update.safetensors"
-    save_update(path, AdapterUpdate(result.parameters, result.n_examples, {}, tiny_bundle.digest))
-    return path
 
 
 def config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode="int8", **kw):
@@ -67,8 +55,12 @@ def test_every_mode_makes_a_package_that_predicts(tmp_path, tiny_bert_dir, tiny_
     if mode == "fp16":
         assert 0.4 < report["size_ratio"] < 0.6
     if mode == "int4":
+        assert report["size_ratio"] <= 0.20
         graph = onnx.load(str(package / "model.onnx")).graph
         weights = {i.name for i in graph.initializer}
+        float_tables = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+        # the embedding tables are looked up in their int4 packing
+        assert not [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in float_tables]
         # every encoder Linear (2 layers x query, key, value, output, 2 feed-forward) runs as MatMulNBits
         assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 12
         assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
@@ -85,6 +77,23 @@ def test_every_mode_makes_a_package_that_predicts(tmp_path, tiny_bert_dir, tiny_
                                          for label, _ in predictions)
 
 
+def test_fixed_shape_qdq_package_for_npus(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking):
+    report = deploy(config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode="int8-static",
+                           fixed_shape=(4, 32), accuracy_budget=100,
+                           calibration_data=DataConfig(small_banking["train"], label_column="category")))
+    model = onnx.load(str(tmp_path / "int8-static" / "model.onnx"))
+    for value in model.graph.input:
+        assert [d.dim_value for d in value.type.tensor_type.shape.dim] == [4, 32]
+    assert report["fixed_shape"] == [4, 32] and report["calibration"].endswith("train.csv")
+    predictor = Predictor(tmp_path / "int8-static")
+    texts = ["where is my card?", "I was charged twice", "my top-up failed", "change my PIN", "card declined"]
+    assert len(predictor.predict(texts)) == 5  # 5 texts run as a full batch of 4 and a padded one
+    # each text gives the same logits alone as among others (padding rows and columns change nothing)
+    np.testing.assert_allclose(predictor.logits(texts)[4], predictor.logits(texts[4:])[0], atol=1e-5)
+    with pytest.raises(ConfigError, match="fixed_shape"):
+        config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, fixed_shape=(0, 32))
+
+
 def test_accuracy_budget():
     assert within_budget(0.4, 1.0) and within_budget(None, 0.0) and within_budget(-0.2, 0.0)
     assert not within_budget(1.5, 1.0)
@@ -97,6 +106,18 @@ def test_bad_input(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking)
     other = tiny_bert(tmp_path / "other", minilm_dir() / "tokenizer.json", num_labels=77, seed=1)
     with pytest.raises(ConfigError, match="not the base model"):
         deploy(DeployConfig(model_dir=other, bundle=tiny_bundle.path, adapter=adapter, out=tmp_path / "x"))
+    with pytest.raises(ConfigError, match="either an adapter"):
+        DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x")
+    with pytest.raises(NotFound, match="not a coordinator state folder"):
+        deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path, job="j"))
+    from edgeft.update import load_update, save_update
+
+    wrong = load_update(adapter)
+    wrong.tensors.popitem()
+    save_update(tmp_path / "wrong.safetensors", wrong)
+    with pytest.raises(ConfigError, match="does not fit the base model"):
+        deploy(DeployConfig(model_dir=tiny_bert_dir, bundle=tiny_bundle.path, adapter=tmp_path / "wrong.safetensors",
+                            out=tmp_path / "x"))
     with pytest.raises(BundleError, match="not a deployment package"):
         Predictor(tmp_path / "nothing")
     deploy(config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode="none"))

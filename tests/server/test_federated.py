@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from edgeft.data import DataConfig, load_dataset
+from edgeft.data import DataConfig, batches, load_dataset
+from edgeft.errors import NotFound
 from edgeft.train.session import TrainingSession
 from edgeft.train.trainer import evaluate
 from edgeft.update import AdapterUpdate
@@ -22,7 +24,7 @@ from conftest_server import agent, five_intents, start, write_csv
 
 
 
-def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, shards):
+def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards):
     server, port, coordinator = start(tmp_path, tiny_bundle)
     try:
         procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
@@ -55,6 +57,23 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, shards):
             stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, late, "late"), AdapterUpdate(before, 9)))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not open" in info.value.details()
         assert len(coordinator.round_updates("banking", 1)) == 3
+        # edgeft deploy takes the global adapter straight from the coordinator's state (it may be running)
+        from edgeft.deploy import DeployConfig, deploy
+        from edgeft.predict import Predictor
+
+        deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "pkg", state_dir=tmp_path / "state",
+                            job="banking", mode="none"))
+        assert json.loads((tmp_path / "pkg" / "package.json").read_text())["adapter_source"]["round"] == 2
+        session = TrainingSession(tiny_bundle)
+        session.set_parameters(coordinator.global_adapter("banking", 2))
+        batch = next(batches(data, 16, 0))
+        np.testing.assert_allclose(Predictor(tmp_path / "pkg").run({k: batch[k] for k in ("input_ids", "attention_mask")}),
+                                   session.eval_step(batch)[1], atol=1e-4, rtol=0)
+        with pytest.raises(NotFound, match="has no round 7"):
+            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state",
+                                job="banking", round=7))
+        with pytest.raises(NotFound, match="no job 'nope'"):
+            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state", job="nope"))
     finally:
         server.stop(grace=None)
 
