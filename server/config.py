@@ -26,6 +26,8 @@
     [job.data]                    # the data schema devices read their files with
     text_column = "text"
     label_column = "label"
+    [job.eval]                    # optional: held-out data on the coordinator, evaluated after every round
+    path = "test.csv"             # read with [job.data]'s columns
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
+from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -96,6 +99,9 @@ class JobConfig:
     upload_dtype: str = "float32"
     clients: ClientSelection = field(default_factory=ClientSelection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    # Held-out data on the coordinator: the global adapter is evaluated on it after every round (and before
+    # the first), in the background; results go to the state database.
+    eval_data: DataConfig | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.id) and self.id.replace("-", "").replace("_", "").isalnum(), "job.id", self.id,
@@ -149,7 +155,15 @@ def load_server_config(path: str | Path) -> ServerConfig:
             data_schema = DataSchema(**raw.pop("data", {}))
             paths = {k: base / raw.pop(k) for k in ("bundle", "model") if k in raw}
             export = _export_config(raw.pop("export", {}), raw.pop("adapter", {}), raw.pop("optimizer", {}), base)
-            jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export, **paths, **raw))
+            evaluation = raw.pop("eval", None)
+            eval_data = None
+            if evaluation is not None:
+                evaluation = dict(evaluation)
+                eval_data = DataConfig(base / evaluation.pop("path"), text_column=data_schema.text_column,
+                                       label_column=data_schema.label_column, format=data_schema.format,
+                                       **evaluation)
+            jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export,
+                                  eval_data=eval_data, **paths, **raw))
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: {exc}") from exc
     try:

@@ -84,7 +84,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         while True:
             outcome = self.coordinator.poll(request.device_id)
             if isinstance(outcome, TaskAssignment):
-                return pb.PollTaskResponse(task=self._task(outcome))
+                reply = pb.PollTaskResponse(task=self._task(outcome))
+                self.coordinator.record_download(outcome.job.id, outcome.round, request.device_id, reply.ByteSize())
+                return reply
             if isinstance(outcome, str):
                 return pb.PollTaskResponse(finished=outcome)
             if time.monotonic() >= end or not context.is_active():
@@ -127,8 +129,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @rpc
     def UploadUpdate(self, request_iterator, context) -> pb.UploadResponse:  # noqa: ANN001, N802
-        header, update = update_from_parts(request_iterator)
-        size = sum(v.nbytes for v in update.tensors.values())
+        sizes: list[int] = []  # the bytes that came over the wire
+
+        def counted(parts):  # noqa: ANN001, ANN202
+            for part in parts:
+                sizes.append(part.ByteSize())
+                yield part
+
+        header, update = update_from_parts(counted(request_iterator))
+        size = sum(sizes)
         accepted = self.coordinator.submit(header, update, size)
         return pb.UploadResponse(duplicate=not accepted,
                                  message="accepted" if accepted else "already received; counted once")

@@ -69,6 +69,24 @@ adapters = Table(
     Column("created_at", Float, nullable=False),
 )
 
+evaluations = Table(
+    "evaluations", metadata,  # the global adapter after round r on the job's held-out data (0: initial)
+    Column("job_id", String, primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("metrics", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+downloads = Table(
+    "downloads", metadata,  # bytes of each task (the global adapter and training spec) sent to a device
+    Column("job_id", String, nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("device_id", String, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("sent_at", Float, nullable=False),
+    UniqueConstraint("job_id", "round", "device_id"),
+)
+
 
 def open_database(url_or_path: str | Path) -> Engine:
     """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised)."""
