@@ -14,8 +14,10 @@ import platform
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -50,6 +52,9 @@ class AgentConfig:
     max_backoff_s: float = 30.0
     give_up_after_s: float = 600.0  # stop when the coordinator stays unreachable this long
     call_timeout_s: float = 120.0
+    # Share the machine with other agents (a simulated fleet): at most ``training_slots[1]`` of the agents
+    # given the same folder train at once; the others wait their turn. None: train whenever a task comes.
+    training_slots: tuple[Path, int] | None = None
 
 
 @dataclass
@@ -183,8 +188,9 @@ class Agent:
                 return reply.finished
             if outcome == "task":
                 task = reply.task
-                log.info("round %d of job %s: training", task.round, task.job_id)
-                update = self.run_task(task)
+                with training_slot(self.config.training_slots):
+                    log.info("round %d of job %s: training", task.round, task.job_id)
+                    update = self.run_task(task)
                 try:
                     response = self.upload(task, update)
                     log.info("round %d of job %s: update %s", task.round, task.job_id, response.message)
@@ -193,6 +199,34 @@ class Agent:
                 self.rounds_done.append((task.job_id, task.round))
                 continue
             time.sleep(max(reply.retry_after_seconds, 0) * 0.5)
+
+
+@contextmanager
+def training_slot(slots: tuple[Path, int] | None) -> Iterator[None]:
+    """Hold one of ``slots[1]`` lock files in folder ``slots[0]`` (advisory file locks, released by the OS
+    if the process dies) while the block runs; no-op for None."""
+    if slots is None:
+        yield
+        return
+    import fcntl
+
+    folder, count = slots
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        for index in range(count):
+            fh = open(folder / f"slot-{index}.lock", "a")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+            return
+        time.sleep(0.2)
 
 
 def _ram_bytes() -> int:

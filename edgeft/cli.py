@@ -130,6 +130,67 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="a federated fleet on this machine: a real coordinator and N agent processes")
+    p.add_argument("--clients", type=int, default=4, help="simulated devices (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    p.add_argument("--partition", default="iid",
+                   help="iid, dirichlet:ALPHA (label skew, e.g. dirichlet:0.5) or shards:K (default iid)")
+    p.add_argument("--seed", type=int, default=0, help="partition seed (default 0)")
+    p.add_argument("--data", help="training data split among the clients (default: BANKING77, shipped)")
+    p.add_argument("--test-data", help="held-out data the coordinator evaluates on (default: BANKING77 test)")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--model", help="Hugging Face model folder (default: all-MiniLM-L6-v2, shipped)")
+    p.add_argument("--bundle", help="an exported bundle instead of --model")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of clients per round (default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--concurrency", type=int, help="agents training at once (default: one per core)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per agent (default 1)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the centralised baseline (same passes over all the data)")
+    p.add_argument("--out", default="runs/simulate", help="output folder (default runs/simulate)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous simulation in --out")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from edgeft.config import TrainConfig
+    from edgeft.data import DataConfig
+    from edgeft.datasets import BANKING77_DIR
+    from edgeft.simulation import SimulationConfig, run_simulation
+
+    shipped = args.data is None
+    text = args.text_column or "text"
+    label = args.label_column or ("category" if shipped else "label")
+    train = DataConfig(args.data or BANKING77_DIR / "train.csv", text_column=text, label_column=label)
+    test_path = args.test_data or (BANKING77_DIR / "test.csv" if shipped else None)
+    test = DataConfig(test_path, text_column=text, label_column=label) if test_path else None
+    model = None
+    if args.bundle is None:
+        from edgeft.demo import minilm_dir
+
+        model = Path(args.model) if args.model else minilm_dir()
+    export = None
+    if shipped and args.bundle is None:
+        from edgeft.config import ExportConfig
+        from edgeft.datasets import banking77_labels
+
+        export = ExportConfig(labels=tuple(banking77_labels()))
+    summary = run_simulation(SimulationConfig(
+        out=Path(args.out), train=train, test=test, model=model, bundle=Path(args.bundle) if args.bundle else None,
+        export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
+        fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
+        overwrite=args.overwrite,
+        local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
+    last = summary["history"]["rounds"][-1].get("evaluation") or {}
+    print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "
+          f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _add_server(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="run the federated coordinator (gRPC) for the jobs in a TOML file")
     p.add_argument("--config", required=True, help="TOML file with [server] and [[job]] tables (see README)")
@@ -163,7 +224,18 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--give-up-after", type=float, default=600.0,
                    help="seconds the coordinator may stay unreachable before the agent stops (default 600)")
+    p.add_argument("--training-slots", metavar="DIR:K",
+                   help="share this machine with other agents: at most K of the agents given DIR train at once")
     p.set_defaults(func=_run_client)
+
+
+def _training_slots(value: str | None) -> tuple[Path, int] | None:
+    if not value:
+        return None
+    folder, _, count = value.rpartition(":")
+    if not folder or not count.isdigit() or int(count) < 1:
+        raise EdgeftError(f"invalid --training-slots {value!r}: expected DIR:K with K >= 1, e.g. /tmp/slots:2")
+    return Path(folder), int(count)
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -179,7 +251,8 @@ def _run_client(args: argparse.Namespace) -> int:
         raise EdgeftError(f"data file {args.data} does not exist")
     agent = Agent(AgentConfig(server=args.server, data=Path(args.data), cache_dir=Path(args.cache_dir),
                               text_column=args.text_column, label_column=args.label_column, format=args.format,
-                              threads=args.threads, give_up_after_s=args.give_up_after))
+                              threads=args.threads, give_up_after_s=args.give_up_after,
+                              training_slots=_training_slots(args.training_slots)))
     print(f"done: {agent.run()}", flush=True)
     return 0
 
@@ -293,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_server(sub)
     _add_client(sub)
+    _add_simulate(sub)
     _add_deploy(sub)
     _add_predict(sub)
     return parser

@@ -1,0 +1,245 @@
+"""``edgeft simulate``: a fleet on one machine.
+
+A real coordinator (in this process, on a loopback port) and N real device agents (separate processes,
+each with its own partition of the data, torch unimportable in them, talking gRPC). At most
+``concurrency`` agents train at once (file-lock training slots), so N can exceed the cores. Everything the
+coordinator records (per-round evaluation of the global adapter, per-client training loss, bytes up and
+down, round wall time) lands in its state database and is exported to JSON, CSV and a report with plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.config import ExportConfig, TrainConfig
+from edgeft.data import DataConfig, read_records
+from edgeft.errors import ConfigError, DataError, EdgeftError
+from edgeft.partition import label_histogram, parse_scheme, partition
+
+JOB_ID = "simulation"
+NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A simulated federated job. ``model`` (a Hugging Face folder, exported with ``export``) or ``bundle``;
+    ``train`` is split among ``clients`` by ``partition``; ``test`` is the coordinator's held-out set."""
+
+    out: Path
+    train: DataConfig
+    test: DataConfig | None = None
+    model: Path | None = None
+    bundle: Path | None = None
+    export: ExportConfig | None = None
+    clients: int = 4
+    rounds: int = 3
+    partition: str = "iid"
+    seed: int = 0
+    fraction: float = 1.0
+    local: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=32, learning_rate=3e-3,
+                                                                   progress=False))
+    concurrency: int | None = None  # agents training at once; default: one per core
+    threads: int = 1  # ONNX Runtime threads per agent
+    baseline: bool = True  # also train centrally for the same number of passes over the data
+    overwrite: bool = False
+    round_deadline_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if (self.model is None) == (self.bundle is None):
+            raise ConfigError("give exactly one of model (a Hugging Face folder) or bundle (an exported bundle)")
+        if self.clients < 1 or self.rounds < 1:
+            raise ConfigError(f"invalid clients={self.clients} or rounds={self.rounds}: both must be >= 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"invalid concurrency={self.concurrency}: must be >= 1")
+        parse_scheme(self.partition)
+
+    @property
+    def slots(self) -> int:
+        return self.concurrency or max(1, (os.cpu_count() or 1) // self.threads)
+
+
+def _bundle(config: SimulationConfig, labels: list[str]):  # noqa: ANN202
+    from edgeft.bundle import load_bundle
+
+    if config.bundle is not None:
+        return load_bundle(config.bundle)
+    from edgeft.export import export_hf
+
+    target = config.out / "bundle"
+    export = config.export or ExportConfig(labels=tuple(labels))
+    print(f"exporting {config.model} into a training bundle ...", flush=True)
+    export_hf(config.model, target, export)
+    return load_bundle(target)
+
+
+def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: list[str]) -> dict:
+    column = config.train.label_column
+    if rows and column not in rows[0]:
+        raise DataError(f"{config.train.path} has no column {column!r}; pass --label-column")
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({str(r[column]) for r in rows} - set(index))
+    if unknown:
+        raise DataError(f"{config.train.path} has labels the model does not know: {', '.join(unknown[:5])}")
+    labels = np.array([index[str(r[column])] for r in rows])
+    parts = partition(labels, config.clients, config.partition, config.seed)
+    folder = config.out / "clients"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(parts):
+        with open(folder / f"client-{i:03d}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows[j] for j in part)
+    histogram = label_histogram(labels, parts, len(label_names))
+    info = {"scheme": config.partition, "seed": config.seed, "clients": config.clients, "labels": label_names,
+            "sizes": [len(p) for p in parts], "classes_per_client": [int(c) for c in (histogram > 0).sum(1)],
+            "histogram": histogram.tolist()}
+    (config.out / "partition.json").write_text(json.dumps(info))
+    return info
+
+
+def _start_agents(config: SimulationConfig, port: int) -> list[tuple[subprocess.Popen, Path]]:
+    agents = []
+    for i in range(config.clients):
+        cache = config.out / "devices" / f"client-{i:03d}"
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
+        argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(config.out / "clients" / f"client-{i:03d}.csv"),
+                "--cache-dir", str(cache), "--threads", str(config.threads),
+                "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120"]
+        log = open(cache / "agent.log", "w")
+        code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        agents.append((proc, cache / "agent.log"))
+    return agents
+
+
+def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess.Popen, Path]]) -> None:  # noqa: ANN001
+    """Wait for the job, showing a bar per round with the latest accuracy; stop on a crashed agent."""
+    from tqdm.auto import tqdm
+
+    shown = -1
+    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar:
+        while True:
+            history = coordinator.history(JOB_ID)
+            done = [r for r in history["rounds"] if r["round"] > 0 and r["status"] != "open"]
+            bar.update(len(done) - bar.n)
+            for record in history["rounds"]:
+                metrics = record.get("evaluation") or {}
+                if record["round"] > shown and "accuracy" in metrics:
+                    shown = record["round"]
+                    seconds = f", {record['seconds']:.0f} s" if record.get("seconds") else ""
+                    bar.write(f"round {shown}: test accuracy {metrics['accuracy']:.1%}, "
+                              f"macro-F1 {metrics['macro_f1']:.1%}{seconds}")
+                    bar.set_postfix(accuracy=f"{metrics['accuracy']:.1%}")
+            if history["status"] != "running":
+                coordinator.wait_until_finished(timeout=600)  # the last evaluations
+                if history["status"] == "failed":
+                    raise EdgeftError(f"the simulated job failed: {history['message']}")
+                return
+            for proc, log in agents:
+                if proc.poll() not in (None, 0):
+                    tail = log.read_text()[-1500:]
+                    raise EdgeftError(f"agent {log.parent.name} stopped with exit code {proc.returncode}; "
+                                      f"the end of {log}:\n{tail}")
+            time.sleep(1.0)
+
+
+def _centralised(config: SimulationConfig, bundle, passes: int) -> list[dict]:  # noqa: ANN001
+    """The same model trained on all the training data for ``passes`` epochs, evaluated after each."""
+    from dataclasses import replace
+
+    from edgeft.data import load_dataset
+    from edgeft.train.trainer import train
+
+    print(f"centralised baseline: {passes} epoch(s) on all {config.clients} clients' data ...", flush=True)
+    history: list[dict] = []
+    train(bundle, load_dataset(config.train, bundle),
+          replace(config.local, epochs=passes, max_steps=None, threads=os.cpu_count(), progress=True),
+          load_dataset(config.test, bundle), on_epoch=history.append)
+    return [{"epoch": h["epoch"], **{k[4:]: v for k, v in h.items() if k.startswith("val_")}} for h in history]
+
+
+def run_simulation(config: SimulationConfig) -> dict:
+    """Run the simulated job; writes everything under ``config.out`` and returns the summary."""
+    from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
+    from edgeft.server.servicer import create_server
+    from edgeft.simulation.report import write_outputs
+
+    started = time.perf_counter()
+    out = config.out
+    if (out / "state").exists():
+        if not config.overwrite:
+            raise ConfigError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
+        for name in ("state", "clients", "devices", "slots", "bundle"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_records(config.train)
+    if not rows:
+        raise DataError(f"{config.train.path} holds no examples")
+    labels = ([str(x) for x in config.export.labels] if config.export and config.export.labels
+              else sorted({str(r[config.train.label_column]) for r in rows if config.train.label_column in r}))
+    bundle = _bundle(config, labels)
+    if bundle.manifest.task != "classification":
+        raise ConfigError(f"edgeft simulate partitions by class label; the bundle's task is {bundle.manifest.task}")
+    parts = _write_partitions(config, rows, list(bundle.manifest.labels))
+    print(f"partition {config.partition} (seed {config.seed}): {config.clients} clients with "
+          f"{min(parts['sizes'])}-{max(parts['sizes'])} examples and {min(parts['classes_per_client'])}-"
+          f"{max(parts['classes_per_client'])} of {len(bundle.manifest.labels)} classes each", flush=True)
+
+    job = JobConfig(id=JOB_ID, bundle=bundle.path, rounds=config.rounds, round_deadline_s=config.round_deadline_s,
+                    clients=ClientSelection(fraction=config.fraction, min=max(1, round(config.fraction * config.clients)),
+                                            min_available=config.clients),
+                    data=DataSchema(text_column=config.train.text_column, label_column=config.train.label_column,
+                                    format=config.train.format),
+                    train=config.local, eval_data=config.test)
+    server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0)
+    server, port, coordinator = create_server(server_config)
+    server.start()
+    print(f"coordinator on 127.0.0.1:{port}; starting {config.clients} device agents "
+          f"({config.slots} training at once, {config.threads} thread(s) each)", flush=True)
+    agents = _start_agents(config, port)
+    federated_started = time.perf_counter()
+    try:
+        _follow(coordinator, config, agents)
+        federated_seconds = time.perf_counter() - federated_started
+        for proc, _ in agents:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        history = coordinator.history(JOB_ID)
+    finally:
+        for proc, _ in agents:
+            if proc.poll() is None:
+                proc.kill()
+        server.stop(grace=None)
+    baseline = (_centralised(config, bundle, config.rounds * config.local.epochs)
+                if config.baseline and config.test is not None else None)
+    summary = {"config": {"clients": config.clients, "rounds": config.rounds, "partition": config.partition,
+                          "seed": config.seed, "fraction": config.fraction, "local_epochs": config.local.epochs,
+                          "batch_size": config.local.batch_size, "learning_rate": config.local.learning_rate,
+                          "concurrency": config.slots, "threads_per_agent": config.threads,
+                          "bundle_digest": bundle.digest},
+               "federated_seconds": round(federated_seconds, 1), "bundle_bytes": _bundle_bytes(bundle),
+               "partition": parts, "history": history, "centralised": baseline,
+               "state_dir": str(out / "state"), "job": JOB_ID}
+    write_outputs(out, summary)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _bundle_bytes(bundle) -> int:  # noqa: ANN001
+    return sum(bundle.file(name).stat().st_size for name in bundle.manifest.files)

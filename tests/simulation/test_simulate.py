@@ -1,0 +1,69 @@
+"""edgeft simulate: a real coordinator and real agent processes on partitions of real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from edgeft.config import TrainConfig
+from edgeft.data import DataConfig
+from edgeft.errors import ConfigError
+from edgeft.simulation import SimulationConfig, run_simulation
+
+
+def test_simulated_fleet_records_and_reports_everything(tmp_path, tiny_bundle, small_banking):
+    config = SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(small_banking["train"], label_column="category"),
+        test=DataConfig(small_banking["test"], label_column="category"), bundle=tiny_bundle.path,
+        clients=3, rounds=2, partition="dirichlet:1.0", concurrency=2,
+        local=TrainConfig(epochs=2, batch_size=16, learning_rate=3e-2, progress=False))
+    summary = run_simulation(config)
+    out = tmp_path / "sim"
+    history = summary["history"]
+    assert history["status"] == "finished"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    for record in history["rounds"]:  # the global adapter is evaluated before training and after every round
+        assert 0.0 <= record["evaluation"]["accuracy"] <= 1.0 and "macro_f1" in record["evaluation"]
+    for record in history["rounds"][1:]:
+        assert record["seconds"] > 0 and len(record["clients"]) == 3
+        for client in record["clients"]:
+            assert client["bytes_up"] > 0 and client["bytes_down"] > 0 and client["metrics"]["train_loss"] > 0
+    assert history["rounds"][2]["evaluation"]["accuracy"] > history["rounds"][0]["evaluation"]["accuracy"]
+    # the partitions cover the training data exactly once, with the reported label histogram
+    with open(small_banking["train"], newline="") as fh:
+        total = len(list(csv.DictReader(fh)))
+    sizes = []
+    for i in range(3):
+        with open(out / "clients" / f"client-{i:03d}.csv", newline="") as fh:
+            sizes.append(len(list(csv.DictReader(fh))))
+    assert sum(sizes) == total and sizes == summary["partition"]["sizes"]
+    assert np.array(summary["partition"]["histogram"]).sum() == total
+    # exports and report
+    rounds = list(csv.DictReader(open(out / "rounds.csv")))
+    assert [int(r["round"]) for r in rounds] == [0, 1, 2] and float(rounds[2]["bytes_up"]) > 0
+    assert len(list(csv.DictReader(open(out / "clients.csv")))) == 6
+    assert json.loads((out / "history.json").read_text())["job"] == "simulation"
+    for name in ("accuracy.png", "bytes.png", "label_skew.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "Centralised baseline" in report and "![label skew](label_skew.png)" in report
+    assert len(summary["centralised"]) == 4  # 2 rounds x 2 local epochs
+    # the agents ran without torch, as devices do
+    assert "done: job simulation finished" in (out / "devices" / "client-000" / "agent.log").read_text()
+    # a second run into the same folder is refused unless asked for
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_simulation(config)
+
+
+def test_bad_configuration_is_refused(tmp_path, tiny_bundle, small_banking):
+    data = DataConfig(small_banking["train"], label_column="category")
+    with pytest.raises(ConfigError, match="partition"):
+        SimulationConfig(out=tmp_path, train=data, bundle=tiny_bundle.path, partition="dirichlet")
+    with pytest.raises(ConfigError, match="exactly one"):
+        SimulationConfig(out=tmp_path, train=data)
+    with pytest.raises(Exception, match="no column 'nope'|labels the model does not know"):
+        run_simulation(SimulationConfig(out=tmp_path / "x", train=DataConfig(small_banking["train"], label_column="nope"),
+                                        bundle=tiny_bundle.path, clients=2, baseline=False))
