@@ -116,17 +116,27 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="export all-MiniLM-L6-v2 with LoRA and fine-tune it on BANKING77 (shipped)")
+    p = sub.add_parser("demo", help="simulate 4 devices fine-tuning all-MiniLM-L6-v2 on BANKING77 (shipped), deploy "
+                                    "int8, predict")
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K (default iid)")
+    p.add_argument("--baseline", action="store_true", help="also train centrally for comparison (slower)")
+    p.add_argument("--local", action="store_true", help="one device instead: plain local fine-tuning")
+    p.add_argument("--epochs", type=int, default=1, help="with --local: epochs (default 1)")
+    p.add_argument("--threads", type=int, help="with --local: ONNX Runtime threads")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from edgeft.demo import run_demo
+    from edgeft.demo import run_demo, run_local_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, threads=args.threads)
+    if args.local:
+        run_local_demo(Path(args.out), epochs=args.epochs, threads=args.threads)
+    else:
+        run_demo(Path(args.out), clients=args.clients, rounds=args.rounds, partition=args.partition,
+                 baseline=args.baseline)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ class _Calibration:
 
 def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]] | None = None) -> None:
     """Write ``fp32`` quantised per ``mode`` to ``out``; ``int8-static`` calibrates on ``calibration``."""
+    logging.disable(logging.WARNING)  # onnxruntime.quantization advises pre-processing on every call
+    try:
+        _quantise(fp32, out, mode, calibration)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]] | None) -> None:
     import onnx
 
     if mode == "int8-static":

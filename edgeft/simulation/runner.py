@@ -130,11 +130,12 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
     from tqdm.auto import tqdm
 
     shown = -1
-    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True) as bar:
+    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True, mininterval=30) as bar:
         while True:
             history = coordinator.history(JOB_ID)
             done = [r for r in history["rounds"] if r["round"] > 0 and r["status"] != "open"]
-            bar.update(len(done) - bar.n)
+            if len(done) > bar.n:
+                bar.update(len(done) - bar.n)
             for record in history["rounds"]:
                 metrics = record.get("evaluation") or {}
                 if record["round"] > shown and "accuracy" in metrics:
