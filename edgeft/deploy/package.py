@@ -119,7 +119,7 @@ def _quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.n
 
 
 def _calibration_batches(package_dir: Path, fp32: Path, config: DeployConfig) -> list[dict[str, np.ndarray]] | None:
-    """Up to CALIBRATION_EXAMPLES texts of the calibration data, tokenised as the package will, in batches of 8
+    """CALIBRATION_EXAMPLES texts drawn from the calibration data, tokenised as the package will, in batches of 8
     (of the fixed batch size when shapes are fixed)."""
     data = config.calibration_data or config.eval_data
     if config.mode != "int8-static" or data is None:
@@ -127,7 +127,9 @@ def _calibration_batches(package_dir: Path, fp32: Path, config: DeployConfig) ->
     from edgeft.data import read_records
     from edgeft.predict import Predictor
 
-    texts = [str(r[data.text_column]) for r in read_records(data)[:CALIBRATION_EXAMPLES]]
+    records = read_records(data)  # a seeded random sample: files are often sorted by label
+    pick = np.random.default_rng(0).permutation(len(records))[:CALIBRATION_EXAMPLES]
+    texts = [str(records[i][data.text_column]) for i in sorted(pick)]
     size = config.fixed_shape[0] if config.fixed_shape else 8
     predictor = Predictor(package_dir, model_file=fp32)
     return [predictor.encode(texts[i: i + size], fill_batch=True) for i in range(0, len(texts), size)]
