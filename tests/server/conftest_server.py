@@ -45,8 +45,8 @@ def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None,
                     clients=ClientSelection(fraction=1.0, min=minimum, min_available=available), data=DataSchema(label_column="category"),
                     train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
     server_settings.setdefault("insecure", server_settings.get("tls") is None)
-    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), poll_wait_s=1,
-                          **server_settings)
+    server_settings.setdefault("poll_wait_s", 1)
+    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), **server_settings)
     server, port, coordinator = create_server(config)
     server.start()
     return server, port, coordinator
