@@ -198,7 +198,7 @@ class Agent:
         return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
 
     def run(self) -> str:
-        """Serve until every job this device takes part in is over; returns the coordinator's final word."""
+        """Serve until the job of this agent's token is over; returns the coordinator's final word."""
         self.register()  # a known device id is kept; its capabilities are refreshed
         while True:
             reply = self._call("poll", self.stub.PollTask,

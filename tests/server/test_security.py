@@ -272,3 +272,26 @@ def test_tokens_are_made_listed_and_revoked_from_the_command_line_and_stored_onl
     assert "no job 'nope'" in capsys.readouterr().err
     assert main(["server", "token", "create", "--config", str(config), "--job", "banking", "--expires-in", "soon"]) == 2
     assert "invalid duration 'soon'" in capsys.readouterr().err
+
+
+def test_message_chunk_and_upload_sizes_are_bounded(tmp_path, tiny_bundle):
+    limits = ServerLimits(max_message_bytes=256 << 10, chunk_bytes=64 << 10, max_upload_bytes=512 << 10)
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1, limits=limits)
+    try:
+        device_stub = stub(port, enrol(coordinator, tmp_path))
+        device = device_stub.Register(pb.RegisterRequest(), timeout=10).device_id
+        chunks = list(device_stub.DownloadBundle(pb.DownloadRequest(bundle_digest=tiny_bundle.digest,
+                                                                    file="checkpoint"), timeout=10))
+        assert len(chunks) > 1 and max(len(c.data) for c in chunks) == 64 << 10
+        big = AdapterUpdate({"w": np.zeros(100_000, np.float32)}, 1)  # 400 KB of tensor bytes
+        header = UploadHeader("banking", 1, device, "u")
+        with pytest.raises(grpc.RpcError) as raised:  # one message over max_message_bytes: grpc refuses it
+            device_stub.UploadUpdate(update_to_parts(header, big, chunk_bytes=300 << 10), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        bigger = AdapterUpdate({"w": np.zeros(150_000, np.float32)}, 1)  # 600 KB in 32 KB messages
+        with pytest.raises(grpc.RpcError) as raised:
+            device_stub.UploadUpdate(update_to_parts(header, bigger, chunk_bytes=32 << 10), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_upload_bytes" in raised.value.details()
+    finally:
+        server.stop(grace=None)
