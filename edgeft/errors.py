@@ -9,9 +9,18 @@ from __future__ import annotations
 
 
 class EdgeftError(Exception):
-    """Base class of every error edgeft raises on purpose."""
+    """Base class of every error edgeft raises on purpose.
+
+    ``reason`` is a short category (``"shape"``, ``"norm"``, ``"late"``...) under which the coordinator counts
+    the refusals it answers; empty when the error class says enough."""
 
     grpc_code = "INTERNAL"
+    reason = ""
+
+    def __init__(self, *args: object, reason: str = ""):
+        super().__init__(*args)
+        if reason:
+            self.reason = reason
 
 
 class ConfigError(EdgeftError):
@@ -38,6 +47,12 @@ class BundleError(EdgeftError):
     grpc_code = "DATA_LOSS"
 
 
+class StateError(EdgeftError):
+    """The coordinator's state folder (database or artifact store) is unreadable or corrupt."""
+
+    grpc_code = "DATA_LOSS"
+
+
 class TrainingError(EdgeftError):
     """On-device training failed (for example, the loss became NaN)."""
 
@@ -48,6 +63,7 @@ class WireError(EdgeftError):
     """A message from the wire is malformed (bad shape, dtype, offsets, sizes or values)."""
 
     grpc_code = "INVALID_ARGUMENT"
+    reason = "malformed"
 
 
 class NotFound(EdgeftError):

@@ -80,21 +80,48 @@ def save_peft_adapter(directory: str | Path, tensors: dict[str, np.ndarray], man
     return directory
 
 
-def check_update(update: AdapterUpdate, manifest: Manifest) -> None:
+def update_norm(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None = None) -> float:
+    """The L2 norm of ``tensors`` (minus ``reference``, tensor by tensor) over all tensors together, in float64."""
+    total = 0.0
+    for name, value in tensors.items():
+        value = value.astype(np.float64, copy=False)
+        if reference is not None:
+            value = value - reference[name].astype(np.float64, copy=False)
+        total += float(np.dot(value.ravel(), value.ravel()))
+    return float(np.sqrt(total))
+
+
+def check_update(update: AdapterUpdate, manifest: Manifest, *, max_examples: int | None = None,
+                 reference: dict[str, np.ndarray] | None = None, max_norm: float | None = None) -> None:
     """Refuse an update that does not fit the bundle: unknown or missing tensors, wrong shapes or dtypes,
-    non-finite values, a non-positive example count. Raises ``DataError`` naming the first problem."""
+    non-finite values, an example count outside [1, ``max_examples``], or (given ``max_norm``) a change from
+    ``reference`` (the adapter it was trained from) whose L2 norm exceeds ``max_norm``.
+
+    Raises ``DataError`` naming the first problem, its ``reason`` one of names, n_examples, shape, dtype,
+    non_finite, norm."""
     expected = {t.name: t for t in manifest.trainable}
     unknown = sorted(set(update.tensors) - set(expected))
     missing = sorted(set(expected) - set(update.tensors))
     if unknown or missing:
-        raise DataError(f"update does not match the bundle: unknown tensors {unknown[:3]}, missing {missing[:3]}")
+        raise DataError(f"update does not match the bundle: unknown tensors {unknown[:3]}, missing {missing[:3]}",
+                        reason="names")
     if update.n_examples <= 0:
-        raise DataError(f"update reports n_examples={update.n_examples}; it must be positive")
+        raise DataError(f"update reports n_examples={update.n_examples}; it must be positive", reason="n_examples")
+    if max_examples is not None and update.n_examples > max_examples:
+        raise DataError(f"update reports n_examples={update.n_examples}, above the job's max_update_examples="
+                        f"{max_examples}", reason="n_examples")
     for name, value in update.tensors.items():
         spec = expected[name]
         if list(value.shape) != list(spec.shape):
-            raise DataError(f"tensor {name!r} has shape {list(value.shape)}, the bundle says {spec.shape}")
+            raise DataError(f"tensor {name!r} has shape {list(value.shape)}, the bundle says {spec.shape}",
+                            reason="shape")
         if value.dtype != np.dtype(spec.dtype):
-            raise DataError(f"tensor {name!r} has dtype {value.dtype}, the bundle says {spec.dtype}")
+            raise DataError(f"tensor {name!r} has dtype {value.dtype}, the bundle says {spec.dtype}", reason="dtype")
         if not np.isfinite(value).all():
-            raise DataError(f"tensor {name!r} holds NaN or infinite values")
+            raise DataError(f"tensor {name!r} holds NaN or infinite values", reason="non_finite")
+    if max_norm is not None:
+        norm = update_norm(update.tensors, reference)
+        if norm > max_norm:
+            what = "its change from the round's global adapter" if reference is not None else "it"
+            raise DataError(f"update refused: the L2 norm of {what} is {norm:.4g}, above the job's bound "
+                            f"{max_norm:.4g}", reason="norm")

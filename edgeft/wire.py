@@ -7,10 +7,12 @@ raises ``WireError`` (INVALID_ARGUMENT) naming the problem.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from edgeft.config import TrainConfig
 from edgeft.errors import WireError
@@ -19,9 +21,22 @@ from edgeft.v1 import edgeft_pb2 as pb
 
 CHUNK_BYTES = 1 << 20  # 1 MiB of tensor bytes per message
 MAX_TENSOR_BYTES = 1 << 31
+MAX_DIMS = 8
+
+M = TypeVar("M", bound=Message)
 
 _DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT64: np.dtype("<i8")}
 _CODES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
+
+
+def parse(message_type: type[M], data: bytes) -> M:
+    """A message of ``message_type`` from its serialized bytes (as they came over the wire); truncated or
+    garbled bytes raise ``WireError`` (INVALID_ARGUMENT) instead of an internal error."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise WireError(f"a {message_type.DESCRIPTOR.name} message that does not parse ({len(data)} bytes: "
+                        f"{exc}); truncated or garbled", reason="malformed") from exc
 
 
 def dtype_code(dtype: np.dtype | str) -> int:
@@ -34,15 +49,17 @@ def dtype_code(dtype: np.dtype | str) -> int:
 
 def _numpy_dtype(code: int, name: str) -> np.dtype:
     if code not in _DTYPES:
-        raise WireError(f"tensor {name!r} has unknown dtype code {code}")
+        raise WireError(f"tensor {name!r} has unknown dtype code {code}", reason="dtype")
     return _DTYPES[code]
 
 
 def _expected_bytes(name: str, shape: Iterable[int], dtype: np.dtype) -> tuple[tuple[int, ...], int]:
     shape = tuple(int(d) for d in shape)
+    if len(shape) > MAX_DIMS:
+        raise WireError(f"tensor {name!r} has {len(shape)} dimensions; at most {MAX_DIMS} travel")
     if any(d < 0 for d in shape):
         raise WireError(f"tensor {name!r} has a negative dimension in shape {shape}")
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize  # Python integers: a product of huge dimensions cannot wrap around
     if size > MAX_TENSOR_BYTES:
         raise WireError(f"tensor {name!r} of shape {shape} is too large ({size} bytes)")
     return shape, size
@@ -141,7 +158,7 @@ def update_from_parts(parts: Iterable[pb.UpdatePart]) -> tuple[UploadHeader, Ada
         raise WireError("an upload must start with its header")
     h = first.header
     if h.n_examples <= 0:
-        raise WireError(f"n_examples must be positive, got {h.n_examples}")
+        raise WireError(f"n_examples must be positive, got {h.n_examples}", reason="n_examples")
     if not (h.job_id and h.device_id and h.upload_id):
         raise WireError("the upload header needs job_id, device_id and upload_id")
 

@@ -85,3 +85,26 @@ def test_updates_are_checked_against_the_manifest(trained, tiny_bundle):
             check_update(AdapterUpdate(tensors, 10), tiny_bundle.manifest)
     with pytest.raises(DataError, match="n_examples"):
         check_update(AdapterUpdate(good, 0), tiny_bundle.manifest)
+
+
+def test_example_counts_and_the_norm_of_the_change_are_bounded(trained, tiny_bundle):
+    from edgeft.update import check_update, update_norm
+
+    good = dict(trained.parameters)
+    reference = {k: v - 0.01 for k, v in good.items()}  # as if trained from this global adapter
+    change = update_norm(good, reference)
+    elements = sum(v.size for v in good.values())
+    assert change == pytest.approx(0.01 * np.sqrt(elements), rel=1e-4)
+    check_update(AdapterUpdate(good, 10), tiny_bundle.manifest, max_examples=10, reference=reference,
+                 max_norm=change * 1.01)
+    with pytest.raises(DataError, match="above the job's max_update_examples=10") as info:
+        check_update(AdapterUpdate(good, 11), tiny_bundle.manifest, max_examples=10)
+    assert info.value.reason == "n_examples"
+    scaled = {k: reference[k] + 100 * (v - reference[k]) for k, v in good.items()}  # a boosted update
+    with pytest.raises(DataError, match="change from the round's global adapter is .* above the job's bound") as info:
+        check_update(AdapterUpdate(scaled, 10), tiny_bundle.manifest, reference=reference, max_norm=change * 10)
+    assert info.value.reason == "norm"
+    infinite = {**good, next(iter(good)): np.full_like(next(iter(good.values())), np.inf)}
+    with pytest.raises(DataError, match="NaN or infinite") as info:  # never a NaN norm slipping past the bound
+        check_update(AdapterUpdate(infinite, 10), tiny_bundle.manifest, reference=reference, max_norm=1.0)
+    assert info.value.reason == "non_finite"

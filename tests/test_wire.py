@@ -83,3 +83,21 @@ def test_train_spec_round_trip():
     back = train_config(train_spec(config), threads=1, progress=False)
     assert (back.epochs, back.max_steps, back.batch_size, back.learning_rate, back.grad_accum_steps) == (2, None, 16, 1e-3, 2)
     assert back.threads == 1
+
+
+def test_bytes_that_do_not_parse_and_absurd_shapes_are_wire_errors():
+    from edgeft.wire import parse
+
+    header = pb.UpdatePart(header=pb.UpdateHeader(job_id="j", round=1, device_id="d", upload_id="u", n_examples=3))
+    data = header.SerializeToString()
+    assert parse(pb.UpdatePart, data) == header
+    for garbled in (data[:-3], b"\xff\xff\xff\xff", b"\x0a\x7f" + b"x" * 5):
+        with pytest.raises(WireError, match="does not parse") as info:
+            parse(pb.UpdatePart, garbled)
+        assert info.value.reason == "malformed"
+    # dimensions whose product wraps around in int64 (2**64 elements) must not pass as an empty tensor
+    huge = pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[2**32, 2**32], offset=0, data=b"")
+    with pytest.raises(WireError, match="too large"):
+        chunks_to_tensors([huge])
+    with pytest.raises(WireError, match="at most 8"):
+        chunks_to_tensors([pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[1] * 9, data=b"\0" * 4)])
