@@ -22,7 +22,7 @@ from typing import Iterator
 
 import grpc
 
-from edgeft.bundle import MANIFEST, Bundle, load_bundle, sha256_of
+from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
 from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
 from edgeft.errors import BundleError, CoordinatorError
@@ -124,7 +124,8 @@ class Agent:
         return self.device_id
 
     def fetch_bundle(self, digest: str) -> Bundle:
-        """The bundle from the cache, or downloaded (resuming partial files) and verified."""
+        """The bundle from the cache, or downloaded (resuming partial files), verified against its manifest and
+        checked (``check_bundle``: onnx.checker, external data inside the bundle) before it is cached."""
         target = self.config.cache_dir / "bundles" / digest
         if target.is_dir():
             try:
@@ -135,13 +136,18 @@ class Agent:
         info = self._call("get bundle", self.stub.GetBundle, pb.GetBundleRequest(bundle_digest=digest))
         partial = self.config.cache_dir / "partial" / digest
         partial.mkdir(parents=True, exist_ok=True)
-        for spec in info.files:
-            self._download(digest, spec, partial / spec.name)
-        (partial / MANIFEST).write_bytes(info.manifest_json)
         if hashlib.sha256(info.manifest_json).hexdigest() != digest:
             shutil.rmtree(partial)
             raise BundleError(f"the coordinator sent a manifest whose digest is not {digest[:12]}...")
-        load_bundle(partial)  # every file against the manifest
+        for spec in info.files:
+            (partial / member_name(spec.name)).parent.mkdir(parents=True, exist_ok=True)  # never outside partial/
+            self._download(digest, spec, partial / spec.name)
+        (partial / MANIFEST).write_bytes(info.manifest_json)
+        try:
+            check_bundle(load_bundle(partial))  # every file against the manifest, then the ONNX files
+        except BundleError:
+            shutil.rmtree(partial)
+            raise
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, target)
         return load_bundle(target, verify=False)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from edgeft import __version__
 from edgeft.errors import BundleError
@@ -22,6 +23,9 @@ EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 TOKENIZER = "tokenizer.json"
+# Operators ONNX Runtime registers itself in the standard ONNX domain from version 1 (kept from its contrib
+# era): its training graphs carry LayerNormalization at opset 14, which onnx's checker knows only from opset 17.
+ORT_STANDARD_DOMAIN_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,27 @@ class Manifest:
                 raise BundleError(f"bundle format version {version} is not supported by edgeft {__version__} "
                                   f"(it reads version {FORMAT_VERSION}); re-export the bundle")
             specs = {k: [TensorSpec(**t) for t in data[k]] for k in ("inputs", "outputs", "trainable")}
-            return cls(**{**data, **specs})
+            manifest = cls(**{**data, **specs})
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc}; re-export the bundle") from exc
+        for name in manifest.files:
+            member_name(name)
+        return manifest
 
     @property
     def trainable_names(self) -> list[str]:
         return [t.name for t in self.trainable]
+
+
+def member_name(name: str) -> str:
+    """``name`` when it is a plain relative path inside a bundle folder; a name that could reach outside it
+    (absolute, ``..``, backslashes, a drive letter, NUL) raises ``BundleError``."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if (not parts or name.startswith("/") or "\\" in name or "\0" in name or ".." in parts
+            or re.match(r"^[A-Za-z]:", name)):
+        raise BundleError(f"bundle file name {name!r} reaches outside the bundle folder; refused (a bundle names "
+                          "its files relative to its folder, without '..')")
+    return name
 
 
 def sha256_of(path: Path) -> str:
@@ -114,8 +132,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}); the bundle is corrupt, re-download it") from exc
     manifest = Manifest.from_dict(data)
     if verify:
-        for name, expected in manifest.files.items():
+        root = path.resolve()
+        for name, expected in {MANIFEST: "", **manifest.files}.items():
             file = path / name
+            if file.is_symlink() or not file.resolve().is_relative_to(root):
+                raise BundleError(f"bundle file {name} in {path} is a symbolic link (or lies behind one); a bundle "
+                                  "holds plain files only")
+            if name == MANIFEST:
+                continue
             if not file.is_file():
                 raise BundleError(f"bundle file {name} is missing from {path}; re-download or re-export the bundle")
             actual = sha256_of(file)
@@ -123,3 +147,108 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 raise BundleError(f"bundle file {name} is corrupt: sha256 {actual[:12]}... does not match the "
                                   f"manifest's {expected[:12]}...; re-download or re-export the bundle")
     return Bundle(path, manifest)
+
+
+def check_bundle(bundle: Bundle) -> None:
+    """Check a bundle's ONNX files before anything runs them (the coordinator when it adds a bundle, a device
+    after it downloads one): each passes ``onnx.checker`` (structure and operator schemas; ``full_check=False``,
+    no shape inference, external data never loaded) and its external-data references name files of the
+    bundle that the manifest pins by sha256, never a path outside it. Raises ``BundleError``."""
+    for name in bundle.manifest.files:
+        if name.endswith(".onnx"):
+            _check_onnx(bundle, name)
+
+
+def _check_onnx(bundle: Bundle, name: str) -> None:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(bundle.file(name)), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as exc:
+        raise BundleError(f"bundle file {name} is not a readable ONNX model ({exc}); re-export the bundle") from exc
+    for tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            try:
+                member_name(location)
+            except BundleError:
+                raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                                  "bundle; refused") from None
+            if location not in bundle.manifest.files:
+                raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data in {location!r}, which the "
+                                  "manifest does not list (its sha256 is not pinned); refused")
+    try:  # from the path: external data is checked where it lies (never loaded)
+        onnx.checker.check_model(str(bundle.file(name)), full_check=False)
+        return
+    except onnx.checker.ValidationError as exc:
+        error = exc
+    # The checker stops at its first error. When that is an operator ONNX Runtime registers itself, check the
+    # rest of the graph in memory with those nodes moved aside (external tensors, checked above, become inputs).
+    relabelled: set[str] = set()
+    while True:
+        found = re.search(r"No Op registered for (\w+) with domain_version", str(error))
+        op = found.group(1) if found else None
+        if op not in ORT_STANDARD_DOMAIN_OPS or op in relabelled:
+            raise BundleError(f"bundle file {name} fails onnx.checker: {str(error).strip().splitlines()[0]}; "
+                              "re-export the bundle")
+        if not relabelled:
+            _detach_external(model)
+        _relabel(model, op)
+        relabelled.add(op)
+        try:
+            onnx.checker.check_model(model, full_check=False)
+            return
+        except onnx.checker.ValidationError as exc:
+            error = exc
+
+
+def _detach_external(model) -> None:  # noqa: ANN001
+    """Turn ``model``'s external initializers (in memory) into graph inputs of the same type and shape."""
+    from onnx import TensorProto, helper
+
+    for graph in _graphs(model.graph):
+        external = [t for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        inputs = {i.name for i in graph.input}
+        for tensor in external:
+            graph.initializer.remove(tensor)
+            if tensor.name not in inputs:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+
+def _relabel(model, op: str) -> None:  # noqa: ANN001
+    """Move the standard-domain nodes ``op`` of ``model`` (in memory) to a private domain the checker skips."""
+    domain = "edgeft.ort-registered"
+    if all(o.domain != domain for o in model.opset_import):
+        model.opset_import.add(domain=domain, version=1)
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            if node.op_type == op and node.domain in ("", "ai.onnx"):
+                node.domain = domain
+
+
+def _graphs(graph):  # noqa: ANN001, ANN202
+    """``graph`` and every subgraph in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def _tensors(model):  # noqa: ANN001, ANN202
+    """Every TensorProto of ``model``: initializers, sparse initializers and tensor attributes, in subgraphs
+    and functions too."""
+    nodes = [n for f in model.functions for n in f.node]
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        nodes.extend(graph.node)
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
