@@ -94,8 +94,8 @@ def test_onnx_files_pass_the_checker_and_keep_their_external_data_inside_the_bun
     _external(bundle_copy)
     check_bundle(_rewrite_manifest(bundle_copy, **{"forward_model.onnx": True, "weights.bin": True}))
     (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
-    for location, message in (("../secret.bin", "outside the bundle"), (str(tmp_path / "secret.bin"), "outside the bundle"),
-                              ("other.bin", "does not list")):
+    for location, message in (("../secret.bin", "outside the bundle"),
+                              (str(tmp_path / "secret.bin"), "outside the bundle"), ("other.bin", "does not list")):
         _point(bundle_copy, location)
         with pytest.raises(BundleError, match=message):
             check_bundle(_rewrite_manifest(bundle_copy, **{"forward_model.onnx": True}))
