@@ -1,5 +1,5 @@
 """A content-addressed artifact store on disk: blobs named by their sha256, written atomically,
-verified when read; bundles stored as folders named by their digest."""
+verified when read; bundles stored as folders named by their digest, checked before they are added."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgeft.bundle import Bundle, load_bundle
+from edgeft.bundle import Bundle, check_bundle, load_bundle
 from edgeft.errors import BundleError
 
 
@@ -49,9 +49,22 @@ class ArtifactStore:
             raise BundleError(f"artifact {digest[:12]}... in {self.root} is corrupt (sha256 mismatch)")
         return data
 
+    def remove_partial(self) -> int:
+        """Delete what writes cut short left behind (``.tmp-*`` files and folders); returns how many. Only the
+        store's one writer (the coordinator, at start) may call it."""
+        stale = [*self.root.glob("blobs/*/.tmp-*"), *self.root.glob("bundles/.tmp-*")]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return len(stale)
+
+    def has_blobs(self) -> bool:
+        return any(p.is_file() for d in (self.root / "blobs").iterdir() if d.is_dir() for p in d.iterdir())
+
     def add_bundle(self, source: str | Path) -> Bundle:
-        """Verify a bundle folder and keep a copy named by its digest; returns the stored bundle."""
+        """Verify a bundle folder (files against the manifest, no symbolic links, ONNX files through
+        ``check_bundle``) and keep a copy named by its digest; returns the stored bundle."""
         bundle = load_bundle(source)
+        check_bundle(bundle)
         target = self.root / "bundles" / bundle.digest
         if not target.exists():
             tmp = Path(tempfile.mkdtemp(dir=self.root / "bundles", prefix=".tmp-"))
@@ -60,8 +73,9 @@ class ArtifactStore:
             os.replace(tmp, target)
         return self.bundle(bundle.digest)
 
-    def bundle(self, digest: str) -> Bundle:
+    def bundle(self, digest: str, verify: bool = False) -> Bundle:
+        """A stored bundle; ``verify``: check its files' sha256 again (a corrupt one raises BundleError)."""
         path = self.root / "bundles" / digest
         if not path.is_dir() or "/" in digest or digest.startswith("."):
             raise BundleError(f"no bundle with digest {digest[:12]}... on this coordinator")
-        return load_bundle(path, verify=False)
+        return load_bundle(path, verify=verify)

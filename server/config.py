@@ -21,6 +21,11 @@
     strategy = "fedavg"
     round_deadline_s = 600
     upload_dtype = "float32"      # or "float16" to halve upload bytes
+    max_update_norm_ratio = 10.0  # refuse an update whose change from the round's global adapter has an L2 norm
+                                  # above this multiple of the global adapter's norm ...
+    # max_update_norm = 50.0      # ... or above this absolute bound instead
+    max_update_examples = 1000000 # refuse an update that claims more examples than this
+    # base_model_digest = "..."   # refuse a bundle exported from another base model (manifest base_model.digest)
     [job.clients]
     fraction = 1.0
     min = 2                       # updates a round needs by its deadline
@@ -104,6 +109,14 @@ class JobConfig:
     strategy: str = "fedavg"
     round_deadline_s: float = 600.0
     upload_dtype: str = "float32"
+    # Update validation (besides the manifest's names, shapes and dtypes and finite values). The L2 norm of an
+    # update's change from the global adapter it was trained from, all tensors together, is bounded by
+    # ``max_update_norm`` when given, else by ``max_update_norm_ratio`` x the norm of that global adapter.
+    max_update_norm: float | None = None
+    max_update_norm_ratio: float = 10.0
+    max_update_examples: int = 1_000_000
+    # The base model's digest (a bundle manifest's base_model.digest): a bundle for another base is refused.
+    base_model_digest: str | None = None
     clients: ClientSelection = field(default_factory=ClientSelection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
     # Held-out data on the coordinator: the global adapter is evaluated on it after every round (and before
@@ -125,6 +138,12 @@ class JobConfig:
         _check(self.round_deadline_s > 0, "job.round_deadline_s", self.round_deadline_s, "must be positive")
         _check(self.upload_dtype in ("float32", "float16"), "job.upload_dtype", self.upload_dtype,
                "expected float32 or float16")
+        _check(self.max_update_norm is None or self.max_update_norm > 0, "job.max_update_norm", self.max_update_norm,
+               "must be positive")
+        _check(self.max_update_norm_ratio > 0, "job.max_update_norm_ratio", self.max_update_norm_ratio,
+               "must be positive")
+        _check(isinstance(self.max_update_examples, int) and self.max_update_examples >= 1, "job.max_update_examples",
+               self.max_update_examples, "must be a whole number >= 1")
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,17 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import FedAvg, Strategy
-from edgeft.bundle import Bundle
-from edgeft.errors import DataError, NotFound, PermissionDenied, Rejected
+from edgeft.bundle import Bundle, load_bundle
+from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
+                           StateError)
 from edgeft.train.session import TrainingSession
-from edgeft.update import AdapterUpdate, check_update
+from edgeft.update import AdapterUpdate, check_update, update_norm
 from edgeft.wire import UploadHeader
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
-from edgeft.server.store import (adapters, devices, downloads, enrolments, evaluations, jobs, now, open_database, rounds,
-                                 updates, upsert_device)
+from edgeft.server.store import (adapters, devices, downloads, enrolments, evaluations, jobs, now, open_database,
+                                 rejections, rounds, updates, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 
@@ -71,6 +72,18 @@ def _adapter_row(conn, job_id: str, version: int | None):  # noqa: ANN001, ANN20
     return row
 
 
+def _open_state(state_dir: Path, artifacts: ArtifactStore):  # noqa: ANN202
+    """The coordinator's database; a missing or empty database beside an artifact store that holds blobs is a
+    lost state (StateError), never a fresh start."""
+    path = state_dir / "state.db"
+    had_state = any(p.is_file() and p.stat().st_size > 0 for p in (path, path.with_name("state.db-wal")))
+    if not had_state and artifacts.has_blobs():
+        raise StateError(f"{path} is missing or empty, but {artifacts.root} holds the artifacts of a coordinator "
+                         "state: the database was lost. Restore the state folder from a backup, or start over with "
+                         "a new state_dir")
+    return open_database(path)
+
+
 def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None
                    ) -> tuple[Bundle, dict[str, np.ndarray], int]:
     """Read-only: a job's global adapter after ``round_number`` (default: the latest), its bundle and the
@@ -95,13 +108,16 @@ class Coordinator:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine = open_database(config.state_dir / "state.db")
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
+        self.engine = _open_state(config.state_dir, self.artifacts)
+        self.artifacts.remove_partial()  # blobs and bundles whose writing a crash cut short
         self.jobs = {job.id: job for job in config.jobs}
         self.tokens = TokenStore(self.engine, self.jobs)  # device enrolment tokens, per job
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
+        self._count_lock = threading.Lock()  # rejection counters
+        self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self.bundles: dict[str, Bundle] = {}
         # evaluations of global adapters run one at a time beside the rounds, never under the lock
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
@@ -115,15 +131,14 @@ class Coordinator:
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
         if row is not None:
-            self.bundles[job.id] = self.artifacts.bundle(row.bundle_digest)
-            with self.engine.begin() as conn:  # after a restart: evaluate what was not evaluated yet
-                done = set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job.id)).scalars())
-                versions = conn.execute(select(adapters.c.version).where(adapters.c.job_id == job.id)).scalars().all()
-            for version in sorted(set(versions) - done):
-                self._schedule_evaluation(job, version)
+            self._resume_job(job, row)
             return
         bundle = self.artifacts.add_bundle(job.bundle if job.bundle is not None else self._export(job))
+        self._check_base_model(job, bundle)
         initial = TrainingSession(bundle, threads=1).get_parameters()
+        if job.max_update_norm is None and update_norm(initial) == 0:
+            raise ConfigError(f"job {job.id!r}: its initial adapter is all zeros, so max_update_norm_ratio has no "
+                              "scale; set [job] max_update_norm (an absolute bound on an update's L2 norm)")
         blob = self.artifacts.put(encode(initial))
         with self.engine.begin() as conn:
             conn.execute(insert(jobs).values(id=job.id, bundle_digest=bundle.digest, rounds=job.rounds,
@@ -132,14 +147,78 @@ class Coordinator:
         self.bundles[job.id] = bundle
         self._schedule_evaluation(job, 0)
 
+    def _resume_job(self, job: JobConfig, row) -> None:  # noqa: ANN001
+        """After a restart: check the stored state the job goes on from (bundle files, the latest global
+        adapter, the open round's updates; StateError when corrupt), refuse a configured bundle or model for
+        another base model, close a round that got all its updates before the crash, evaluate what was not."""
+        try:
+            bundle = self.artifacts.bundle(row.bundle_digest, verify=True)
+            with self.engine.begin() as conn:
+                blobs = [r.blob for r in conn.execute(select(updates.c.blob).join(
+                    rounds, (rounds.c.job_id == updates.c.job_id) & (rounds.c.number == updates.c.round))
+                    .where(updates.c.job_id == job.id, rounds.c.status == "open"))]
+                blobs.append(_adapter_row(conn, job.id, None).blob)
+            for blob in blobs:
+                self.artifacts.get(blob)
+        except BundleError as exc:
+            raise StateError(f"job {job.id!r}: the coordinator state in {self.config.state_dir} is corrupt: {exc}. "
+                             "Restore the state folder from a backup, or start over with a new state_dir") from exc
+        self._check_base_model(job, bundle, resumed=True)
+        self.bundles[job.id] = bundle
+        with self.engine.begin() as conn:  # evaluate what was not evaluated yet
+            done = set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job.id)).scalars())
+            versions = conn.execute(select(adapters.c.version).where(adapters.c.job_id == job.id)).scalars().all()
+            open_rounds = conn.execute(select(rounds.c.number).where(rounds.c.job_id == job.id,
+                                                                     rounds.c.status == "open")).scalars().all()
+        for version in sorted(set(versions) - done):
+            self._schedule_evaluation(job, version)
+        with self._lock:
+            for number in open_rounds:
+                self._maybe_close(job, number)
+
+    def _check_base_model(self, job: JobConfig, bundle: Bundle, resumed: bool = False) -> None:
+        """Refuse a bundle for another base model than the job's: its ``base_model_digest`` pin and, for a
+        resumed job, the base model of the bundle or model folder the configuration names now."""
+        base = bundle.manifest.base_model.get("digest", "")
+        if job.base_model_digest is not None and base != job.base_model_digest:
+            raise BundleError(f"job {job.id!r}: bundle {bundle.digest[:12]}... was exported from base model "
+                              f"{base[:12]}..., not the job's base_model_digest {job.base_model_digest[:12]}...; "
+                              "export the bundle from the job's base model")
+        if not resumed:
+            return
+        configured = None
+        if job.bundle is not None and (job.bundle / "manifest.json").is_file():
+            source = load_bundle(job.bundle, verify=False)
+            configured = source.manifest.base_model.get("digest", "")
+            if configured == base and source.digest != bundle.digest:
+                log.warning("job %s goes on with its stored bundle %s...; %s is another bundle of the same base "
+                            "model and is not used (a new job id would use it)", job.id, bundle.digest[:12],
+                            job.bundle)
+        elif job.model is not None and job.model.is_dir():
+            from edgeft.export.source import hf_base_digest
+
+            configured = hf_base_digest(job.model)
+        if configured is not None and configured != base:
+            what = job.bundle if job.bundle is not None else job.model
+            raise BundleError(f"job {job.id!r} runs on base model {base[:12]}... (its stored bundle), but {what} "
+                              f"is for base model {configured[:12]}...: a job keeps its base model; give the new "
+                              "model a new job id (or a new state_dir)")
+
     def _export(self, job: JobConfig) -> Path:
-        """Export the job's model into a bundle under the state folder (once; torch needed here only)."""
+        """Export the job's model into a bundle under the state folder (once per base model; torch needed here
+        only). An export of other weights left there (the folder's model changed before the job started) is
+        redone."""
         from edgeft.export import export_hf
+        from edgeft.export.source import hf_base_digest
 
         target = self.config.state_dir / "exports" / job.id
-        if not (target / "manifest.json").is_file():
-            shutil.rmtree(target, ignore_errors=True)
-            export_hf(job.model, target, job.export)
+        if (target / "manifest.json").is_file():
+            old = load_bundle(target, verify=False).manifest.base_model.get("digest")
+            if old == hf_base_digest(job.model):
+                return target
+            log.warning("job %s: %s holds an export of other weights; exporting %s again", job.id, target, job.model)
+        shutil.rmtree(target, ignore_errors=True)
+        export_hf(job.model, target, job.export)
         return target
 
     def job_status(self, job_id: str) -> dict:
@@ -253,34 +332,53 @@ class Coordinator:
         return conn.execute(select(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)).first()
 
     def submit(self, header: UploadHeader, update: AdapterUpdate, size: int = 0) -> bool:
-        """Accept a device's update for the open round; returns False when it was already received."""
+        """Accept a device's update for the open round; returns False for a replay of the upload already
+        received (the same ``upload_id``: counted once). Every refusal is counted under its reason."""
         job = self.jobs.get(header.job_id)
         if job is None:
             raise NotFound(f"unknown job {header.job_id!r}")
+        try:
+            return self._submit(job, header, update, size)
+        except EdgeftError as exc:
+            self.count_rejection(job.id, exc)
+            raise
+
+    def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
         with self._lock:
             with self.engine.begin() as conn:
                 self._known_device(conn, header.device_id, job.id)
                 job_row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
                 round_row = conn.execute(select(rounds).where(rounds.c.job_id == job.id,
                                                                rounds.c.number == header.round)).first()
-                duplicate = conn.execute(select(updates.c.upload_id).where(
+                received = conn.execute(select(updates.c.upload_id).where(
                     updates.c.job_id == job.id, updates.c.round == header.round,
                     updates.c.device_id == header.device_id)).first()
-            if duplicate is not None:
-                return False
+            if received is not None:
+                if received.upload_id == header.upload_id:
+                    self.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
+                                         f"for round {header.round} again; counted once")
+                    return False
+                raise Rejected(f"device {header.device_id} already delivered upload {received.upload_id!r} for round "
+                               f"{header.round} of job {job.id!r}; a device counts once per round, so upload "
+                               f"{header.upload_id!r} is refused", reason="second_update")
             if round_row is None or job_row.current_round != header.round:
                 raise Rejected(f"round {header.round} of job {job.id!r} is not open (current round: "
-                               f"{job_row.current_round}, status {job_row.status})")
+                               f"{job_row.current_round}, status {job_row.status})", reason="round")
             if round_row.status != "open":
-                raise Rejected(f"round {header.round} of job {job.id!r} is {round_row.status}; the update came late")
+                raise Rejected(f"round {header.round} of job {job.id!r} is {round_row.status}; the update came late",
+                               reason="late")
             if header.device_id not in round_row.selected:
-                raise Rejected(f"device {header.device_id} was not selected for round {header.round}")
+                raise Rejected(f"device {header.device_id} was not selected for round {header.round}",
+                               reason="not_selected")
             if now() > round_row.deadline:
-                raise Rejected(f"round {header.round} of job {job.id!r} passed its deadline; the update came late")
+                raise Rejected(f"round {header.round} of job {job.id!r} passed its deadline; the update came late",
+                               reason="late")
+            reference = self.global_adapter(job.id, header.round - 1)
             try:
-                check_update(update, self.bundles[job.id].manifest)
+                check_update(update, self.bundles[job.id].manifest, max_examples=job.max_update_examples,
+                             reference=reference, max_norm=self._norm_bound(job, header.round - 1, reference))
             except DataError as exc:
-                raise DataError(f"update from {header.device_id} refused: {exc}") from exc
+                raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
             blob = self.artifacts.put(encode(update.tensors))
             try:
                 with self.engine.begin() as conn:
@@ -292,6 +390,37 @@ class Coordinator:
                 return False
             self._maybe_close(job, header.round)
         return True
+
+    def _norm_bound(self, job: JobConfig, version: int, reference: dict[str, np.ndarray]) -> float:
+        """The bound on the L2 norm of an update's change from global adapter ``version`` (``reference``)."""
+        if job.max_update_norm is not None:
+            return job.max_update_norm
+        key = (job.id, version)
+        if key not in self._norms:
+            self._norms[key] = update_norm(reference)
+        return job.max_update_norm_ratio * self._norms[key]
+
+    def count_rejection(self, job_id: str, error: EdgeftError | str, message: str = "") -> None:
+        """Count a refused upload of ``job_id`` under its reason (an EdgeftError's ``reason``, else its class;
+        or the reason given as a string); reason ``duplicate`` counts replays answered duplicate=true."""
+        if isinstance(error, EdgeftError):
+            reason, message = error.reason or type(error).__name__, str(error)
+        else:
+            reason = error
+        with self._count_lock, self.engine.begin() as conn:
+            counted = conn.execute(update(rejections)
+                                   .where(rejections.c.job_id == job_id, rejections.c.reason == reason)
+                                   .values(count=rejections.c.count + 1, last_message=message[:500], last_at=now()))
+            if counted.rowcount == 0:
+                conn.execute(insert(rejections).values(job_id=job_id, reason=reason, count=1,
+                                                       last_message=message[:500], last_at=now()))
+
+    def rejections(self, job_id: str) -> dict[str, int]:
+        """Refused uploads of a job per reason (``duplicate``: replays counted once, not refused)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(rejections.c.reason, rejections.c.count)
+                                .where(rejections.c.job_id == job_id)).all()
+        return {r.reason: r.count for r in sorted(rows)}
 
     def tick(self) -> None:
         """Close rounds whose deadline passed (or fail them below the minimum)."""
@@ -395,7 +524,9 @@ class Coordinator:
                                       updates.c.bytes).where(updates.c.job_id == job_id)).all()
             downs = {(r.round, r.device_id): r.bytes
                      for r in conn.execute(select(downloads).where(downloads.c.job_id == job_id))}
+        refused = self.rejections(job_id)
         history = {"job": job_id, "status": status["status"], "message": status["message"],
+                   "duplicates": refused.pop("duplicate", 0), "rejections": refused,
                    "rounds": [{"round": 0, "status": "initial", "evaluation": evals.get(0), "clients": []}]}
         for row in round_rows:
             clients = [{"device_id": u.device_id, "n_examples": u.n_examples, "metrics": u.metrics,

@@ -4,6 +4,8 @@ Converts messages with ``edgeft.wire`` only, and maps ``EdgeftError`` to gRPC st
 ``grpc_code``); anything unexpected is INTERNAL with the request left unapplied. Every Coordinator call is
 authenticated in one place, the ``rpc``/``stream_rpc`` decorators: the caller's enrolment token (call
 metadata ``authorization: Bearer <token>``) gives a ``Principal`` whose job bounds what the call may touch.
+Requests arrive as raw bytes and are parsed only after that (``edgeft.wire.parse``), so truncated or garbled
+messages are INVALID_ARGUMENT like any other malformed request. Refused uploads are counted per job and reason.
 Health checking and reflection are separate services and need no token.
 """
 
@@ -22,7 +24,7 @@ from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import dtype_code, tensor_to_pb, train_spec, update_from_parts
+from edgeft.wire import dtype_code, parse, tensor_to_pb, train_spec, update_from_parts
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
@@ -36,38 +38,58 @@ def _status(exc: EdgeftError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
-def rpc(method: Callable) -> Callable:
-    """Authenticate the caller and pass its Principal on; turn EdgeftError into the matching gRPC status
-    (UNAUTHENTICATED without a valid token); log anything else as INTERNAL."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):  # noqa: ANN001, ANN202
-        try:
-            return method(self, request, context, self.authenticate(context))
-        except EdgeftError as exc:
-            log.info("%s from %s refused: %s", method.__name__, context.peer(), exc)
-            context.abort(_status(exc), str(exc))
-        except grpc.RpcError:
-            raise
-        except Exception as exc:  # the request is not applied; say so without leaking internals
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
-
-    return wrapper
+def _refused(name: str, context, exc: EdgeftError) -> None:  # noqa: ANN001
+    log.info("%s from %s refused [%s]: %s", name, context.peer(), exc.reason or type(exc).__name__, exc)
+    context.abort(_status(exc), str(exc))
 
 
-def stream_rpc(method: Callable) -> Callable:
+def _parsed(request_type: type | None, request, stream: bool):  # noqa: ANN001, ANN202
+    """The request (raw bytes, or an iterator of them for client streams) parsed as ``request_type``."""
+    if stream:
+        return (parse(request_type, raw) for raw in request)
+    return parse(request_type, request)
+
+
+def rpc(request_type: type, stream: bool = False) -> Callable:
+    """Authenticate the caller, parse its request (``stream``: a client stream, parsed message by message as
+    it is read) and pass both on with the Principal; turn EdgeftError into the matching gRPC status
+    (UNAUTHENTICATED without a valid token, INVALID_ARGUMENT for bytes that do not parse); log anything else
+    as INTERNAL."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self, request, context):  # noqa: ANN001, ANN202
+            try:
+                principal = self.authenticate(context)
+                return method(self, _parsed(request_type, request, stream), context, principal)
+            except EdgeftError as exc:
+                _refused(method.__name__, context, exc)
+            except grpc.RpcError:
+                raise
+            except Exception as exc:  # the request is not applied; say so without leaking internals
+                log.exception("%s failed", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
+
+        return wrapper
+
+    return decorate
+
+
+def stream_rpc(request_type: type) -> Callable:
     """rpc() for server-streaming methods (generators)."""
 
-    @functools.wraps(method)
-    def wrapper(self, request, context):  # noqa: ANN001, ANN202
-        try:
-            yield from method(self, request, context, self.authenticate(context))
-        except EdgeftError as exc:
-            log.info("%s from %s refused: %s", method.__name__, context.peer(), exc)
-            context.abort(_status(exc), str(exc))
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self, request, context):  # noqa: ANN001, ANN202
+            try:
+                principal = self.authenticate(context)
+                yield from method(self, parse(request_type, request), context, principal)
+            except EdgeftError as exc:
+                _refused(method.__name__, context, exc)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -91,7 +113,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                    "only job this device's token enrols it in")
         return self.coordinator.artifacts.bundle(digest)
 
-    @rpc
+    @rpc(pb.RegisterRequest)
     def Register(self, request: pb.RegisterRequest, context, principal: Principal  # noqa: ANN001, N802
                  ) -> pb.RegisterResponse:
         caps = request.capabilities
@@ -101,7 +123,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         device_id = self.coordinator.register(request.device_id, capabilities, principal.job_id, principal.token_id)
         return pb.RegisterResponse(device_id=device_id)
 
-    @rpc
+    @rpc(pb.PollTaskRequest)
     def PollTask(self, request: pb.PollTaskRequest, context, principal: Principal  # noqa: ANN001, N802
                  ) -> pb.PollTaskResponse:
         wait = min(float(request.wait_seconds or 0), self.poll_wait_s)
@@ -127,7 +149,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                           label_column=task.job.data.label_column,
                                           format=task.job.data.format or ""))
 
-    @rpc
+    @rpc(pb.GetBundleRequest)
     def GetBundle(self, request: pb.GetBundleRequest, context, principal: Principal  # noqa: ANN001, N802
                   ) -> pb.BundleInfo:
         bundle = self._bundle(principal, request.bundle_digest)
@@ -136,7 +158,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.BundleInfo(bundle_digest=bundle.digest, manifest_json=bundle.file(MANIFEST).read_bytes(),
                              files=files)
 
-    @stream_rpc
+    @stream_rpc(pb.DownloadRequest)
     def DownloadBundle(self, request: pb.DownloadRequest, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         bundle = self._bundle(principal, request.bundle_digest)
         if request.file not in bundle.manifest.files:
@@ -153,7 +175,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                      chunk_sha256=hashlib.sha256(block).hexdigest())
                 offset += len(block)
 
-    @rpc
+    @rpc(pb.UpdatePart, stream=True)
     def UploadUpdate(self, request_iterator, context, principal: Principal  # noqa: ANN001, N802
                      ) -> pb.UploadResponse:
         sizes: list[int] = []  # the bytes that came over the wire
@@ -162,24 +184,46 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             for part in parts:
                 if not sizes and part.WhichOneof("part") == "header" and part.header.job_id != principal.job_id:
                     raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
-                                           f"{part.header.job_id!r}")
+                                           f"{part.header.job_id!r}", reason="wrong_job")
                 sizes.append(part.ByteSize())
                 if sum(sizes) > self.limits.max_upload_bytes:
                     raise WireError(f"the upload exceeds the coordinator's limit of {self.limits.max_upload_bytes} "
-                                    "bytes ([server.limits] max_upload_bytes)")
+                                    "bytes ([server.limits] max_upload_bytes)", reason="too_large")
                 yield part
 
-        header, update = update_from_parts(counted(request_iterator))
+        try:
+            header, update = update_from_parts(counted(request_iterator))
+        except EdgeftError as exc:  # malformed before it reached the coordinator's rules: counted here
+            self.coordinator.count_rejection(principal.job_id, exc)
+            raise
+        except grpc.RpcError:  # the device went away mid-upload (cancelled, killed): nothing is stored
+            log.info("UploadUpdate from %s broke off after %d messages; nothing stored", context.peer(), len(sizes))
+            self.coordinator.count_rejection(principal.job_id, "incomplete",
+                                             f"upload from {context.peer()} broke off after {len(sizes)} messages")
+            raise
         size = sum(sizes)
         accepted = self.coordinator.submit(header, update, size)
         return pb.UploadResponse(duplicate=not accepted,
                                  message="accepted" if accepted else "already received; counted once")
 
-    @rpc
+    @rpc(pb.HeartbeatRequest)
     def Heartbeat(self, request: pb.HeartbeatRequest, context, principal: Principal  # noqa: ANN001, N802
                   ) -> pb.HeartbeatResponse:
         self.coordinator.heartbeat(request.device_id, dict(request.metrics), principal.job_id)
         return pb.HeartbeatResponse()
+
+
+def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+    """Register edgeft.v1.Coordinator like the generated ``add_CoordinatorServicer_to_server``, but with its
+    requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``)."""
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {m.name: kinds[m.client_streaming, m.server_streaming](
+        getattr(servicer, m.name), request_deserializer=None,
+        response_serializer=getattr(pb, m.output_type.name).SerializeToString) for m in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
@@ -210,7 +254,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     _check_adapters_fit(coordinator, limits)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="edgeft-rpc"),
                          options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
+    add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("edgeft.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)

@@ -13,6 +13,9 @@ from pathlib import Path
 from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
                         event, insert, select, update)
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DatabaseError
+
+from edgeft.errors import StateError
 
 metadata = MetaData()
 
@@ -107,8 +110,21 @@ enrolments = Table(
 )
 
 
+rejections = Table(
+    "rejections", metadata,  # uploads refused per job and reason; reason "duplicate": replays counted once
+    Column("job_id", String, primary_key=True),
+    Column("reason", String, primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("last_message", String, nullable=False, default=""),
+    Column("last_at", Float, nullable=False),
+)
+
+
 def open_database(url_or_path: str | Path) -> Engine:
-    """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised)."""
+    """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised).
+
+    A SQLite file that is not a database or fails SQLite's ``quick_check`` (truncated, garbled) raises
+    ``StateError``: a corrupt state is never used."""
     url = str(url_or_path)
     if "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +138,24 @@ def open_database(url_or_path: str | Path) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
-    metadata.create_all(engine)
+    try:
+        if url.startswith("sqlite"):
+            with engine.connect() as conn:
+                problems = [" ".join(p.split()) for p in conn.exec_driver_sql("PRAGMA quick_check").scalars()
+                            if p != "ok"]
+            if problems:
+                raise StateError(f"the state database {url.removeprefix('sqlite:///')} is corrupt "
+                                 f"({'; '.join(problems[:3])}); restore the state folder from a backup, or start "
+                                 "over with a new state_dir")
+        metadata.create_all(engine)
+    except DatabaseError as exc:
+        engine.dispose()
+        raise StateError(f"the state database {url.removeprefix('sqlite:///')} is corrupt or not a database "
+                         f"({exc.orig}); restore the state folder from a backup, or start over with a new "
+                         "state_dir") from exc
+    except StateError:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -73,6 +73,24 @@ def state_dict_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _weight_files(model_dir: Path) -> list[Path]:
+    weights = [model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()]
+    if not weights:
+        raise ExportError(
+            f"model folder {model_dir} has no weights (expected one of {', '.join(WEIGHT_FILES)}); "
+            "save the model with save_pretrained() or copy its weight file there")
+    if any(w.name.endswith(".index.json") for w in weights):
+        index = json.loads(weights[0].read_text())
+        weights = sorted({model_dir / f for f in index["weight_map"].values()})
+    return weights
+
+
+def hf_base_digest(model_dir: str | Path) -> str:
+    """The base-model digest a bundle exported from this Hugging Face folder records (its weight files'
+    sha256), without loading the model."""
+    return _weights_digest(_weight_files(Path(model_dir)))
+
+
 def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
     """Load a Hugging Face model folder for ``config.task`` (sequence classification or causal LM)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -82,14 +100,7 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
         raise ExportError(f"model folder {model_dir} does not exist; pass a Hugging Face model folder")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"model folder {model_dir} has no config.json; is it a Hugging Face model folder?")
-    weights = [model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()]
-    if not weights:
-        raise ExportError(
-            f"model folder {model_dir} has no weights (expected one of {', '.join(WEIGHT_FILES)}); "
-            "save the model with save_pretrained() or copy its weight file there")
-    if any(w.name.endswith(".index.json") for w in weights):
-        index = json.loads(weights[0].read_text())
-        weights = sorted({model_dir / f for f in index["weight_map"].values()})
+    weights = _weight_files(model_dir)
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ExportError(f"model folder {model_dir} has no tokenizer.json; the device tokenises with it "

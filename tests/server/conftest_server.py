@@ -39,11 +39,12 @@ def shards(tmp_path) -> list[Path]:
     return [write_csv(tmp_path / f"shard{i}.csv", rows[i::3][: 150 + 40 * i]) for i in range(3)]
 
 
-def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None, **server_settings):
-    """A coordinator for job "banking" on a loopback port; plaintext unless ``tls`` is given."""
+def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None, job_settings=None, **server_settings):
+    """A coordinator for job "banking" on a loopback port; plaintext unless ``tls`` is given. ``job_settings``:
+    more JobConfig fields."""
     job = JobConfig(id="banking", bundle=bundle.path, rounds=rounds, round_deadline_s=deadline,
                     clients=ClientSelection(fraction=1.0, min=minimum, min_available=available), data=DataSchema(label_column="category"),
-                    train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
+                    train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False), **(job_settings or {}))
     server_settings.setdefault("insecure", server_settings.get("tls") is None)
     server_settings.setdefault("poll_wait_s", 1)
     config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), **server_settings)
