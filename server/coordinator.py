@@ -283,7 +283,7 @@ class Coordinator:
     def _known_device(self, conn, device_id: str, job_id: str) -> None:  # noqa: ANN001
         """The device is registered and enrolled in the job (PermissionDenied otherwise); it was seen now."""
         if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
-            raise NotFound(f"unknown device {device_id!r}: register first")
+            raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
         if conn.execute(select(enrolments.c.device_id).where(enrolments.c.device_id == device_id,
                                                              enrolments.c.job_id == job_id)).first() is None:
             raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a token "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -42,6 +43,27 @@ label_column = "intent"
     assert set(coordinator.global_adapter("custom", 0)) == set(manifest.trainable_names)
     again = Coordinator(config)  # a restart reuses the export and the stored state
     assert again.bundles["custom"].digest == coordinator.bundles["custom"].digest
+    # other weights in the model folder: the running job refuses them; a job not started yet re-exports
+    from safetensors.numpy import load_file, save_file
+
+    from edgeft.errors import BundleError
+    from edgeft.export.source import hf_base_digest
+
+    changed = tmp_path / "changed-model"
+    shutil.copytree(tiny_bert_dir, changed)
+    weights = load_file(changed / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.5
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    text = (tmp_path / "jobs.toml").read_text().replace(str(tiny_bert_dir), str(changed))
+    (tmp_path / "jobs.toml").write_text(text)
+    with pytest.raises(BundleError, match="a job keeps its base model"):
+        Coordinator(load_server_config(tmp_path / "jobs.toml"))
+    shutil.copytree(tmp_path / "state" / "exports", tmp_path / "fresh" / "exports")  # an export left by a crash
+    (tmp_path / "jobs.toml").write_text(text.replace('state_dir = "state"', 'state_dir = "fresh"'))
+    fresh = Coordinator(load_server_config(tmp_path / "jobs.toml"))
+    assert fresh.bundles["custom"].manifest.base_model["digest"] == hf_base_digest(changed)
+    assert hf_base_digest(changed) != manifest.base_model["digest"]
 
 
 @pytest.mark.parametrize("body,message", [
