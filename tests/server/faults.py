@@ -1,0 +1,265 @@
+"""Fault-injection harness: a coordinator process (`edgeft server --config`) that is SIGKILLed from outside or
+kills itself mid-write, agents that die at chosen points (mid-upload included), and the checks that the state a
+crash leaves is consistent: every round's global adapter is the FedAvg of that round's stored updates, no device
+counted twice. Figures go to a JSON report (``record``) for the closing note and bench/faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.store import adapters, jobs, open_database, rejections, rounds, updates
+from edgeft.update import AdapterUpdate
+
+from conftest_server import NO_TORCH
+
+# Runs `edgeft server` with an optional self-inflicted crash (environment EDGEFT_FAULT):
+#   commit:K  SIGKILL inside the K-th database commit (statements executed, transaction not committed)
+#   put:K     SIGKILL halfway through writing the K-th artifact blob (half its bytes in a temporary file)
+COORDINATOR = '''
+import hashlib, os, signal, sys
+fault = os.environ.get("EDGEFT_FAULT", "")
+if fault:
+    kind, limit = fault.split(":")
+    limit, seen = int(limit), [0]
+
+    def due():
+        seen[0] += 1
+        return seen[0] >= limit
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "commit":
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        @event.listens_for(Engine, "commit")
+        def _commit(conn):
+            if due():
+                die()
+    else:
+        from edgeft.server import artifacts
+        put = artifacts.ArtifactStore.put
+
+        def dying_put(self, data):
+            if due():
+                path = self._blob_path(hashlib.sha256(data).hexdigest())
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path.parent / ".tmp-crash", "wb") as fh:
+                    fh.write(data[: len(data) // 2])
+                    fh.flush()
+                die()
+            return put(self, data)
+
+        artifacts.ArtifactStore.put = dying_put
+from edgeft.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+# An agent that dies after sending its update's header and first chunk (environment EDGEFT_FAULT=mid_upload).
+AGENT = NO_TORCH + '''
+import os, signal, time
+if os.environ.get("EDGEFT_FAULT") == "mid_upload":
+    import edgeft.client.agent as agent_module
+    whole = agent_module.update_to_parts
+
+    def cut_short(*args, **kwargs):
+        parts = whole(*args, **kwargs)
+        yield next(parts)
+        yield next(parts)
+        time.sleep(0.5)  # let them reach the coordinator
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    agent_module.update_to_parts = cut_short
+from edgeft.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def write_config(folder: Path, bundle_path: Path, port: int, *, rounds: int, minimum: int, deadline: float,
+                 available: int | None = None, poll_wait_s: float = 1, extra: str = "") -> Path:
+    """A plaintext coordinator configuration for job "banking" in ``folder`` (state in folder/state)."""
+    path = folder / "jobs.toml"
+    path.write_text(f"""
+[server]
+address = "127.0.0.1:{port}"
+state_dir = "state"
+poll_wait_s = {poll_wait_s}
+insecure = true
+
+[[job]]
+id = "banking"
+bundle = "{bundle_path}"
+rounds = {rounds}
+round_deadline_s = {deadline}
+{extra}
+[job.clients]
+min = {minimum}
+min_available = {available or minimum}
+[job.train]
+epochs = 2
+learning_rate = 0.03
+[job.data]
+label_column = "category"
+""")
+    return path
+
+
+def make_token(state_dir: Path, job: str = "banking") -> str:
+    """An enrolment token made before the coordinator first starts, as an operator may."""
+    from edgeft.server.auth import TokenStore
+
+    engine = open_database(state_dir / "state.db")
+    try:
+        return TokenStore(engine, [job]).create(job)[1]
+    finally:
+        engine.dispose()
+
+
+class CoordinatorProcess:
+    """`edgeft server --config` in its own process, its output in a log file (never a pipe nobody reads)."""
+
+    def __init__(self, config: Path, port: int, log: Path):
+        self.config, self.port, self.log = config, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, fault: str = "") -> CoordinatorProcess:
+        env = {**os.environ, "EDGEFT_FAULT": fault}
+        with open(self.log, "a") as out:
+            out.write(f"\n=== start (fault: {fault or 'none'}) ===\n")
+            out.flush()
+            self.proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, "server", "--config", str(self.config)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: self.listening() or self.proc.poll() is not None, timeout, "the coordinator to listen")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def agent_process(port: int, data: Path, cache: Path, token: str, fault: str = "",
+                  give_up_after: float = 120) -> subprocess.Popen:
+    """An agent process (no torch importable) with the token in EDGEFT_TOKEN; ``fault="mid_upload"`` makes it
+    die halfway through its first upload."""
+    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--cache-dir", str(cache),
+            "--threads", "1", "--give-up-after", str(give_up_after), "--insecure"]
+    env = {**os.environ, "EDGEFT_TOKEN": token, "EDGEFT_FAULT": fault}
+    return subprocess.Popen([sys.executable, "-c", AGENT, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def committed(state_dir: Path, snapshot: Path) -> dict:
+    """What a stopped coordinator's database holds (read from a copy in ``snapshot``, so the coordinator itself
+    recovers the original): {(round, device): blob} of the updates, round statuses, adapter versions."""
+    import shutil
+
+    shutil.rmtree(snapshot, ignore_errors=True)
+    snapshot.mkdir(parents=True)
+    for path in state_dir.glob("state.db*"):
+        shutil.copyfile(path, snapshot / path.name)
+    engine = open_database(snapshot / "state.db")
+    try:
+        with engine.begin() as conn:
+            ups = {(r.round, r.device_id): r.blob for r in conn.execute(select(updates))}
+            closed = {r.number: r.status for r in conn.execute(select(rounds))}
+            versions = {r.version: r.blob for r in conn.execute(select(adapters))}
+    finally:
+        engine.dispose()
+    return {"updates": ups, "rounds": closed, "adapters": versions}
+
+
+def check_consistent(state_dir: Path, job: str = "banking") -> dict:
+    """Every closed round's global adapter equals the example-weighted mean (FedAvg) of the updates stored for it,
+    recomputed here from the stored blobs; a device has at most one update per round; SQLite's integrity check
+    passes. Returns the job's status, rounds and updates per round."""
+    from safetensors.numpy import load as load_tensors
+
+    engine = open_database(state_dir / "state.db")
+    store = ArtifactStore(state_dir / "artifacts")
+    try:
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            status = conn.execute(select(jobs).where(jobs.c.id == job)).first()
+            round_rows = conn.execute(select(rounds).where(rounds.c.job_id == job).order_by(rounds.c.number)).all()
+            update_rows = conn.execute(select(updates).where(updates.c.job_id == job)).all()
+            versions = {r.version: r.blob for r in conn.execute(select(adapters).where(adapters.c.job_id == job))}
+    finally:
+        engine.dispose()
+    per_round: dict[int, list] = {}
+    for row in update_rows:
+        per_round.setdefault(row.round, []).append(row)
+    for number, rows in per_round.items():
+        devices = [r.device_id for r in rows]
+        assert len(devices) == len(set(devices)), f"round {number}: a device counted twice: {devices}"
+    for row in round_rows:
+        if row.status != "closed":
+            continue
+        stored = [AdapterUpdate(load_tensors(store.get(r.blob)), r.n_examples) for r in per_round[row.number]]
+        weight = sum(u.n_examples for u in stored)
+        result = load_tensors(store.get(versions[row.number]))
+        for name, value in result.items():
+            expected = sum(u.n_examples * u.tensors[name].astype(np.float64) for u in stored) / weight
+            np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=f"round {row.number} {name}")
+    assert sorted(versions) == list(range(len([r for r in round_rows if r.status == "closed"]) + 1))
+    return {"status": status.status, "message": status.message, "rounds": [r.status for r in round_rows],
+            "updates_per_round": {n: len(rows) for n, rows in sorted(per_round.items())}}
+
+
+def rejection_counts(state_dir: Path, job: str = "banking") -> dict[str, int]:
+    engine = open_database(state_dir / "state.db")
+    try:
+        with engine.begin() as conn:
+            return {r.reason: r.count for r in conn.execute(select(rejections).where(rejections.c.job_id == job))}
+    finally:
+        engine.dispose()
+
+
+def record(report: Path, name: str, figures: dict) -> None:
+    """Add a scenario's figures to the JSON report (and $EDGEFT_FAULT_REPORT when set) and print them."""
+    for path in {report, *([Path(os.environ["EDGEFT_FAULT_REPORT"])] if os.environ.get("EDGEFT_FAULT_REPORT") else [])}:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[name] = figures
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    print(f"\nFAULTS {name}: {json.dumps(figures, sort_keys=True, default=str)}")
