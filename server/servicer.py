@@ -196,7 +196,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except EdgeftError as exc:  # malformed before it reached the coordinator's rules: counted here
             self.coordinator.count_rejection(principal.job_id, exc)
             raise
-        except grpc.RpcError:  # the device went away mid-upload (cancelled, killed): nothing is stored
+        except grpc.RpcError:  # the call was cancelled mid-upload: nothing is stored. (A device that dies mid-upload
+            # usually looks like a stream that ended early instead: refused, as every tensor must arrive whole.)
             log.info("UploadUpdate from %s broke off after %d messages; nothing stored", context.peer(), len(sizes))
             self.coordinator.count_rejection(principal.job_id, "incomplete",
                                              f"upload from {context.peer()} broke off after {len(sizes)} messages")
