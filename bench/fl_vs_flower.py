@@ -8,7 +8,8 @@ lr 3e-3, 3 rounds, FedAvg, the global model evaluated on the BANKING77 test set 
   2 agents training at once with 1 thread each. Wall time: export, partitioning, agents, all rounds and the
   coordinator's evaluations.
 - Flower: ``flwr`` simulation (Ray) + PyTorch + PEFT (bench/flower_peer.py, in its own venv because flwr
-  needs protobuf<7), one client at a time on 2 threads. Wall time: Ray start to the end of the last
+  needs protobuf<7), one client at a time on 2 threads, each client round with edgeft's schedule (6% warm-up,
+  linear decay; ``--flower-schedule constant`` for the usual constant rate) and PyTorch's dropout. Wall time: Ray start to the end of the last
   evaluation.
 - Centralised: edgeft training the same model on all the data for the same number of passes (3 epochs).
 
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/fl_vs_flower"))
     parser.add_argument("--no-centralised", dest="centralised", action="store_false")
     parser.add_argument("--no-flower", dest="flower", action="store_false", help="edgeft only")
+    parser.add_argument("--flower-schedule", default="linear", choices=["linear", "constant"],
+                        help="Flower clients' learning-rate schedule per round: linear (edgeft's warm-up 6%% + "
+                             "linear decay, the same job; default) or constant (the usual Flower example)")
     args = parser.parse_args()
 
     from common import CONFIG, TEST, TRAIN, emit
@@ -62,7 +66,8 @@ def main() -> None:
     flower = None
     if args.flower:
         flower = run_flower(clients=args.clients, rounds=args.rounds, alpha=args.alpha, seed=args.seed, epochs=1,
-                            batch_size=32, lr=3e-3, threads=args.threads, work=args.work / "flower")
+                            batch_size=32, lr=3e-3, threads=args.threads, work=args.work / "flower",
+                            schedule=args.flower_schedule)
 
     centralised = None
     if args.centralised:
