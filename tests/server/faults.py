@@ -182,12 +182,21 @@ class CoordinatorProcess:
 def agent_process(port: int, data: Path, cache: Path, token: str, fault: str = "",
                   give_up_after: float = 120) -> subprocess.Popen:
     """An agent process (no torch importable) with the token in EDGEFT_TOKEN; ``fault="mid_upload"`` makes it
-    die halfway through its first upload."""
+    die halfway through its first upload. Its output goes to ``cache``/agent.log (through coordinator restarts
+    an agent logs every retry: a pipe read only at the end would fill up and block it); ``output`` reads it."""
     argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--cache-dir", str(cache),
             "--threads", "1", "--give-up-after", str(give_up_after), "--insecure"]
     env = {**os.environ, "EDGEFT_TOKEN": token, "EDGEFT_FAULT": fault}
-    return subprocess.Popen([sys.executable, "-c", AGENT, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "agent.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", AGENT, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def output(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for an agent_process to end; its output."""
+    proc.wait(timeout=timeout)
+    cache = Path(proc.args[proc.args.index("--cache-dir") + 1])
+    return (cache / "agent.log").read_text()
 
 
 def committed(state_dir: Path, snapshot: Path) -> dict:

@@ -35,8 +35,8 @@ from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
 
 from conftest_server import enrol, five_intents, start, stub, write_csv
-from faults import (CoordinatorProcess, agent_process, check_consistent, committed, free_port, make_token, record,
-                    rejection_counts, wait_for, write_config)
+from faults import (CoordinatorProcess, agent_process, check_consistent, committed, free_port, make_token, output,
+                    record, rejection_counts, wait_for, write_config)
 
 Code = grpc.StatusCode
 
@@ -126,7 +126,7 @@ def kill_clients(tmp_path, bundle, n: int, victims: dict[int, str], minimum: int
             time.sleep(rng.uniform(0.2, 1.0))
             procs[i].send_signal(signal.SIGKILL)
         coordinator.wait_until_finished(timeout=deadline + 180)
-        outputs = {i: p.communicate(timeout=120)[0] for i, p in enumerate(procs) if i not in victims}
+        outputs = {i: output(p, timeout=120) for i, p in enumerate(procs) if i not in victims}
         assert all(procs[i].returncode == 0 for i in outputs), outputs
         status = coordinator.job_status("banking")
         stored = {c["device_id"] for c in coordinator.history("banking")["rounds"][1]["clients"]}
@@ -213,7 +213,7 @@ def kill_coordinator(tmp_path, bundle, shards, plan: list[str], rounds: int, see
             kills[kind] += 1
             snapshots.append(committed(tmp_path / "state", tmp_path / f"snapshot{number}"))
         coordinator.start()  # the last start runs the job to its end
-        outputs = [c.communicate(timeout=300)[0] for c in clients]
+        outputs = [output(c, timeout=300) for c in clients]
         log_tail = (tmp_path / "coordinator.log").read_text()[-3000:]
         assert all(c.returncode == 0 for c in clients), (outputs[:1], log_tail)
         coordinator.proc.wait(timeout=60)
@@ -475,8 +475,8 @@ def fuzz_coordinator(tmp_path, bundle, shard, messages: int, warmup: int, seed: 
         reply = upload(iter(m.SerializeToString() for m in update_to_parts(
             UploadHeader("banking", 1, device, "honest"), AdapterUpdate(good, 100))), timeout=30)
         assert reply.duplicate is False
-        output = honest_agent.communicate(timeout=240)[0]
-        assert honest_agent.returncode == 0 and "job banking finished" in output, output
+        said = output(honest_agent, timeout=240)
+        assert honest_agent.returncode == 0 and "job banking finished" in said, said
         state = check_consistent(tmp_path / "state")
         assert state["status"] == "finished" and state["updates_per_round"] == {1: 2}
         counted = rejection_counts(tmp_path / "state")
