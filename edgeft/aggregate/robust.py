@@ -129,5 +129,5 @@ class MultiKrum(RobustStrategy):
 
     def rule(self, stack: np.ndarray) -> tuple[np.ndarray, dict]:
         count = self.options.selected or len(stack) - self.options.byzantine
-        chosen = multikrum_select(stack, self.options.byzantine, min(count, len(stack)))
+        chosen = multikrum_select(stack, self.options.byzantine, count)
         return stack[chosen].mean(axis=0, dtype=np.float64), {"krum_selected": sorted(int(i) for i in chosen)}
