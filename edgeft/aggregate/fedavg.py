@@ -31,13 +31,18 @@ class WeightedMean(Aggregation):
     def __init__(self, template: dict[str, np.ndarray]):
         self.total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
         self.weight = 0
+        self.count = 0
 
     def add(self, update: AdapterUpdate) -> None:
         accumulate(self.total, update.tensors, float(update.n_examples))
         self.weight += update.n_examples
+        self.count += 1
 
     def result(self) -> dict[str, np.ndarray]:
         return finish(self.total, self.weight)
+
+    def report(self) -> dict:
+        return {"updates": self.count, "examples": self.weight}
 
 
 def weighted_mean(updates: Iterable[AdapterUpdate]) -> dict[str, np.ndarray]:
