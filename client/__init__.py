@@ -1,1 +1,2 @@
-"""edgeft.client: the device agent (``edgeft client``). Never imports torch."""
+"""edgeft.client: the device agent (``edgeft client``): ``agent`` (the protocol) and ``transport`` (TLS or
+plaintext, the enrolment token, limits and keepalive). Never imports torch."""

@@ -1,8 +1,9 @@
 """The device agent: register, fetch the bundle once, train each round on local data, upload the update.
 
-Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts) is retried
-with exponential backoff; a refusal that retrying cannot fix (bad data, unknown job) stops the agent
-with a message that says what to do.
+Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts, the
+coordinator's concurrent-call limit) is retried with exponential backoff; a refusal that retrying cannot
+fix (bad data, unknown job, a refused token or certificate) stops the agent with a message that says what
+to do. Every call has a deadline (``call_timeout_s``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Iterator
 import grpc
 
 from edgeft.bundle import MANIFEST, Bundle, load_bundle, sha256_of
+from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
 from edgeft.errors import BundleError, CoordinatorError
 from edgeft.train.trainer import train
@@ -33,7 +35,14 @@ from edgeft.wire import UploadHeader, tensor_from_pb, train_config, update_to_pa
 log = logging.getLogger("edgeft.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED}
-MAX_MESSAGE_BYTES = 8 << 20
+HINTS = {
+    grpc.StatusCode.UNAUTHENTICATED: "the coordinator did not accept this device's enrolment token; get a valid "
+                                     "token for the job from its operator (`edgeft server token create --job JOB`) "
+                                     "and pass it with --token-file FILE or EDGEFT_TOKEN",
+    grpc.StatusCode.PERMISSION_DENIED: "the enrolment token is valid but not for this; a token enrols a device in "
+                                       "one job (run one agent per job)",
+}
+TLS_REFUSALS_BEFORE_STOP = 3  # connections closed during set-up in a row before the agent stops
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class AgentConfig:
     # Share the machine with other agents (a simulated fleet): at most ``training_slots[1]`` of the agents
     # given the same folder train at once; the others wait their turn. None: train whenever a task comes.
     training_slots: tuple[Path, int] | None = None
+    # TLS or plaintext, the enrolment token, message limits and keepalive.
+    transport: Transport = field(kw_only=True)
 
 
 @dataclass
@@ -65,9 +76,7 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.channel = grpc.insecure_channel(self.config.server, options=options)
+        self.channel = open_channel(self.config.server, self.config.transport)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         id_file = self.config.cache_dir / "device_id"
         self.device_id = self.device_id or (id_file.read_text().strip() if id_file.is_file() else "")
@@ -75,14 +84,20 @@ class Agent:
 
     # -- the one edge where grpc errors become edgeft errors or retries -----------------------------
     def _call(self, what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
-        delay, started = 0.5, time.monotonic()
+        delay, started, closed = 0.5, time.monotonic(), 0
         while True:
             try:
                 return fn(*args, timeout=self.config.call_timeout_s, **kwargs)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code not in RETRYABLE:
-                    raise CoordinatorError(f"{what} refused by {self.config.server}: {code.name}: {exc.details()}") from exc
+                    raise self._refusal(what, exc) from exc
+                hint = connection_hint(exc.details(), self.config.transport) if code == grpc.StatusCode.UNAVAILABLE \
+                    else None
+                closed = closed + 1 if hint is not None else 0
+                if hint is not None and (hint[1] or closed >= TLS_REFUSALS_BEFORE_STOP):
+                    raise CoordinatorError(f"{what}: cannot connect to {self.config.server}: {hint[0]} "
+                                           f"({exc.details()})") from exc
                 if time.monotonic() - started > self.config.give_up_after_s:
                     raise CoordinatorError(f"coordinator {self.config.server} unreachable for "
                                            f"{self.config.give_up_after_s:.0f} s ({exc.details()}); check the "
@@ -90,6 +105,12 @@ class Agent:
                 log.warning("%s: %s (%s); retrying in %.1f s", what, code.name, exc.details(), delay)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.config.max_backoff_s)
+
+    def _refusal(self, what: str, exc: grpc.RpcError) -> CoordinatorError:
+        """The error for a refusal that retrying will not fix, with what to do about it."""
+        code = exc.code()
+        hint = f"; {HINTS[code]}" if code in HINTS else ""
+        return CoordinatorError(f"{what} refused by {self.config.server}: {code.name}: {exc.details()}{hint}")
 
     # -- protocol steps ------------------------------------------------------------------------------
     def register(self) -> str:
@@ -143,7 +164,7 @@ class Agent:
                         fh.write(chunk.data)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
-                    raise CoordinatorError(f"download of {spec.name} refused: {exc.details()}") from exc
+                    raise self._refusal(f"download of {spec.name}", exc) from exc
                 log.warning("download of %s interrupted at %d bytes (%s); resuming", spec.name, path.stat().st_size,
                             exc.code().name)
                 time.sleep(1)
@@ -177,7 +198,7 @@ class Agent:
         return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
 
     def run(self) -> str:
-        """Serve until every job this device takes part in is over; returns the coordinator's final word."""
+        """Serve until the job of this agent's token is over; returns the coordinator's final word."""
         self.register()  # a known device id is kept; its capabilities are refreshed
         while True:
             reply = self._call("poll", self.stub.PollTask,

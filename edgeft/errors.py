@@ -66,3 +66,16 @@ class CoordinatorError(EdgeftError):
     """The coordinator refused an agent's request in a way retrying will not fix (or stayed unreachable)."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(EdgeftError):
+    """A request without a valid credential: no enrolment token, or an unknown, revoked or expired one."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(EdgeftError):
+    """An authenticated caller asked for something its credential does not cover (another job's bundle,
+    task or round)."""
+
+    grpc_code = "PERMISSION_DENIED"

@@ -3,6 +3,13 @@
     [server]
     address = "127.0.0.1:50051"   # where to listen
     state_dir = "coordinator"     # SQLite database and artifact store
+    # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
+    [server.tls]
+    cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
+    key = "certs/server.key"
+    client_ca = "certs/ca.pem"    # optional: mutual TLS, devices must present a certificate signed by this CA
+    [server.limits]               # optional: resource bounds (ServerLimits fields)
+    max_concurrent_rpcs = 128
 
     [[job]]
     id = "banking77"
@@ -148,22 +155,89 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The coordinator's TLS files (PEM). With ``client_ca``, mutual TLS: every device must present a
+    certificate signed by that CA, or the handshake fails."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "client_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Resource bounds of the coordinator, and its HTTP/2 keepalive policy.
+
+    A long poll holds a worker thread for up to ``poll_wait_s``; beyond ``max_concurrent_rpcs`` calls in
+    progress a call is answered RESOURCE_EXHAUSTED at once (agents back off and retry), never left hanging.
+    """
+
+    max_message_bytes: int = 8 << 20  # largest message either way (a task carries the whole global adapter)
+    chunk_bytes: int = 1 << 20  # bundle bytes per download message
+    max_upload_bytes: int = 512 << 20  # all messages of one upload together
+    max_workers: int = 64  # threads serving calls
+    max_concurrent_rpcs: int = 128  # calls in progress (running or waiting for a thread)
+    # Keepalive (see the agent's edgeft.client.transport for its side). Agents ping every 60 s while they
+    # train without a call in flight; the server must accept that, or it answers GOAWAY "too_many_pings":
+    # it accepts pings without data down to every ``min_client_ping_interval_s`` (half the agents' interval,
+    # room for timer jitter), also on connections with no call (keepalive_permit_without_calls; without it
+    # the minimum for idle connections is 2 hours) and without limit on the count between data frames
+    # (max_pings_without_data = 0). Its own pings, every ``keepalive_time_s``, find dead devices' connections.
+    min_client_ping_interval_s: float = 30.0
+    keepalive_time_s: float = 300.0
+    keepalive_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_message_bytes >= 64 << 10, "limits.max_message_bytes", self.max_message_bytes,
+               "must be >= 65536")
+        _check(0 < self.chunk_bytes <= self.max_message_bytes - (16 << 10), "limits.chunk_bytes", self.chunk_bytes,
+               "must be positive and at least 16 KiB below limits.max_message_bytes (room for the message's fields)")
+        _check(self.max_upload_bytes >= self.max_message_bytes, "limits.max_upload_bytes", self.max_upload_bytes,
+               "must be >= limits.max_message_bytes")
+        _check(self.max_workers >= 1, "limits.max_workers", self.max_workers, "must be >= 1")
+        _check(self.max_concurrent_rpcs >= 1, "limits.max_concurrent_rpcs", self.max_concurrent_rpcs, "must be >= 1")
+        for name in ("min_client_ping_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
+            _check(getattr(self, name) > 0, f"limits.{name}", getattr(self, name), "must be positive")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    """Where the coordinator listens and keeps its state, and its jobs."""
+    """Where the coordinator listens and keeps its state, how it secures the wire, and its jobs.
+
+    Exactly one of ``tls`` (TLS, optionally mutual) or ``insecure=True`` (plaintext, development only)."""
 
     address: str = "127.0.0.1:50051"
     state_dir: Path = Path("coordinator")
     jobs: tuple[JobConfig, ...] = ()
     poll_wait_s: float = 5.0
+    tls: TlsConfig | None = None
+    insecure: bool = False
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         ids = [j.id for j in self.jobs]
         _check(len(ids) == len(set(ids)), "job.id", ids, "job ids must be unique")
+        _check(isinstance(self.insecure, bool), "server.insecure", self.insecure, "must be true or false")
+        if self.tls is None and not self.insecure:
+            raise ConfigError("the coordinator serves TLS only: give [server.tls] cert and key (`edgeft certs` makes "
+                              "development ones), or set [server] insecure = true (or --insecure) for plaintext "
+                              "on a trusted network")
+        _check(self.tls is None or not self.insecure, "server.insecure", self.insecure,
+               "give either [server.tls] or insecure = true, not both")
 
 
-def load_server_config(path: str | Path) -> ServerConfig:
-    """Parse a coordinator TOML file; relative paths are taken from the file's folder."""
+SERVER_KEYS = ("address", "state_dir", "poll_wait_s", "insecure", "tls", "limits")
+
+
+def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
+    """Parse a coordinator TOML file; relative paths are taken from the file's folder. ``overrides`` replace
+    [server] values (``address``, ``insecure``; None leaves the file's value)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -172,7 +246,10 @@ def load_server_config(path: str | Path) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     base = path.parent
-    server = data.get("server", {})
+    server = {**data.get("server", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(server) - set(SERVER_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: [server] has unknown key(s) {', '.join(unknown)}; expected {', '.join(SERVER_KEYS)}")
     jobs = []
     for raw in data.get("job", []):
         raw = dict(raw)
@@ -194,9 +271,14 @@ def load_server_config(path: str | Path) -> ServerConfig:
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: {exc}") from exc
     try:
+        tls = server.get("tls")
+        if tls is not None:
+            tls = TlsConfig(**{k: base / v for k, v in tls.items()})
         return ServerConfig(address=server.get("address", "127.0.0.1:50051"),
                             state_dir=base / server.get("state_dir", "coordinator"), jobs=tuple(jobs),
-                            poll_wait_s=float(server.get("poll_wait_s", 5.0)))
+                            poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
+                            insecure=server.get("insecure", False),
+                            limits=ServerLimits(**server.get("limits", {})))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
 

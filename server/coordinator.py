@@ -25,14 +25,15 @@ from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
 from edgeft.bundle import Bundle
-from edgeft.errors import DataError, EdgeftError, NotFound, Rejected
+from edgeft.errors import DataError, EdgeftError, NotFound, PermissionDenied, Rejected
 from edgeft.train.session import TrainingSession
 from edgeft.update import AdapterUpdate, check_update
 from edgeft.wire import UploadHeader
 from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
-from edgeft.server.store import (adapters, aggregations, devices, downloads, evaluations, jobs, now, open_database,
-                                 rounds, updates, upsert_device)
+from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, jobs, now,
+                                 open_database, rounds, updates, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 
@@ -99,6 +100,7 @@ class Coordinator:
         self.jobs = {job.id: job for job in config.jobs}
         self.strategies: dict[str, Strategy] = {job.id: build_strategy(job.strategy, job.strategy_options)
                                                 for job in config.jobs}
+        self.tokens = TokenStore(self.engine, self.jobs)  # device enrolment tokens, per job
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
@@ -187,16 +189,22 @@ class Coordinator:
         return load_tensors(self.artifacts.get(blob)) if blob else None
 
     # -- devices ------------------------------------------------------------------------------------
-    def register(self, device_id: str, capabilities: dict) -> str:
+    def register(self, device_id: str, capabilities: dict, job_id: str, token_id: str = "") -> str:
+        """Record a device (a new id when it has none) and enrol it in ``job_id`` with token ``token_id``."""
+        if job_id not in self.jobs:
+            raise NotFound(f"unknown job {job_id!r}")
         device_id = device_id or uuid.uuid4().hex
         with self._lock, self.engine.begin() as conn:
             upsert_device(conn, device_id, capabilities)
+            conn.execute(enrolments.delete().where(enrolments.c.device_id == device_id, enrolments.c.job_id == job_id))
+            conn.execute(insert(enrolments).values(device_id=device_id, job_id=job_id, token_id=token_id,
+                                                   enrolled_at=now()))
         return device_id
 
-    def heartbeat(self, device_id: str, metrics: dict[str, float]) -> None:
-        """A device is alive; keep its latest metrics."""
+    def heartbeat(self, device_id: str, metrics: dict[str, float], job_id: str) -> None:
+        """A device of ``job_id`` is alive; keep its latest metrics."""
         with self._lock, self.engine.begin() as conn:
-            self._known_device(conn, device_id)
+            self._known_device(conn, device_id, job_id)
             conn.execute(update(devices).where(devices.c.id == device_id).values(metrics=metrics))
 
     def device(self, device_id: str) -> dict:
@@ -206,35 +214,38 @@ class Coordinator:
             raise NotFound(f"unknown device {device_id!r}")
         return dict(row._mapping)
 
-    def _known_device(self, conn, device_id: str) -> None:  # noqa: ANN001
+    def _known_device(self, conn, device_id: str, job_id: str) -> None:  # noqa: ANN001
+        """The device is registered and enrolled in the job (PermissionDenied otherwise); it was seen now."""
         if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
             raise NotFound(f"unknown device {device_id!r}: register first")
+        if conn.execute(select(enrolments.c.device_id).where(enrolments.c.device_id == device_id,
+                                                             enrolments.c.job_id == job_id)).first() is None:
+            raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a token "
+                                   "of that job first")
         conn.execute(update(devices).where(devices.c.id == device_id).values(last_seen=now()))
 
     # -- rounds -------------------------------------------------------------------------------------
-    def poll(self, device_id: str) -> TaskAssignment | str | None:
-        """A task for the device, the string reason when all its jobs are over, or None (ask later)."""
+    def poll(self, device_id: str, job_id: str) -> TaskAssignment | str | None:
+        """A task of job ``job_id`` for the device, the string reason when the job is over, or None (ask later)."""
         with self._lock:
             self.tick()
             with self.engine.begin() as conn:
-                self._known_device(conn, device_id)
-                running = conn.execute(select(jobs).where(jobs.c.status == "running")).all()
-                if not running:
-                    states = conn.execute(select(jobs.c.id, jobs.c.status, jobs.c.message)).all()
-                    return "; ".join(f"job {r.id} {r.status}{': ' + r.message if r.message else ''}" for r in states)
-                for job_row in running:
-                    job = self.jobs.get(job_row.id)
-                    if job is None:
-                        continue
-                    round_row = self._open_round(conn, job, job_row.current_round)
-                    if round_row is None or device_id not in round_row.selected:
-                        continue
-                    done = conn.execute(select(updates.c.device_id).where(
-                        updates.c.job_id == job.id, updates.c.round == round_row.number,
-                        updates.c.device_id == device_id)).first()
-                    if done is None:
-                        return TaskAssignment(job, round_row.number, job_row.bundle_digest,
-                                              self.global_adapter(job.id, round_row.number - 1), round_row.deadline)
+                self._known_device(conn, device_id, job_id)
+                job_row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+                if job_row is None or job_id not in self.jobs:
+                    raise NotFound(f"unknown job {job_id!r}")
+                if job_row.status != "running":
+                    return f"job {job_row.id} {job_row.status}{': ' + job_row.message if job_row.message else ''}"
+                job = self.jobs[job_id]
+                round_row = self._open_round(conn, job, job_row.current_round)
+                if round_row is None or device_id not in round_row.selected:
+                    return None
+                done = conn.execute(select(updates.c.device_id).where(
+                    updates.c.job_id == job.id, updates.c.round == round_row.number,
+                    updates.c.device_id == device_id)).first()
+                if done is None:
+                    return TaskAssignment(job, round_row.number, job_row.bundle_digest,
+                                          self.global_adapter(job.id, round_row.number - 1), round_row.deadline)
         return None
 
     def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
@@ -242,8 +253,9 @@ class Coordinator:
         if row is not None:
             return row if row.status == "open" else None
         recent = now() - max(60.0, 4 * self.config.poll_wait_s)
-        available = [r.id for r in conn.execute(select(devices.c.id).where(devices.c.last_seen >= recent)
-                                                 .order_by(devices.c.id)).all()]
+        available = [r.id for r in conn.execute(
+            select(devices.c.id).join(enrolments, enrolments.c.device_id == devices.c.id)
+            .where(enrolments.c.job_id == job.id, devices.c.last_seen >= recent).order_by(devices.c.id)).all()]
         if len(available) < job.clients.min_available:
             return None
         rng = np.random.default_rng(int(hashlib.sha256(f"{job.id}:{number}".encode()).hexdigest()[:8], 16))
@@ -260,7 +272,7 @@ class Coordinator:
             raise NotFound(f"unknown job {header.job_id!r}")
         with self._lock:
             with self.engine.begin() as conn:
-                self._known_device(conn, header.device_id)
+                self._known_device(conn, header.device_id, job.id)
                 job_row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
                 round_row = conn.execute(select(rounds).where(rounds.c.job_id == job.id,
                                                                rounds.c.number == header.round)).first()

@@ -1,7 +1,10 @@
 """The gRPC face of the coordinator: edgeft.v1.Coordinator over a ``Coordinator``.
 
 Converts messages with ``edgeft.wire`` only, and maps ``EdgeftError`` to gRPC status codes (the error's
-``grpc_code``); anything unexpected is INTERNAL with the request left unapplied.
+``grpc_code``); anything unexpected is INTERNAL with the request left unapplied. Every Coordinator call is
+authenticated in one place, the ``rpc``/``stream_rpc`` decorators: the caller's enrolment token (call
+metadata ``authorization: Bearer <token>``) gives a ``Principal`` whose job bounds what the call may touch.
+Health checking and reflection are separate services and need no token.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from typing import Callable
 import grpc
 
 from edgeft.bundle import MANIFEST
-from edgeft.errors import EdgeftError, NotFound, WireError
+from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
 from edgeft.wire import dtype_code, tensor_to_pb, train_spec, update_from_parts
-from edgeft.server.config import ServerConfig
+from edgeft.server.auth import Principal, bearer_token
+from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
 
 log = logging.getLogger("edgeft.server")
-CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 8 << 20
+CHUNK_BYTES = ServerLimits.chunk_bytes  # defaults; [server.limits] sets them per coordinator
+MAX_MESSAGE_BYTES = ServerLimits.max_message_bytes
 
 
 def _status(exc: EdgeftError) -> grpc.StatusCode:
@@ -33,14 +37,15 @@ def _status(exc: EdgeftError) -> grpc.StatusCode:
 
 
 def rpc(method: Callable) -> Callable:
-    """Turn EdgeftError into the matching gRPC status; log anything else as INTERNAL."""
+    """Authenticate the caller and pass its Principal on; turn EdgeftError into the matching gRPC status
+    (UNAUTHENTICATED without a valid token); log anything else as INTERNAL."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):  # noqa: ANN001, ANN202
         try:
-            return method(self, request, context)
+            return method(self, request, context, self.authenticate(context))
         except EdgeftError as exc:
-            log.info("%s refused: %s", method.__name__, exc)
+            log.info("%s from %s refused: %s", method.__name__, context.peer(), exc)
             context.abort(_status(exc), str(exc))
         except grpc.RpcError:
             raise
@@ -57,32 +62,52 @@ def stream_rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):  # noqa: ANN001, ANN202
         try:
-            yield from method(self, request, context)
+            yield from method(self, request, context, self.authenticate(context))
         except EdgeftError as exc:
+            log.info("%s from %s refused: %s", method.__name__, context.peer(), exc)
             context.abort(_status(exc), str(exc))
 
     return wrapper
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, poll_wait_s: float):
+    def __init__(self, coordinator: Coordinator, poll_wait_s: float, limits: ServerLimits | None = None):
         self.coordinator = coordinator
         self.poll_wait_s = poll_wait_s
+        self.limits = limits or ServerLimits()
+
+    def authenticate(self, context) -> Principal:  # noqa: ANN001
+        """The caller's principal from its bearer token (Unauthenticated without a valid one)."""
+        principal = self.coordinator.tokens.authenticate(bearer_token(context.invocation_metadata()))
+        if principal.job_id not in self.coordinator.jobs:
+            raise PermissionDenied(f"the token's job {principal.job_id!r} is not served by this coordinator")
+        return principal
+
+    def _bundle(self, principal: Principal, digest: str):  # noqa: ANN202
+        """The bundle ``digest`` if it is the bundle of the caller's job (PermissionDenied otherwise)."""
+        own = self.coordinator.bundles.get(principal.job_id)
+        if own is None or own.digest != digest:
+            raise PermissionDenied(f"bundle {digest[:12]}... is not the bundle of job {principal.job_id!r}, the "
+                                   "only job this device's token enrols it in")
+        return self.coordinator.artifacts.bundle(digest)
 
     @rpc
-    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:  # noqa: ANN001, N802
+    def Register(self, request: pb.RegisterRequest, context, principal: Principal  # noqa: ANN001, N802
+                 ) -> pb.RegisterResponse:
         caps = request.capabilities
         capabilities = {"os": caps.os, "cores": caps.cores, "ram_bytes": caps.ram_bytes,
                         "free_disk_bytes": caps.free_disk_bytes, "ort_version": caps.ort_version,
                         "execution_providers": list(caps.execution_providers)}
-        return pb.RegisterResponse(device_id=self.coordinator.register(request.device_id, capabilities))
+        device_id = self.coordinator.register(request.device_id, capabilities, principal.job_id, principal.token_id)
+        return pb.RegisterResponse(device_id=device_id)
 
     @rpc
-    def PollTask(self, request: pb.PollTaskRequest, context) -> pb.PollTaskResponse:  # noqa: ANN001, N802
+    def PollTask(self, request: pb.PollTaskRequest, context, principal: Principal  # noqa: ANN001, N802
+                 ) -> pb.PollTaskResponse:
         wait = min(float(request.wait_seconds or 0), self.poll_wait_s)
         end = time.monotonic() + wait
         while True:
-            outcome = self.coordinator.poll(request.device_id)
+            outcome = self.coordinator.poll(request.device_id, principal.job_id)
             if isinstance(outcome, TaskAssignment):
                 reply = pb.PollTaskResponse(task=self._task(outcome))
                 self.coordinator.record_download(outcome.job.id, outcome.round, request.device_id, reply.ByteSize())
@@ -103,16 +128,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                           format=task.job.data.format or ""))
 
     @rpc
-    def GetBundle(self, request: pb.GetBundleRequest, context) -> pb.BundleInfo:  # noqa: ANN001, N802
-        bundle = self.coordinator.artifacts.bundle(request.bundle_digest)
+    def GetBundle(self, request: pb.GetBundleRequest, context, principal: Principal  # noqa: ANN001, N802
+                  ) -> pb.BundleInfo:
+        bundle = self._bundle(principal, request.bundle_digest)
         files = [pb.BundleFile(name=name, size=bundle.file(name).stat().st_size, sha256=digest)
                  for name, digest in bundle.manifest.files.items()]
         return pb.BundleInfo(bundle_digest=bundle.digest, manifest_json=bundle.file(MANIFEST).read_bytes(),
                              files=files)
 
     @stream_rpc
-    def DownloadBundle(self, request: pb.DownloadRequest, context):  # noqa: ANN001, ANN201, N802
-        bundle = self.coordinator.artifacts.bundle(request.bundle_digest)
+    def DownloadBundle(self, request: pb.DownloadRequest, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        bundle = self._bundle(principal, request.bundle_digest)
         if request.file not in bundle.manifest.files:
             raise NotFound(f"bundle {request.bundle_digest[:12]}... has no file {request.file!r}")
         path = bundle.file(request.file)
@@ -122,18 +148,25 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with open(path, "rb") as fh:
             fh.seek(request.offset)
             offset = request.offset
-            while block := fh.read(CHUNK_BYTES):
+            while block := fh.read(self.limits.chunk_bytes):
                 yield pb.BundleChunk(file=request.file, offset=offset, data=block,
                                      chunk_sha256=hashlib.sha256(block).hexdigest())
                 offset += len(block)
 
     @rpc
-    def UploadUpdate(self, request_iterator, context) -> pb.UploadResponse:  # noqa: ANN001, N802
+    def UploadUpdate(self, request_iterator, context, principal: Principal  # noqa: ANN001, N802
+                     ) -> pb.UploadResponse:
         sizes: list[int] = []  # the bytes that came over the wire
 
         def counted(parts):  # noqa: ANN001, ANN202
             for part in parts:
+                if not sizes and part.WhichOneof("part") == "header" and part.header.job_id != principal.job_id:
+                    raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
+                                           f"{part.header.job_id!r}")
                 sizes.append(part.ByteSize())
+                if sum(sizes) > self.limits.max_upload_bytes:
+                    raise WireError(f"the upload exceeds the coordinator's limit of {self.limits.max_upload_bytes} "
+                                    "bytes ([server.limits] max_upload_bytes)")
                 yield part
 
         header, update = update_from_parts(counted(request_iterator))
@@ -143,38 +176,78 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                  message="accepted" if accepted else "already received; counted once")
 
     @rpc
-    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:  # noqa: ANN001, N802
-        self.coordinator.heartbeat(request.device_id, dict(request.metrics))
+    def Heartbeat(self, request: pb.HeartbeatRequest, context, principal: Principal  # noqa: ANN001, N802
+                  ) -> pb.HeartbeatResponse:
+        self.coordinator.heartbeat(request.device_id, dict(request.metrics), principal.job_id)
         return pb.HeartbeatResponse()
 
 
+def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """gRPC channel arguments of the coordinator: message sizes and keepalive (see ServerLimits)."""
+    return [("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(limits.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(limits.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(limits.min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
 def create_server(config: ServerConfig, coordinator: Coordinator | None = None) -> tuple[grpc.Server, int, Coordinator]:
-    """A started-not-yet gRPC server bound to ``config.address`` (port 0 picks one): (server, port, coordinator)."""
+    """A started-not-yet gRPC server bound to ``config.address`` (port 0 picks one): (server, port, coordinator).
+
+    TLS from ``config.tls`` (mutual with ``client_ca``), or plaintext when ``config.insecure`` (logged loudly)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    credentials = None
+    if config.tls is not None:
+        from edgeft.server.certs import server_credentials
+
+        credentials = server_credentials(config.tls)  # before the coordinator: bad files fail fast
+    limits = config.limits
     coordinator = coordinator or Coordinator(config)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, config.poll_wait_s), server)
+    _check_adapters_fit(coordinator, limits)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="edgeft-rpc"),
+                         options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("edgeft.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(config.address)
+    try:
+        port = (server.add_insecure_port(config.address) if credentials is None
+                else server.add_secure_port(config.address, credentials))
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise EdgeftError(f"cannot listen on {config.address}; is the port in use?")
+    if config.insecure:
+        log.warning("PLAINTEXT: the coordinator on %s serves without TLS (insecure = true). Enrolment tokens and "
+                    "model updates cross the network readable and forgeable by anyone on the path; use this on a "
+                    "trusted development network only, never in production.", config.address)
     return server, port, coordinator
+
+
+def _check_adapters_fit(coordinator: Coordinator, limits: ServerLimits) -> None:
+    """Every job's global adapter must fit one task message (it travels whole)."""
+    for job_id in coordinator.jobs:
+        size = sum(v.nbytes for v in coordinator.global_adapter(job_id).values())
+        if size + (64 << 10) > limits.max_message_bytes:
+            raise ConfigError(f"job {job_id!r}: its adapter ({size} bytes) does not fit one task message; raise "
+                              f"[server.limits] max_message_bytes above {size + (64 << 10)} (devices: "
+                              "--max-message-bytes too)")
 
 
 def serve(config: ServerConfig) -> None:
     """Run the coordinator until its jobs finish or it is interrupted."""
     server, port, coordinator = create_server(config)
     server.start()
-    log.warning("edgeft coordinator listening on port %d (plaintext; TLS arrives with the trust issue)", port)
+    wire = ("PLAINTEXT" if config.insecure else
+            "mutual TLS" if config.tls.client_ca is not None else "TLS")
+    log.warning("edgeft coordinator listening on port %d (%s)", port, wire)
     try:
         coordinator.wait_until_finished(timeout=float("inf"))
         log.warning("all jobs are over; serving final answers for 10 s")

@@ -96,6 +96,25 @@ aggregations = Table(
     Column("created_at", Float, nullable=False),
 )
 
+tokens = Table(
+    "tokens", metadata,  # device enrolment tokens: only the sha256 of the secret is kept, never the token
+    Column("id", String, primary_key=True),  # a public name for listing and revoking
+    Column("job_id", String, nullable=False),
+    Column("sha256", String, nullable=False, unique=True),
+    Column("note", String, nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),  # None: never
+    Column("revoked_at", Float),  # None: valid
+)
+
+enrolments = Table(
+    "enrolments", metadata,  # which devices registered for which job, with which token
+    Column("device_id", String, primary_key=True),
+    Column("job_id", String, primary_key=True),
+    Column("token_id", String, nullable=False),
+    Column("enrolled_at", Float, nullable=False),
+)
+
 
 def open_database(url_or_path: str | Path) -> Engine:
     """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised)."""

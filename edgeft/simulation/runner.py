@@ -1,7 +1,8 @@
 """``edgeft simulate``: a fleet on one machine.
 
 A real coordinator (in this process, on a loopback port) and N real device agents (separate processes,
-each with its own partition of the data, torch unimportable in them, talking gRPC). At most
+each with its own partition of the data, torch unimportable in them, talking gRPC over mutual TLS with a
+development CA made in ``out/tls`` and one enrolment token for the job, as a real fleet would). At most
 ``concurrency`` agents train at once (file-lock training slots), so N can exceed the cores. Everything the
 coordinator records (per-round evaluation of the global adapter, per-client training loss, bytes up and
 down, round wall time) lands in its state database and is exported to JSON, CSV and a report with plots.
@@ -120,7 +121,28 @@ def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: l
     return info
 
 
-def _start_agents(config: SimulationConfig, port: int) -> list[tuple[subprocess.Popen, Path]]:
+def _tls(out: Path):  # noqa: ANN202
+    """A development CA, a server certificate for the loopback address and one client certificate that all
+    agents share, in ``out/tls``: the TLS files (mutual TLS) and the agents' flags for them."""
+    from edgeft.server.certs import CertsConfig, make_certs
+    from edgeft.server.config import TlsConfig
+
+    files = make_certs(CertsConfig(out=out / "tls", hosts=("127.0.0.1", "localhost"), clients=("device",), days=30))
+    flags = ["--ca-cert", str(files["ca"]), "--client-cert", str(files["device"]),
+             "--client-key", str(files["device_key"])]
+    return TlsConfig(cert=files["server"], key=files["server_key"], client_ca=files["ca"]), flags
+
+
+def _write_token(coordinator, path: Path) -> Path:  # noqa: ANN001
+    """One enrolment token for the simulated job, in a file only its owner can read."""
+    _, token = coordinator.tokens.create(JOB_ID, note="edgeft simulate")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return path
+
+
+def _start_agents(config: SimulationConfig, port: int, transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
     agents = []
     for i in range(config.clients):
         cache = config.out / "devices" / f"client-{i:03d}"
@@ -128,7 +150,8 @@ def _start_agents(config: SimulationConfig, port: int) -> list[tuple[subprocess.
         (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
         argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(config.out / "clients" / f"client-{i:03d}.csv"),
                 "--cache-dir", str(cache), "--threads", str(config.threads),
-                "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120"]
+                "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
+                *transport_flags]
         log = open(cache / "agent.log", "w")
         code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
         if i < config.attackers:  # test tooling: a Byzantine client
@@ -198,7 +221,7 @@ def run_simulation(config: SimulationConfig) -> dict:
     if (out / "state").exists():
         if not config.overwrite:
             raise ConfigError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
-        for name in ("state", "clients", "devices", "slots", "bundle"):
+        for name in ("state", "clients", "devices", "slots", "bundle", "tls"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_records(config.train)
@@ -221,12 +244,14 @@ def run_simulation(config: SimulationConfig) -> dict:
                     data=DataSchema(text_column=config.train.text_column, label_column=config.train.label_column,
                                     format=config.train.format),
                     train=config.local, eval_data=config.test)
-    server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0)
+    tls, transport_flags = _tls(out)
+    server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
+    token = _write_token(coordinator, out / "tls" / "token")
     server.start()
-    print(f"coordinator on 127.0.0.1:{port}; starting {config.clients} device agents "
+    print(f"coordinator on 127.0.0.1:{port} (mutual TLS); starting {config.clients} device agents "
           f"({config.slots} training at once, {config.threads} thread(s) each)", flush=True)
-    agents = _start_agents(config, port)
+    agents = _start_agents(config, port, [*transport_flags, "--token-file", str(token)])
     federated_started = time.perf_counter()
     try:
         _follow(coordinator, config, agents)

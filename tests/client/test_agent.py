@@ -6,28 +6,31 @@ import pytest
 
 from edgeft.bundle import load_bundle
 from edgeft.client.agent import Agent, AgentConfig
+from edgeft.client.transport import Transport
 from edgeft.errors import CoordinatorError
-from edgeft.server.config import JobConfig, ServerConfig
+from edgeft.server.config import JobConfig, ServerConfig, ServerLimits
 from edgeft.server.servicer import create_server
 
 
-def serve(tmp_path, bundle):
+def serve(tmp_path, bundle, **settings):
     job = JobConfig(id="job", bundle=bundle.path)
     server, port, coordinator = create_server(ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state",
-                                                           jobs=(job,)))
+                                                           jobs=(job,), insecure=True, **settings))
     server.start()
-    return server, port, coordinator.bundles["job"]
+    _, token = coordinator.tokens.create("job")
+    return server, port, coordinator.bundles["job"], token
 
 
-def make_agent(tmp_path, port):
+def make_agent(tmp_path, port, token):
     return Agent(AgentConfig(server=f"127.0.0.1:{port}", data=tmp_path / "unused.csv",
-                             cache_dir=tmp_path / "device", give_up_after_s=5))
+                             cache_dir=tmp_path / "device", give_up_after_s=5,
+                             transport=Transport(token=token, insecure=True)))
 
 
 def test_download_resumes_and_repairs(tmp_path, tiny_bundle):
-    server, port, stored = serve(tmp_path, tiny_bundle)
+    server, port, stored, token = serve(tmp_path, tiny_bundle)
     try:
-        agent = make_agent(tmp_path, port)
+        agent = make_agent(tmp_path, port, token)
         partial = tmp_path / "device" / "partial" / stored.digest
         partial.mkdir(parents=True)
         checkpoint = stored.file("checkpoint").read_bytes()
@@ -37,8 +40,8 @@ def test_download_resumes_and_repairs(tmp_path, tiny_bundle):
         assert bundle.digest == stored.digest
         load_bundle(bundle.path)  # every file verified
         assert agent.fetch_bundle(stored.digest).path == bundle.path  # cached by digest
-        with pytest.raises(CoordinatorError, match="NOT_FOUND|DATA_LOSS"):
-            agent.fetch_bundle("f" * 64)
+        with pytest.raises(CoordinatorError, match="PERMISSION_DENIED: bundle ffffffffffff... is not the bundle"):
+            agent.fetch_bundle("f" * 64)  # only the bundle of the token's job
     finally:
         server.stop(grace=None)
 
@@ -56,9 +59,10 @@ def test_full_finetuning_bundle_of_90_mb_arrives_intact(tmp_path):
     bundle = export_hf(minilm_dir(), tmp_path / "full", ExportConfig(labels=LABELS, adapter=AdapterConfig(kind="full")))
     size = sum(bundle.file(f).stat().st_size for f in bundle.manifest.files)
     assert size >= 90_000_000  # 92 MB: all of MiniLM trainable
-    server, port, stored = serve(tmp_path, bundle)
+    # every weight is trainable: the global adapter (92 MB) needs larger task messages than the default 8 MiB
+    server, port, stored, token = serve(tmp_path, bundle, limits=ServerLimits(max_message_bytes=128 << 20))
     try:
-        received = make_agent(tmp_path, port).fetch_bundle(stored.digest)
+        received = make_agent(tmp_path, port, token).fetch_bundle(stored.digest)
         load_bundle(received.path)
         for name in bundle.manifest.files:
             assert received.file(name).read_bytes() == bundle.file(name).read_bytes()

@@ -12,8 +12,10 @@ import pytest
 
 from edgeft.config import TrainConfig
 from edgeft.datasets import BANKING77_DIR
+from edgeft.client.transport import Transport, open_channel
 from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
 from edgeft.server.servicer import create_server
+from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
 
 
 def five_intents(split: str) -> list[dict]:
@@ -37,22 +39,44 @@ def shards(tmp_path) -> list[Path]:
     return [write_csv(tmp_path / f"shard{i}.csv", rows[i::3][: 150 + 40 * i]) for i in range(3)]
 
 
-def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None):
+def start(tmp_path, bundle, rounds=2, minimum=3, deadline=300.0, available=None, **server_settings):
+    """A coordinator for job "banking" on a loopback port; plaintext unless ``tls`` is given."""
     job = JobConfig(id="banking", bundle=bundle.path, rounds=rounds, round_deadline_s=deadline,
                     clients=ClientSelection(fraction=1.0, min=minimum, min_available=available), data=DataSchema(label_column="category"),
                     train=TrainConfig(epochs=2, learning_rate=3e-2, progress=False))
-    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), poll_wait_s=1)
+    server_settings.setdefault("insecure", server_settings.get("tls") is None)
+    server_settings.setdefault("poll_wait_s", 1)
+    config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), **server_settings)
     server, port, coordinator = create_server(config)
     server.start()
     return server, port, coordinator
+
+
+def enrol(coordinator, folder: Path, job: str = "banking", **kwargs) -> Path:
+    """A file holding a new enrolment token for ``job`` (as an operator hands it to devices)."""
+    _, token = coordinator.tokens.create(job, **kwargs)
+    path = folder / f"{job}-{token[-6:]}.token"
+    path.write_text(token + "\n")
+    return path
+
+
+def stub(port: int, token: str | Path, **transport) -> pb_grpc.CoordinatorStub:
+    """A Coordinator stub that sends ``token`` (or the token in that file) with every call; plaintext unless
+    TLS settings are given."""
+    token = Path(token).read_text().strip() if isinstance(token, Path) else token
+    transport.setdefault("insecure", not any(k in transport for k in ("ca_cert", "client_cert")))
+    return pb_grpc.CoordinatorStub(open_channel(f"127.0.0.1:{port}", Transport(token=token, **transport)))
 
 
 # Agents run as a device would: torch, transformers and peft cannot be imported in their process.
 NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
 
 
-def agent(port: int, data: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data),
-            "--cache-dir", str(cache), "--threads", "1", "--give-up-after", "60", *extra]
+def agent(port: int, data: Path, cache: Path, token: Path, *extra: str, tls: bool = False) -> subprocess.Popen:
+    """An agent process with the token in file ``token``; plaintext (--insecure) unless ``tls``, when
+    ``extra`` carries its TLS flags."""
+    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--token-file", str(token),
+            "--cache-dir", str(cache), "--threads", "1", "--give-up-after", "60", *([] if tls else ["--insecure"]),
+            *extra]
     code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,6 +16,7 @@ def test_job_with_a_model_source_is_exported_by_the_coordinator(tmp_path, tiny_b
     (tmp_path / "jobs.toml").write_text(f"""
 [server]
 state_dir = "state"
+insecure = true
 
 [[job]]
 id = "custom"
@@ -49,8 +50,36 @@ label_column = "intent"
     ('[[job]]\nid = "x"\nbundle = "b"\ncolour = "red"\n', "colour"),
     ('[[job]]\nid = "x"\nbundle = "b"\n[job.clients]\nmin = 0\n', "clients.min=0"),
     ("[[job]\n", "not valid TOML"),
+    ("[server]\n", "serves TLS only: give \\[server.tls\\] cert and key"),
+    ('[server]\ninsecure = "yes"\n', "server.insecure='yes'"),
+    ('[server]\ninsecure = true\nlisten = "x"\n', "unknown key.*listen"),
+    ('[server]\ninsecure = true\n[server.tls]\ncert = "c"\nkey = "k"\n', "not both"),
+    ('[server]\ninsecure = true\n[server.tls]\ncert = "c"\n', "key"),
+    ("[server]\ninsecure = true\n[server.limits]\nchunk_bytes = 9000000\n", "limits.chunk_bytes=9000000"),
+    ("[server]\ninsecure = true\n[server.limits]\nmax_concurrent_rpcs = 0\n", "limits.max_concurrent_rpcs=0"),
 ])
 def test_bad_job_files_name_the_problem(tmp_path, body, message):
     (tmp_path / "jobs.toml").write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_server_config(tmp_path / "jobs.toml")
+
+
+def test_tls_and_limits_are_read_relative_to_the_file(tmp_path):
+    (tmp_path / "jobs.toml").write_text("""
+[server]
+[server.tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+[server.limits]
+max_concurrent_rpcs = 16
+max_message_bytes = 4194304
+""")
+    config = load_server_config(tmp_path / "jobs.toml")
+    assert config.tls.cert == tmp_path / "certs/server.pem" and config.tls.client_ca == tmp_path / "certs/ca.pem"
+    assert config.limits.max_concurrent_rpcs == 16 and config.limits.max_message_bytes == 4 << 20
+    assert not config.insecure
+    with pytest.raises(ConfigError, match="not both"):  # --insecure does not silently drop a configured TLS
+        load_server_config(tmp_path / "jobs.toml", insecure=True)
+    (tmp_path / "plain.toml").write_text("[server]\n")
+    assert load_server_config(tmp_path / "plain.toml", insecure=True).insecure  # what --insecure does

@@ -11,8 +11,9 @@ import time
 import numpy as np
 from sqlalchemy import select
 
+from edgeft.server.auth import TokenStore
 from edgeft.server.store import adapters, jobs, open_database, rounds, updates
-from conftest_server import agent, start
+from conftest_server import agent, enrol, start
 
 
 def free_port() -> int:
@@ -35,7 +36,8 @@ def test_client_killed_mid_round_the_round_completes_with_the_others(tmp_path, t
     closes with the two survivors' updates."""
     server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1, minimum=2, deadline=30, available=3)
     try:
-        procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
+        token = enrol(coordinator, tmp_path)
+        procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
         wait_for(lambda: _round_open(coordinator), 60, "round 1 to open")
         procs[2].send_signal(signal.SIGKILL)
         coordinator.wait_until_finished(timeout=120)
@@ -66,6 +68,7 @@ def test_coordinator_sigkilled_mid_round_resumes_without_double_counting(tmp_pat
 address = "127.0.0.1:{port}"
 state_dir = "state"
 poll_wait_s = 1
+insecure = true
 
 [[job]]
 id = "banking"
@@ -86,13 +89,15 @@ label_column = "category"
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     engine = open_database(tmp_path / "state" / "state.db")
+    token = tmp_path / "token"  # made before the coordinator first starts, as an operator may
+    token.write_text(TokenStore(engine, ["banking"]).create("banking")[1])
 
     def closed_rounds() -> int:
         with engine.begin() as conn:
             return len(conn.execute(select(rounds).where(rounds.c.status == "closed")).all())
 
     first = server()
-    clients = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
+    clients = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
     try:
         wait_for(lambda: closed_rounds() >= 1, 120, "round 1 to close")
         first.send_signal(signal.SIGKILL)  # mid round 2
@@ -127,7 +132,8 @@ label_column = "category"
 
 def test_round_below_minimum_fails_cleanly(tmp_path, tiny_bundle, shards):
     server, port, coordinator = start(tmp_path, tiny_bundle, rounds=2, minimum=2, deadline=5)
-    procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards[:2])]
+    token = enrol(coordinator, tmp_path)
+    procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards[:2])]
     try:
         wait_for(lambda: _round_open(coordinator), 60, "round 1 to open")
         procs[1].send_signal(signal.SIGKILL)
@@ -143,9 +149,9 @@ def test_round_below_minimum_fails_cleanly(tmp_path, tiny_bundle, shards):
 
 
 def test_data_that_does_not_fit_the_job_is_named(tmp_path, tiny_bundle, shards):
-    server, port, _ = start(tmp_path, tiny_bundle, minimum=1)
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1)
     try:
-        proc = agent(port, shards[0], tmp_path / "device", "--label-column", "intent")
+        proc = agent(port, shards[0], tmp_path / "device", enrol(coordinator, tmp_path), "--label-column", "intent")
         output = proc.communicate(timeout=120)[0]
         assert proc.returncode == 2 and "no column 'intent'" in output
     finally:

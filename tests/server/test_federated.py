@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,17 +18,17 @@ from edgeft.train.session import TrainingSession
 from edgeft.train.trainer import evaluate
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
-from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
 from edgeft.wire import UploadHeader, update_to_parts
 
-from conftest_server import agent, five_intents, start, write_csv
+from conftest_server import agent, enrol, five_intents, start, stub, write_csv
 
 
 
 def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards):
     server, port, coordinator = start(tmp_path, tiny_bundle)
     try:
-        procs = [agent(port, shard, tmp_path / f"device{i}") for i, shard in enumerate(shards)]
+        token = enrol(coordinator, tmp_path)
+        procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
         coordinator.wait_until_finished(timeout=240)
         outputs = [p.communicate(timeout=60)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outputs
@@ -50,11 +51,11 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
         assert accuracy[1] > accuracy[0] + 0.1, accuracy
         assert "job banking finished" in outputs[0]
         # a late update, for a round that has closed, is refused and changes nothing
-        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        late = stub.Register(pb.RegisterRequest()).device_id
+        device = stub(port, token)
+        late = device.Register(pb.RegisterRequest()).device_id
         before = coordinator.global_adapter("banking", 1)
         with pytest.raises(grpc.RpcError) as info:
-            stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, late, "late"), AdapterUpdate(before, 9)))
+            device.UploadUpdate(update_to_parts(UploadHeader("banking", 1, late, "late"), AdapterUpdate(before, 9)))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not open" in info.value.details()
         assert len(coordinator.round_updates("banking", 1)) == 3
         # edgeft deploy takes the global adapter straight from the coordinator's state (it may be running)
@@ -81,19 +82,19 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
 def test_malformed_and_forged_uploads_get_the_right_status(tmp_path, tiny_bundle, shards):
     server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1)
     try:
-        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        device = stub.Register(pb.RegisterRequest()).device_id
-        task = stub.PollTask(pb.PollTaskRequest(device_id=device, wait_seconds=1)).task
+        coordinator_stub = stub(port, enrol(coordinator, tmp_path))
+        device = coordinator_stub.Register(pb.RegisterRequest()).device_id
+        task = coordinator_stub.PollTask(pb.PollTaskRequest(device_id=device, wait_seconds=1)).task
         assert task.round == 1 and len(task.global_adapter) == 10
         good = coordinator.global_adapter("banking", 0)
         name = next(iter(good))
 
         def upload(tensors, job="banking", round_number=1, n=10, upload_id="u1"):
             parts = update_to_parts(UploadHeader(job, round_number, device, upload_id), AdapterUpdate(tensors, n))
-            return stub.UploadUpdate(parts)
+            return coordinator_stub.UploadUpdate(parts)
 
         cases = [
-            (dict(tensors=good, job="nope"), grpc.StatusCode.NOT_FOUND),
+            (dict(tensors=good, job="nope"), grpc.StatusCode.PERMISSION_DENIED),  # not the token's job
             (dict(tensors=good, round_number=7), grpc.StatusCode.FAILED_PRECONDITION),
             (dict(tensors={**good, name: np.zeros((3, 3), np.float32)}), grpc.StatusCode.INVALID_ARGUMENT),
             (dict(tensors={**good, name: np.full_like(good[name], np.nan)}), grpc.StatusCode.INVALID_ARGUMENT),
@@ -106,11 +107,15 @@ def test_malformed_and_forged_uploads_get_the_right_status(tmp_path, tiny_bundle
         truncated = list(update_to_parts(UploadHeader("banking", 1, device, "u2"), AdapterUpdate(good, 5)))
         truncated[-1].chunk.data = truncated[-1].chunk.data[:-4]  # the last tensor loses its last float
         with pytest.raises(grpc.RpcError) as info:
-            stub.UploadUpdate(iter(truncated))
+            coordinator_stub.UploadUpdate(iter(truncated))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # not this job's bundle (whether it exists or not)
+            list(coordinator_stub.DownloadBundle(pb.DownloadRequest(bundle_digest="0" * 64, file="checkpoint")))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        digest = coordinator.bundles["banking"].digest
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.DownloadBundle(pb.DownloadRequest(bundle_digest="0" * 64, file="checkpoint")))
-        assert info.value.code() == grpc.StatusCode.DATA_LOSS or info.value.code() == grpc.StatusCode.NOT_FOUND
+            list(coordinator_stub.DownloadBundle(pb.DownloadRequest(bundle_digest=digest, file="../state.db")))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
         # an honest upload still works, and the same upload twice counts once
         assert upload(good).duplicate is False
         assert upload(good).duplicate is True
@@ -132,7 +137,8 @@ def test_health_and_unreachable_server(tmp_path, tiny_bundle, shards):
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "edgeft.cli", "client", "--server", "127.0.0.1:1", "--data",
                            str(shards[0]), "--label-column", "category", "--cache-dir", str(tmp_path / "d"),
-                           "--give-up-after", "3"], capture_output=True, text=True, timeout=120)
+                           "--give-up-after", "3", "--insecure"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EDGEFT_TOKEN": "eft_unused"})
     assert proc.returncode == 2 and "unreachable" in proc.stderr and time.monotonic() - started < 60
 
 
@@ -145,19 +151,21 @@ def test_two_jobs_share_a_coordinator_and_heartbeats_are_kept(tmp_path, tiny_bun
                            data=DataSchema(label_column="category"), train=TrainConfig(max_steps=2, progress=False))
                  for name in ("first", "second"))
     server, port, coordinator = create_server(ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "s", jobs=jobs,
-                                                           poll_wait_s=1))
+                                                           poll_wait_s=1, insecure=True))
     server.start()
-    try:
-        proc = agent(port, shards[0], tmp_path / "device")
+    try:  # one agent per job (a token enrols a device in one job), the same device data
+        procs = [agent(port, shards[0], tmp_path / f"device-{name}", enrol(coordinator, tmp_path, name))
+                 for name in ("first", "second")]
         coordinator.wait_until_finished(timeout=120)
-        output = proc.communicate(timeout=60)[0]
-        assert proc.returncode == 0, output
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), outputs
+        assert "job first finished" in outputs[0] and "job second finished" in outputs[1]
         for name in ("first", "second"):
             assert coordinator.job_status(name)["status"] == "finished"
             assert len(coordinator.round_updates(name, 1)) == 1
-        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        device = stub.Register(pb.RegisterRequest(capabilities=pb.Capabilities(os="test", cores=2))).device_id
-        stub.Heartbeat(pb.HeartbeatRequest(device_id=device, metrics={"battery": 0.8}))
+        first = stub(port, enrol(coordinator, tmp_path, "first"))
+        device = first.Register(pb.RegisterRequest(capabilities=pb.Capabilities(os="test", cores=2))).device_id
+        first.Heartbeat(pb.HeartbeatRequest(device_id=device, metrics={"battery": 0.8}))
         record = coordinator.device(device)
         assert record["metrics"] == {"battery": 0.8} and record["capabilities"]["cores"] == 2
     finally:

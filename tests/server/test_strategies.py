@@ -24,9 +24,9 @@ def job(bundle, strategy: str, options: dict | None = None, rounds: int = 2, min
 
 
 def coordinator_for(tmp_path, config: JobConfig, devices=DEVICES[:2]) -> Coordinator:  # noqa: ANN001
-    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", jobs=(config,)))
+    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", insecure=True, jobs=(config,)))
     for device in devices:
-        coordinator.register(device, {})
+        coordinator.register(device, {}, config.id)
     return coordinator
 
 
@@ -34,7 +34,7 @@ def play_round(coordinator: Coordinator, offsets: dict[str, float], examples: in
     """Every device in ``offsets`` answers with the global adapter + its offset; returns the new global adapter."""
     number = None
     for device, offset in offsets.items():
-        task = coordinator.poll(device)
+        task = coordinator.poll(device, "j")
         assert not isinstance(task, str) and task is not None, task
         number = task.round
         tensors = {k: (v + np.float32(offset)).astype(np.float32) for k, v in task.global_adapter.items()}
@@ -45,6 +45,8 @@ def play_round(coordinator: Coordinator, offsets: dict[str, float], examples: in
 
 def test_strategy_options_from_toml(tmp_path, tiny_bundle):
     (tmp_path / "jobs.toml").write_text(f"""
+[server]
+insecure = true
 [[job]]
 id = "j"
 bundle = "{tiny_bundle.path}"
@@ -56,7 +58,7 @@ clip_norm = 2.0
 """)
     options = load_server_config(tmp_path / "jobs.toml").jobs[0].strategy_options
     assert options == StrategyOptions(server_lr=0.05, tau=1e-4, clip_norm=2.0)
-    (tmp_path / "bad.toml").write_text(f'[[job]]\nid = "j"\nbundle = "{tiny_bundle.path}"\nstrategy = "median"\n'
+    (tmp_path / "bad.toml").write_text(f'[server]\ninsecure = true\n[[job]]\nid = "j"\nbundle = "{tiny_bundle.path}"\nstrategy = "median"\n'
                                        "[job.strategy_options]\nserver_lr = 0.05\n")
     with pytest.raises(ConfigError, match="server_lr does not apply to strategy 'median'"):
         load_server_config(tmp_path / "bad.toml")
@@ -118,7 +120,7 @@ def test_strategy_checks_its_job(tmp_path, tiny_bundle):
     with pytest.raises(ConfigError, match=r"selected=5: must be <= clients.min - byzantine = 4"):
         job(tiny_bundle, "multikrum", {"byzantine": 1, "selected": 5}, minimum=5)
     with pytest.raises(ConfigError, match="needs a bundle exported with a proximal term"):
-        Coordinator(ServerConfig(state_dir=tmp_path / "state", jobs=(job(tiny_bundle, "fedprox"),)))
+        Coordinator(ServerConfig(state_dir=tmp_path / "state", insecure=True, jobs=(job(tiny_bundle, "fedprox"),)))
 
 
 def test_fedprox_job_exports_its_model_with_the_proximal_term(tmp_path, tiny_bert_dir):
@@ -127,7 +129,7 @@ def test_fedprox_job_exports_its_model_with_the_proximal_term(tmp_path, tiny_ber
     config = JobConfig(id="j", model=tiny_bert_dir, strategy="fedprox", strategy_options={"mu": 0.1},
                        export=ExportConfig(labels=("a", "b"), max_length=16))
     assert config.export.proximal_mu == 0.1
-    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", jobs=(config,)))
+    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", insecure=True, jobs=(config,)))
     assert coordinator.bundles["j"].manifest.proximal["mu"] == 0.1
     with pytest.raises(ConfigError, match="differs from"):
         JobConfig(id="j", model=tiny_bert_dir, strategy="fedprox", strategy_options={"mu": 0.1},

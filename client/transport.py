@@ -1,0 +1,166 @@
+"""How a device reaches the coordinator: TLS by default (with a client certificate for mutual TLS), plaintext
+only when asked for, its enrolment token on every call, message size limits and keepalive.
+
+gRPC does the TLS itself; this module only picks the credentials and channel arguments.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from edgeft.errors import ConfigError
+
+log = logging.getLogger("edgeft.client")
+TOKEN_ENV = "EDGEFT_TOKEN"
+
+
+@dataclass(frozen=True)
+class Transport:
+    """The agent's side of the wire.
+
+    ``token``: the job's enrolment token (``edgeft server token create``), sent as ``authorization: Bearer``.
+    TLS unless ``insecure``: ``ca_cert`` is the CA that signed the coordinator's certificate (None: the
+    system's trust store), ``client_cert``/``client_key`` this device's certificate for a coordinator that
+    requires mutual TLS, ``server_name`` the name to expect in the coordinator's certificate when the address
+    does not carry it (e.g. connecting by IP address).
+    """
+
+    token: str
+    insecure: bool = False
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+    max_message_bytes: int = 8 << 20
+    # Keepalive while the device trains (minutes without a call): a ping every 60 s keeps NAT and firewall
+    # idle timers (often 2-5 minutes) from dropping the connection during a 15-minute local round, and a
+    # ping unanswered for 20 s marks the connection dead so the next call reconnects instead of hanging to
+    # its deadline. The coordinator accepts pings down to every 30 s on idle connections (ServerLimits), so
+    # this never earns a GOAWAY "too_many_pings".
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        token = (self.token or "").strip()
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError("no enrolment token: pass --token-file FILE or set EDGEFT_TOKEN (the coordinator's "
+                              "operator makes one with `edgeft server token create --job JOB`)")
+        object.__setattr__(self, "token", token)
+        for name in ("ca_cert", "client_cert", "client_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+                if self.insecure:
+                    raise ConfigError(f"--insecure (plaintext) cannot be combined with a TLS file ({name}={value})")
+                if not Path(value).is_file():
+                    raise ConfigError(f"invalid {name}={str(value)!r}: no such file")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ConfigError("give both --client-cert and --client-key (mutual TLS), or neither")
+        if self.max_message_bytes < 64 << 10:
+            raise ConfigError(f"invalid max_message_bytes={self.max_message_bytes}: must be >= 65536")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ConfigError("keepalive_time_s and keepalive_timeout_s must be positive")
+
+
+def read_token(path: str | Path | None, environ: dict | None = None) -> str:
+    """The enrolment token from a file (first line), else from $EDGEFT_TOKEN; "" when neither is there."""
+    import os
+
+    if path is not None:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from exc
+        return text.splitlines()[0].strip() if text else ""
+    return (environ if environ is not None else os.environ).get(TOKEN_ENV, "").strip()
+
+
+def channel_options(transport: Transport) -> list[tuple[str, int | str]]:
+    """gRPC channel arguments: message limits, keepalive (see Transport), the expected server name."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", transport.max_message_bytes),
+        ("grpc.max_send_message_length", transport.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(transport.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(transport.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),  # ping while no call is in flight: that is training time
+        ("grpc.http2.max_pings_without_data", 0),  # the default (2) stops pinging after two pings without data
+    ]
+    if transport.server_name:
+        options.append(("grpc.ssl_target_name_override", transport.server_name))
+    return options
+
+
+def open_channel(address: str, transport: Transport) -> grpc.Channel:
+    """A channel to the coordinator at ``address`` that sends the enrolment token with every call."""
+    options = channel_options(transport)
+    if transport.insecure:
+        log.warning("PLAINTEXT (--insecure): the enrolment token and this device's model updates travel to %s "
+                    "unencrypted and unauthenticated; use this on a trusted development network only.", address)
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        credentials = grpc.ssl_channel_credentials(root_certificates=read(transport.ca_cert),
+                                                   private_key=read(transport.client_key),
+                                                   certificate_chain=read(transport.client_cert))
+        channel = grpc.secure_channel(address, credentials, options=options)
+    return grpc.intercept_channel(channel, BearerToken(transport.token))
+
+
+def connection_hint(details: str, transport: Transport) -> tuple[str, bool] | None:
+    """What to do about a connection that failed during set-up, and whether retrying is pointless (a TLS
+    handshake the device itself refused); None when the failure says nothing about TLS."""
+    text = details or ""
+    if "WRONG_VERSION_NUMBER" in text:
+        return ("the coordinator does not speak TLS (it runs with insecure = true); for a development "
+                "coordinator like that, pass --insecure", True)
+    if "Hostname Verification" in text or "No match found for server name" in text:
+        return ("the coordinator's certificate does not name the host in --server; connect by a name in its "
+                "certificate, or pass --server-name NAME", True)
+    if "handshake failed" in text.lower() or "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("the TLS handshake failed: the coordinator's certificate is not signed by a CA this device trusts; "
+                "pass --ca-cert with the CA that signed it (`edgeft certs` writes ca.pem)", True)
+    if "Socket closed" in text:
+        if transport.insecure:
+            return ("the coordinator closed the plaintext connection: it probably serves TLS; drop --insecure and "
+                    "pass --ca-cert", False)
+        return ("the coordinator closed the connection during the TLS handshake: it probably requires a client "
+                "certificate (mutual TLS); pass --client-cert and --client-key signed by the CA it trusts "
+                "(its [server.tls] client_ca)", False)
+    return None
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to the metadata of every call."""
+
+    def __init__(self, token: str):
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._entry],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request_iterator)
