@@ -57,9 +57,15 @@ class Manifest:
     tokenizer: dict | None  # {"file", "max_length", "pad_id"}
     files: dict[str, str]  # relative path -> sha256
     peft_config: dict | None = None
+    # FedProx bundles only: {"mu", "anchor_prefix"}; the training loss adds mu/2 * ||w - anchor||^2, the anchor
+    # of trainable parameter ``name`` being the frozen parameter ``anchor_prefix + name``. Absent otherwise.
+    proximal: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if data["proximal"] is None:  # bundles without FedProx keep their manifest (and digest) as before
+            del data["proximal"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:

@@ -42,6 +42,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=14)
     p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proximal-mu", type=float, default=0.0,
+                   help="FedProx: add mu/2 * ||w - w_global||^2 to the training loss (default 0: none)")
     p.set_defaults(func=_run_export)
 
 
@@ -55,7 +57,7 @@ def _run_export(args: argparse.Namespace) -> int:
                               target_modules=_csv_list(args.target_modules),
                               trainable_modules=_csv_list(args.trainable_modules)),
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
-        opset=args.opset, max_length=args.max_length, seed=args.seed)
+        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20

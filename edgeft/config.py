@@ -98,6 +98,10 @@ class ExportConfig:
     opset: int = 14
     max_length: int = 128
     seed: int = 0
+    # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 is added to the training loss, w_global being the
+    # adapter the device's round started from (set with the global adapter). 0: no proximal term, and the
+    # bundle is exactly what it was without this option.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -108,6 +112,8 @@ class ExportConfig:
         _check(14 <= self.opset <= 16, "opset", self.opset,
                "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)")
         _check(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
+        _check(isinstance(self.proximal_mu, (int, float)) and 0 <= self.proximal_mu < float("inf"), "proximal_mu",
+               self.proximal_mu, "must be a finite number >= 0 (0 disables FedProx's proximal term)")
         if self.task in ("classification", "multilabel"):
             _check(len(self.labels) >= 2, "labels", self.labels, f"a {self.task} task needs at least 2 labels")
             _check(len(set(self.labels)) == len(self.labels), "labels", self.labels, "labels must be unique")

@@ -18,7 +18,9 @@
     # [job.export]  task = "classification", labels = "categories.json", max_length = 128
     # [job.adapter] kind = "lora", rank = 8, alpha = 16, target_modules = ["query", "value"]
     rounds = 3
-    strategy = "fedavg"
+    strategy = "fedavg"           # fedprox, fedadam, fedyogi, fedadagrad, median, trimmed_mean, krum, multikrum
+    # [job.strategy_options]      # e.g. server_lr = 0.01 (fedadam), trim = 0.1, byzantine = 1, clip_norm = 1.0,
+    #                             # noise_multiplier = 1.0 (client-level DP); see edgeft.aggregate.StrategyOptions
     round_deadline_s = 600
     upload_dtype = "float32"      # or "float16" to halve upload bytes
     max_update_norm_ratio = 10.0  # refuse an update whose change from the round's global adapter has an L2 norm
@@ -45,9 +47,10 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edgeft.aggregate.options import STRATEGY_NAMES, StrategyOptions, parse_strategy_options
 from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
@@ -57,7 +60,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = STRATEGY_NAMES
+DEFAULT_PROXIMAL_MU = 0.01  # fedprox's mu when the coordinator exports the model and no mu is given
 
 
 def _check(cond: bool, name: str, value: object, why: str) -> None:
@@ -107,6 +111,7 @@ class JobConfig:
     data: DataSchema = field(default_factory=DataSchema)
     rounds: int = 3
     strategy: str = "fedavg"
+    strategy_options: StrategyOptions = field(default_factory=StrategyOptions)  # or the TOML table as a dict
     round_deadline_s: float = 600.0
     upload_dtype: str = "float32"
     # Update validation (besides the manifest's names, shapes and dtypes and finite values). The L2 norm of an
@@ -135,6 +140,8 @@ class JobConfig:
             object.__setattr__(self, "export", ExportConfig())
         _check(self.rounds >= 1, "job.rounds", self.rounds, "must be >= 1")
         _check(self.strategy in STRATEGIES, "job.strategy", self.strategy, f"expected one of {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "strategy_options", parse_strategy_options(self.strategy, self.strategy_options))
+        self._check_strategy()
         _check(self.round_deadline_s > 0, "job.round_deadline_s", self.round_deadline_s, "must be positive")
         _check(self.upload_dtype in ("float32", "float16"), "job.upload_dtype", self.upload_dtype,
                "expected float32 or float16")
@@ -144,6 +151,26 @@ class JobConfig:
                "must be positive")
         _check(isinstance(self.max_update_examples, int) and self.max_update_examples >= 1, "job.max_update_examples",
                self.max_update_examples, "must be a whole number >= 1")
+
+    def _check_strategy(self) -> None:
+        """What a strategy asks of the rest of the job: Krum's minimum round size, FedProx's exported term."""
+        options = self.strategy_options
+        if self.strategy in ("krum", "multikrum"):
+            need = 2 * options.byzantine + 3
+            _check(self.clients.min >= need, "clients.min", self.clients.min,
+                   f"strategy {self.strategy!r} with byzantine={options.byzantine} needs rounds of at least {need} "
+                   "updates (2f + 3)")
+        if self.strategy == "multikrum" and options.selected is not None:
+            _check(options.selected <= self.clients.min - options.byzantine, "job.strategy_options.selected",
+                   options.selected, f"must be <= clients.min - byzantine = {self.clients.min - options.byzantine}")
+        if self.strategy == "fedprox" and self.model is not None and self.export is not None:
+            exported = self.export.proximal_mu
+            if exported == 0:
+                mu = options.mu if options.mu is not None else DEFAULT_PROXIMAL_MU
+                object.__setattr__(self, "export", replace(self.export, proximal_mu=mu))
+            else:
+                _check(options.mu is None or options.mu == exported, "job.strategy_options.mu", options.mu,
+                       f"differs from [job.export] proximal_mu={exported!r}; give one of them")
 
 
 @dataclass(frozen=True)

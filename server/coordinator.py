@@ -23,7 +23,7 @@ from safetensors.numpy import save as save_tensors
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from edgeft.aggregate import FedAvg, Strategy
+from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
                            StateError)
@@ -33,12 +33,12 @@ from edgeft.wire import UploadHeader
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
-from edgeft.server.store import (adapters, devices, downloads, enrolments, evaluations, jobs, now, open_database,
-                                 rejections, rounds, updates, upsert_device)
+from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, jobs, now,
+                                 open_database, rejections, rounds, updates, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+__all__ = ["STRATEGIES", "Coordinator", "TaskAssignment", "stored_adapter"]  # STRATEGIES: edgeft.aggregate's registry
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,8 @@ class Coordinator:
         self.engine = _open_state(config.state_dir, self.artifacts)
         self.artifacts.remove_partial()  # blobs and bundles whose writing a crash cut short
         self.jobs = {job.id: job for job in config.jobs}
+        self.strategies: dict[str, Strategy] = {job.id: build_strategy(job.strategy, job.strategy_options)
+                                                for job in config.jobs}
         self.tokens = TokenStore(self.engine, self.jobs)  # device enrolment tokens, per job
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
@@ -132,9 +134,11 @@ class Coordinator:
             row = conn.execute(select(jobs).where(jobs.c.id == job.id)).first()
         if row is not None:
             self._resume_job(job, row)
+            self.strategies[job.id].check_bundle(self.bundles[job.id].manifest)
             return
         bundle = self.artifacts.add_bundle(job.bundle if job.bundle is not None else self._export(job))
         self._check_base_model(job, bundle)
+        self.strategies[job.id].check_bundle(bundle.manifest)
         initial = TrainingSession(bundle, threads=1).get_parameters()
         if job.max_update_norm is None and update_norm(initial) == 0:
             raise ConfigError(f"job {job.id!r}: its initial adapter is all zeros, so max_update_norm_ratio has no "
@@ -246,13 +250,22 @@ class Coordinator:
         """The updates accepted for a round, as stored."""
         return list(self._iter_updates(job_id, number))
 
-    def _iter_updates(self, job_id: str, number: int) -> Iterator[AdapterUpdate]:
-        """The stored updates of a round one at a time, so aggregation holds one update in memory."""
+    def _iter_updates(self, job_id: str, number: int, with_device: bool = False) -> Iterator:
+        """The stored updates of a round one at a time (by device id), so aggregation holds one update in
+        memory; with ``with_device``, (device id, update) pairs."""
         with self.engine.begin() as conn:
             rows = conn.execute(select(updates).where(updates.c.job_id == job_id, updates.c.round == number)
                                 .order_by(updates.c.device_id)).all()
         for r in rows:
-            yield AdapterUpdate(load_tensors(self.artifacts.get(r.blob)), r.n_examples, r.metrics)
+            stored = AdapterUpdate(load_tensors(self.artifacts.get(r.blob)), r.n_examples, r.metrics)
+            yield (r.device_id, stored) if with_device else stored
+
+    def strategy_state(self, job_id: str, round_number: int) -> dict[str, np.ndarray] | None:
+        """What the job's strategy kept after ``round_number`` (server optimiser moments, privacy ledger)."""
+        with self.engine.begin() as conn:
+            blob = conn.execute(select(aggregations.c.state_blob).where(
+                aggregations.c.job_id == job_id, aggregations.c.round == round_number)).scalar()
+        return load_tensors(self.artifacts.get(blob)) if blob else None
 
     # -- devices ------------------------------------------------------------------------------------
     def register(self, device_id: str, capabilities: dict, job_id: str, token_id: str = "") -> str:
@@ -325,8 +338,8 @@ class Coordinator:
         if len(available) < job.clients.min_available:
             return None
         rng = np.random.default_rng(int(hashlib.sha256(f"{job.id}:{number}".encode()).hexdigest()[:8], 16))
-        chosen = STRATEGIES[job.strategy]().configure_round(number, available, job.clients.fraction,
-                                                           job.clients.min, job.clients.max, rng)
+        chosen = self.strategies[job.id].configure_round(number, available, job.clients.fraction,
+                                                         job.clients.min, job.clients.max, rng)
         conn.execute(insert(rounds).values(job_id=job.id, number=number, status="open", selected=chosen,
                                            opened_at=now(), deadline=now() + job.round_deadline_s, message=""))
         return conn.execute(select(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)).first()
@@ -449,14 +462,33 @@ class Coordinator:
                 conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
             return
         started = time.perf_counter()
-        aggregation = STRATEGIES[job.strategy]().start(self.global_adapter(job.id, number - 1))
-        for stored in self._iter_updates(job.id, number):
-            aggregation.add(stored)
-        blob = self.artifacts.put(encode(aggregation.result()))
+        context = RoundContext(round=number, selected=len(row.selected), state=self.strategy_state(job.id, number - 1))
+        aggregation = self.strategies[job.id].start(self.global_adapter(job.id, number - 1), context)
+        devices_in_order = []
+        try:
+            for device_id, stored in self._iter_updates(job.id, number, with_device=True):
+                aggregation.add(stored)
+                devices_in_order.append(device_id)
+            blob = self.artifacts.put(encode(aggregation.result()))
+        except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
+            message = f"round {number} could not be aggregated with {job.strategy}: {exc}"
+            log.error("job %s: %s", job.id, message)
+            with self.engine.begin() as conn:
+                conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
+                             .values(status="failed", closed_at=now(), message=message))
+                conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
+            return
+        state = aggregation.state()
+        state_blob = self.artifacts.put(encode(state)) if state else None
+        report = aggregation.report()
+        if "krum_selected" in report:  # indices in the order the updates were added: name the devices
+            report["krum_selected"] = [devices_in_order[i] for i in report["krum_selected"]]
         self.last_close_seconds = time.perf_counter() - started
         finished = number >= job.rounds
-        with self.engine.begin() as conn:
+        with self.engine.begin() as conn:  # the new global adapter and the strategy's state, together
             conn.execute(insert(adapters).values(job_id=job.id, version=number, blob=blob, created_at=now()))
+            conn.execute(insert(aggregations).values(job_id=job.id, round=number, state_blob=state_blob,
+                                                     report=report, created_at=now()))
             conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
                          .values(status="closed", closed_at=now()))
             conn.execute(update(jobs).where(jobs.c.id == job.id).values(
@@ -515,7 +547,9 @@ class Coordinator:
 
     def history(self, job_id: str) -> dict:
         """Everything recorded about a job, per round: status and wall time, the evaluation of the global
-        adapter, and per client its examples, training metrics and bytes up and down."""
+        adapter, per client its examples, training metrics and bytes up and down, and what the strategy
+        reported (``aggregation``; with differential privacy ``privacy``: epsilon for the round and cumulative
+        at delta). The job's ``privacy`` is the cumulative (epsilon, delta) spent so far (None without DP)."""
         status = self.job_status(job_id)
         with self.engine.begin() as conn:
             round_rows = conn.execute(select(rounds).where(rounds.c.job_id == job_id).order_by(rounds.c.number)).all()
@@ -524,8 +558,12 @@ class Coordinator:
                                       updates.c.bytes).where(updates.c.job_id == job_id)).all()
             downs = {(r.round, r.device_id): r.bytes
                      for r in conn.execute(select(downloads).where(downloads.c.job_id == job_id))}
+            reports = {r.round: r.report for r in conn.execute(
+                select(aggregations.c.round, aggregations.c.report).where(aggregations.c.job_id == job_id))}
         refused = self.rejections(job_id)
+        job = self.jobs.get(job_id)
         history = {"job": job_id, "status": status["status"], "message": status["message"],
+                   "strategy": job.strategy if job else None, "privacy": None,
                    "duplicates": refused.pop("duplicate", 0), "rejections": refused,
                    "rounds": [{"round": 0, "status": "initial", "evaluation": evals.get(0), "clients": []}]}
         for row in round_rows:
@@ -535,5 +573,10 @@ class Coordinator:
             history["rounds"].append({
                 "round": row.number, "status": row.status, "message": row.message, "selected": list(row.selected),
                 "seconds": round(row.closed_at - row.opened_at, 2) if row.closed_at else None,
-                "evaluation": evals.get(row.number), "clients": sorted(clients, key=lambda c: c["device_id"])})
+                "evaluation": evals.get(row.number), "clients": sorted(clients, key=lambda c: c["device_id"]),
+                "aggregation": reports.get(row.number), "privacy": (reports.get(row.number) or {}).get("privacy")})
+            if history["rounds"][-1]["privacy"]:  # the job's privacy spent so far: the latest cumulative figure
+                spent = history["rounds"][-1]["privacy"]
+                history["privacy"] = {"epsilon": spent["epsilon_cumulative"], "delta": spent["delta"],
+                                      "rounds": spent["rounds_accounted"]}
         return history

@@ -90,6 +90,15 @@ downloads = Table(
     UniqueConstraint("job_id", "round", "device_id"),
 )
 
+aggregations = Table(
+    "aggregations", metadata,  # per closed round: what its strategy keeps for the next round and reports
+    Column("job_id", String, primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("state_blob", String),  # server optimiser moments and the privacy ledger (safetensors), or NULL
+    Column("report", JSON, nullable=False),  # e.g. clipped updates, Krum's picks, {"privacy": {"epsilon", ...}}
+    Column("created_at", Float, nullable=False),
+)
+
 tokens = Table(
     "tokens", metadata,  # device enrolment tokens: only the sha256 of the secret is kept, never the token
     Column("id", String, primary_key=True),  # a public name for listing and revoking

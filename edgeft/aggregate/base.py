@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -26,8 +27,23 @@ def select_clients(available: Sequence[str], fraction: float, minimum: int, maxi
     return [available[i] for i in sorted(chosen)]
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What a strategy knows about the round it aggregates, besides the global adapter.
+
+    selected: clients selected for the round (whether or not they answered): the fixed denominator of the
+    differentially private mean. state: what the strategy kept after the previous round (server optimiser
+    moments, the privacy ledger), as stored by the coordinator; None in the first round.
+    """
+
+    round: int = 1
+    selected: int = 0
+    state: dict[str, np.ndarray] | None = None
+
+
 class Aggregation(ABC):
-    """One round's aggregate, fed update by update so memory stays at one adapter's size."""
+    """One round's aggregate, fed update by update (mean-based rules stream, so memory stays at one
+    adapter's size; robust rules keep every update)."""
 
     @abstractmethod
     def add(self, update: AdapterUpdate) -> None:
@@ -36,6 +52,14 @@ class Aggregation(ABC):
     @abstractmethod
     def result(self) -> dict[str, np.ndarray]:
         """The new global adapter."""
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        """After ``result``: what the next round needs (stored with the new global adapter), or None."""
+        return None
+
+    def report(self) -> dict:
+        """After ``result``: JSON-ready facts about the round (clipped updates, privacy spent, Krum's picks)."""
+        return {}
 
 
 class Strategy(ABC):
@@ -48,6 +72,9 @@ class Strategy(ABC):
         """The clients that train in this round (default: uniform selection)."""
         return select_clients(available, fraction, minimum, maximum, rng)
 
+    def check_bundle(self, manifest: object) -> None:
+        """Raise ConfigError when the job's bundle cannot serve this strategy (default: any bundle can)."""
+
     @abstractmethod
-    def start(self, global_adapter: dict[str, np.ndarray]) -> Aggregation:
+    def start(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None) -> Aggregation:
         """A fresh aggregation for a round that starts from ``global_adapter``."""

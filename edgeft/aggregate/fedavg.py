@@ -6,7 +6,8 @@ from typing import Iterable
 
 import numpy as np
 
-from edgeft.aggregate.base import Aggregation, Strategy
+from edgeft.aggregate.base import Aggregation, RoundContext, Strategy
+from edgeft.aggregate.options import StrategyOptions
 from edgeft.errors import ConfigError
 from edgeft.update import AdapterUpdate
 
@@ -30,13 +31,18 @@ class WeightedMean(Aggregation):
     def __init__(self, template: dict[str, np.ndarray]):
         self.total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
         self.weight = 0
+        self.count = 0
 
     def add(self, update: AdapterUpdate) -> None:
         accumulate(self.total, update.tensors, float(update.n_examples))
         self.weight += update.n_examples
+        self.count += 1
 
     def result(self) -> dict[str, np.ndarray]:
         return finish(self.total, self.weight)
+
+    def report(self) -> dict:
+        return {"updates": self.count, "examples": self.weight}
 
 
 def weighted_mean(updates: Iterable[AdapterUpdate]) -> dict[str, np.ndarray]:
@@ -51,9 +57,37 @@ def weighted_mean(updates: Iterable[AdapterUpdate]) -> dict[str, np.ndarray]:
 
 
 class FedAvg(Strategy):
-    """Example-weighted mean of the updates; streaming, so memory grows with the adapter, not the clients."""
+    """Example-weighted mean of the updates; streaming, so memory grows with the adapter, not the clients.
+
+    With ``clip_norm`` each client's delta is clipped to that norm first (norm clipping); with
+    ``noise_multiplier`` the round is differentially private (see ``edgeft.aggregate.privacy``).
+    """
 
     name = "fedavg"
 
-    def start(self, global_adapter: dict[str, np.ndarray]) -> Aggregation:
-        return WeightedMean(global_adapter)
+    def __init__(self, options: StrategyOptions | None = None):
+        self.options = options or StrategyOptions()
+
+    def start(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None) -> Aggregation:
+        if self.options.clip_norm is None and not self.options.private:
+            return WeightedMean(global_adapter)
+        from edgeft.aggregate.delta import DeltaMean
+
+        return DeltaMean(global_adapter, self.options, context)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al., 2020): FedAvg's aggregation over clients that train with the proximal term
+    mu/2 * ||w - w_global||^2, which lives in the bundle's training graph (``ExportConfig.proximal_mu``)."""
+
+    name = "fedprox"
+
+    def check_bundle(self, manifest: object) -> None:
+        proximal = getattr(manifest, "proximal", None)
+        if not proximal:
+            raise ConfigError("strategy 'fedprox' needs a bundle exported with a proximal term: export it with "
+                              "`edgeft export --proximal-mu MU` (or [job.export] proximal_mu), or let the "
+                              "coordinator export the model")
+        if self.options.mu is not None and abs(proximal["mu"] - self.options.mu) > 1e-12:
+            raise ConfigError(f"invalid job.strategy_options.mu={self.options.mu!r}: the bundle was exported with "
+                              f"proximal_mu={proximal['mu']!r}; re-export it or drop the option")

@@ -19,7 +19,7 @@ from edgeft.config import ExportConfig, to_dict
 from edgeft.errors import ExportError
 from edgeft.export import artifacts
 from edgeft.export.adapters import AdaptedModel, apply_adapter
-from edgeft.export.graph import export_graph, label_axes
+from edgeft.export.graph import ANCHOR_PREFIX, export_graph, label_axes
 from edgeft.export.losses import LABEL_SPEC
 from edgeft.export.source import ModelSource, from_hf_folder, from_module
 
@@ -57,7 +57,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         staging.mkdir()
         graph_path = Path(tmp) / FORWARD_MODEL
         export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
-                     config.opset, l2=l2, seed=config.seed)
+                     config.opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
         artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
@@ -97,7 +97,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         adapter={**to_dict(config.adapter), "target_modules": adapted.target_modules,
                  "trainable_modules": adapted.trainable_modules, "scale": config.adapter.scale},
         loss=config.loss, optimizer=optimizer, opset=config.opset, tokenizer=tokenizer, files=files,
-        peft_config=adapted.peft_config)
+        peft_config=adapted.peft_config,
+        proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None)
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None) -> list[int | str]:

@@ -24,6 +24,8 @@ from edgeft.export.losses import LABEL_SPEC, LOSS_FUNCTIONS
 from edgeft.export.source import ModelSource
 
 PREFIX = "model."
+# FedProx: the frozen copy of trainable parameter ``name`` that the proximal term pulls towards.
+ANCHOR_PREFIX = "proximal_anchor."
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -41,17 +43,25 @@ class TrainingGraph(nn.Module):
     """model(**inputs) followed by the loss; returns (loss, logits).
 
     With ``l2 > 0`` the loss adds 0.5 * l2 * ||trainable||^2 (PyTorch SGD's weight_decay, which ORT's
-    SGD optimizer lacks).
+    SGD optimizer lacks). With ``proximal_mu > 0`` it adds FedProx's 0.5 * mu * ||w - w_anchor||^2 over the
+    ``trainable`` parameters, the anchors being frozen parameters (``proximal_anchor.<name>`` in the graph)
+    that the device sets to the round's global adapter.
     """
 
     def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0,
-                 prepare_inputs: Callable[[dict], dict] | None = None):
+                 prepare_inputs: Callable[[dict], dict] | None = None, proximal_mu: float = 0.0,
+                 trainable: list[str] | None = None):
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
         self.loss_fn = LOSS_FUNCTIONS[loss]
         self.l2 = l2
         self.prepare_inputs = prepare_inputs
+        self.proximal_mu = proximal_mu
+        self.proximal_names = list(trainable or []) if proximal_mu else []
+        params = dict(model.named_parameters())
+        self.anchors = nn.ParameterList([nn.Parameter(params[n].detach().clone(), requires_grad=False)
+                                         for n in self.proximal_names])
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = dict(zip(self.input_names, args[:-1]))
@@ -62,6 +72,10 @@ class TrainingGraph(nn.Module):
         if self.l2:
             penalty = sum((p * p).sum() for p in self.model.parameters() if p.requires_grad)
             loss = loss + 0.5 * self.l2 * penalty
+        if self.proximal_names:
+            params = dict(self.model.named_parameters())
+            distance = [params[n] - anchor for n, anchor in zip(self.proximal_names, self.anchors)]
+            loss = loss + 0.5 * self.proximal_mu * sum((d * d).sum() for d in distance)
         return loss, logits
 
 
@@ -82,12 +96,15 @@ def label_axes(loss: str) -> dict[int, str]:
 
 
 def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], loss: str, num_outputs: int,
-                 path: Path, opset: int, l2: float = 0.0, seed: int = 0) -> None:
-    """Write the (loss, logits) graph of ``model`` to ``path``; trainable parameters keep their names."""
-    wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs).eval()
+                 path: Path, opset: int, l2: float = 0.0, seed: int = 0, proximal_mu: float = 0.0) -> None:
+    """Write the (loss, logits) graph of ``model`` to ``path``; trainable parameters keep their names
+    (with ``proximal_mu``, their FedProx anchors are frozen parameters named ``proximal_anchor.<name>``)."""
+    wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs, proximal_mu, trainable).eval()
     labels = example_labels(loss, source, num_outputs)
     args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
-    params = dict(model.named_parameters())
+    # every parameter by its name in the final graph: the model's, then the proximal anchors
+    params = {**dict(model.named_parameters()),
+              **{ANCHOR_PREFIX + n: a for n, a in zip(wrapper.proximal_names, wrapper.anchors)}}
     originals = {name: p.detach().clone() for name, p in params.items()}
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -110,9 +127,9 @@ def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], lo
             for name, value in originals.items():
                 params[name].copy_(value)
     graph = onnx.load(str(path))
-    _strip_prefix(graph)
+    _strip_prefix(graph, {f"anchors.{i}": ANCHOR_PREFIX + n for i, n in enumerate(wrapper.proximal_names)})
     inits = {init.name: init for init in graph.graph.initializer}
-    missing = [n for n in trainable if n not in inits]
+    missing = [n for n in [*trainable, *(ANCHOR_PREFIX + n for n in wrapper.proximal_names)] if n not in inits]
     if missing:
         raise ExportError(f"trainable parameters missing from the exported graph (unused by forward?): {missing[:5]}")
     for name, value in originals.items():
@@ -121,11 +138,13 @@ def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], lo
     onnx.save(graph, str(path))
 
 
-def _strip_prefix(model: onnx.ModelProto) -> None:
-    """Rename ``model.<name>`` tensors (the wrapper's prefix) to ``<name>`` everywhere in the graph."""
+def _strip_prefix(model: onnx.ModelProto, extra: dict[str, str] | None = None) -> None:
+    """Rename ``model.<name>`` tensors (the wrapper's prefix) to ``<name>`` everywhere in the graph, and
+    the tensors named in ``extra`` to their new names."""
     graph = model.graph
     produced = [n for node in graph.node for n in node.output]
     renames = {n: n[len(PREFIX):] for n in [*(i.name for i in graph.initializer), *produced] if n.startswith(PREFIX)}
+    renames.update(extra or {})
     for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
     for node in graph.node:

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -54,6 +55,14 @@ class SimulationConfig:
     baseline: bool = True  # also train centrally for the same number of passes over the data
     overwrite: bool = False
     round_deadline_s: float = 3600.0
+    strategy: str = "fedavg"  # the job's aggregation strategy and its [job.strategy_options]
+    strategy_options: Mapping[str, object] = field(default_factory=dict)
+    # TEST TOOLING (edgeft.simulation.byzantine): the first ``attackers`` clients corrupt their updates
+    attack: str | None = None
+    attackers: int = 0
+    # the coordinator's bound on an update's change (JobConfig.max_update_norm; None: its ratio default).
+    # Byzantine experiments loosen it so that the aggregation rule, not validation, meets the attack.
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -64,6 +73,12 @@ class SimulationConfig:
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"invalid concurrency={self.concurrency}: must be >= 1")
         parse_scheme(self.partition)
+        if self.attack is not None:
+            from edgeft.simulation.byzantine import Attack
+
+            Attack.parse(self.attack)
+        if not 0 <= self.attackers <= self.clients or (self.attackers and self.attack is None):
+            raise ConfigError(f"invalid attackers={self.attackers}: between 0 and clients, and only with an attack")
 
     @property
     def slots(self) -> int:
@@ -142,6 +157,9 @@ def _start_agents(config: SimulationConfig, port: int, transport_flags: list[str
                 *transport_flags]
         log = open(cache / "agent.log", "w")
         code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
+        if i < config.attackers:  # test tooling: a Byzantine client
+            code = NO_TORCH + ("from edgeft.simulation.byzantine import run_agent\n"
+                               f"sys.exit(run_agent({argv!r}, {config.attack!r}, seed={config.seed + i}))")
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         agents.append((proc, cache / "agent.log"))
@@ -223,11 +241,12 @@ def run_simulation(config: SimulationConfig) -> dict:
           f"{max(parts['classes_per_client'])} of {len(bundle.manifest.labels)} classes each", flush=True)
 
     job = JobConfig(id=JOB_ID, bundle=bundle.path, rounds=config.rounds, round_deadline_s=config.round_deadline_s,
+                    strategy=config.strategy, strategy_options=dict(config.strategy_options),
                     clients=ClientSelection(fraction=config.fraction, min=max(1, round(config.fraction * config.clients)),
                                             min_available=config.clients),
                     data=DataSchema(text_column=config.train.text_column, label_column=config.train.label_column,
                                     format=config.train.format),
-                    train=config.local, eval_data=config.test)
+                    train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm)
     tls, transport_flags = _tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
@@ -257,6 +276,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "seed": config.seed, "fraction": config.fraction, "local_epochs": config.local.epochs,
                           "batch_size": config.local.batch_size, "learning_rate": config.local.learning_rate,
                           "concurrency": config.slots, "threads_per_agent": config.threads,
+                          "strategy": config.strategy, "strategy_options": dict(config.strategy_options),
+                          "attack": config.attack, "attackers": config.attackers,
                           "bundle_digest": bundle.digest},
                "federated_seconds": round(federated_seconds, 1), "bundle_bytes": _bundle_bytes(bundle),
                "partition": parts, "history": history, "centralised": baseline,

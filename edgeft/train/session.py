@@ -74,6 +74,8 @@ class TrainingSession:
             raise BundleError(f"ONNX Runtime cannot load the bundle at {bundle.path}: {exc}") from exc
         self.names = bundle.manifest.trainable_names
         self.input_names = [i.name for i in bundle.manifest.inputs]
+        proximal = bundle.manifest.proximal
+        self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
 
     def _run(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
         try:
@@ -102,8 +104,11 @@ class TrainingSession:
         """Copies of the trainable parameters, by name."""
         return {name: np.array(self._state.parameters[name].data, copy=True) for name in self.names}
 
-    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
-        """Overwrite trainable parameters (e.g. with a global adapter); names and shapes must match."""
+    def set_parameters(self, values: dict[str, np.ndarray], proximal_anchor: bool = True) -> None:
+        """Overwrite trainable parameters (e.g. with a global adapter); names and shapes must match.
+
+        In a FedProx bundle the proximal term's anchors are set to the same values (the adapter a round
+        starts from is the one local training is pulled towards), unless ``proximal_anchor`` is False."""
         for name, value in values.items():
             if name not in self._state.parameters:
                 raise TrainingError(f"unknown parameter {name!r}; the bundle trains {len(self.names)} parameters")
@@ -111,3 +116,12 @@ class TrainingSession:
             if tuple(current.shape) != tuple(value.shape):
                 raise TrainingError(f"parameter {name!r} has shape {tuple(current.shape)}, got {tuple(value.shape)}")
             self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+        if proximal_anchor and self.anchor_prefix is not None:
+            self.set_proximal_anchor(values)
+
+    def set_proximal_anchor(self, values: dict[str, np.ndarray]) -> None:
+        """FedProx bundles: set w_global of the loss's mu/2 * ||w - w_global||^2 term, by trainable name."""
+        if self.anchor_prefix is None:
+            raise TrainingError("this bundle has no proximal term; export it with proximal_mu > 0 for FedProx")
+        for name, value in values.items():
+            self._state.parameters[self.anchor_prefix + name].data = np.ascontiguousarray(value, dtype=np.float32)

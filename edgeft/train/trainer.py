@@ -133,7 +133,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
     bar.close()
     result.steps = step
     if result.parameters:
-        session.set_parameters(result.parameters)  # keep the best epoch's weights
+        session.set_parameters(result.parameters, proximal_anchor=False)  # keep the best epoch's weights
     else:
         result.parameters = session.get_parameters()
     return result

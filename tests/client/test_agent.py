@@ -68,3 +68,36 @@ def test_full_finetuning_bundle_of_90_mb_arrives_intact(tmp_path):
             assert received.file(name).read_bytes() == bundle.file(name).read_bytes()
     finally:
         server.stop(grace=None)
+
+
+def test_a_coordinator_going_down_is_retried_not_read_as_a_tls_refusal(tmp_path, monkeypatch):
+    """Calls in flight when a coordinator dies end UNAVAILABLE "Socket closed", as a TLS refusal does. An agent
+    that never got through stops after three in a row (its TLS settings are wrong); one that did keeps retrying
+    (a coordinator crash-looping through restarts stopped agents for good, found by the fault-injection suite)."""
+    import grpc
+
+    monkeypatch.setattr("edgeft.client.agent.time.sleep", lambda seconds: None)
+
+    class Closed(grpc.RpcError):
+        def code(self):  # noqa: ANN202
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):  # noqa: ANN202
+            return "Stream removed (Socket closed)"
+
+    def flaky(failures: int):  # noqa: ANN202
+        left = [failures]
+
+        def call(timeout):  # noqa: ANN001, ANN202
+            if left[0]:
+                left[0] -= 1
+                raise Closed()
+            return "ok"
+
+        return call
+
+    agent = make_agent(tmp_path, 1, "eft_unused")
+    with pytest.raises(CoordinatorError, match="closed the plaintext connection"):
+        agent._call("poll", flaky(5))
+    assert agent._call("register", flaky(0)) == "ok"
+    assert agent._call("poll", flaky(5)) == "ok"
