@@ -81,20 +81,25 @@ class Agent:
         id_file = self.config.cache_dir / "device_id"
         self.device_id = self.device_id or (id_file.read_text().strip() if id_file.is_file() else "")
         self._data: dict[str, Dataset] = {}
+        self._got_through = False  # a call of this agent succeeded: its transport settings work
 
     # -- the one edge where grpc errors become edgeft errors or retries -----------------------------
     def _call(self, what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         delay, started, closed = 0.5, time.monotonic(), 0
         while True:
             try:
-                return fn(*args, timeout=self.config.call_timeout_s, **kwargs)
+                result = fn(*args, timeout=self.config.call_timeout_s, **kwargs)
+                self._got_through = True
+                return result
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code not in RETRYABLE:
                     raise self._refusal(what, exc) from exc
                 hint = connection_hint(exc.details(), self.config.transport) if code == grpc.StatusCode.UNAVAILABLE \
                     else None
-                closed = closed + 1 if hint is not None else 0
+                # "Socket closed" also ends the calls in flight when a coordinator goes down (a crash, a restart):
+                # only an agent that never got through reads it as a TLS refusal and stops
+                closed = closed + 1 if hint is not None and (hint[1] or not self._got_through) else 0
                 if hint is not None and (hint[1] or closed >= TLS_REFUSALS_BEFORE_STOP):
                     raise CoordinatorError(f"{what}: cannot connect to {self.config.server}: {hint[0]} "
                                            f"({exc.details()})") from exc
