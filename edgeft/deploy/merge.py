@@ -25,8 +25,15 @@ def export_config_of(bundle: Bundle) -> ExportConfig:
 
 def merged_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
     """The base model with ``tensors`` (trained adapter, by manifest name) merged in, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
     config = export_config_of(bundle)
-    source = from_hf_folder(model_dir, config)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier newly initialized": the adapter brings the trained head
+    try:
+        source = from_hf_folder(model_dir, config)
+    finally:
+        hf_logging.set_verbosity(previous)
     if source.base_digest != bundle.manifest.base_model["digest"]:
         raise ConfigError(f"{model_dir} is not the base model this bundle was exported from (weights digest "
                           f"{source.base_digest[:12]}... vs {bundle.manifest.base_model['digest'][:12]}...)")
