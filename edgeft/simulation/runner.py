@@ -170,10 +170,15 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
     """Wait for the job, showing a bar per round with the latest accuracy; stop on a crashed agent."""
     from tqdm.auto import tqdm
 
-    shown = -1
+    shown, refused = -1, 0
     with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True, mininterval=30) as bar:
         while True:
             history = coordinator.history(JOB_ID)
+            rejections = history.get("rejections") or {}
+            if sum(rejections.values()) > refused:  # a refused device will not send again: say so
+                refused = sum(rejections.values())
+                bar.write(f"the coordinator refused {refused} update(s) so far ({', '.join(f'{k}: {v}' for k, v in rejections.items())}); "
+                          f"a round missing an update waits for its deadline ({config.round_deadline_s:.0f} s)")
             done = [r for r in history["rounds"] if r["round"] > 0 and r["status"] != "open"]
             if len(done) > bar.n:
                 bar.update(len(done) - bar.n)
