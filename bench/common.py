@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 from edgeft.config import ExportConfig
-from edgeft.data import DataConfig
-from edgeft.datasets import BANKING77_DIR, banking77_labels
+from edgeft.datasets import banking77, banking77_labels
 
 CONFIG = ExportConfig(labels=tuple(banking77_labels()))
-TRAIN = DataConfig(BANKING77_DIR / "train.csv", label_column="category")
-TEST = DataConfig(BANKING77_DIR / "test.csv", label_column="category")
+TRAIN, TEST = banking77("train"), banking77("test")
 
 
 def minilm_bundle(work: Path) -> Path:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from edgeft.bundle import load_bundle
 from edgeft.config import ExportConfig, TrainConfig
-from edgeft.data import DataConfig
-from edgeft.datasets import BANKING77_DIR, banking77_labels
+from edgeft.datasets import banking77, banking77_labels
 from edgeft.errors import ConfigError
 from edgeft.run import LocalRun, run_local
 
@@ -42,8 +41,7 @@ def run_demo(out: Path, clients: int = 4, rounds: int = 3, partition: str = "iid
     from edgeft.simulation import SimulationConfig, run_simulation
 
     started = time.perf_counter()
-    data = dict(text_column="text", label_column="category")
-    train, test = DataConfig(BANKING77_DIR / "train.csv", **data), DataConfig(BANKING77_DIR / "test.csv", **data)
+    train, test = banking77("train"), banking77("test")
     print(f"edgeft demo: {clients} devices fine-tune all-MiniLM-L6-v2 + LoRA on their shares of BANKING77 "
           f"({partition}) for {rounds} rounds", flush=True)
     sim = run_simulation(SimulationConfig(
@@ -79,10 +77,8 @@ def run_local_demo(out: Path, epochs: int = 1, threads: int | None = None) -> di
         export_hf(minilm_dir(), bundle_dir, ExportConfig(labels=banking77_labels()))
     load_bundle(bundle_dir)
     print(f"fine-tuning on BANKING77 ({epochs} epoch(s), batch 32, lr 3e-3) with ONNX Runtime ...", flush=True)
-    data = dict(text_column="text", label_column="category")
     _, summary = run_local(LocalRun(
-        bundle=bundle_dir, train=DataConfig(BANKING77_DIR / "train.csv", **data),
-        test=DataConfig(BANKING77_DIR / "test.csv", **data), val_fraction=0.0,
+        bundle=bundle_dir, train=banking77("train"), test=banking77("test"), val_fraction=0.0,
         config=TrainConfig(epochs=epochs, batch_size=32, learning_rate=3e-3, threads=threads), out=out / "adapter"))
     test = summary["test"]
     print(f"demo done in {time.perf_counter() - started:.0f} s: BANKING77 test accuracy {test['accuracy']:.1%}, "

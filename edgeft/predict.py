@@ -46,6 +46,9 @@ class Predictor:
             raise BundleError(f"{package_dir} is not a deployment package (package.json is missing); "
                               "make one with `edgeft deploy`")
         self.meta = json.loads(meta_path.read_text())
+        shape = self.meta.get("fixed_shape")
+        # (batch, sequence) when the package's model takes only that input shape (NPU packages)
+        self.fixed_shape: tuple[int, int] | None = (int(shape[0]), int(shape[1])) if shape else None
         self.labels = list(self.meta["labels"])
         self.tokenizer = Tokenizer.from_file(str(package_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
@@ -59,12 +62,6 @@ class Predictor:
             self.session = ort.InferenceSession(str(model), options, providers=[self.provider])
         except Exception as exc:  # ORT raises its own InvalidProtobuf / Fail types
             raise BundleError(f"ONNX Runtime cannot load {model}: {exc}") from exc
-
-    @property
-    def fixed_shape(self) -> tuple[int, int] | None:
-        """(batch, sequence) when the package's model takes only that input shape (NPU packages)."""
-        shape = self.meta.get("fixed_shape")
-        return (int(shape[0]), int(shape[1])) if shape else None
 
     def encode(self, texts: list[str], fill_batch: bool = False) -> dict[str, np.ndarray]:
         """Model inputs for ``texts``, tokenised and truncated exactly as in training (and padded to the fixed

@@ -7,6 +7,10 @@ Tiny Shakespeare (Karpathy, char-rnn; public-domain text): see ``tinyshakespeare
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeft.data import DataConfig
 
 BANKING77_DIR = Path(__file__).parent / "banking77"
 TINYSHAKESPEARE = Path(__file__).parent / "tinyshakespeare" / "input.txt"
@@ -17,3 +21,10 @@ def banking77_labels() -> list[str]:
     import json
 
     return json.loads((BANKING77_DIR / "categories.json").read_text())
+
+
+def banking77(split: str) -> DataConfig:
+    """The shipped BANKING77 ``train`` or ``test`` split as a DataConfig (columns text and category)."""
+    from edgeft.data import DataConfig
+
+    return DataConfig(BANKING77_DIR / f"{split}.csv", text_column="text", label_column="category")

@@ -40,14 +40,15 @@ def _csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(summary: dict, out: Path) -> dict[str, str]:
-    """accuracy.png, bytes.png and label_skew.png; returns their file names by subject."""
+def plot(summary: dict, rounds: list[dict], out: Path) -> dict[str, str]:
+    """accuracy.png, bytes.png and label_skew.png from the summary and its ``round_rows``; returns their file
+    names by subject."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in round_rows(summary["history"]) if r["test_accuracy"] is not None]
+    rows = [r for r in rounds if r["test_accuracy"] is not None]
     files = {}
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["round"] for r in rows], [100 * r["test_accuracy"] for r in rows], "o-", label="federated (global adapter)")
@@ -66,7 +67,7 @@ def plot(summary: dict, out: Path) -> dict[str, str]:
     plt.close(fig)
     files["accuracy"] = "accuracy.png"
 
-    trained = [r for r in round_rows(summary["history"]) if r["round"] > 0]
+    trained = [r for r in rounds if r["round"] > 0]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.array([r["round"] for r in trained])
     ax.bar(x - 0.2, [r["bytes_down"] / 1e6 for r in trained], 0.4, label="down (tasks: global adapter)")
@@ -105,7 +106,7 @@ def write_outputs(out: Path, summary: dict) -> None:
     rounds = round_rows(history)
     _csv(out / "rounds.csv", rounds)
     _csv(out / "clients.csv", client_rows(history))
-    files = plot(summary, out)
+    files = plot(summary, rounds, out)
     c = summary["config"]
     lines = [f"# edgeft simulation: {c['clients']} clients, {c['rounds']} rounds, partition {c['partition']}", "",
              f"Local training: {c['local_epochs']} epoch(s) a round, batch {c['batch_size']}, lr {c['learning_rate']}; "
