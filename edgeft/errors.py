@@ -95,3 +95,11 @@ class PermissionDenied(EdgeftError):
     task or round)."""
 
     grpc_code = "PERMISSION_DENIED"
+
+
+class SecAggError(EdgeftError):
+    """Secure aggregation cannot go on: too few clients left for the threshold (the round aborts and no input
+    is revealed), a share or key that does not check out, a message for the wrong phase."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "secagg"
