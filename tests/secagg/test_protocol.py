@@ -131,7 +131,9 @@ def test_clients_refuse_a_server_that_misbehaves():
     with pytest.raises(SecAggError, match="unsafe"):
         clients["a"].share_keys(Roster(2, keys))  # 2 of 4 is not more than half
     with pytest.raises(SecAggError, match="leaves this one out"):
-        SecAggClient("e", b"t:1").share_keys(Roster(3, keys))
+        stranger = SecAggClient("e", b"t:1")
+        stranger.advertise()
+        stranger.share_keys(Roster(3, keys))
     with pytest.raises(SecAggError, match="at phase 'masked_input'"):  # a client that refused once stays out
         clients["a"].share_keys(Roster(3, keys))
     shared = {d: clients[d].share_keys(Roster(3, keys)) for d in ids if d != "a"}
@@ -143,8 +145,10 @@ def test_clients_refuse_a_server_that_misbehaves():
                               np.zeros(5, dtype=np.uint32))
     with pytest.raises(SecAggError, match="not a subset"):
         clients["d"].unmask(Survivors(("a", "b", "d")))  # a never shared keys
+    clients["b"].masked_input(Inbox(tuple(s for m in shared.values() for s in m.shares if s.recipient == "b")),
+                              np.zeros(5, dtype=np.uint32))
     with pytest.raises(SecAggError, match="fewer than the threshold"):
-        clients["d"].unmask(Survivors(("b", "d")))
+        clients["b"].unmask(Survivors(("b", "d")))
 
 
 def test_aborted_round_refuses_further_messages_and_drops_the_sum():
