@@ -25,12 +25,13 @@ import grpc
 from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
 from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
-from edgeft.errors import BundleError, CoordinatorError
+from edgeft.errors import BundleError, CoordinatorError, SecAggError
 from edgeft.train.trainer import train
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import UploadHeader, tensor_from_pb, train_config, update_to_parts
+from edgeft.wire import (SecAggHeader, UploadHeader, secagg_request_to_pb, secagg_response_from_pb,
+                         secagg_settings_from_pb, tensor_from_pb, train_config, update_to_parts)
 
 log = logging.getLogger("edgeft.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -208,6 +209,39 @@ class Agent:
         dtype = "float16" if task.upload_dtype == pb.FLOAT16 else "float32"
         return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
 
+    def secure_upload(self, task: pb.Task, update: AdapterUpdate) -> str:
+        """Take part in a secure aggregation round with ``update`` (edgeft.secagg): the coordinator gets only a
+        masked, fixed-point encoded delta and, with the other devices, learns just the sum. Returns the
+        coordinator's last word; SecAggError when the round aborted or went on without this device."""
+        from edgeft.secagg import SecAggClient
+        from edgeft.secagg.updates import encode_update, round_context
+
+        settings = secagg_settings_from_pb(task.secure_aggregation)
+        global_adapter = dict(tensor_from_pb(t) for t in task.global_adapter)
+        vector, facts = encode_update(update.tensors, update.n_examples, global_adapter, settings)
+        if facts.get("values_clipped"):
+            log.info("round %d: %d values of the update's delta lie outside the secure aggregation range "
+                     "+-%g and were clipped", task.round, int(facts["values_clipped"]), settings.clip)
+        client = SecAggClient(self.device_id, round_context(task.job_id, task.round))
+        header = SecAggHeader(task.job_id, task.round, self.device_id)
+        roster = self._secure_call(header, client.advertise(), "roster")
+        inbox = self._secure_call(header, client.share_keys(roster), "inbox")
+        survivors = self._secure_call(header, client.masked_input(inbox, vector), "survivors")
+        return self._secure_call(header, client.unmask(survivors), "accepted")
+
+    def _secure_call(self, header: SecAggHeader, step: object, expect: str):  # noqa: ANN202
+        """Send this phase's message until its answer comes (the coordinator counts a resend once)."""
+        request = secagg_request_to_pb(header, step, wait_seconds=self.config.poll_wait_s)
+        while True:
+            kind, value = secagg_response_from_pb(self._call("secure aggregation", self.stub.SecureAggregate, request))
+            if kind == expect:
+                return value
+            if kind == "aborted":
+                raise SecAggError(f"secure aggregation of round {header.round}: {value}", reason="aborted")
+            if kind != "retry_after_seconds":
+                raise SecAggError(f"the coordinator answered {kind} where {expect} was due", reason="phase")
+            time.sleep(max(int(value), 0) * 0.2)
+
     def run(self) -> str:
         """Serve until the job of this agent's token is over; returns the coordinator's final word."""
         self.register()  # a known device id is kept; its capabilities are refreshed
@@ -224,9 +258,12 @@ class Agent:
                     log.info("round %d of job %s: training", task.round, task.job_id)
                     update = self.run_task(task)
                 try:
-                    response = self.upload(task, update)
-                    log.info("round %d of job %s: update %s", task.round, task.job_id, response.message)
-                except CoordinatorError as exc:
+                    if task.HasField("secure_aggregation"):
+                        message = self.secure_upload(task, update)
+                    else:
+                        message = self.upload(task, update).message
+                    log.info("round %d of job %s: update %s", task.round, task.job_id, message)
+                except (CoordinatorError, SecAggError) as exc:
                     log.warning("round %d of job %s: update refused: %s", task.round, task.job_id, exc)
                 self.rounds_done.append((task.job_id, task.round))
                 continue

@@ -42,6 +42,11 @@
     label_column = "label"
     [job.eval]                    # optional: held-out data on the coordinator, evaluated after every round
     path = "test.csv"             # read with [job.data]'s columns
+    [job.secure_aggregation]      # optional: the coordinator learns only the sum of each round's updates
+    max_dropout_fraction = 0.3    # clients that may vanish mid-protocol (below: the round aborts)
+    bits = 16                     # fixed-point bits per value of an update's delta (16: fp16-like, 8: int8-like)
+    clip = 0.1                    # ... within [-clip, clip]
+    phase_timeout_s = 60          # how long each phase after the first waits for slow devices
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edgeft.aggregate.options import STRATEGY_NAMES, StrategyOptions, parse_strategy_options
+from edgeft.aggregate.options import MEAN_STRATEGIES, STRATEGY_NAMES, StrategyOptions, parse_strategy_options
 from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
@@ -92,6 +97,37 @@ class ClientSelection:
 
 
 @dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation of a job's rounds (``edgeft.secagg``): devices send pairwise-masked, fixed-point
+    encoded deltas; the coordinator unmasks only their sum.
+
+    max_dropout_fraction: the share of a round's selected clients that may drop out during the protocol and
+      still give the exact sum (threshold t = selected - floor(fraction x selected), at least 2 and more than
+      half); fewer survivors abort the round without unmasking anything. In [0, 0.5).
+    bits, clip: each value of a device's delta (its adapter minus the global one) is clipped to [-clip, clip]
+      and quantised to ``bits`` bits: the mean is exact to clip / (2^(bits-1) - 1) / 2.
+    phase_timeout_s: how long each phase after the first (which waits for training, until the round's
+      deadline) waits for devices before it closes with those that answered.
+    """
+
+    max_dropout_fraction: float = 0.3
+    bits: int = 16
+    clip: float = 0.1
+    phase_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from edgeft.secagg.fixedpoint import FixedPoint
+
+        f = self.max_dropout_fraction
+        _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 0.5,
+               "secure_aggregation.max_dropout_fraction", f, "must be in [0, 0.5): the survivors must be more than "
+               "half of the round")
+        FixedPoint(bits=self.bits, clip=self.clip, ring_bits=64)  # ConfigError naming bits or clip
+        _check(isinstance(self.phase_timeout_s, (int, float)) and self.phase_timeout_s > 0,
+               "secure_aggregation.phase_timeout_s", self.phase_timeout_s, "must be positive")
+
+
+@dataclass(frozen=True)
 class DataSchema:
     """Which columns of a device's file hold the text and the label; ``format`` None: from the suffix."""
 
@@ -127,6 +163,8 @@ class JobConfig:
     # Held-out data on the coordinator: the global adapter is evaluated on it after every round (and before
     # the first), in the background; results go to the state database.
     eval_data: DataConfig | None = None
+    # Secure aggregation: the coordinator sees only the sum of each round's updates (None: plain uploads).
+    secure_aggregation: SecureAggregation | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.id) and self.id.replace("-", "").replace("_", "").isalnum(), "job.id", self.id,
@@ -151,6 +189,14 @@ class JobConfig:
                "must be positive")
         _check(isinstance(self.max_update_examples, int) and self.max_update_examples >= 1, "job.max_update_examples",
                self.max_update_examples, "must be a whole number >= 1")
+        if isinstance(self.secure_aggregation, dict):
+            object.__setattr__(self, "secure_aggregation", SecureAggregation(**self.secure_aggregation))
+        if self.secure_aggregation is not None:
+            _check(self.strategy in MEAN_STRATEGIES, "job.strategy", self.strategy,
+                   "secure aggregation hides every single update, so only mean strategies can run with it "
+                   f"({', '.join(MEAN_STRATEGIES)}); robust rules need the updates one by one")
+            _check(self.clients.min >= 2, "clients.min", self.clients.min,
+                   "secure aggregation needs rounds of at least 2 clients (the sum of one is that client's update)")
 
     def _check_strategy(self) -> None:
         """What a strategy asks of the rest of the job: Krum's minimum round size, FedProx's exported term."""
@@ -285,8 +331,10 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                 eval_data = DataConfig(base / evaluation.pop("path"), text_column=data_schema.text_column,
                                        label_column=data_schema.label_column, format=data_schema.format,
                                        **evaluation)
+            secure = raw.pop("secure_aggregation", None)
+            secure = SecureAggregation(**secure) if secure is not None else None
             jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export,
-                                  eval_data=eval_data, **paths, **raw))
+                                  eval_data=eval_data, secure_aggregation=secure, **paths, **raw))
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: {exc}") from exc
     try:

@@ -26,13 +26,15 @@ from sqlalchemy.exc import IntegrityError
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
-                           StateError)
+                           SecAggError, StateError)
+from edgeft.secagg.updates import SecAggSettings, decode_sum
 from edgeft.train.session import TrainingSession
 from edgeft.update import AdapterUpdate, check_update, update_norm
-from edgeft.wire import UploadHeader
+from edgeft.wire import SecAggHeader, UploadHeader
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
+from edgeft.server.secure import SecureRound, round_settings
 from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, jobs, now,
                                  open_database, rejections, rounds, updates, upsert_device)
 
@@ -50,6 +52,7 @@ class TaskAssignment:
     bundle_digest: str
     global_adapter: dict[str, np.ndarray]
     deadline: float
+    secure: SecAggSettings | None = None  # set for a secure aggregation round: take part instead of uploading
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
@@ -125,6 +128,7 @@ class Coordinator:
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
         self._pending: list[Future] = []
         self._eval_sets: dict[str, object] = {}
+        self._secure: dict[tuple[str, int], SecureRound] = {}  # open secure rounds: protocol state in memory only
         for job in config.jobs:
             self._start_job(job)
 
@@ -178,6 +182,11 @@ class Coordinator:
             self._schedule_evaluation(job, version)
         with self._lock:
             for number in open_rounds:
+                if job.secure_aggregation is not None:  # its protocol state was in the old process's memory only
+                    self._fail_round(job, number, f"round {number} was a secure aggregation round in progress when "
+                                     "the coordinator stopped; its protocol state (keys, shares, the masked sum) "
+                                     "lives in memory only, so the round cannot go on and no input was unmasked")
+                    continue
                 self._maybe_close(job, number)
 
     def _check_base_model(self, job: JobConfig, bundle: Bundle, resumed: bool = False) -> None:
@@ -322,9 +331,15 @@ class Coordinator:
                 done = conn.execute(select(updates.c.device_id).where(
                     updates.c.job_id == job.id, updates.c.round == round_row.number,
                     updates.c.device_id == device_id)).first()
+                ongoing = self._secure.get((job.id, round_row.number))
+                if ongoing is not None and (device_id in ongoing.server.keys or ongoing.server.phase != "advertise"):
+                    return None  # the device took part in (or missed) the secure protocol of this round already
                 if done is None:
+                    secure = (round_settings(job, len(round_row.selected)) if job.secure_aggregation is not None
+                              else None)
                     return TaskAssignment(job, round_row.number, job_row.bundle_digest,
-                                          self.global_adapter(job.id, round_row.number - 1), round_row.deadline)
+                                          self.global_adapter(job.id, round_row.number - 1), round_row.deadline,
+                                          secure)
         return None
 
     def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
@@ -351,6 +366,10 @@ class Coordinator:
         if job is None:
             raise NotFound(f"unknown job {header.job_id!r}")
         try:
+            if job.secure_aggregation is not None:
+                raise Rejected(f"job {job.id!r} aggregates securely: a plain upload would show the coordinator a "
+                               "single update, so it is refused; the device takes part in SecureAggregate instead",
+                               reason="secure_aggregation")
             return self._submit(job, header, update, size)
         except EdgeftError as exc:
             self.count_rejection(job.id, exc)
@@ -444,6 +463,9 @@ class Coordinator:
                 job = self.jobs.get(row.job_id)
                 if job is not None:
                     self._maybe_close(job, row.number, deadline_passed=True)
+            for (job_id, number), secure in list(self._secure.items()):
+                if secure.expired() and secure.server.phase != "advertise":  # the first phase: the round's deadline
+                    self._secure_advance(self.jobs[job_id], number, secure)
 
     def _maybe_close(self, job: JobConfig, number: int, deadline_passed: bool = False) -> None:
         with self.engine.begin() as conn:
@@ -452,14 +474,15 @@ class Coordinator:
                 updates.c.job_id == job.id, updates.c.round == number)).scalar_one()
         if row is None or row.status != "open":
             return
+        if job.secure_aggregation is not None:  # closes when its protocol ends; the round's deadline ends phase 1
+            if deadline_passed:
+                self._secure_advance(job, number, self._secure_round(job, row))
+            return
         if count < len(row.selected) and not deadline_passed:
             return
         if count < job.clients.min:
-            with self.engine.begin() as conn:
-                message = f"round {number} got {count} updates by its deadline, fewer than the minimum {job.clients.min}"
-                conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
-                             .values(status="failed", closed_at=now(), message=message))
-                conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
+            self._fail_round(job, number, f"round {number} got {count} updates by its deadline, fewer than the "
+                             f"minimum {job.clients.min}")
             return
         started = time.perf_counter()
         context = RoundContext(round=number, selected=len(row.selected), state=self.strategy_state(job.id, number - 1))
@@ -471,18 +494,25 @@ class Coordinator:
                 devices_in_order.append(device_id)
             blob = self.artifacts.put(encode(aggregation.result()))
         except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
-            message = f"round {number} could not be aggregated with {job.strategy}: {exc}"
-            log.error("job %s: %s", job.id, message)
-            with self.engine.begin() as conn:
-                conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
-                             .values(status="failed", closed_at=now(), message=message))
-                conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message))
+            self._fail_round(job, number, f"round {number} could not be aggregated with {job.strategy}: {exc}")
             return
-        state = aggregation.state()
-        state_blob = self.artifacts.put(encode(state)) if state else None
         report = aggregation.report()
         if "krum_selected" in report:  # indices in the order the updates were added: name the devices
             report["krum_selected"] = [devices_in_order[i] for i in report["krum_selected"]]
+        self._store_round(job, number, blob, aggregation.state(), report, started)
+
+    def _fail_round(self, job: JobConfig, number: int, message: str) -> None:
+        """Record that round ``number`` failed and why; the job stops (nothing else is written)."""
+        log.error("job %s: %s", job.id, message)
+        with self.engine.begin() as conn:
+            conn.execute(update(rounds).where(rounds.c.job_id == job.id, rounds.c.number == number)
+                         .values(status="failed", closed_at=now(), message=message[:2000]))
+            conn.execute(update(jobs).where(jobs.c.id == job.id).values(status="failed", message=message[:2000]))
+
+    def _store_round(self, job: JobConfig, number: int, blob: str, state: dict | None, report: dict,
+                     started: float) -> None:
+        """Write a closed round: the new global adapter, the strategy's state and report, the job's progress."""
+        state_blob = self.artifacts.put(encode(state)) if state else None
         self.last_close_seconds = time.perf_counter() - started
         finished = number >= job.rounds
         with self.engine.begin() as conn:  # the new global adapter and the strategy's state, together
@@ -494,6 +524,108 @@ class Coordinator:
             conn.execute(update(jobs).where(jobs.c.id == job.id).values(
                 current_round=number + 1, status="finished" if finished else "running"))
         self._schedule_evaluation(job, number)
+
+    # -- secure aggregation rounds (see edgeft.server.secure) -------------------------------------------
+    def _secure_round(self, job: JobConfig, row) -> SecureRound:  # noqa: ANN001
+        """The protocol state of open round ``row``, set up on first use (under the lock)."""
+        key = (job.id, row.number)
+        if key not in self._secure:
+            template = self.global_adapter(job.id, row.number - 1)
+            self._secure[key] = SecureRound.open(job, row.number, list(row.selected), template, row.deadline)
+        return self._secure[key]
+
+    def secure_ring_dtype(self, job_id: str, number: int) -> np.dtype | None:
+        """The ring element type of secure round ``number`` (None: no such secure round in progress)."""
+        secure = self._secure.get((job_id, number))
+        return secure.settings.codec.dtype if secure is not None else None
+
+    def secure_step(self, header: SecAggHeader, step: object) -> object:
+        """Take a device's message for the current phase of a secure round; returns the phase's answer for it
+        when ready (else None: ask again with ``secure_answer``). SecAggError when the device's part in the
+        round is over (the round aborted or failed, the device came too late)."""
+        job = self.jobs.get(header.job_id)
+        if job is None:
+            raise NotFound(f"unknown job {header.job_id!r}")
+        if job.secure_aggregation is None:
+            raise Rejected(f"job {job.id!r} does not aggregate securely; upload the update with UploadUpdate")
+        with self._lock:
+            with self.engine.begin() as conn:
+                self._known_device(conn, header.device_id, job.id)
+                row = conn.execute(select(rounds).where(rounds.c.job_id == job.id,
+                                                        rounds.c.number == header.round)).first()
+            if row is None or row.status != "open":
+                why = f": {row.message}" if row is not None and row.message else ""
+                raise SecAggError(f"round {header.round} of job {job.id!r} is not open"
+                                  f"{' (' + row.status + ')' if row is not None else ''}{why}", reason="round")
+            if header.device_id not in row.selected:
+                raise Rejected(f"device {header.device_id} was not selected for round {header.round}",
+                               reason="not_selected")
+            secure = self._secure_round(job, row)
+            try:
+                phase = secure.receive(step)
+            except SecAggError as exc:
+                self.count_rejection(job.id, exc)
+                raise
+            if secure.server.complete() and secure.server.phase == phase:
+                self._secure_advance(job, header.round, secure)
+            return self.secure_answer(header, phase)
+
+    def secure_answer(self, header: SecAggHeader, phase: str) -> object:
+        """The answer of ``phase`` for the device once the phase closed (None before)."""
+        with self._lock:
+            secure = self._secure.get((header.job_id, header.round))
+            if secure is None:
+                with self.engine.begin() as conn:
+                    row = conn.execute(select(rounds).where(rounds.c.job_id == header.job_id,
+                                                            rounds.c.number == header.round)).first()
+                if row is not None and row.status == "closed" and phase == "unmask":
+                    return "accepted: the round closed"
+                reason = f" ({row.status}: {row.message})" if row is not None else ""
+                raise SecAggError(f"round {header.round} of job {header.job_id!r} has no secure aggregation in "
+                                  f"progress{reason}", reason="round")
+            return secure.answer(phase, header.device_id)
+
+    def _secure_advance(self, job: JobConfig, number: int, secure: SecureRound) -> None:
+        """Close the current phase of a secure round; on the last one, aggregate and close the round; below
+        the threshold, fail the round (nothing unmasked, nothing stored but the reason)."""
+        phase = secure.server.phase
+        try:
+            answer = secure.server.advance()
+        except SecAggError as exc:
+            self._secure.pop((job.id, number), None)
+            self._fail_round(job, number, f"round {number}: {exc}")
+            return
+        secure.deadline = time.time() + job.secure_aggregation.phase_timeout_s
+        if phase != "unmask":
+            secure.answers[phase] = answer
+            return
+        self._secure.pop((job.id, number), None)
+        self._secure_close(job, number, secure, answer)
+
+    def _secure_close(self, job: JobConfig, number: int, secure: SecureRound, total: np.ndarray) -> None:
+        """Decode the unmasked sum into the summed delta and hand it to the job's strategy; store the round."""
+        started = time.perf_counter()
+        server, settings = secure.server, secure.settings
+        try:
+            with self.engine.begin() as conn:
+                selected = conn.execute(select(rounds.c.selected).where(
+                    rounds.c.job_id == job.id, rounds.c.number == number)).scalar_one()
+            template = self.global_adapter(job.id, number - 1)
+            summed, weight = decode_sum(total, settings, template)
+            context = RoundContext(round=number, selected=len(selected), state=self.strategy_state(job.id, number - 1))
+            aggregation = self.strategies[job.id].start_secure(template, context)
+            aggregation.add_sum(summed, float(weight), len(server.u3))
+            blob = self.artifacts.put(encode(aggregation.result()))
+        except EdgeftError as exc:
+            self._fail_round(job, number, f"round {number}: the unmasked sum could not be aggregated: {exc}")
+            return
+        report = aggregation.report()
+        report["secure_aggregation"] = {
+            "selected": len(selected), "threshold": settings.threshold, "advertised": len(server.u1),
+            "shared_keys": len(server.u2), "survivors": list(server.u3), "dropped_after_sharing":
+                sorted(set(server.u2) - set(server.u3)), "bits": settings.bits, "clip": settings.clip,
+            "ring_bits": settings.ring_bits, "step": settings.codec.step, "total_weight": weight}
+        self._store_round(job, number, blob, aggregation.state(), report, started)
 
     def wait_until_finished(self, timeout: float) -> None:
         """Block until every job has finished or failed and its evaluations are stored (for scripts and tests)."""

@@ -21,10 +21,11 @@ from typing import Callable
 import grpc
 
 from edgeft.bundle import MANIFEST
-from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, WireError
+from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import dtype_code, parse, tensor_to_pb, train_spec, update_from_parts
+from edgeft.wire import (dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb, secagg_response_to_pb,
+                         secagg_settings_to_pb, tensor_to_pb, train_spec, update_from_parts)
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
@@ -141,7 +142,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             time.sleep(0.2)
 
     def _task(self, task: TaskAssignment) -> pb.Task:
-        return pb.Task(job_id=task.job.id, round=task.round, bundle_digest=task.bundle_digest,
+        secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
+        return pb.Task(**secure, job_id=task.job.id, round=task.round, bundle_digest=task.bundle_digest,
                        train=train_spec(task.job.train), deadline_unix_ms=int(task.deadline * 1000),
                        global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
                        upload_dtype=dtype_code(task.job.upload_dtype),
@@ -206,6 +208,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         accepted = self.coordinator.submit(header, update, size)
         return pb.UploadResponse(duplicate=not accepted,
                                  message="accepted" if accepted else "already received; counted once")
+
+    @rpc(pb.SecAggRequest)
+    def SecureAggregate(self, request: pb.SecAggRequest, context, principal: Principal  # noqa: ANN001, N802
+                        ) -> pb.SecAggResponse:
+        """One device's message for the current phase of a secure round; the answer once the phase closes
+        (long-poll up to ``wait_seconds``), ``retry_after_seconds`` before, ``aborted`` when the device's part
+        in the round is over (the round aborted or failed, or the device came too late)."""
+        if request.job_id != principal.job_id:
+            raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
+                                   f"{request.job_id!r}", reason="wrong_job")
+        try:
+            header, step = secagg_request_from_pb(
+                request, self.coordinator.secure_ring_dtype(request.job_id, request.round))
+            answer = self.coordinator.secure_step(header, step)
+            phase = request.WhichOneof("step")
+            end = time.monotonic() + min(float(request.wait_seconds or 0), self.poll_wait_s)
+            while answer is None and time.monotonic() < end and context.is_active():
+                time.sleep(0.1)
+                answer = self.coordinator.secure_answer(header, phase)
+        except SecAggError as exc:
+            log.info("SecureAggregate from %s: %s", request.device_id, exc)
+            return secagg_aborted_pb(str(exc))
+        return secagg_response_to_pb(answer)
 
     @rpc(pb.HeartbeatRequest)
     def Heartbeat(self, request: pb.HeartbeatRequest, context, principal: Principal  # noqa: ANN001, N802
@@ -284,6 +309,12 @@ def _check_adapters_fit(coordinator: Coordinator, limits: ServerLimits) -> None:
             raise ConfigError(f"job {job_id!r}: its adapter ({size} bytes) does not fit one task message; raise "
                               f"[server.limits] max_message_bytes above {size + (64 << 10)} (devices: "
                               "--max-message-bytes too)")
+        if coordinator.jobs[job_id].secure_aggregation is not None:  # a masked input: up to 8 bytes a value
+            masked = 2 * size + 8 + (64 << 10)
+            if masked > limits.max_message_bytes:
+                raise ConfigError(f"job {job_id!r}: a masked input of its adapter (up to {masked} bytes) does not "
+                                  f"fit one message; raise [server.limits] max_message_bytes above {masked} "
+                                  "(devices: --max-message-bytes too)")
 
 
 def serve(config: ServerConfig) -> None:

@@ -78,3 +78,9 @@ class Strategy(ABC):
     @abstractmethod
     def start(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None) -> Aggregation:
         """A fresh aggregation for a round that starts from ``global_adapter``."""
+
+    def start_secure(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None):  # noqa: ANN201
+        """A fresh aggregation fed one summed delta (``add_sum``) instead of single updates, for secure
+        aggregation (a ``DeltaMean``). Strategies that need every update on its own refuse (ConfigError)."""
+        raise ConfigError(f"strategy {self.name!r} needs every client's update on its own, which secure "
+                          "aggregation hides; use a mean strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad)")

@@ -42,6 +42,7 @@ class DeltaMean(Aggregation):
         self.total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_adapter.items()}
         self.weight = 0.0
         self.norms: list[float] = []
+        self.summed = 0  # updates that came already summed (add_sum)
         self._state: State = {}
         self._report: dict = {}
 
@@ -56,25 +57,38 @@ class DeltaMean(Aggregation):
         self.weight += weight
         self.norms.append(norm)
 
+    def add_sum(self, total: State, weight: float, count: int) -> None:
+        """Fold in the sum of ``count`` deltas computed elsewhere: sum_i w_i * delta_i and sum_i w_i, with
+        w_i = n_examples, or w_i = 1 with differential privacy (secure aggregation: the devices clipped their
+        deltas themselves, the coordinator only ever saw the sum)."""
+        accumulate(self.total, total, 1.0)
+        self.weight += weight
+        self.summed += count
+
+    @property
+    def updates(self) -> int:
+        return len(self.norms) + self.summed
+
     def mean_delta(self) -> State:
         """The (clipped, possibly noisy) mean delta of the updates added so far."""
-        if not self.norms:
+        if not self.updates or self.weight <= 0:
             raise ConfigError("no updates to average")
         if not self.options.private:
             return {k: v / self.weight for k, v in self.total.items()}
         std = self.options.noise_multiplier * self.options.clip_norm  # type: ignore[operator]
         seed = self.options.noise_seed
         rng = np.random.default_rng(None if seed is None else [seed, self.context.round])
-        denominator = max(self.context.selected, len(self.norms))
+        denominator = max(self.context.selected, self.updates)
         return private_mean(self.total, gaussian_noise(self.total, std, rng), denominator)
 
     def result(self) -> dict[str, np.ndarray]:
         mean = self.mean_delta()
         new, self._state = self.server_update(self.reference, mean, self.context.state)
         clip = self.options.clip_norm
-        self._report = {"updates": len(self.norms), "delta_norm_median": float(np.median(self.norms)),
-                        "delta_norm_max": float(max(self.norms))}
-        if clip is not None:
+        self._report = {"updates": self.updates}
+        if self.norms:  # single updates seen (not with secure aggregation)
+            self._report.update(delta_norm_median=float(np.median(self.norms)), delta_norm_max=float(max(self.norms)))
+        if clip is not None and self.norms:
             self._report.update(clip_norm=clip, clipped=int(sum(n > clip for n in self.norms)))
         if self.options.private:
             self._account()
@@ -90,7 +104,7 @@ class DeltaMean(Aggregation):
         self._state[LEDGER] = np.array(ledger, dtype=np.float64)
         self._report["privacy"] = {
             "noise_multiplier": sigma, "clip_norm": self.options.clip_norm, "noise_std": sigma * self.options.clip_norm,
-            "denominator": max(self.context.selected, len(self.norms)), "delta": target,
+            "denominator": max(self.context.selected, self.updates), "delta": target,
             "epsilon": epsilon([sigma], target), "epsilon_cumulative": epsilon(ledger, target),
             "rounds_accounted": len(ledger), "accountant": "dp-accounting RDP, no sampling amplification"}
 

@@ -75,6 +75,11 @@ class FedAvg(Strategy):
 
         return DeltaMean(global_adapter, self.options, context)
 
+    def start_secure(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None) -> Aggregation:
+        from edgeft.aggregate.delta import DeltaMean
+
+        return DeltaMean(global_adapter, self.options, context)
+
 
 class FedProx(FedAvg):
     """FedProx (Li et al., 2020): FedAvg's aggregation over clients that train with the proximal term

@@ -81,6 +81,8 @@ class FedOpt(Strategy):
     def start(self, global_adapter: dict[str, np.ndarray], context: RoundContext | None = None) -> Aggregation:
         return DeltaMean(global_adapter, self.options, context, partial(optimiser_update, self.name, self.options))
 
+    start_secure = start
+
 
 class FedAdam(FedOpt):
     name = "fedadam"

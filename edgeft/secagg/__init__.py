@@ -7,8 +7,8 @@ server state machines of the four phases), ``local`` (a whole round in one proce
 """
 
 from edgeft.secagg.fixedpoint import FixedPoint, ring_bits_for
-from edgeft.secagg.protocol import (Inbox, MaskedInput, PublicKeys, Roster, SecAggClient, SecAggServer, SharedKeys,
+from edgeft.secagg.protocol import (EncryptedShares, Inbox, MaskedInput, PublicKeys, Roster, SecAggClient, SecAggServer, SharedKeys,
                                     Survivors, UnmaskShares, threshold_for)
 
-__all__ = ["FixedPoint", "Inbox", "MaskedInput", "PublicKeys", "Roster", "SecAggClient", "SecAggServer",
+__all__ = ["EncryptedShares", "FixedPoint", "Inbox", "MaskedInput", "PublicKeys", "Roster", "SecAggClient", "SecAggServer",
            "SharedKeys", "Survivors", "UnmaskShares", "ring_bits_for", "threshold_for"]

@@ -111,7 +111,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data")
+    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "secure_aggregation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Task(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     bundle_digest: str
@@ -128,7 +129,8 @@ class Task(_message.Message):
     deadline_unix_ms: int
     upload_dtype: DType
     data: DataSchema
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ...) -> None: ...
+    secure_aggregation: SecAggSettings
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_seconds", "finished")
@@ -245,3 +247,127 @@ class HeartbeatRequest(_message.Message):
 class HeartbeatResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecAggSettings(_message.Message):
+    __slots__ = ("bits", "clip", "ring_bits", "threshold", "weighted", "max_weight", "clip_norm")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    clip: float
+    ring_bits: int
+    threshold: int
+    weighted: bool
+    max_weight: int
+    clip_norm: float
+    def __init__(self, bits: _Optional[int] = ..., clip: _Optional[float] = ..., ring_bits: _Optional[int] = ..., threshold: _Optional[int] = ..., weighted: _Optional[bool] = ..., max_weight: _Optional[int] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+
+class SecAggPublicKeys(_message.Message):
+    __slots__ = ("device_id", "cipher_public_key", "mask_public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggEncryptedShares(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareKeys(_message.Message):
+    __slots__ = ("self_mask_commitment", "shares")
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    self_mask_commitment: bytes
+    shares: _containers.RepeatedCompositeFieldContainer[SecAggEncryptedShares]
+    def __init__(self, self_mask_commitment: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[SecAggEncryptedShares, _Mapping]]] = ...) -> None: ...
+
+class SecAggMaskedInput(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("owner", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmask(_message.Message):
+    __slots__ = ("self_mask_shares", "mask_key_shares")
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    def __init__(self, self_mask_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("job_id", "round", "device_id", "wait_seconds", "advertise", "share_keys", "masked_input", "unmask")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    device_id: str
+    wait_seconds: int
+    advertise: SecAggPublicKeys
+    share_keys: SecAggShareKeys
+    masked_input: SecAggMaskedInput
+    unmask: SecAggUnmask
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ..., advertise: _Optional[_Union[SecAggPublicKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggShareKeys, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ...) -> None: ...
+
+class SecAggRoster(_message.Message):
+    __slots__ = ("threshold", "keys")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    threshold: int
+    keys: _containers.RepeatedCompositeFieldContainer[SecAggPublicKeys]
+    def __init__(self, threshold: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[SecAggPublicKeys, _Mapping]]] = ...) -> None: ...
+
+class SecAggInbox(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[SecAggEncryptedShares]
+    def __init__(self, shares: _Optional[_Iterable[_Union[SecAggEncryptedShares, _Mapping]]] = ...) -> None: ...
+
+class SecAggSurvivors(_message.Message):
+    __slots__ = ("device_ids",)
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggResponse(_message.Message):
+    __slots__ = ("retry_after_seconds", "roster", "inbox", "survivors", "accepted", "aborted")
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    retry_after_seconds: int
+    roster: SecAggRoster
+    inbox: SecAggInbox
+    survivors: SecAggSurvivors
+    accepted: str
+    aborted: str
+    def __init__(self, retry_after_seconds: _Optional[int] = ..., roster: _Optional[_Union[SecAggRoster, _Mapping]] = ..., inbox: _Optional[_Union[SecAggInbox, _Mapping]] = ..., survivors: _Optional[_Union[SecAggSurvivors, _Mapping]] = ..., accepted: _Optional[str] = ..., aborted: _Optional[str] = ...) -> None: ...

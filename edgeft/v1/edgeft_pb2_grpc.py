@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=edgeft_dot_v1_dot_edgeft__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=edgeft_dot_v1_dot_edgeft__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SecureAggregate = channel.unary_unary(
+                '/edgeft.v1.Coordinator/SecureAggregate',
+                request_serializer=edgeft_dot_v1_dot_edgeft__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=edgeft_dot_v1_dot_edgeft__pb2.SecAggResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecureAggregate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=edgeft_dot_v1_dot_edgeft__pb2.HeartbeatRequest.FromString,
                     response_serializer=edgeft_dot_v1_dot_edgeft__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SecureAggregate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecureAggregate,
+                    request_deserializer=edgeft_dot_v1_dot_edgeft__pb2.SecAggRequest.FromString,
+                    response_serializer=edgeft_dot_v1_dot_edgeft__pb2.SecAggResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Coordinator:
             '/edgeft.v1.Coordinator/Heartbeat',
             edgeft_dot_v1_dot_edgeft__pb2.HeartbeatRequest.SerializeToString,
             edgeft_dot_v1_dot_edgeft__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecureAggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeft.v1.Coordinator/SecureAggregate',
+            edgeft_dot_v1_dot_edgeft__pb2.SecAggRequest.SerializeToString,
+            edgeft_dot_v1_dot_edgeft__pb2.SecAggResponse.FromString,
             options,
             channel_credentials,
             insecure,
