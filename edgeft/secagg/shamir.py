@@ -8,6 +8,7 @@ whatever s is (they say nothing about it). The coefficients come from ``secrets`
 
 from __future__ import annotations
 
+import functools
 import secrets as _secrets
 from typing import Sequence
 
@@ -52,17 +53,25 @@ def _check_shares(shares: Sequence[tuple[int, int]], threshold: int, prime: int)
             raise SecAggError(f"share ({x}, ...) is not a point of the field", reason="share")
 
 
-def _interpolate(points: Sequence[tuple[int, int]], at: int, prime: int) -> int:
-    """f(at) for the polynomial of degree len(points) - 1 through ``points`` (Lagrange)."""
-    total = 0
-    for j, (xj, yj) in enumerate(points):
+@functools.lru_cache(maxsize=64)
+def _coefficients(xs: tuple[int, ...], at: int, prime: int) -> tuple[int, ...]:
+    """The Lagrange basis values l_j(at) for points at ``xs``: the same for every secret rebuilt from the
+    same share indices (the server rebuilds every seed of a round from the same devices' shares)."""
+    out = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * (at - xm) % prime
                 den = den * (xj - xm) % prime
-        total = (total + yj * num * pow(den, -1, prime)) % prime
-    return total
+        out.append(num * pow(den, -1, prime) % prime)
+    return tuple(out)
+
+
+def _interpolate(points: Sequence[tuple[int, int]], at: int, prime: int) -> int:
+    """f(at) for the polynomial of degree len(points) - 1 through ``points`` (Lagrange)."""
+    basis = _coefficients(tuple(x for x, _ in points), at, prime)
+    return sum(y * c for (_, y), c in zip(points, basis)) % prime
 
 
 def reconstruct_int(shares: Sequence[tuple[int, int]], threshold: int, prime: int = PRIME) -> int:
