@@ -126,8 +126,8 @@ def main() -> None:
     summary = (f"secagg {n} clients x {args.values} values: unmasked mean within {worst:.2f} x step/2 in all "
                f"{len(runs)} runs (16-bit step {runs[0]['step']:.2e}, 8-bit {runs[-1]['step']:.2e}); up per client "
                f"{r16['bytes_up_total_per_client'] / 1e3:.0f} kB vs plain fp32 {plain['float32'] / 1e3:.0f} kB; "
-               f"30% dropout: client {sum(r16['client_seconds'].values()):.2f} s, server "
-               f"{sum(r16['server_seconds'].values()):.2f} s")
+               f"30% dropout: client {1e3 * sum(r16['client_seconds'].values()):.1f} ms, server "
+               f"{1e3 * sum(r16['server_seconds'].values()):.1f} ms")
     emit(result, summary)
 
 

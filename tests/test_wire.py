@@ -101,3 +101,37 @@ def test_bytes_that_do_not_parse_and_absurd_shapes_are_wire_errors():
         chunks_to_tensors([huge])
     with pytest.raises(WireError, match="at most 8"):
         chunks_to_tensors([pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[1] * 9, data=b"\0" * 4)])
+
+
+def test_secure_aggregation_messages_survive_the_wire():
+    from edgeft import secagg
+    from edgeft.secagg.updates import SecAggSettings
+    from edgeft.wire import (SecAggHeader, parse, secagg_request_from_pb, secagg_request_to_pb,
+                             secagg_response_from_pb, secagg_response_to_pb, secagg_settings_from_pb,
+                             secagg_settings_to_pb)
+
+    header = SecAggHeader("job", 2, "dev-1")
+    steps = [secagg.PublicKeys("dev-1", b"c" * 32, b"m" * 32),
+             secagg.SharedKeys("dev-1", b"h" * 32, (secagg.EncryptedShares("dev-1", "dev-2", b"x" * 160),)),
+             secagg.UnmaskShares("dev-1", {"dev-1": b"s" * 66}, {"dev-3": b"k" * 66})]
+    for step in steps:
+        raw = secagg_request_to_pb(header, step, wait_seconds=3).SerializeToString()
+        assert secagg_request_from_pb(parse(pb.SecAggRequest, raw)) == (header, step)
+    for dtype in (np.uint32, np.uint64):
+        data = np.array([0, 1, np.iinfo(dtype).max], dtype=dtype)
+        back = secagg_request_from_pb(secagg_request_to_pb(header, secagg.MaskedInput("dev-1", data)), dtype)[1]
+        assert back.data.dtype == dtype and np.array_equal(back.data, data)
+    with pytest.raises(WireError, match="whole number"):
+        secagg_request_from_pb(pb.SecAggRequest(job_id="j", device_id="d",
+                                                masked_input=pb.SecAggMaskedInput(data=b"12345")), np.uint32)
+    with pytest.raises(WireError, match="name another device"):
+        secagg_request_from_pb(secagg_request_to_pb(SecAggHeader("job", 2, "dev-2"), steps[0]))
+    with pytest.raises(WireError, match="no step"):
+        secagg_request_from_pb(pb.SecAggRequest(job_id="j", device_id="d"))
+    for answer, kind in ((secagg.Roster(3, (steps[0],)), "roster"), (secagg.Inbox(steps[1].shares), "inbox"),
+                         (secagg.Survivors(("dev-1", "dev-2")), "survivors"), ("ok", "accepted")):
+        assert secagg_response_from_pb(secagg_response_to_pb(answer)) == (kind, answer)
+    assert secagg_response_from_pb(secagg_response_to_pb(None, 2)) == ("retry_after_seconds", 2)
+    settings = SecAggSettings(bits=8, clip=0.05, ring_bits=64, threshold=7, weighted=False, max_weight=1,
+                              clip_norm=1.5)
+    assert secagg_settings_from_pb(secagg_settings_to_pb(settings)) == settings
