@@ -245,3 +245,77 @@ clip = 0.05
     (tmp_path / "bad.toml").write_text((tmp_path / "jobs.toml").read_text() + "typo = 1\n")
     with pytest.raises(ConfigError, match="typo"):
         load_server_config(tmp_path / "bad.toml")
+
+
+def play_secure_round(coordinator: Coordinator, deltas: dict[str, float], examples: int = 10) -> int:
+    """Devices in ``deltas`` train (global adapter + a constant offset per value) and take part in the four
+    phases through the coordinator's methods (no network); returns the round number."""
+    from edgeft.secagg import SecAggClient
+    from edgeft.secagg.updates import encode_update, round_context
+
+    tasks = {d: coordinator.poll(d, "j") for d in deltas}
+    number = next(iter(tasks.values())).round
+    clients = {d: SecAggClient(d, round_context("j", number)) for d in deltas}
+    vectors = {}
+    for d, task in tasks.items():
+        rng = np.random.default_rng(len(d))
+        update = {k: v + np.float32(deltas[d]) * rng.choice([-1, 1], size=v.shape).astype(np.float32)
+                  for k, v in task.global_adapter.items()}
+        vectors[d] = encode_update(update, examples, task.global_adapter, task.secure)[0]
+    headers = {d: SecAggHeader("j", number, d) for d in deltas}
+    answers: dict = {}
+    for phase, make in (("advertise", lambda d: clients[d].advertise()),
+                        ("share_keys", lambda d: clients[d].share_keys(answers[d])),
+                        ("masked_input", lambda d: clients[d].masked_input(answers[d], vectors[d])),
+                        ("unmask", lambda d: clients[d].unmask(answers[d]))):
+        for d in deltas:
+            coordinator.secure_step(headers[d], make(d))
+        answers = {d: coordinator.secure_answer(headers[d], phase) for d in deltas}
+    return number
+
+
+def test_a_secure_round_with_differential_privacy_noises_the_unmasked_sum(tmp_path, tiny_bundle):
+    from edgeft.aggregate import StrategyOptions
+    from edgeft.aggregate.base import RoundContext
+    from edgeft.aggregate.delta import DeltaMean
+
+    options = {"clip_norm": 0.5, "noise_multiplier": 1.0, "noise_seed": 3}
+    config = ServerConfig(state_dir=tmp_path / "state", insecure=True,
+                          jobs=(secure_job(tiny_bundle, strategy_options=options),))
+    coordinator = Coordinator(config)
+    deltas = {"a": 0.02, "b": 0.0001, "c": 0.03}  # a and c exceed the clip norm: the devices clip them
+    for device in deltas:
+        coordinator.register(device, {}, "j")
+    start_adapter = coordinator.global_adapter("j", 0)
+    assert play_secure_round(coordinator, deltas) == 1
+    assert coordinator.job_status("j")["status"] == "finished", coordinator.job_status("j")
+    report = coordinator.history("j")["rounds"][1]["aggregation"]
+    assert report["privacy"]["noise_std"] == 0.5 and report["privacy"]["epsilon"] > 0
+    assert report["secure_aggregation"]["total_weight"] == 3  # unweighted: one per device
+    # the same round aggregated in the clear (the coordinator clipping) with the same noise
+    plain = DeltaMean(start_adapter, StrategyOptions(**options), RoundContext(round=1, selected=3))
+    for d, offset in deltas.items():
+        rng = np.random.default_rng(len(d))
+        plain.add(AdapterUpdate({k: v + np.float32(offset) * rng.choice([-1, 1], size=v.shape).astype(np.float32)
+                                 for k, v in start_adapter.items()}, 10))
+    expected = plain.result()
+    step = FixedPoint(bits=16, clip=CLIP).step
+    for name, value in coordinator.global_adapter("j", 1).items():
+        assert np.max(np.abs(value - expected[name])) <= step / 2 + 1e-6, name
+    state_holds_no_update_of(tmp_path / "state")
+
+
+def test_fedadam_runs_on_the_unmasked_mean_delta(tmp_path, tiny_bundle):
+    config = ServerConfig(state_dir=tmp_path / "state", insecure=True,
+                          jobs=(secure_job(tiny_bundle, strategy="fedadam", strategy_options={"server_lr": 0.05}),))
+    coordinator = Coordinator(config)
+    for device in ("a", "b", "c"):
+        coordinator.register(device, {}, "j")
+    play_secure_round(coordinator, {"a": 0.01, "b": 0.02, "c": 0.03})
+    assert coordinator.job_status("j")["status"] == "finished"
+    assert {k.split("/")[0] for k in coordinator.strategy_state("j", 1)} == {"m", "v"}
+
+
+def state_holds_no_update_of(state_dir: Path) -> None:
+    with sqlite3.connect(state_dir / "state.db") as conn:
+        assert conn.execute("select count(*) from updates").fetchone() == (0,)
