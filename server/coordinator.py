@@ -476,7 +476,9 @@ class Coordinator:
             return
         if job.secure_aggregation is not None:  # closes when its protocol ends; the round's deadline ends phase 1
             if deadline_passed:
-                self._secure_advance(job, number, self._secure_round(job, row))
+                secure = self._secure_round(job, row)
+                if secure.server.phase == "advertise":  # later phases end at their own deadlines (tick)
+                    self._secure_advance(job, number, secure)
             return
         if count < len(row.selected) and not deadline_passed:
             return

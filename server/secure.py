@@ -67,7 +67,7 @@ class SecureRound:
         if self.server.aborted is not None:
             raise SecAggError(f"the secure aggregation round aborted: {self.server.aborted}", reason="aborted")
         if phase == "unmask":
-            if device_id in self.server._unmask or self.server.phase == "done":  # noqa: SLF001
+            if device_id in self.server.unmasked_by() or self.server.phase == "done":
                 return "accepted: the coordinator unmasks the sum once enough devices answered"
             return None
         if phase not in self.answers:

@@ -272,6 +272,10 @@ class SecAggServer:
         return {"advertise": set(self.keys), "share_keys": self._sent_shares, "masked_input": set(self.u3),
                 "unmask": set(self._unmask)}.get(self.phase, set())
 
+    def unmasked_by(self) -> set[str]:
+        """The clients whose unmask shares arrived."""
+        return set(self._unmask)
+
     def complete(self) -> bool:
         """Whether every client the phase waits for has answered."""
         return self.answered() >= set(self.expected())

@@ -319,3 +319,31 @@ def test_fedadam_runs_on_the_unmasked_mean_delta(tmp_path, tiny_bundle):
 def state_holds_no_update_of(state_dir: Path) -> None:
     with sqlite3.connect(state_dir / "state.db") as conn:
         assert conn.execute("select count(*) from updates").fetchone() == (0,)
+
+
+def test_the_rounds_deadline_ends_the_key_phase_only(tmp_path, tiny_bundle):
+    """Training may take the round's whole deadline: then the first phase closes with the devices that
+    advertised, and every later phase still gets its own phase_timeout_s."""
+    import time
+
+    from edgeft.secagg import SecAggClient
+    from edgeft.secagg.updates import round_context
+
+    job = JobConfig(id="j", bundle=tiny_bundle.path, rounds=1, round_deadline_s=1.0, clients=ClientSelection(min=4),
+                    secure_aggregation=SecureAggregation(phase_timeout_s=30))
+    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", insecure=True, jobs=(job,)))
+    devices = ("a", "b", "c", "d")
+    for device in devices:
+        coordinator.register(device, {}, "j")
+    for device in devices:
+        assert coordinator.poll(device, "j").secure.threshold == 3
+    for device in devices[:3]:  # d is still training
+        coordinator.secure_step(SecAggHeader("j", 1, device), SecAggClient(device, round_context("j", 1)).advertise())
+    time.sleep(1.2)
+    coordinator.tick()  # the round's deadline: the key phase closes with a, b and c
+    secure = coordinator._secure[("j", 1)]
+    assert secure.server.phase == "share_keys" and secure.server.u1 == ("a", "b", "c")
+    coordinator.tick()  # the round's deadline has passed, but share_keys waits for its own timeout
+    assert secure.server.phase == "share_keys" and coordinator.job_status("j")["status"] == "running"
+    with pytest.raises(Exception, match="after it closed"):  # d finished training too late
+        coordinator.secure_step(SecAggHeader("j", 1, "d"), SecAggClient("d", round_context("j", 1)).advertise())
