@@ -165,6 +165,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="skip the centralised baseline (same passes over all the data)")
     p.add_argument("--out", default="runs/simulate", help="output folder (default runs/simulate)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous simulation in --out")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="the coordinator learns only each round's sum (default [job.secure_aggregation] settings)")
     p.set_defaults(func=_run_simulate)
 
 
@@ -195,7 +197,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         out=Path(args.out), train=train, test=test, model=model, bundle=Path(args.bundle) if args.bundle else None,
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "

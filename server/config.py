@@ -45,7 +45,7 @@
     [job.secure_aggregation]      # optional: the coordinator learns only the sum of each round's updates
     max_dropout_fraction = 0.3    # clients that may vanish mid-protocol (below: the round aborts)
     bits = 16                     # fixed-point bits per value of an update's delta (16: fp16-like, 8: int8-like)
-    clip = 0.1                    # ... within [-clip, clip]
+    clip = 0.5                    # ... within [-clip, clip]
     phase_timeout_s = 60          # how long each phase after the first waits for slow devices
 """
 
@@ -112,7 +112,7 @@ class SecureAggregation:
 
     max_dropout_fraction: float = 0.3
     bits: int = 16
-    clip: float = 0.1
+    clip: float = 0.5  # 16 bits: the mean within 7.6e-6, finer than a float16 upload of adapter values above 0.03
     phase_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

@@ -63,6 +63,8 @@ class SimulationConfig:
     # the coordinator's bound on an update's change (JobConfig.max_update_norm; None: its ratio default).
     # Byzantine experiments loosen it so that the aggregation rule, not validation, meets the attack.
     max_update_norm: float | None = None
+    # [job.secure_aggregation] (edgeft.server.config.SecureAggregation fields); None: plain uploads
+    secure_aggregation: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -251,7 +253,9 @@ def run_simulation(config: SimulationConfig) -> dict:
                                             min_available=config.clients),
                     data=DataSchema(text_column=config.train.text_column, label_column=config.train.label_column,
                                     format=config.train.format),
-                    train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm)
+                    train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
+                    secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
+                                        else None))
     tls, transport_flags = _tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
@@ -283,6 +287,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "concurrency": config.slots, "threads_per_agent": config.threads,
                           "strategy": config.strategy, "strategy_options": dict(config.strategy_options),
                           "attack": config.attack, "attackers": config.attackers,
+                          "secure_aggregation": (dict(config.secure_aggregation)
+                                                 if config.secure_aggregation is not None else None),
                           "bundle_digest": bundle.digest},
                "federated_seconds": round(federated_seconds, 1), "bundle_bytes": _bundle_bytes(bundle),
                "partition": parts, "history": history, "centralised": baseline,

@@ -67,3 +67,19 @@ def test_bad_configuration_is_refused(tmp_path, tiny_bundle, small_banking):
     with pytest.raises(Exception, match="no column 'nope'|labels the model does not know"):
         run_simulation(SimulationConfig(out=tmp_path / "x", train=DataConfig(small_banking["train"], label_column="nope"),
                                         bundle=tiny_bundle.path, clients=2, baseline=False))
+
+
+def test_simulated_fleet_with_secure_aggregation(tmp_path, tiny_bundle, small_banking):
+    config = SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(small_banking["train"], label_column="category"),
+        test=DataConfig(small_banking["test"], label_column="category"), bundle=tiny_bundle.path,
+        clients=3, rounds=1, concurrency=2, baseline=False, secure_aggregation={"bits": 16, "clip": 1.0},
+        local=TrainConfig(epochs=1, batch_size=16, learning_rate=3e-2, progress=False))
+    summary = run_simulation(config)
+    history = summary["history"]
+    assert history["status"] == "finished", history["message"]
+    secure = history["rounds"][1]["aggregation"]["secure_aggregation"]
+    assert len(secure["survivors"]) == 3 and secure["threshold"] == 3
+    assert history["rounds"][1]["clients"] == []  # the coordinator never saw a single update
+    assert (tmp_path / "sim" / "report.md").is_file()
+    assert "done: job simulation finished" in (tmp_path / "sim" / "devices" / "client-000" / "agent.log").read_text()
