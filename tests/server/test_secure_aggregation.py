@@ -37,6 +37,8 @@ class RecordingAgent(Agent):
     set it dies once that phase's answer came (it never sends the next message)."""
 
     vanish_after: str | None = None
+    hold_before: str | None = None  # wait for ``release`` before asking for this answer
+    release: threading.Event | None = None
 
     def run_task(self, task):  # noqa: ANN001, ANN201
         from edgeft.wire import tensor_from_pb
@@ -47,6 +49,9 @@ class RecordingAgent(Agent):
         return update
 
     def _secure_call(self, header, step, expect):  # noqa: ANN001, ANN202
+        if expect == self.hold_before:
+            self.holding = True
+            self.release.wait(timeout=120)
         answer = super()._secure_call(header, step, expect)
         if expect == self.vanish_after:
             raise Vanished(f"{self.device_id} vanished after the {expect} answer")
@@ -347,3 +352,37 @@ def test_the_rounds_deadline_ends_the_key_phase_only(tmp_path, tiny_bundle):
     assert secure.server.phase == "share_keys" and coordinator.job_status("j")["status"] == "running"
     with pytest.raises(Exception, match="after it closed"):  # d finished training too late
         coordinator.secure_step(SecAggHeader("j", 1, "d"), SecAggClient("d", round_context("j", 1)).advertise())
+
+
+def test_a_coordinator_restart_mid_protocol_fails_the_round_and_the_agents_stop_cleanly(tmp_path, tiny_bundle):
+    import dataclasses
+    import time
+
+    from edgeft.server.servicer import create_server
+
+    patient = {"secure_aggregation": SecureAggregation(bits=16, clip=CLIP, phase_timeout_s=120)}
+    server, port, coordinator = start(tmp_path, tiny_bundle, rounds=2, minimum=3, job_settings=patient)
+    release = threading.Event()
+    agents = run_agents(tmp_path, port, enrol(coordinator, tmp_path), shards(tmp_path, 3))
+    agents[2].hold_before, agents[2].release = "survivors", release  # it will not send its masked input yet
+    try:
+        end = time.monotonic() + 180
+        while not getattr(agents[2], "holding", False) and time.monotonic() < end:
+            time.sleep(0.2)
+        secure = coordinator._secure[("banking", 1)]
+        assert secure.server.phase == "masked_input"
+        server.stop(grace=None)  # the coordinator goes down mid-protocol
+        coordinator.engine.dispose()
+        server, _, coordinator = create_server(dataclasses.replace(coordinator.config, address=f"127.0.0.1:{port}"))
+        server.start()
+        release.set()
+        status = coordinator.job_status("banking")
+        assert status["status"] == "failed" and "lives in memory only" in status["message"], status
+        words = agents_stopped(agents)
+        assert all(w is not None and "job banking failed" in w for w in words), words
+        assert coordinator.global_adapter("banking").keys() and coordinator.history("banking")["rounds"][1][
+            "status"] == "failed"
+        state_holds_no_update(tmp_path / "state", agents)
+    finally:
+        release.set()
+        server.stop(grace=None)
