@@ -163,6 +163,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per agent (default 1)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the centralised baseline (same passes over all the data)")
+    p.add_argument("--head-init", default="auto", choices=["auto", "class_means", "fedcof", "none"],
+                   help="round 0, the statistics round: build the head from the clients' class statistics before "
+                        "training (default auto: class_means for a sentence-transformers model; none: random head)")
     p.add_argument("--out", default="runs/simulate", help="output folder (default runs/simulate)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous simulation in --out")
     p.set_defaults(func=_run_simulate)
@@ -195,7 +198,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         out=Path(args.out), train=train, test=test, model=model, bundle=Path(args.bundle) if args.bundle else None,
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, head_init=args.head_init,
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geft/v1/edgeft.proto\x12\tedgeft.v1\"T\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.edgeft.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"i\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.edgeft.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x87\x01\n\x0c\x43\x61pabilities\x12\n\n\x02os\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x01(\x05\x12\x11\n\tram_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x66ree_disk_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bort_version\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\"l\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65nrolment_token\x18\x02 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x17.edgeft.v1.Capabilities\"%\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x89\x01\n\tTrainSpec\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x11\n\tmax_steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\x05 \x01(\x01\x12\x18\n\x10grad_accum_steps\x18\x06 \x01(\x05\"G\n\nDataSchema\x12\x13\n\x0btext_column\x18\x01 \x01(\t\x12\x14\n\x0clabel_column\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\":\n\x0fPollTaskRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x05\"\xf3\x01\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rbundle_digest\x18\x03 \x01(\t\x12#\n\x05train\x18\x04 \x01(\x0b\x32\x14.edgeft.v1.TrainSpec\x12)\n\x0eglobal_adapter\x18\x05 \x03(\x0b\x32\x11.edgeft.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12&\n\x0cupload_dtype\x18\x07 \x01(\x0e\x32\x10.edgeft.v1.DType\x12#\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x15.edgeft.v1.DataSchema\"q\n\x10PollTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x0f.edgeft.v1.TaskH\x00\x12\x1d\n\x13retry_after_seconds\x18\x02 \x01(\x05H\x00\x12\x12\n\x08\x66inished\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"8\n\nBundleFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\")\n\x10GetBundleRequest\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\"`\n\nBundleInfo\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\x0c\x12$\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x15.edgeft.v1.BundleFile\"F\n\x0f\x44ownloadRequest\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"O\n\x0b\x42undleChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x01(\t\"\xce\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x12\n\nn_examples\x18\x05 \x01(\x03\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.edgeft.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"h\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.edgeft.v1.UpdateHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.edgeft.v1.TensorChunkH\x00\x42\x06\n\x04part\"4\n\x0eUploadResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x90\x01\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x39\n\x07metrics\x18\x02 \x03(\x0b\x32(.edgeft.v1.HeartbeatRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x13\n\x11HeartbeatResponse*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05INT64\x10\x03\x32\xac\x03\n\x0b\x43oordinator\x12\x43\n\x08Register\x12\x1a.edgeft.v1.RegisterRequest\x1a\x1b.edgeft.v1.RegisterResponse\x12\x43\n\x08PollTask\x12\x1a.edgeft.v1.PollTaskRequest\x1a\x1b.edgeft.v1.PollTaskResponse\x12?\n\tGetBundle\x12\x1b.edgeft.v1.GetBundleRequest\x1a\x15.edgeft.v1.BundleInfo\x12\x46\n\x0e\x44ownloadBundle\x12\x1a.edgeft.v1.DownloadRequest\x1a\x16.edgeft.v1.BundleChunk0\x01\x12\x42\n\x0cUploadUpdate\x12\x15.edgeft.v1.UpdatePart\x1a\x19.edgeft.v1.UploadResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.edgeft.v1.HeartbeatRequest\x1a\x1c.edgeft.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geft/v1/edgeft.proto\x12\tedgeft.v1\"T\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.edgeft.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"i\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.edgeft.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x87\x01\n\x0c\x43\x61pabilities\x12\n\n\x02os\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x01(\x05\x12\x11\n\tram_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x66ree_disk_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bort_version\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\"l\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65nrolment_token\x18\x02 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x17.edgeft.v1.Capabilities\"%\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x89\x01\n\tTrainSpec\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x11\n\tmax_steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\x05 \x01(\x01\x12\x18\n\x10grad_accum_steps\x18\x06 \x01(\x05\"G\n\nDataSchema\x12\x13\n\x0btext_column\x18\x01 \x01(\t\x12\x14\n\x0clabel_column\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\":\n\x0fPollTaskRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x05\"\x96\x02\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rbundle_digest\x18\x03 \x01(\t\x12#\n\x05train\x18\x04 \x01(\x0b\x32\x14.edgeft.v1.TrainSpec\x12)\n\x0eglobal_adapter\x18\x05 \x03(\x0b\x32\x11.edgeft.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12&\n\x0cupload_dtype\x18\x07 \x01(\x0e\x32\x10.edgeft.v1.DType\x12#\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x15.edgeft.v1.DataSchema\x12!\n\x04kind\x18\t \x01(\x0e\x32\x13.edgeft.v1.TaskKind\"q\n\x10PollTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x0f.edgeft.v1.TaskH\x00\x12\x1d\n\x13retry_after_seconds\x18\x02 \x01(\x05H\x00\x12\x12\n\x08\x66inished\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"8\n\nBundleFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\")\n\x10GetBundleRequest\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\"`\n\nBundleInfo\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\x0c\x12$\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x15.edgeft.v1.BundleFile\"F\n\x0f\x44ownloadRequest\x12\x15\n\rbundle_digest\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"O\n\x0b\x42undleChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x01(\t\"\xce\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x12\n\nn_examples\x18\x05 \x01(\x03\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.edgeft.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"h\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.edgeft.v1.UpdateHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.edgeft.v1.TensorChunkH\x00\x42\x06\n\x04part\"4\n\x0eUploadResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x90\x01\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x39\n\x07metrics\x18\x02 \x03(\x0b\x32(.edgeft.v1.HeartbeatRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x13\n\x11HeartbeatResponse*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05INT64\x10\x03*%\n\x08TaskKind\x12\t\n\x05TRAIN\x10\x00\x12\x0e\n\nSTATISTICS\x10\x01\x32\xac\x03\n\x0b\x43oordinator\x12\x43\n\x08Register\x12\x1a.edgeft.v1.RegisterRequest\x1a\x1b.edgeft.v1.RegisterResponse\x12\x43\n\x08PollTask\x12\x1a.edgeft.v1.PollTaskRequest\x1a\x1b.edgeft.v1.PollTaskResponse\x12?\n\tGetBundle\x12\x1b.edgeft.v1.GetBundleRequest\x1a\x15.edgeft.v1.BundleInfo\x12\x46\n\x0e\x44ownloadBundle\x12\x1a.edgeft.v1.DownloadRequest\x1a\x16.edgeft.v1.BundleChunk0\x01\x12\x42\n\x0cUploadUpdate\x12\x15.edgeft.v1.UpdatePart\x1a\x19.edgeft.v1.UploadResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.edgeft.v1.HeartbeatRequest\x1a\x1c.edgeft.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_HEARTBEATREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2040
-  _globals['_DTYPE']._serialized_end=2107
+  _globals['_DTYPE']._serialized_start=2075
+  _globals['_DTYPE']._serialized_end=2142
+  _globals['_TASKKIND']._serialized_start=2144
+  _globals['_TASKKIND']._serialized_end=2181
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=121
   _globals['_TENSORCHUNK']._serialized_start=123
@@ -54,33 +56,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLLTASKREQUEST']._serialized_start=730
   _globals['_POLLTASKREQUEST']._serialized_end=788
   _globals['_TASK']._serialized_start=791
-  _globals['_TASK']._serialized_end=1034
-  _globals['_POLLTASKRESPONSE']._serialized_start=1036
-  _globals['_POLLTASKRESPONSE']._serialized_end=1149
-  _globals['_BUNDLEFILE']._serialized_start=1151
-  _globals['_BUNDLEFILE']._serialized_end=1207
-  _globals['_GETBUNDLEREQUEST']._serialized_start=1209
-  _globals['_GETBUNDLEREQUEST']._serialized_end=1250
-  _globals['_BUNDLEINFO']._serialized_start=1252
-  _globals['_BUNDLEINFO']._serialized_end=1348
-  _globals['_DOWNLOADREQUEST']._serialized_start=1350
-  _globals['_DOWNLOADREQUEST']._serialized_end=1420
-  _globals['_BUNDLECHUNK']._serialized_start=1422
-  _globals['_BUNDLECHUNK']._serialized_end=1501
-  _globals['_UPDATEHEADER']._serialized_start=1504
-  _globals['_UPDATEHEADER']._serialized_end=1710
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1664
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1710
-  _globals['_UPDATEPART']._serialized_start=1712
-  _globals['_UPDATEPART']._serialized_end=1816
-  _globals['_UPLOADRESPONSE']._serialized_start=1818
-  _globals['_UPLOADRESPONSE']._serialized_end=1870
-  _globals['_HEARTBEATREQUEST']._serialized_start=1873
-  _globals['_HEARTBEATREQUEST']._serialized_end=2017
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=1664
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=1710
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2019
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2038
-  _globals['_COORDINATOR']._serialized_start=2110
-  _globals['_COORDINATOR']._serialized_end=2538
+  _globals['_TASK']._serialized_end=1069
+  _globals['_POLLTASKRESPONSE']._serialized_start=1071
+  _globals['_POLLTASKRESPONSE']._serialized_end=1184
+  _globals['_BUNDLEFILE']._serialized_start=1186
+  _globals['_BUNDLEFILE']._serialized_end=1242
+  _globals['_GETBUNDLEREQUEST']._serialized_start=1244
+  _globals['_GETBUNDLEREQUEST']._serialized_end=1285
+  _globals['_BUNDLEINFO']._serialized_start=1287
+  _globals['_BUNDLEINFO']._serialized_end=1383
+  _globals['_DOWNLOADREQUEST']._serialized_start=1385
+  _globals['_DOWNLOADREQUEST']._serialized_end=1455
+  _globals['_BUNDLECHUNK']._serialized_start=1457
+  _globals['_BUNDLECHUNK']._serialized_end=1536
+  _globals['_UPDATEHEADER']._serialized_start=1539
+  _globals['_UPDATEHEADER']._serialized_end=1745
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1699
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1745
+  _globals['_UPDATEPART']._serialized_start=1747
+  _globals['_UPDATEPART']._serialized_end=1851
+  _globals['_UPLOADRESPONSE']._serialized_start=1853
+  _globals['_UPLOADRESPONSE']._serialized_end=1905
+  _globals['_HEARTBEATREQUEST']._serialized_start=1908
+  _globals['_HEARTBEATREQUEST']._serialized_end=2052
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=1699
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=1745
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2054
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2073
+  _globals['_COORDINATOR']._serialized_start=2184
+  _globals['_COORDINATOR']._serialized_end=2612
 # @@protoc_insertion_point(module_scope)
