@@ -44,6 +44,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proximal-mu", type=float, default=0.0,
                    help="FedProx: add mu/2 * ||w - w_global||^2 to the training loss (default 0: none)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "sentence", "cls"],
+                   help="what the task head reads: the model's own sentence pooling (sentence-transformers "
+                        "folders), the Hugging Face [CLS] head, or auto (sentence where declared; default)")
     p.set_defaults(func=_run_export)
 
 
@@ -57,7 +60,8 @@ def _run_export(args: argparse.Namespace) -> int:
                               target_modules=_csv_list(args.target_modules),
                               trainable_modules=_csv_list(args.trainable_modules)),
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
-        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu)
+        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
+        pooling=args.pooling)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
