@@ -9,6 +9,7 @@ round 0 and every round. Variants, each a full simulated fleet (a coordinator an
     class_means  round 0 builds a cosine classifier from the class means, then FedAvg
     fedcof       round 0 builds the FedCOF-style ridge head, then FedAvg
     fedadam      round 0 builds the default head (edgeft.server.config.DEFAULT_HEAD_INIT), then FedAdam
+    fedprox      the default head, then FedProx (a bundle exported with the proximal term, --mu)
 
 Results are written after every run to WORK/results.json (a crash keeps what finished), with a plot
 (accuracy per round, one panel per alpha) to WORK/convergence.png. About 100 s a round on 2 cores: the
@@ -27,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("class_means", "fedcof", "random", "fedadam")
+VARIANTS = ("class_means", "fedcof", "random", "fedadam", "fedprox")
+DEFAULT_VARIANTS = ("class_means", "fedcof", "random", "fedadam")
 
 
 def run(args: argparse.Namespace, bundle: Path, alpha: float, variant: str) -> dict:
@@ -37,8 +39,11 @@ def run(args: argparse.Namespace, bundle: Path, alpha: float, variant: str) -> d
 
     from common import TEST, TRAIN
 
-    head = {"random": "none", "fedadam": DEFAULT_HEAD_INIT}.get(variant, variant)
-    strategy, options = ("fedadam", {"server_lr": args.server_lr}) if variant == "fedadam" else ("fedavg", {})
+    head = {"random": "none", "fedadam": DEFAULT_HEAD_INIT, "fedprox": DEFAULT_HEAD_INIT}.get(variant, variant)
+    strategy, options = {"fedadam": ("fedadam", {"server_lr": args.server_lr}),
+                         "fedprox": ("fedprox", {})}.get(variant, ("fedavg", {}))
+    if variant == "fedprox":
+        bundle = proximal_bundle(args)
     print(f"== alpha {alpha}, {variant}: head {head}, {strategy} {options or ''}", flush=True)
     started = time.perf_counter()
     summary = run_simulation(SimulationConfig(
@@ -53,6 +58,25 @@ def run(args: argparse.Namespace, bundle: Path, alpha: float, variant: str) -> d
             "macro_f1": [round(r["evaluation"]["macro_f1"], 4) for r in rounds],
             "statistics_bytes_per_client": round(mean_up[0]) if head != "none" else 0,
             "adapter_bytes_per_client": round(mean_up[-1]), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def proximal_bundle(args: argparse.Namespace) -> Path:
+    """The benchmark bundle exported with FedProx's proximal term (once)."""
+    from dataclasses import replace
+
+    from edgeft.bundle import load_bundle
+    from edgeft.demo import minilm_dir
+    from edgeft.export import export_hf
+
+    from common import CONFIG
+
+    path = args.work / f"bundle-prox-{args.mu:g}"
+    if not (path / "manifest.json").is_file():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        export_hf(minilm_dir(), path, replace(CONFIG, proximal_mu=args.mu))
+    return load_bundle(path).path
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -81,12 +105,13 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alphas", default="0.5,0.1")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
+    parser.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal mu")
     parser.add_argument("--work", type=Path, default=Path("runs/fl_convergence"))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
