@@ -98,7 +98,7 @@ def byzantine(args: argparse.Namespace, bundle: Path, train, test) -> dict:  # n
                   "multikrum": {"byzantine": max(attackers, 1)}, "trimmed_mean": {"trim": args.byzantine_fraction}}
     chosen = ["fedavg", *args.robust]
     runs: dict[str, dict] = {"clean": {}}
-    for strategy in chosen:
+    for strategy in [s for s in chosen if s in args.clean]:
         runs["clean"][strategy] = simulate(args, f"clean-{strategy}", bundle, train, test, "iid", strategy,
                                            strategies[strategy])
     for attack in args.attacks:
@@ -110,7 +110,8 @@ def byzantine(args: argparse.Namespace, bundle: Path, train, test) -> dict:  # n
         checks[attack] = {s: {"final": runs[attack][s]["final"],
                               "points_below_clean_fedavg": round(100 * (clean - runs[attack][s]["final"]), 1),
                               "points_below_clean_same_strategy": round(
-                                  100 * (runs["clean"][s]["final"] - runs[attack][s]["final"]), 1)}
+                                  100 * (runs["clean"][s]["final"] - runs[attack][s]["final"]), 1)
+                              if s in runs["clean"] else None}
                           for s in chosen}
         for s in args.robust:
             checks[attack][s]["within_2_points"] = checks[attack][s]["points_below_clean_fedavg"] <= 2.0
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--byzantine-fraction", type=float, default=0.2)
     parser.add_argument("--attacks", default="sign_flip,scaled:10,random:1", help="edgeft.simulation.byzantine specs")
     parser.add_argument("--robust", default="median,krum", help="robust strategies to compare with FedAvg")
+    parser.add_argument("--clean", default="fedavg,median,krum",
+                        help="strategies that also get a run without attackers (fedavg always does)")
     parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet alpha of part (b)")
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal mu")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server learning rate")
@@ -148,6 +151,7 @@ def main() -> None:
     args.parts = [p for p in args.parts.split(",") if p]
     args.attacks = [a for a in args.attacks.split(",") if a]
     args.robust = [r for r in args.robust.split(",") if r]
+    args.clean = {"fedavg", *(c for c in args.clean.split(",") if c)}
     if args.smoke:
         args.subset = max(args.subset, 20)
     args.lr = args.lr or (3e-2 if args.smoke else 3e-3)

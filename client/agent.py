@@ -193,6 +193,12 @@ class Agent:
 
         session = TrainingSession(bundle, threads=self.config.threads)
         session.set_parameters(dict(tensor_from_pb(t) for t in task.global_adapter))
+        if task.kind == pb.STATISTICS:  # round 0 of a job with a head init: sums, no training
+            from edgeft.train.trainer import class_statistics, pad_id_of
+
+            tensors, n = class_statistics(session, self._data[task.bundle_digest], len(bundle.manifest.labels),
+                                          pad_id_of(bundle))
+            return AdapterUpdate(tensors, n, {}, bundle.digest)
         config = train_config(task.train, threads=self.config.threads, progress=False)
         result = train(bundle, self._data[task.bundle_digest], config, session=session)
         return AdapterUpdate(result.parameters, result.n_examples, result.final_metrics, bundle.digest)
@@ -206,7 +212,7 @@ class Agent:
 
     def upload(self, task: pb.Task, update: AdapterUpdate) -> pb.UploadResponse:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")
-        dtype = "float16" if task.upload_dtype == pb.FLOAT16 else "float32"
+        dtype = "float16" if task.upload_dtype == pb.FLOAT16 and task.kind == pb.TRAIN else "float32"
         return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
 
     def secure_upload(self, task: pb.Task, update: AdapterUpdate) -> str:
@@ -255,7 +261,8 @@ class Agent:
             if outcome == "task":
                 task = reply.task
                 with training_slot(self.config.training_slots):
-                    log.info("round %d of job %s: training", task.round, task.job_id)
+                    log.info("round %d of job %s: %s", task.round, task.job_id,
+                             "class statistics" if task.kind == pb.STATISTICS else "training")
                     update = self.run_task(task)
                 try:
                     if task.HasField("secure_aggregation"):

@@ -60,11 +60,27 @@ class Manifest:
     # FedProx bundles only: {"mu", "anchor_prefix"}; the training loss adds mu/2 * ||w - anchor||^2, the anchor
     # of trainable parameter ``name`` being the frozen parameter ``anchor_prefix + name``. Absent otherwise.
     proximal: dict | None = None
+    # Sentence-pooled heads only: {"mode", "normalize", "dimension"}; the graphs then also output
+    # ``features`` (the pooled sentence embedding the head reads, [batch, dimension]). Absent otherwise.
+    pooling: dict | None = None
+
+    def head(self) -> tuple[str, str]:
+        """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
+        specs = {t.name: t for t in self.trainable}
+        if self.pooling is not None:
+            shape = [len(self.labels), int(self.pooling["dimension"])]
+            for name, spec in specs.items():
+                bias = name[: -len("weight")] + "bias"
+                if "classifier" in name and name.endswith(".weight") and spec.shape == shape and bias in specs:
+                    return name, bias
+        raise BundleError("this bundle has no sentence-pooled classifier head to initialise: export a "
+                          "sentence-transformers model for a classification task with pooling='sentence' or 'auto'")
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["proximal"] is None:  # bundles without FedProx keep their manifest (and digest) as before
-            del data["proximal"]
+        for optional in ("proximal", "pooling"):  # bundles without them keep their manifest (and digest) as before
+            if data[optional] is None:
+                del data[optional]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod

@@ -44,6 +44,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proximal-mu", type=float, default=0.0,
                    help="FedProx: add mu/2 * ||w - w_global||^2 to the training loss (default 0: none)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "sentence", "cls"],
+                   help="what the task head reads: the model's own sentence pooling (sentence-transformers "
+                        "folders), the Hugging Face [CLS] head, or auto (sentence where declared; default)")
     p.set_defaults(func=_run_export)
 
 
@@ -57,7 +60,8 @@ def _run_export(args: argparse.Namespace) -> int:
                               target_modules=_csv_list(args.target_modules),
                               trainable_modules=_csv_list(args.trainable_modules)),
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
-        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu)
+        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
+        pooling=args.pooling)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
@@ -163,6 +167,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per agent (default 1)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the centralised baseline (same passes over all the data)")
+    p.add_argument("--head-init", default="auto", choices=["auto", "class_means", "fedcof", "none"],
+                   help="round 0, the statistics round: build the head from the clients' class statistics before "
+                        "training (default auto: class_means for a sentence-transformers model; none: random head)")
     p.add_argument("--out", default="runs/simulate", help="output folder (default runs/simulate)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous simulation in --out")
     p.add_argument("--secure-aggregation", action="store_true",
@@ -198,6 +205,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
         overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
+        head_init=args.head_init,
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "

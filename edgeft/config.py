@@ -11,10 +11,12 @@ from edgeft.errors import ConfigError
 Task = Literal["classification", "causal-lm", "regression", "multilabel"]
 AdapterKind = Literal["lora", "head", "full"]
 OptimizerName = Literal["adamw", "sgd"]
+Pooling = Literal["auto", "sentence", "cls"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 # The loss each task trains with; a torch.nn.Module source may pick any of them.
 LOSS_FOR_TASK = {
@@ -102,9 +104,15 @@ class ExportConfig:
     # adapter the device's round started from (set with the global adapter). 0: no proximal term, and the
     # bundle is exactly what it was without this option.
     proximal_mu: float = 0.0
+    # What the task head reads (classification, regression, multilabel): ``sentence`` is the model's own
+    # sentence embedding as a sentence-transformers folder declares it (``modules.json``: Pooling, e.g. the
+    # mean of the token states, then Normalize), ``cls`` the Hugging Face head (the [CLS] pooler);
+    # ``auto`` is ``sentence`` where the folder declares a pooling, ``cls`` otherwise.
+    pooling: Pooling = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        _check_choice("pooling", self.pooling, POOLINGS)
         object.__setattr__(self, "labels", tuple(self.labels))
         if self.loss is None:
             object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])

@@ -96,6 +96,43 @@ class ClientSelection:
         _check(self.min_available >= self.min, "clients.min_available", self.min_available, "must be >= clients.min")
 
 
+HEAD_INIT_METHODS = ("auto", "class_means", "fedcof", "none")
+# What ``auto`` picks for a classification bundle with a sentence-pooled head (README: "Federated convergence")
+DEFAULT_HEAD_INIT = "class_means"
+
+
+@dataclass(frozen=True)
+class HeadInit:
+    """The statistics round (round 0): the task head is built from the devices' class statistics before the
+    LoRA rounds (``edgeft.aggregate.statistics``). ``method``: ``class_means`` (cosine classifier on the class
+    means), ``fedcof`` (ridge classifier with FedCOF's covariance estimate; ``ridge`` its regularisation),
+    ``none`` (train from the exported random head), or ``auto``: the default recipe for classification
+    bundles with a sentence-pooled head, ``none`` for any other bundle. ``scale``: the logit scale (inverse
+    temperature) of the built head."""
+
+    method: str = "auto"
+    scale: float = 20.0
+    ridge: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.method in HEAD_INIT_METHODS, "head_init.method", self.method,
+               f"expected one of {', '.join(HEAD_INIT_METHODS)}")
+        _check(self.scale > 0, "head_init.scale", self.scale, "must be positive")
+        _check(self.ridge > 0, "head_init.ridge", self.ridge, "must be positive")
+
+    def resolve(self, manifest: object) -> str:
+        """The method for a bundle (its manifest): ``none`` where it has no sentence-pooled classifier head;
+        ConfigError where ``class_means``/``fedcof`` were asked of such a bundle."""
+        fits = getattr(manifest, "task", None) == "classification" and getattr(manifest, "pooling", None)
+        if self.method == "auto":
+            return DEFAULT_HEAD_INIT if fits else "none"
+        if self.method != "none" and not fits:
+            raise ConfigError(f"head_init.method={self.method!r} needs a classification bundle with a sentence-pooled "
+                              "head (a sentence-transformers model exported with pooling 'auto' or 'sentence'); "
+                              "use method 'none' or 'auto'")
+        return self.method
+
+
 @dataclass(frozen=True)
 class SecureAggregation:
     """Secure aggregation of a job's rounds (``edgeft.secagg``): devices send pairwise-masked, fixed-point
@@ -165,8 +202,17 @@ class JobConfig:
     eval_data: DataConfig | None = None
     # Secure aggregation: the coordinator sees only the sum of each round's updates (None: plain uploads).
     secure_aggregation: SecureAggregation | None = None
+    # The statistics round before the LoRA rounds (a HeadInit, a TOML table, or just the method's name)
+    head_init: HeadInit = field(default_factory=HeadInit)
 
     def __post_init__(self) -> None:
+        if isinstance(self.head_init, str):
+            object.__setattr__(self, "head_init", HeadInit(method=self.head_init))
+        elif isinstance(self.head_init, dict):
+            object.__setattr__(self, "head_init", HeadInit(**self.head_init))
+        _check(self.secure_aggregation is None or self.head_init.method in ("auto", "none"), "job.head_init.method",
+               self.head_init.method, "the statistics round does not run under secure aggregation yet; use 'auto' "
+               "(it is skipped then) or 'none'")
         _check(bool(self.id) and self.id.replace("-", "").replace("_", "").isalnum(), "job.id", self.id,
                "use letters, digits, - and _")
         _check((self.bundle is None) != (self.model is None), "job.bundle", self.bundle,

@@ -24,6 +24,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
+from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
                            SecAggError, StateError)
@@ -33,7 +34,7 @@ from edgeft.update import AdapterUpdate, check_update, update_norm
 from edgeft.wire import SecAggHeader, UploadHeader
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
-from edgeft.server.config import JobConfig, ServerConfig
+from edgeft.server.config import DEFAULT_HEAD_INIT, JobConfig, ServerConfig
 from edgeft.server.secure import SecureRound, round_settings
 from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, jobs, now,
                                  open_database, rejections, rounds, updates, upsert_device)
@@ -53,6 +54,7 @@ class TaskAssignment:
     global_adapter: dict[str, np.ndarray]
     deadline: float
     secure: SecAggSettings | None = None  # set for a secure aggregation round: take part instead of uploading
+    statistics: bool = False  # the statistics round: class statistics, no training
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
@@ -124,6 +126,7 @@ class Coordinator:
         self._count_lock = threading.Lock()  # rejection counters
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self.bundles: dict[str, Bundle] = {}
+        self.head_init: dict[str, str] = {}  # per job: its statistics round's head method, or "none"
         # evaluations of global adapters run one at a time beside the rounds, never under the lock
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
         self._pending: list[Future] = []
@@ -143,17 +146,24 @@ class Coordinator:
         bundle = self.artifacts.add_bundle(job.bundle if job.bundle is not None else self._export(job))
         self._check_base_model(job, bundle)
         self.strategies[job.id].check_bundle(bundle.manifest)
+        # the statistics round does not run under secure aggregation yet: the head starts as exported
+        self.head_init[job.id] = method = ("none" if job.secure_aggregation is not None
+                                           else job.head_init.resolve(bundle.manifest))
         initial = TrainingSession(bundle, threads=1).get_parameters()
         if job.max_update_norm is None and update_norm(initial) == 0:
             raise ConfigError(f"job {job.id!r}: its initial adapter is all zeros, so max_update_norm_ratio has no "
                               "scale; set [job] max_update_norm (an absolute bound on an update's L2 norm)")
         blob = self.artifacts.put(encode(initial))
+        # with a head init, round 0 is the statistics round: the exported adapter is version -1 and the
+        # statistics-built head makes version 0, which round 1 trains from
+        first = 0 if method != "none" else 1
         with self.engine.begin() as conn:
             conn.execute(insert(jobs).values(id=job.id, bundle_digest=bundle.digest, rounds=job.rounds,
-                                             current_round=1, status="running", message=""))
-            conn.execute(insert(adapters).values(job_id=job.id, version=0, blob=blob, created_at=now()))
+                                             current_round=first, status="running", message=""))
+            conn.execute(insert(adapters).values(job_id=job.id, version=first - 1, blob=blob, created_at=now()))
         self.bundles[job.id] = bundle
-        self._schedule_evaluation(job, 0)
+        if first == 1:
+            self._schedule_evaluation(job, 0)
 
     def _resume_job(self, job: JobConfig, row) -> None:  # noqa: ANN001
         """After a restart: check the stored state the job goes on from (bundle files, the latest global
@@ -173,12 +183,21 @@ class Coordinator:
                              "Restore the state folder from a backup, or start over with a new state_dir") from exc
         self._check_base_model(job, bundle, resumed=True)
         self.bundles[job.id] = bundle
+        with self.engine.begin() as conn:
+            statistics_round = conn.execute(select(adapters.c.version).where(
+                adapters.c.job_id == job.id, adapters.c.version == -1)).first() is not None
+        method = job.head_init.resolve(bundle.manifest) if statistics_round else "none"
+        if statistics_round and method == "none":
+            log.warning("job %s started with a statistics round; head_init 'none' does not undo it: %s builds the "
+                        "head", job.id, DEFAULT_HEAD_INIT)
+            method = DEFAULT_HEAD_INIT
+        self.head_init[job.id] = method
         with self.engine.begin() as conn:  # evaluate what was not evaluated yet
             done = set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job.id)).scalars())
             versions = conn.execute(select(adapters.c.version).where(adapters.c.job_id == job.id)).scalars().all()
             open_rounds = conn.execute(select(rounds.c.number).where(rounds.c.job_id == job.id,
                                                                      rounds.c.status == "open")).scalars().all()
-        for version in sorted(set(versions) - done):
+        for version in sorted(set(versions) - done - {-1}):  # -1: the exported head a statistics round replaced
             self._schedule_evaluation(job, version)
         with self._lock:
             for number in open_rounds:
@@ -339,7 +358,7 @@ class Coordinator:
                               else None)
                     return TaskAssignment(job, round_row.number, job_row.bundle_digest,
                                           self.global_adapter(job.id, round_row.number - 1), round_row.deadline,
-                                          secure)
+                                          secure, statistics=round_row.number == 0)
         return None
 
     def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
@@ -405,10 +424,18 @@ class Coordinator:
             if now() > round_row.deadline:
                 raise Rejected(f"round {header.round} of job {job.id!r} passed its deadline; the update came late",
                                reason="late")
-            reference = self.global_adapter(job.id, header.round - 1)
             try:
-                check_update(update, self.bundles[job.id].manifest, max_examples=job.max_update_examples,
-                             reference=reference, max_norm=self._norm_bound(job, header.round - 1, reference))
+                manifest = self.bundles[job.id].manifest
+                if header.round == 0:  # the statistics round: class statistics, not an adapter
+                    if update.n_examples > job.max_update_examples:
+                        raise DataError(f"n_examples={update.n_examples} is over max_update_examples="
+                                        f"{job.max_update_examples}", reason="n_examples")
+                    check_statistics(update.tensors, len(manifest.labels), int(manifest.pooling["dimension"]),
+                                     update.n_examples)
+                else:
+                    reference = self.global_adapter(job.id, header.round - 1)
+                    check_update(update, manifest, max_examples=job.max_update_examples, reference=reference,
+                                 max_norm=self._norm_bound(job, header.round - 1, reference))
             except DataError as exc:
                 raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
             blob = self.artifacts.put(encode(update.tensors))
@@ -487,21 +514,28 @@ class Coordinator:
                              f"minimum {job.clients.min}")
             return
         started = time.perf_counter()
-        context = RoundContext(round=number, selected=len(row.selected), state=self.strategy_state(job.id, number - 1))
-        aggregation = self.strategies[job.id].start(self.global_adapter(job.id, number - 1), context)
         devices_in_order = []
+        state, report = None, {}
         try:
-            for device_id, stored in self._iter_updates(job.id, number, with_device=True):
-                aggregation.add(stored)
-                devices_in_order.append(device_id)
-            blob = self.artifacts.put(encode(aggregation.result()))
+            if number == 0:  # the statistics round: the head from the summed class statistics
+                result, report = self._head_from_statistics(job)
+            else:
+                context = RoundContext(round=number, selected=len(row.selected),
+                                       state=self.strategy_state(job.id, number - 1))
+                aggregation = self.strategies[job.id].start(self.global_adapter(job.id, number - 1), context)
+                for device_id, stored in self._iter_updates(job.id, number, with_device=True):
+                    aggregation.add(stored)
+                    devices_in_order.append(device_id)
+                result, state, report = aggregation.result(), aggregation.state(), aggregation.report()
+            blob = self.artifacts.put(encode(result))
         except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
-            self._fail_round(job, number, f"round {number} could not be aggregated with {job.strategy}: {exc}")
+            what = "its class statistics could not make a head" if number == 0 else \
+                f"could not be aggregated with {job.strategy}"
+            self._fail_round(job, number, f"round {number} {what}: {exc}")
             return
-        report = aggregation.report()
         if "krum_selected" in report:  # indices in the order the updates were added: name the devices
             report["krum_selected"] = [devices_in_order[i] for i in report["krum_selected"]]
-        self._store_round(job, number, blob, aggregation.state(), report, started)
+        self._store_round(job, number, blob, state, report, started)
 
     def _fail_round(self, job: JobConfig, number: int, message: str) -> None:
         """Record that round ``number`` failed and why; the job stops (nothing else is written)."""
@@ -526,6 +560,17 @@ class Coordinator:
             conn.execute(update(jobs).where(jobs.c.id == job.id).values(
                 current_round=number + 1, status="finished" if finished else "running"))
         self._schedule_evaluation(job, number)
+
+    def _head_from_statistics(self, job: JobConfig) -> tuple[dict[str, np.ndarray], dict]:
+        """Round 0's result: the exported adapter (version -1) with the head the job's method builds from the
+        sum of the stored class statistics (``edgeft.aggregate.statistics``), and a report."""
+        initial = dict(self.global_adapter(job.id, -1))
+        weight, bias = self.bundles[job.id].manifest.head()
+        total = sum_statistics([u.tensors for u in self._iter_updates(job.id, 0)])
+        options = job.head_init
+        initial[weight], initial[bias], report = head_from_statistics(
+            total, self.head_init[job.id], options.scale, options.ridge, initial[weight], initial[bias])
+        return initial, report
 
     # -- secure aggregation rounds (see edgeft.server.secure) -------------------------------------------
     def _secure_round(self, job: JobConfig, row) -> SecureRound:  # noqa: ANN001
@@ -699,7 +744,9 @@ class Coordinator:
         history = {"job": job_id, "status": status["status"], "message": status["message"],
                    "strategy": job.strategy if job else None, "privacy": None,
                    "duplicates": refused.pop("duplicate", 0), "rejections": refused,
-                   "rounds": [{"round": 0, "status": "initial", "evaluation": evals.get(0), "clients": []}]}
+                   "head_init": self.head_init.get(job_id),
+                   "rounds": [] if any(r.number == 0 for r in round_rows) else
+                   [{"round": 0, "status": "initial", "evaluation": evals.get(0), "clients": []}]}
         for row in round_rows:
             clients = [{"device_id": u.device_id, "n_examples": u.n_examples, "metrics": u.metrics,
                         "bytes_up": u.bytes, "bytes_down": downs.get((row.number, u.device_id), 0)}

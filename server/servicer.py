@@ -147,6 +147,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                        train=train_spec(task.job.train), deadline_unix_ms=int(task.deadline * 1000),
                        global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
                        upload_dtype=dtype_code(task.job.upload_dtype),
+                       kind=pb.STATISTICS if task.statistics else pb.TRAIN,
                        data=pb.DataSchema(text_column=task.job.data.text_column,
                                           label_column=task.job.data.label_column,
                                           format=task.job.data.format or ""))

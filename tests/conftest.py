@@ -91,3 +91,20 @@ def tiny_lm_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path
     from edgeft.export import export_hf
 
     return export_hf(tiny_gpt2_dir, tmp_path_factory.mktemp("tiny-lm") / "bundle", tiny_lm_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_sentence_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT as a sentence-transformers folder: mean pooling, then Normalize."""
+    from edgeft.export.toy import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-sentence"), minilm_tokenizer(), num_labels=len(LABELS),
+                     sentence_pooling="mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_sentence_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_sentence_dir: Path, tiny_config: ExportConfig):
+    """A LoRA bundle of the tiny sentence model for BANKING77: its head reads the pooled embedding."""
+    from edgeft.export import export_hf
+
+    return export_hf(tiny_sentence_dir, tmp_path_factory.mktemp("tiny-sentence-bundle") / "bundle", tiny_config)

@@ -20,7 +20,7 @@ def export_config_of(bundle: Bundle) -> ExportConfig:
     adapter = {k: v for k, v in m.adapter.items() if k in AdapterConfig.__dataclass_fields__}
     return ExportConfig(task=m.task, labels=tuple(m.labels), loss=m.loss, opset=m.opset,
                         max_length=m.tokenizer["max_length"] if m.tokenizer else 128,
-                        adapter=AdapterConfig(**adapter))
+                        adapter=AdapterConfig(**adapter), pooling="sentence" if m.pooling else "cls")
 
 
 def merged_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> torch.nn.Module:

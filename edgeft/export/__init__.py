@@ -83,6 +83,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
                              shape=_axes(len(label_dims), label_axes(config.loss), config.num_outputs)))
     outputs = [TensorSpec(name="loss", dtype="float32", shape=[]),
                TensorSpec(name="logits", dtype="float32", shape=["batch", "..."])]
+    if source.pooling is not None:
+        outputs.append(TensorSpec(name="features", dtype="float32", shape=["batch", source.pooling["dimension"]]))
     tokenizer = None
     if source.tokenizer_file is not None:
         tokenizer = {"file": TOKENIZER, "max_length": config.max_length, "pad_id": _pad_id(source)}
@@ -98,7 +100,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
                  "trainable_modules": adapted.trainable_modules, "scale": config.adapter.scale},
         loss=config.loss, optimizer=optimizer, opset=config.opset, tokenizer=tokenizer, files=files,
         peft_config=adapted.peft_config,
-        proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None)
+        proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
+        pooling=source.pooling)
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None) -> list[int | str]:

@@ -40,7 +40,8 @@ def logits_of(output: object) -> torch.Tensor:
 
 
 class TrainingGraph(nn.Module):
-    """model(**inputs) followed by the loss; returns (loss, logits).
+    """model(**inputs) followed by the loss; returns (loss, logits), and the features the head reads as a
+    third output with ``features`` (a SentenceClassifier's, whose forward returns (logits, features)).
 
     With ``l2 > 0`` the loss adds 0.5 * l2 * ||trainable||^2 (PyTorch SGD's weight_decay, which ORT's
     SGD optimizer lacks). With ``proximal_mu > 0`` it adds FedProx's 0.5 * mu * ||w - w_anchor||^2 over the
@@ -50,8 +51,9 @@ class TrainingGraph(nn.Module):
 
     def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0,
                  prepare_inputs: Callable[[dict], dict] | None = None, proximal_mu: float = 0.0,
-                 trainable: list[str] | None = None):
+                 trainable: list[str] | None = None, features: bool = False):
         super().__init__()
+        self.features = features
         self.model = model
         self.input_names = list(input_names)
         self.loss_fn = LOSS_FUNCTIONS[loss]
@@ -63,11 +65,12 @@ class TrainingGraph(nn.Module):
         self.anchors = nn.ParameterList([nn.Parameter(params[n].detach().clone(), requires_grad=False)
                                          for n in self.proximal_names])
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, args[:-1]))
         if self.prepare_inputs is not None:
             inputs = self.prepare_inputs(inputs)
-        logits = logits_of(self.model(**inputs))
+        output = self.model(**inputs)
+        logits = logits_of(output)
         loss = self.loss_fn(logits, args[-1])
         if self.l2:
             penalty = sum((p * p).sum() for p in self.model.parameters() if p.requires_grad)
@@ -76,7 +79,7 @@ class TrainingGraph(nn.Module):
             params = dict(self.model.named_parameters())
             distance = [params[n] - anchor for n, anchor in zip(self.proximal_names, self.anchors)]
             loss = loss + 0.5 * self.proximal_mu * sum((d * d).sum() for d in distance)
-        return loss, logits
+        return (loss, logits, output[1]) if self.features else (loss, logits)
 
 
 def example_labels(loss: str, source: ModelSource, num_outputs: int) -> torch.Tensor:
@@ -97,9 +100,11 @@ def label_axes(loss: str) -> dict[int, str]:
 
 def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], loss: str, num_outputs: int,
                  path: Path, opset: int, l2: float = 0.0, seed: int = 0, proximal_mu: float = 0.0) -> None:
-    """Write the (loss, logits) graph of ``model`` to ``path``; trainable parameters keep their names
+    """Write the (loss, logits[, features]) graph of ``model`` to ``path``; trainable parameters keep their names
     (with ``proximal_mu``, their FedProx anchors are frozen parameters named ``proximal_anchor.<name>``)."""
-    wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs, proximal_mu, trainable).eval()
+    features = source.pooling is not None
+    wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs, proximal_mu, trainable,
+                            features).eval()
     labels = example_labels(loss, source, num_outputs)
     args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
     # every parameter by its name in the final graph: the model's, then the proximal anchors
@@ -116,7 +121,8 @@ def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], lo
             torch.onnx.export(
                 wrapper, args, str(path), dynamo=False, opset_version=opset,
                 training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, export_params=True,
-                input_names=[*source.input_names, "labels"], output_names=["loss", "logits"],
+                input_names=[*source.input_names, "labels"],
+                output_names=["loss", "logits", *(["features"] if features else [])],
                 dynamic_axes={**source.dynamic_axes, "labels": label_axes(loss)})
     except ExportError:
         raise

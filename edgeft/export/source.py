@@ -40,6 +40,69 @@ class ModelSource:
     model_type: str | None = None
     peft_task_type: str | None = None
     prepare_inputs: Callable[[dict[str, torch.Tensor]], dict] | None = None
+    # a SentenceClassifier's pooling ({"mode", "normalize", "dimension"}): the graph also outputs ``features``
+    pooling: dict | None = None
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
+
+
+def sentence_pooling(model_dir: str | Path) -> dict | None:
+    """The sentence embedding a sentence-transformers folder declares (``modules.json``: a Pooling module,
+    optionally Normalize after it) as {"mode", "normalize", "dimension"}; None for a plain Hugging Face folder."""
+    model_dir = Path(model_dir)
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+        if pooling is None:
+            return None
+        config = json.loads((model_dir / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ExportError(f"cannot read the sentence pooling of {model_dir} (modules.json and its Pooling "
+                          f"config.json): {exc}") from exc
+    modes = [mode for key, mode in POOLING_MODES.items() if config.get(key)]
+    if len(modes) != 1:
+        raise ExportError(f"{model_dir}: edgeft supports exactly one of {', '.join(POOLING_MODES)} in the "
+                          f"Pooling config, found {modes or 'none'}; use pooling='cls' for the plain head")
+    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    return {"mode": modes[0], "normalize": normalize, "dimension": int(config["word_embedding_dimension"])}
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per sequence from the token states [batch, sequence, dim] and the padding mask, as
+    sentence-transformers' Pooling computes it."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return (hidden + (weights - 1.0) * 1e9).max(dim=1).values
+    total, count = (hidden * weights).sum(dim=1), weights.sum(dim=1).clamp(min=1e-9)
+    return total / (count.sqrt() if mode == "mean_sqrt_len" else count)
+
+
+class SentenceClassifier(nn.Module):
+    """A task head on the model's own sentence embedding: encoder -> pooling (-> L2 normalisation) ->
+    ``classifier`` (Linear). ``forward`` returns (logits, features), features being what the head reads."""
+
+    def __init__(self, encoder: nn.Module, pooling: dict, num_outputs: int, init_std: float = 0.02):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = dict(pooling)
+        self.classifier = nn.Linear(int(pooling["dimension"]), num_outputs)
+        nn.init.normal_(self.classifier.weight, std=init_std)  # as Hugging Face initialises its heads
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        features = pool(hidden, attention_mask, self.pooling["mode"])
+        if self.pooling["normalize"]:
+            features = nn.functional.normalize(features, p=2.0, dim=-1)
+        return self.classifier(features), features
 
 
 def causal_lm_inputs(inputs: dict[str, torch.Tensor]) -> dict:
@@ -107,8 +170,22 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
                           "(save a fast tokenizer with tokenizer.save_pretrained())")
 
     hf_config = AutoConfig.from_pretrained(model_dir)
+    pooling = None
+    if config.task != "causal-lm" and config.pooling != "cls":
+        pooling = sentence_pooling(model_dir)
+        if pooling is None and config.pooling == "sentence":
+            raise ExportError(f"pooling='sentence' needs a sentence-transformers folder (modules.json with a "
+                              f"Pooling module); {model_dir} has none: use pooling='cls' or 'auto'")
+    torch.manual_seed(config.seed)  # a new task head is drawn as the model loads: the same one every export
     try:
-        if config.task == "causal-lm":
+        if pooling is not None:
+            from transformers import AutoModel
+
+            labels = config.labels or ("value",)
+            encoder = AutoModel.from_pretrained(model_dir, attn_implementation="eager")  # its pooler goes unused
+            model = SentenceClassifier(encoder, pooling, len(labels), getattr(hf_config, "initializer_range", 0.02))
+            peft_task = None
+        elif config.task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
             peft_task = "CAUSAL_LM"
         else:
@@ -132,7 +209,7 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
                        base_id=str(getattr(hf_config, "_name_or_path", "") or model_dir.name),
                        base_digest=_weights_digest(weights), tokenizer_file=tokenizer_file,
                        model_type=hf_config.model_type, peft_task_type=peft_task,
-                       prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None)
+                       prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None, pooling=pooling)
 
 
 def from_module(model: nn.Module, example_inputs: dict[str, torch.Tensor], *, base_id: str = "custom",

@@ -10,8 +10,14 @@ from pathlib import Path
 import torch
 
 
-def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT for sequence classification using an existing WordPiece tokenizer.json."""
+def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int = 2, seed: int = 0,
+              sentence_pooling: str | None = None) -> Path:
+    """A 2-layer, 32-wide BERT for sequence classification using an existing WordPiece tokenizer.json.
+
+    With ``sentence_pooling`` (``mean``, ``cls``, ``max``...) the folder is also a sentence-transformers model
+    (modules.json: Transformer, Pooling with that mode, Normalize), like all-MiniLM-L6-v2."""
+    import json
+
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -23,6 +29,17 @@ def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int
                         initializer_range=0.2)  # wide enough that a random body tells inputs apart
     BertForSequenceClassification(config).save_pretrained(directory)
     Tokenizer.from_file(str(tokenizer_file)).save(str(directory / "tokenizer.json"))
+    if sentence_pooling:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+        (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        from edgeft.export.source import POOLING_MODES
+
+        pooling = {"word_embedding_dimension": config.hidden_size,
+                   **{key: mode == sentence_pooling for key, mode in POOLING_MODES.items()}}
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     return directory
 
 

@@ -67,7 +67,7 @@ def plot(summary: dict, rounds: list[dict], out: Path) -> dict[str, str]:
     plt.close(fig)
     files["accuracy"] = "accuracy.png"
 
-    trained = [r for r in rounds if r["round"] > 0]
+    trained = [r for r in rounds if r["round"] > 0 or r["bytes_up"]]  # round 0 too when it was a statistics round
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.array([r["round"] for r in trained])
     ax.bar(x - 0.2, [r["bytes_down"] / 1e6 for r in trained], 0.4, label="down (tasks: global adapter)")

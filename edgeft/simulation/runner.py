@@ -57,6 +57,8 @@ class SimulationConfig:
     round_deadline_s: float = 3600.0
     strategy: str = "fedavg"  # the job's aggregation strategy and its [job.strategy_options]
     strategy_options: Mapping[str, object] = field(default_factory=dict)
+    # the statistics round before training (JobConfig.head_init: auto, class_means, fedcof, none)
+    head_init: str = "auto"
     # TEST TOOLING (edgeft.simulation.byzantine): the first ``attackers`` clients corrupt their updates
     attack: str | None = None
     attackers: int = 0
@@ -255,7 +257,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                                     format=config.train.format),
                     train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
                     secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
-                                        else None))
+                                        else None),
+                    head_init=config.head_init)
     tls, transport_flags = _tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
@@ -286,6 +289,7 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "batch_size": config.local.batch_size, "learning_rate": config.local.learning_rate,
                           "concurrency": config.slots, "threads_per_agent": config.threads,
                           "strategy": config.strategy, "strategy_options": dict(config.strategy_options),
+                          "head_init": history.get("head_init"),
                           "attack": config.attack, "attackers": config.attackers,
                           "secure_aggregation": (dict(config.secure_aggregation)
                                                  if config.secure_aggregation is not None else None),

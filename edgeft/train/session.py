@@ -74,15 +74,19 @@ class TrainingSession:
             raise BundleError(f"ONNX Runtime cannot load the bundle at {bundle.path}: {exc}") from exc
         self.names = bundle.manifest.trainable_names
         self.input_names = [i.name for i in bundle.manifest.inputs]
+        self.has_features = bundle.manifest.pooling is not None
         proximal = bundle.manifest.proximal
         self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
 
-    def _run(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+    def _outputs(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            loss, logits = self._module(*[batch[name] for name in self.input_names])
+            return self._module(*[batch[name] for name in self.input_names])
         except KeyError as exc:
             raise TrainingError(f"batch lacks the model input {exc}; the bundle expects {self.input_names}") from exc
-        return float(loss), logits
+
+    def _run(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        outputs = self._outputs(batch)
+        return float(outputs[0]), outputs[1]
 
     def train_step(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
         """Forward + backward on one batch; gradients add up until ``optimizer_step``."""
@@ -93,6 +97,15 @@ class TrainingSession:
         """Forward only: (loss, logits)."""
         self._module.eval()
         return self._run(batch)
+
+    def features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Forward only: the sentence embeddings the task head reads, [batch, dimension] (bundles whose
+        manifest has ``pooling``: sentence-pooled heads)."""
+        if not self.has_features:
+            raise TrainingError("this bundle's graphs have no 'features' output: export a sentence-transformers "
+                                "model with pooling='sentence' (or 'auto') for class statistics")
+        self._module.eval()
+        return self._outputs(batch)[2]
 
     def optimizer_step(self, learning_rate: float) -> None:
         """Apply the accumulated gradients with ``learning_rate`` and reset them."""

@@ -60,6 +60,25 @@ def evaluate(session: TrainingSession, dataset: Dataset, task: str, pad_id: int,
     return acc.result()
 
 
+def class_statistics(session: TrainingSession, dataset: Dataset, num_classes: int, pad_id: int,
+                     batch_size: int = EVAL_BATCH_SIZE) -> tuple[dict[str, np.ndarray], int]:
+    """The statistics round on a device: one forward pass over ``dataset`` (no training) summed per class
+    (``edgeft.aggregate.statistics``); returns the tensors to upload and the number of examples."""
+    from edgeft.aggregate.statistics import StatisticsAccumulator
+
+    if dataset.targets is None or dataset.targets.ndim != 1:
+        raise TrainingError("class statistics need single-label classification data")
+    order = np.argsort([len(x) for x in dataset.ids], kind="stable")
+    acc = None
+    for batch in batches(dataset.subset(order), batch_size, pad_id):
+        features = session.features(batch)
+        acc = acc or StatisticsAccumulator(num_classes, features.shape[1])
+        acc.add(features, batch["labels"])
+    if acc is None:
+        raise TrainingError("the device has no examples for the statistics round")
+    return acc.tensors(), len(dataset)
+
+
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
     micro = math.ceil(n_examples / config.batch_size)

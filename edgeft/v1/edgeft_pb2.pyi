@@ -13,10 +13,17 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
     INT64: _ClassVar[DType]
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAIN: _ClassVar[TaskKind]
+    STATISTICS: _ClassVar[TaskKind]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 INT64: DType
+TRAIN: TaskKind
+STATISTICS: TaskKind
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
@@ -111,7 +118,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "secure_aggregation")
+    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "kind", "secure_aggregation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +127,7 @@ class Task(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
@@ -129,8 +137,9 @@ class Task(_message.Message):
     deadline_unix_ms: int
     upload_dtype: DType
     data: DataSchema
+    kind: TaskKind
     secure_aggregation: SecAggSettings
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_seconds", "finished")

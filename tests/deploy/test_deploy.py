@@ -40,6 +40,27 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_bert_dir, tiny_bun
     np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=0)
 
 
+def test_sentence_pooled_model_deploys_with_its_pooling(tmp_path, tiny_sentence_dir, tiny_sentence_bundle,
+                                                        small_banking):
+    """A head on the model's own sentence pooling: the merged package computes what the bundle computed."""
+    from edgeft.config import TrainConfig
+    from edgeft.train.trainer import train
+    from edgeft.update import AdapterUpdate, save_update
+
+    data = load_dataset(DataConfig(small_banking["train"], label_column="category"), tiny_sentence_bundle)
+    result = train(tiny_sentence_bundle, data, TrainConfig(max_steps=5, learning_rate=3e-2, progress=False))
+    adapter = tmp_path / "update.safetensors"
+    save_update(adapter, AdapterUpdate(result.parameters, result.n_examples, {}, tiny_sentence_bundle.digest))
+    deploy(config(tmp_path, tiny_sentence_dir, tiny_sentence_bundle, adapter, small_banking, mode="none"))
+    test = load_dataset(DataConfig(small_banking["test"], label_column="category"), tiny_sentence_bundle)
+    batch = next(batches(test, 16, 0))
+    session = TrainingSession(tiny_sentence_bundle)
+    session.set_parameters(result.parameters)
+    _, expected = session.eval_step(batch)
+    merged = Predictor(tmp_path / "none").run({k: batch[k] for k in ("input_ids", "attention_mask")})
+    np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["none", "fp16", "int8", "int8-static", "int4"])
 def test_every_mode_makes_a_package_that_predicts(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode):
     report = deploy(config(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking, mode=mode,
