@@ -90,6 +90,8 @@ class SentenceClassifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, pooling: dict, num_outputs: int, init_std: float = 0.02):
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:  # BERT's [CLS] pooler: unused here, so not trained
+            encoder.pooler = None
         self.encoder = encoder
         self.pooling = dict(pooling)
         self.classifier = nn.Linear(int(pooling["dimension"]), num_outputs)
@@ -182,7 +184,7 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
             from transformers import AutoModel
 
             labels = config.labels or ("value",)
-            encoder = AutoModel.from_pretrained(model_dir, attn_implementation="eager")  # its pooler goes unused
+            encoder = AutoModel.from_pretrained(model_dir, attn_implementation="eager")
             model = SentenceClassifier(encoder, pooling, len(labels), getattr(hf_config, "initializer_range", 0.02))
             peft_task = None
         elif config.task == "causal-lm":
