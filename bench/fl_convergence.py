@@ -89,7 +89,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(alphas), figsize=(6 * len(alphas), 4), squeeze=False)
     for ax, alpha in zip(axes[0], alphas):
         for r in (r for r in results if r["alpha"] == alpha):
-            ax.plot(range(len(r["accuracy"])), [100 * a for a in r["accuracy"]], "o-", label=r["variant"])
+            ax.plot(range(len(r["accuracy"])), [100 * a for a in r["accuracy"]], "o-", label=r["variant"],
+                    color=f"C{VARIANTS.index(r['variant'])}")  # one colour per variant in every panel
         ax.axhline(89.1, color="grey", ls=":", label="centralised, 3 epochs (89.1%)")
         ax.set_title(f"10 clients, Dirichlet alpha={alpha}")
         ax.set_xlabel("round (0: the head before any LoRA training)")
