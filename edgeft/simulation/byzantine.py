@@ -62,8 +62,10 @@ def corrupt(trained: dict[str, np.ndarray], global_adapter: dict[str, np.ndarray
 
 
 def run_agent(argv: list[str], spec: str, seed: int = 0) -> int:
-    """``edgeft client`` with ``argv``, as an attacker: every update is corrupted before its upload."""
+    """``edgeft client`` with ``argv``, as an attacker: every trained update is corrupted before its upload
+    (the statistics round's class statistics are sent honestly)."""
     from edgeft.client import agent as agent_module
+    from edgeft.v1 import edgeft_pb2 as pb
     from edgeft.wire import tensor_from_pb
 
     attack, rng = Attack.parse(spec), np.random.default_rng(seed)
@@ -71,6 +73,8 @@ def run_agent(argv: list[str], spec: str, seed: int = 0) -> int:
 
     def run_task(self, task):  # noqa: ANN001, ANN202
         update = honest(self, task)
+        if task.kind == pb.STATISTICS:
+            return update
         global_adapter = dict(tensor_from_pb(t) for t in task.global_adapter)
         update.tensors = corrupt(update.tensors, global_adapter, attack, rng)
         return update
