@@ -77,6 +77,16 @@ def simulate(args: argparse.Namespace, name: str, bundle: Path, train, test, par
     from edgeft.simulation import SimulationConfig, run_simulation
 
     attackers = round(args.byzantine_fraction * args.clients) if attack else 0
+    done = args.work / name / "history.json"
+    if args.resume and done.exists():  # a finished run of an interrupted bench: read its history
+        import json
+
+        rounds = json.loads(done.read_text())["rounds"]
+        if len(rounds) == args.rounds + 1 or len(rounds) == args.rounds:
+            accuracy = [round(r["evaluation"]["accuracy"], 4) for r in rounds]
+            print(f"== {name}: finished earlier, {accuracy}", flush=True)
+            return {"strategy": strategy, "options": options, "attack": attack, "attackers": attackers,
+                    "partition": partition, "accuracy": accuracy, "final": accuracy[-1], "seconds": None}
     started = time.perf_counter()
     print(f"== {name}: {strategy} {options or ''} {partition}"
           f"{f', {attackers} attackers {attack}' if attack else ''}", flush=True)
@@ -147,6 +157,8 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=1, help="use every K-th training and test row")
     parser.add_argument("--smoke", action="store_true", help="tiny random BERT, 1/20 of the data: plumbing only")
     parser.add_argument("--work", type=Path, default=Path("runs/fl_strategies"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse runs of an interrupted bench that finished (their history.json in --work)")
     args = parser.parse_args()
     args.parts = [p for p in args.parts.split(",") if p]
     args.attacks = [a for a in args.attacks.split(",") if a]
