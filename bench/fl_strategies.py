@@ -9,6 +9,9 @@ round, batch 32, lr 3e-3, the global adapter evaluated on the BANKING77 test set
     claim checked: median and Krum end within 2 accuracy points of the clean FedAvg run; FedAvg does not.
 (b) Label skew: Dirichlet alpha=0.1 partitions; FedAvg, FedProx (a bundle exported with proximal_mu) and
     FedAdam (server optimiser), accuracy per round.
+(c) Mixed LoRA ranks (--parts ranks): IID, every other client trains a smaller rank (--small-rank, default
+    4; the coordinator serves it a rank-4 export and aggregates the LoRA products), against the clean FedAvg
+    run where every client trains rank 8.
 
 Every run is a full simulated fleet (a coordinator and 10 agent processes, 2 training at once on 1 thread
 each): about a minute a round with MiniLM on 2 cores, so the whole bench (12 runs for (a), 3 for (b), 5
@@ -61,6 +64,7 @@ def export_bundles(args: argparse.Namespace, config, proximal: bool) -> dict[str
 
         shutil.rmtree(args.work / "tiny-bert", ignore_errors=True)
         model = tiny_bert(args.work / "tiny-bert", minilm_dir() / "tokenizer.json", num_labels=len(config.labels))
+    args.model = model
     bundles = {"plain": args.work / "bundle"}
     if proximal:
         bundles["proximal"] = args.work / "bundle-prox"
@@ -72,7 +76,7 @@ def export_bundles(args: argparse.Namespace, config, proximal: bool) -> dict[str
 
 
 def simulate(args: argparse.Namespace, name: str, bundle: Path, train, test, partition: str,  # noqa: ANN001
-             strategy: str, options: dict, attack: str | None = None) -> dict:
+             strategy: str, options: dict, attack: str | None = None, client_ranks: tuple[int, ...] = ()) -> dict:
     from edgeft.config import TrainConfig
     from edgeft.simulation import SimulationConfig, run_simulation
 
@@ -90,8 +94,12 @@ def simulate(args: argparse.Namespace, name: str, bundle: Path, train, test, par
     started = time.perf_counter()
     print(f"== {name}: {strategy} {options or ''} {partition}"
           f"{f', {attackers} attackers {attack}' if attack else ''}", flush=True)
+    source = {"bundle": bundle}
+    if client_ranks:  # the smaller ranks are exported from the model, with the bundle's settings
+        source = {"model": args.model, "export": args.config}
     summary = run_simulation(SimulationConfig(
-        out=args.work / name, train=train, test=test, bundle=bundle, clients=args.clients, rounds=args.rounds,
+        out=args.work / name, train=train, test=test, **source, client_ranks=client_ranks, clients=args.clients,
+        rounds=args.rounds,
         partition=partition, seed=args.seed, concurrency=args.concurrency, threads=1, baseline=False, overwrite=True,
         local=TrainConfig(epochs=1, batch_size=32, learning_rate=args.lr, progress=False),
         strategy=strategy, strategy_options=options, attack=attack, attackers=attackers,
@@ -129,6 +137,15 @@ def byzantine(args: argparse.Namespace, bundle: Path, train, test) -> dict:  # n
     return {"attackers": attackers, "runs": runs, "checks": checks}
 
 
+def ranks(args: argparse.Namespace, bundle: Path, train, test) -> dict:  # noqa: ANN001
+    """Every other client at rank ``--small-rank`` against the clean run at the bundle's rank."""
+    mixed = (args.config.adapter.rank, args.small_rank)
+    return {"client_ranks": list(mixed), "runs": {
+        "clean-fedavg": simulate(args, "clean-fedavg", bundle, train, test, "iid", "fedavg", {}),
+        "mixed-fedavg": simulate(args, f"ranks{mixed[0]}-{mixed[1]}-fedavg", bundle, train, test, "iid", "fedavg", {},
+                                 client_ranks=mixed)}}
+
+
 def noniid(args: argparse.Namespace, bundles: dict[str, Path], train, test) -> dict:  # noqa: ANN001
     partition = f"dirichlet:{args.alpha}"
     return {"partition": partition, "mu": args.mu, "server_lr": args.server_lr, "runs": {
@@ -140,7 +157,8 @@ def noniid(args: argparse.Namespace, bundles: dict[str, Path], train, test) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="byzantine,noniid", help="byzantine, noniid or both (comma-separated)")
+    parser.add_argument("--parts", default="byzantine,noniid", help="byzantine, noniid, ranks (comma-separated)")
+    parser.add_argument("--small-rank", type=int, default=4, help="the smaller LoRA rank of part (c)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -170,7 +188,7 @@ def main() -> None:
 
     from common import CONFIG, TEST, TRAIN, emit
 
-    config = replace(CONFIG, max_length=32) if args.smoke else CONFIG
+    config = args.config = replace(CONFIG, max_length=32) if args.smoke else CONFIG
     train = subset(TRAIN, args.subset, args.work / "data" / "train.csv")
     test = subset(TEST, args.subset, args.work / "data" / "test.csv")
     started = time.perf_counter()
@@ -186,6 +204,9 @@ def main() -> None:
         for attack in args.attacks:
             finals = ", ".join(f"{s} {part['runs'][attack][s]['final']:.1%}" for s in ["fedavg", *args.robust])
             line.append(f"{part['attackers']}/{args.clients} {attack}: {finals}")
+    if "ranks" in args.parts:
+        result["ranks"] = part = ranks(args, bundles["plain"], train, test)
+        line.append("rank " + ", ".join(f"{k} {r['final']:.1%}" for k, r in part["runs"].items()))
     if "noniid" in args.parts:
         result["noniid"] = part = noniid(args, bundles, train, test)
         finals = ", ".join(f"{s} {r['final']:.1%}" for s, r in part["runs"].items())

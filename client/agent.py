@@ -25,7 +25,7 @@ import grpc
 from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
 from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
-from edgeft.errors import BundleError, CoordinatorError, SecAggError
+from edgeft.errors import BundleError, ConfigError, CoordinatorError, SecAggError
 from edgeft.train.trainer import train
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
@@ -65,8 +65,15 @@ class AgentConfig:
     # Share the machine with other agents (a simulated fleet): at most ``training_slots[1]`` of the agents
     # given the same folder train at once; the others wait their turn. None: train whenever a task comes.
     training_slots: tuple[Path, int] | None = None
+    # The largest LoRA rank this device trains (less memory: a smaller rank); the coordinator serves the
+    # largest rank of the job up to it. None: the job's rank.
+    max_lora_rank: int | None = None
     # TLS or plaintext, the enrolment token, message limits and keepalive.
     transport: Transport = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ConfigError(f"invalid max_lora_rank={self.max_lora_rank}: a LoRA rank is at least 1")
 
 
 @dataclass
@@ -122,7 +129,8 @@ class Agent:
     def register(self) -> str:
         caps = pb.Capabilities(os=f"{platform.system()} {platform.release()}", cores=os.cpu_count() or 1,
                                ram_bytes=_ram_bytes(), free_disk_bytes=shutil.disk_usage(self.config.cache_dir).free,
-                               ort_version=_ort_version(), execution_providers=_providers())
+                               ort_version=_ort_version(), execution_providers=_providers(),
+                               max_lora_rank=self.config.max_lora_rank or 0)
         reply = self._call("register", self.stub.Register,
                            pb.RegisterRequest(device_id=self.device_id, capabilities=caps))
         self.device_id = reply.device_id

@@ -174,7 +174,18 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous simulation in --out")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="the coordinator learns only each round's sum (default [job.secure_aggregation] settings)")
+    p.add_argument("--client-ranks", metavar="R1,R2,...",
+                   help="mixed LoRA ranks: each client's largest rank, cycled over the fleet (e.g. 8,4: every other "
+                        "client trains rank 4); the smaller ranks are exported from --model")
     p.set_defaults(func=_run_simulate)
+
+
+def _ranks(text: str | None) -> tuple[int, ...]:
+    """``--client-ranks 8,4`` as (8, 4)."""
+    try:
+        return tuple(int(r) for r in text.split(",")) if text else ()
+    except ValueError as exc:
+        raise ConfigError(f"invalid --client-ranks {text!r}: comma-separated whole numbers, e.g. 8,4") from exc
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -205,7 +216,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
         overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
-        head_init=args.head_init,
+        head_init=args.head_init, client_ranks=_ranks(args.client_ranks),
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "
@@ -308,6 +319,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--give-up-after", type=float, default=600.0,
                    help="seconds the coordinator may stay unreachable before the agent stops (default 600)")
+    p.add_argument("--max-lora-rank", type=int,
+                   help="train at most this LoRA rank (a device with little memory): the coordinator serves the "
+                        "largest rank of the job up to it ([job] device_ranks); default: the job's rank")
     p.add_argument("--training-slots", metavar="DIR:K",
                    help="share this machine with other agents: at most K of the agents given DIR train at once")
     p.add_argument("--token-file", help="file holding the job's enrolment token (default: $EDGEFT_TOKEN)")
@@ -350,6 +364,7 @@ def _run_client(args: argparse.Namespace) -> int:
     agent = Agent(AgentConfig(server=args.server, data=Path(args.data), cache_dir=Path(args.cache_dir),
                               text_column=args.text_column, label_column=args.label_column, format=args.format,
                               threads=args.threads, give_up_after_s=args.give_up_after,
+                              max_lora_rank=args.max_lora_rank,
                               training_slots=_training_slots(args.training_slots), transport=transport))
     print(f"done: {agent.run()}", flush=True)
     return 0

@@ -17,6 +17,9 @@
     # model = "path/to/hf-model"  # ... or a Hugging Face folder the coordinator exports itself, with:
     # [job.export]  task = "classification", labels = "categories.json", max_length = 128
     # [job.adapter] kind = "lora", rank = 8, alpha = 16, target_modules = ["query", "value"]
+    # device_ranks = [4, 2]       # optional, with model: also export and serve these smaller LoRA ranks to devices
+    #                             # that ask for them (edgeft client --max-lora-rank); fedavg/fedprox only
+    # device_bundles = ["bundle-r4"]  # ... the same with bundle: the job's bundle at smaller ranks, exported by you
     rounds = 3
     strategy = "fedavg"           # fedprox, fedadam, fedyogi, fedadagrad, median, trimmed_mean, krum, multikrum
     # [job.strategy_options]      # e.g. server_lr = 0.01 (fedadam), trim = 0.1, byzantine = 1, clip_norm = 1.0,
@@ -204,6 +207,12 @@ class JobConfig:
     secure_aggregation: SecureAggregation | None = None
     # The statistics round before the LoRA rounds (a HeadInit, a TOML table, or just the method's name)
     head_init: HeadInit = field(default_factory=HeadInit)
+    # Mixed LoRA ranks: smaller ranks served to devices that ask for at most that rank (edgeft client
+    # --max-lora-rank); ``device_ranks`` are exported by the coordinator (with ``model``), ``device_bundles`` are
+    # bundles of the job's model at smaller ranks (with ``bundle``). Updates of all ranks are aggregated exactly
+    # as the mean of their LoRA products, re-factorised to the job's rank (edgeft.aggregate.lora_ranks).
+    device_ranks: tuple[int, ...] = ()
+    device_bundles: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.head_init, str):
@@ -243,6 +252,30 @@ class JobConfig:
                    f"({', '.join(MEAN_STRATEGIES)}); robust rules need the updates one by one")
             _check(self.clients.min >= 2, "clients.min", self.clients.min,
                    "secure aggregation needs rounds of at least 2 clients (the sum of one is that client's update)")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        """Mixed LoRA ranks: which settings they need and which they cannot run with."""
+        object.__setattr__(self, "device_ranks", tuple(self.device_ranks))
+        object.__setattr__(self, "device_bundles", tuple(Path(p) for p in self.device_bundles))
+        ranks = self.device_ranks
+        _check(all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
+               and len(set(ranks)) == len(ranks), "job.device_ranks", list(ranks), "distinct whole numbers >= 1")
+        _check(not ranks or self.model is not None, "job.device_ranks", list(ranks),
+               "the coordinator exports the smaller ranks from job.model; with job.bundle list bundles of the "
+               "smaller ranks in device_bundles instead")
+        _check(not self.device_bundles or self.bundle is not None, "job.device_bundles",
+               [str(p) for p in self.device_bundles], "goes with job.bundle; with job.model use device_ranks")
+        if ranks and self.export is not None:
+            rank = self.export.adapter.rank
+            _check(max(ranks) < rank, "job.device_ranks", list(ranks), f"each must be below the job's rank {rank} "
+                   "([job.adapter] rank)")
+        if ranks or self.device_bundles:
+            _check(self.strategy in ("fedavg", "fedprox") and self.strategy_options.clip_norm is None, "job.strategy",
+                   self.strategy, "mixed LoRA ranks aggregate as the mean of LoRA products (fedavg or fedprox, "
+                   "without clip_norm/noise_multiplier)")
+            _check(self.secure_aggregation is None, "job.secure_aggregation", "set",
+                   "mixed LoRA ranks need the updates' products, which secure aggregation hides")
 
     def _check_strategy(self) -> None:
         """What a strategy asks of the rest of the job: Krum's minimum round size, FedProx's exported term."""
@@ -369,6 +402,8 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
             train = TrainConfig(**{"progress": False, **raw.pop("train", {})})
             data_schema = DataSchema(**raw.pop("data", {}))
             paths = {k: base / raw.pop(k) for k in ("bundle", "model") if k in raw}
+            if "device_bundles" in raw:
+                paths["device_bundles"] = tuple(base / p for p in raw.pop("device_bundles"))
             export = _export_config(raw.pop("export", {}), raw.pop("adapter", {}), raw.pop("optimizer", {}), base)
             evaluation = raw.pop("eval", None)
             eval_data = None

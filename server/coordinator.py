@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +24,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
+from edgeft.aggregate.lora_ranks import HeteroRankFedAvg, check_rank_bundle, lora_pairs, truncate
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
@@ -36,8 +37,8 @@ from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import DEFAULT_HEAD_INIT, JobConfig, ServerConfig
 from edgeft.server.secure import SecureRound, round_settings
-from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, jobs, now,
-                                 open_database, rejections, rounds, updates, upsert_device)
+from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, job_bundles, jobs,
+                                 now, open_database, rejections, rounds, updates, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 
@@ -55,6 +56,28 @@ class TaskAssignment:
     deadline: float
     secure: SecAggSettings | None = None  # set for a secure aggregation round: take part instead of uploading
     statistics: bool = False  # the statistics round: class statistics, no training
+
+
+def _rank(bundle: Bundle) -> int:
+    """A bundle's LoRA rank (0 for other adapters)."""
+    adapter = bundle.manifest.adapter or {}
+    return int(adapter.get("rank") or 0) if adapter.get("kind") == "lora" else 0
+
+
+def _update_rank(update: AdapterUpdate, served: dict[int, Bundle]) -> int:
+    """The LoRA rank an update was trained at (the rows of its first LoRA A), one of the ``served`` ranks;
+    DataError (reason shape) otherwise."""
+    if len(served) == 1:
+        return next(iter(served))
+    try:
+        pairs = lora_pairs(sorted(update.tensors))
+    except ConfigError as exc:
+        raise DataError(f"update does not match the bundle: {exc}", reason="names") from exc
+    first = update.tensors[next(iter(pairs.values()))[0]] if pairs else None
+    rank = int(first.shape[0]) if first is not None and first.ndim == 2 else -1
+    if rank not in served:
+        raise DataError(f"update's LoRA rank {rank} is not one the job serves ({sorted(served)})", reason="shape")
+    return rank
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
@@ -126,6 +149,8 @@ class Coordinator:
         self._count_lock = threading.Lock()  # rejection counters
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self.bundles: dict[str, Bundle] = {}
+        # every job's bundles by LoRA rank, its own included (more than one: mixed ranks; 0: not a LoRA bundle)
+        self.rank_bundles: dict[str, dict[int, Bundle]] = {}
         self.head_init: dict[str, str] = {}  # per job: its statistics round's head method, or "none"
         # evaluations of global adapters run one at a time beside the rounds, never under the lock
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
@@ -154,6 +179,7 @@ class Coordinator:
             raise ConfigError(f"job {job.id!r}: its initial adapter is all zeros, so max_update_norm_ratio has no "
                               "scale; set [job] max_update_norm (an absolute bound on an update's L2 norm)")
         blob = self.artifacts.put(encode(initial))
+        smaller = self._add_rank_bundles(job, bundle)
         # with a head init, round 0 is the statistics round: the exported adapter is version -1 and the
         # statistics-built head makes version 0, which round 1 trains from
         first = 0 if method != "none" else 1
@@ -161,7 +187,10 @@ class Coordinator:
             conn.execute(insert(jobs).values(id=job.id, bundle_digest=bundle.digest, rounds=job.rounds,
                                              current_round=first, status="running", message=""))
             conn.execute(insert(adapters).values(job_id=job.id, version=first - 1, blob=blob, created_at=now()))
+            for rank, other in smaller.items():
+                conn.execute(insert(job_bundles).values(job_id=job.id, rank=rank, digest=other.digest))
         self.bundles[job.id] = bundle
+        self.rank_bundles[job.id] = {_rank(bundle): bundle, **smaller}
         if first == 1:
             self._schedule_evaluation(job, 0)
 
@@ -171,6 +200,10 @@ class Coordinator:
         another base model, close a round that got all its updates before the crash, evaluate what was not."""
         try:
             bundle = self.artifacts.bundle(row.bundle_digest, verify=True)
+            with self.engine.begin() as conn:
+                stored = conn.execute(select(job_bundles).where(job_bundles.c.job_id == job.id)).all()
+            self.rank_bundles[job.id] = {_rank(bundle): bundle, **{
+                r.rank: self.artifacts.bundle(r.digest, verify=True) for r in stored}}
             with self.engine.begin() as conn:
                 blobs = [r.blob for r in conn.execute(select(updates.c.blob).join(
                     rounds, (rounds.c.job_id == updates.c.job_id) & (rounds.c.number == updates.c.round))
@@ -183,6 +216,12 @@ class Coordinator:
                              "Restore the state folder from a backup, or start over with a new state_dir") from exc
         self._check_base_model(job, bundle, resumed=True)
         self.bundles[job.id] = bundle
+        configured = set(job.device_ranks) if job.model is not None else {
+            _rank(load_bundle(p, verify=False)) for p in job.device_bundles if (p / "manifest.json").is_file()}
+        if configured != set(self.rank_bundles[job.id]) - {_rank(bundle)}:
+            log.warning("job %s goes on with the LoRA ranks it started with, %s; the configuration's smaller ranks "
+                        "%s are not used (a new job id would use them)", job.id, sorted(self.rank_bundles[job.id]),
+                        sorted(configured))
         with self.engine.begin() as conn:
             statistics_round = conn.execute(select(adapters.c.version).where(
                 adapters.c.job_id == job.id, adapters.c.version == -1)).first() is not None
@@ -236,22 +275,61 @@ class Coordinator:
                               f"is for base model {configured[:12]}...: a job keeps its base model; give the new "
                               "model a new job id (or a new state_dir)")
 
-    def _export(self, job: JobConfig) -> Path:
+    def _export(self, job: JobConfig, rank: int | None = None) -> Path:
         """Export the job's model into a bundle under the state folder (once per base model; torch needed here
-        only). An export of other weights left there (the folder's model changed before the job started) is
-        redone."""
+        only), at LoRA ``rank`` when given (mixed ranks). An export of other weights left there (the folder's
+        model changed before the job started) is redone."""
         from edgeft.export import export_hf
         from edgeft.export.source import hf_base_digest
 
-        target = self.config.state_dir / "exports" / job.id
+        target = self.config.state_dir / "exports" / (job.id if rank is None else f"{job.id}-rank{rank}")
+        config = job.export if rank is None else replace(job.export, adapter=replace(job.export.adapter, rank=rank))
         if (target / "manifest.json").is_file():
             old = load_bundle(target, verify=False).manifest.base_model.get("digest")
             if old == hf_base_digest(job.model):
                 return target
             log.warning("job %s: %s holds an export of other weights; exporting %s again", job.id, target, job.model)
         shutil.rmtree(target, ignore_errors=True)
-        export_hf(job.model, target, job.export)
+        export_hf(job.model, target, config)
         return target
+
+    def _add_rank_bundles(self, job: JobConfig, bundle: Bundle) -> dict[int, Bundle]:
+        """The job's bundles at smaller LoRA ranks (mixed ranks), stored and checked against its own bundle."""
+        sources = job.device_bundles or [self._export(job, rank) for rank in job.device_ranks]
+        out: dict[int, Bundle] = {}
+        for source in sources:
+            other = self.artifacts.add_bundle(source)
+            try:
+                rank = check_rank_bundle(bundle.manifest, other.manifest)
+            except ConfigError as exc:
+                raise ConfigError(f"job {job.id!r}: {source}: {exc}") from exc
+            if rank in out:
+                raise ConfigError(f"job {job.id!r}: two device bundles have LoRA rank {rank}; give one per rank")
+            out[rank] = other
+        return out
+
+    def _device_rank(self, job_id: str, capabilities: dict) -> int:
+        """The LoRA rank a device trains in a job: the largest the job serves up to the device's
+        ``max_lora_rank`` (0 or absent: the job's own rank). ConfigError when every served rank is above it."""
+        served = self.rank_bundles[job_id]
+        own = _rank(self.bundles[job_id])
+        asked = int(capabilities.get("max_lora_rank") or 0)
+        if not asked or own == 0:  # no limit, or no LoRA bundle
+            return own
+        fits = [r for r in served if r <= asked]
+        if not fits:
+            raise ConfigError(f"job {job_id!r} trains LoRA ranks {sorted(served, reverse=True)}; this device asks "
+                              f"for at most rank {asked}. Raise --max-lora-rank, or have the job serve a smaller "
+                              "rank too ([job] device_ranks)")
+        return max(fits)
+
+    def _for_rank(self, job_id: str, rank: int, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A global adapter as a rank-``rank`` device trains from it (``lora_ranks.truncate``)."""
+        own = self.bundles[job_id].manifest.adapter
+        if rank == _rank(self.bundles[job_id]):
+            return adapter
+        theirs = self.rank_bundles[job_id][rank].manifest.adapter
+        return truncate(adapter, rank, float(own["scale"]), float(theirs["scale"]))
 
     def job_status(self, job_id: str) -> dict:
         with self.engine.begin() as conn:
@@ -301,6 +379,7 @@ class Coordinator:
         if job_id not in self.jobs:
             raise NotFound(f"unknown job {job_id!r}")
         device_id = device_id or uuid.uuid4().hex
+        self._device_rank(job_id, capabilities)  # a device that cannot train any of the job's ranks is refused now
         with self._lock, self.engine.begin() as conn:
             upsert_device(conn, device_id, capabilities)
             conn.execute(enrolments.delete().where(enrolments.c.device_id == device_id, enrolments.c.job_id == job_id))
@@ -356,9 +435,12 @@ class Coordinator:
                 if done is None:
                     secure = (round_settings(job, len(round_row.selected)) if job.secure_aggregation is not None
                               else None)
-                    return TaskAssignment(job, round_row.number, job_row.bundle_digest,
-                                          self.global_adapter(job.id, round_row.number - 1), round_row.deadline,
-                                          secure, statistics=round_row.number == 0)
+                    capabilities = conn.execute(select(devices.c.capabilities)
+                                                .where(devices.c.id == device_id)).scalar_one()
+                    rank = self._device_rank(job.id, capabilities)
+                    adapter = self._for_rank(job.id, rank, self.global_adapter(job.id, round_row.number - 1))
+                    return TaskAssignment(job, round_row.number, self.rank_bundles[job.id][rank].digest, adapter,
+                                          round_row.deadline, secure, statistics=round_row.number == 0)
         return None
 
     def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
@@ -434,8 +516,12 @@ class Coordinator:
                                      update.n_examples)
                 else:
                     reference = self.global_adapter(job.id, header.round - 1)
+                    bound = self._norm_bound(job, header.round - 1, reference)
+                    rank = _update_rank(update, self.rank_bundles[job.id])
+                    manifest = self.rank_bundles[job.id][rank].manifest
+                    reference = self._for_rank(job.id, rank, reference)
                     check_update(update, manifest, max_examples=job.max_update_examples, reference=reference,
-                                 max_norm=self._norm_bound(job, header.round - 1, reference))
+                                 max_norm=bound)
             except DataError as exc:
                 raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
             blob = self.artifacts.put(encode(update.tensors))
@@ -522,7 +608,11 @@ class Coordinator:
             else:
                 context = RoundContext(round=number, selected=len(row.selected),
                                        state=self.strategy_state(job.id, number - 1))
-                aggregation = self.strategies[job.id].start(self.global_adapter(job.id, number - 1), context)
+                strategy = self.strategies[job.id]
+                if len(self.rank_bundles[job.id]) > 1:  # mixed ranks: the mean of the LoRA products, re-factorised
+                    adapter = self.bundles[job.id].manifest.adapter
+                    strategy = HeteroRankFedAvg(int(adapter["rank"]), float(adapter["alpha"]))
+                aggregation = strategy.start(self.global_adapter(job.id, number - 1), context)
                 for device_id, stored in self._iter_updates(job.id, number, with_device=True):
                     aggregation.add(stored)
                     devices_in_order.append(device_id)

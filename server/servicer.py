@@ -107,10 +107,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return principal
 
     def _bundle(self, principal: Principal, digest: str):  # noqa: ANN202
-        """The bundle ``digest`` if it is the bundle of the caller's job (PermissionDenied otherwise)."""
-        own = self.coordinator.bundles.get(principal.job_id)
-        if own is None or own.digest != digest:
-            raise PermissionDenied(f"bundle {digest[:12]}... is not the bundle of job {principal.job_id!r}, the "
+        """The bundle ``digest`` if it is a bundle of the caller's job, at any of its LoRA ranks (PermissionDenied
+        otherwise)."""
+        own = self.coordinator.rank_bundles.get(principal.job_id, {})
+        if digest not in {b.digest for b in own.values()}:
+            raise PermissionDenied(f"bundle {digest[:12]}... is not a bundle of job {principal.job_id!r}, the "
                                    "only job this device's token enrols it in")
         return self.coordinator.artifacts.bundle(digest)
 
@@ -120,7 +121,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         caps = request.capabilities
         capabilities = {"os": caps.os, "cores": caps.cores, "ram_bytes": caps.ram_bytes,
                         "free_disk_bytes": caps.free_disk_bytes, "ort_version": caps.ort_version,
-                        "execution_providers": list(caps.execution_providers)}
+                        "execution_providers": list(caps.execution_providers), "max_lora_rank": caps.max_lora_rank}
         device_id = self.coordinator.register(request.device_id, capabilities, principal.job_id, principal.token_id)
         return pb.RegisterResponse(device_id=device_id)
 

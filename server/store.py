@@ -38,6 +38,13 @@ jobs = Table(
     Column("message", String, nullable=False, default=""),
 )
 
+job_bundles = Table(
+    "job_bundles", metadata,  # a job's bundles at smaller LoRA ranks (mixed ranks); its own: jobs.bundle_digest
+    Column("job_id", String, primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("digest", String, nullable=False),
+)
+
 rounds = Table(
     "rounds", metadata,
     Column("job_id", String, primary_key=True),

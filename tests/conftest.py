@@ -40,6 +40,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, t
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_rank2(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_config: ExportConfig):
+    """``tiny_bundle``'s model at LoRA rank 2 (a smaller device's bundle of the same job)."""
+    from dataclasses import replace
+
+    from edgeft.export import export_hf
+
+    out = tmp_path_factory.mktemp("tiny-bundle-rank2") / "bundle"
+    return export_hf(tiny_bert_dir, out, replace(tiny_config, adapter=replace(tiny_config.adapter, rank=2)))
+
+
+@pytest.fixture(scope="session")
 def banking_csv() -> dict[str, Path]:
     return {"train": BANKING77_DIR / "train.csv", "test": BANKING77_DIR / "test.csv"}
 

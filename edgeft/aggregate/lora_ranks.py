@@ -23,9 +23,9 @@ per pair in float64 (14 MB for MiniLM's 12 query/value projections) rather than 
 
 Other trainable tensors (a classification head, say) are averaged as in FedAvg.
 
-The coordinator serves one bundle, hence one rank, per job: these functions and ``HeteroRankMean`` are the
-aggregation for mixed-rank fleets; serving a smaller-rank bundle to some devices of the same job is not
-wired into the coordinator yet.
+The coordinator serves a job's smaller ranks as bundles of their own ([job] device_ranks or device_bundles,
+checked by ``check_rank_bundle``); a device asking for at most rank r (``edgeft client --max-lora-rank``)
+trains the largest served rank <= r from ``truncate``-d global adapters, and ``HeteroRankMean`` aggregates.
 """
 
 from __future__ import annotations
@@ -72,6 +72,46 @@ def truncate(tensors: dict[str, np.ndarray], rank: int, global_scale: float, sca
         out[a_name] = np.ascontiguousarray(tensors[a_name][:rank])
         out[b_name] = np.ascontiguousarray(tensors[b_name][:, :rank] * (global_scale / scale)).astype(np.float32)
     return out
+
+
+def adapter_rank(manifest) -> int:  # noqa: ANN001
+    """A LoRA bundle's rank (its manifest's adapter section); ConfigError for another kind of adapter."""
+    adapter = manifest.adapter or {}
+    if adapter.get("kind") != "lora":
+        raise ConfigError(f"mixed ranks need a LoRA bundle; this one's adapter is {adapter.get('kind')!r}")
+    return int(adapter["rank"])
+
+
+def check_rank_bundle(main, other) -> int:  # noqa: ANN001
+    """``other``'s rank, after checking that its bundle (manifest) is ``main``'s model at a smaller LoRA rank:
+    the same base model, task, labels, inputs, LoRA alpha and target modules, FedProx term and pooling, and
+    trainable tensors of the same names whose shapes differ only in the LoRA rank. ConfigError otherwise."""
+    rank, main_rank = adapter_rank(other), adapter_rank(main)
+
+    def differs(what: str) -> ConfigError:
+        return ConfigError(f"the rank-{rank} bundle differs from the job's rank-{main_rank} bundle in {what}: "
+                           "export it from the same model with the same settings, changing only the LoRA rank")
+
+    if rank >= main_rank:
+        raise ConfigError(f"a device bundle's LoRA rank must be below the job's rank {main_rank}; it is {rank}")
+    if main.base_model.get("digest") != other.base_model.get("digest"):
+        raise differs("its base model (manifest base_model.digest)")
+    for field in ("task", "labels", "inputs", "proximal", "pooling", "loss"):
+        if getattr(main, field) != getattr(other, field):
+            raise differs(field)
+    for key in ("alpha", "target_modules", "trainable_modules", "dropout"):
+        if main.adapter.get(key) != other.adapter.get(key):
+            raise differs(f"adapter.{key}")
+    mine = {t.name: t for t in main.trainable}
+    theirs = {t.name: t for t in other.trainable}
+    if set(mine) != set(theirs):
+        raise differs("its trainable tensors' names")
+    for name, spec in mine.items():
+        shape = [rank if ".lora_A." in name and i == 0 or ".lora_B." in name and i == 1 else d
+                 for i, d in enumerate(spec.shape)]
+        if list(theirs[name].shape) != shape or theirs[name].dtype != spec.dtype:
+            raise differs(f"tensor {name}'s shape {theirs[name].shape} (expected {shape})")
+    return rank
 
 
 class HeteroRankMean(Aggregation):

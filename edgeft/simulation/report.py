@@ -99,6 +99,14 @@ def _pct(value: float | None) -> str:
     return f"{value:.1%}" if value is not None else "n/a"
 
 
+def _ranks_line(ranks: list[int] | None) -> str:
+    """The report's note on mixed LoRA ranks (empty for one rank)."""
+    if not ranks:
+        return ""
+    return (f" Mixed LoRA ranks: each client's largest rank cycles through {', '.join(map(str, ranks))}; updates are "
+            "aggregated as the mean of their LoRA products, re-factorised to the job's rank.")
+
+
 def write_outputs(out: Path, summary: dict) -> None:
     """Write history.json, rounds.csv, clients.csv, the plots and report.md into ``out``."""
     history = summary["history"]
@@ -112,7 +120,8 @@ def write_outputs(out: Path, summary: dict) -> None:
              f"Local training: {c['local_epochs']} epoch(s) a round, batch {c['batch_size']}, lr {c['learning_rate']}; "
              f"{c['concurrency']} agents training at once, {c['threads_per_agent']} thread(s) each. "
              f"Federated wall time {summary['federated_seconds']:.0f} s. Job status: {history['status']}"
-             f"{': ' + history['message'] if history['message'] else ''}.", "",
+             f"{': ' + history['message'] if history['message'] else ''}."
+             f"{_ranks_line(c.get('client_ranks'))}", "",
              "| round | test accuracy | macro-F1 | test loss | mean client train loss | wall time | MB down | MB up |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rounds:

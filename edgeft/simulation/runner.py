@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -67,6 +67,10 @@ class SimulationConfig:
     max_update_norm: float | None = None
     # [job.secure_aggregation] (edgeft.server.config.SecureAggregation fields); None: plain uploads
     secure_aggregation: Mapping[str, object] | None = None
+    # Mixed LoRA ranks: the largest rank each client trains (edgeft client --max-lora-rank), cycled over the
+    # fleet: (8, 4) with rank-8 exports makes every other client train rank 4. Needs ``model``: the smaller
+    # ranks are exported beside the bundle and served as the job's device_bundles. (): one rank.
+    client_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -83,6 +87,10 @@ class SimulationConfig:
             Attack.parse(self.attack)
         if not 0 <= self.attackers <= self.clients or (self.attackers and self.attack is None):
             raise ConfigError(f"invalid attackers={self.attackers}: between 0 and clients, and only with an attack")
+        object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
+        if self.client_ranks and (self.model is None or min(self.client_ranks) < 1):
+            raise ConfigError(f"invalid client_ranks={list(self.client_ranks)}: ranks >= 1, with model (the smaller "
+                              "ranks are exported from it)")
 
     @property
     def slots(self) -> int:
@@ -90,17 +98,23 @@ class SimulationConfig:
 
 
 def _bundle(config: SimulationConfig, labels: list[str]):  # noqa: ANN202
+    """The job's bundle and its bundles at the smaller ``client_ranks`` (paths)."""
     from edgeft.bundle import load_bundle
 
     if config.bundle is not None:
-        return load_bundle(config.bundle)
+        return load_bundle(config.bundle), ()
     from edgeft.export import export_hf
 
     target = config.out / "bundle"
     export = config.export or ExportConfig(labels=tuple(labels))
     print(f"exporting {config.model} into a training bundle ...", flush=True)
     export_hf(config.model, target, export)
-    return load_bundle(target)
+    smaller = []
+    for rank in sorted({r for r in config.client_ranks if r < export.adapter.rank}, reverse=True):
+        print(f"exporting it at LoRA rank {rank} for the clients that train that rank ...", flush=True)
+        smaller.append(config.out / f"bundle-rank{rank}")
+        export_hf(config.model, smaller[-1], replace(export, adapter=replace(export.adapter, rank=rank)))
+    return load_bundle(target), tuple(smaller)
 
 
 def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: list[str]) -> dict:
@@ -159,6 +173,8 @@ def _start_agents(config: SimulationConfig, port: int, transport_flags: list[str
                 "--cache-dir", str(cache), "--threads", str(config.threads),
                 "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
                 *transport_flags]
+        if config.client_ranks:
+            argv += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
         log = open(cache / "agent.log", "w")
         code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
         if i < config.attackers:  # test tooling: a Byzantine client
@@ -233,7 +249,7 @@ def run_simulation(config: SimulationConfig) -> dict:
     if (out / "state").exists():
         if not config.overwrite:
             raise ConfigError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
-        for name in ("state", "clients", "devices", "slots", "bundle", "tls"):
+        for name in ("state", "clients", "devices", "slots", "bundle", "tls", *(p.name for p in out.glob("bundle-rank*"))):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_records(config.train)
@@ -241,7 +257,7 @@ def run_simulation(config: SimulationConfig) -> dict:
         raise DataError(f"{config.train.path} holds no examples")
     labels = ([str(x) for x in config.export.labels] if config.export and config.export.labels
               else sorted({str(r[config.train.label_column]) for r in rows if config.train.label_column in r}))
-    bundle = _bundle(config, labels)
+    bundle, device_bundles = _bundle(config, labels)
     if bundle.manifest.task != "classification":
         raise ConfigError(f"edgeft simulate partitions by class label; the bundle's task is {bundle.manifest.task}")
     parts = _write_partitions(config, rows, list(bundle.manifest.labels))
@@ -258,7 +274,7 @@ def run_simulation(config: SimulationConfig) -> dict:
                     train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
                     secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
                                         else None),
-                    head_init=config.head_init)
+                    head_init=config.head_init, device_bundles=device_bundles)
     tls, transport_flags = _tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
@@ -291,6 +307,7 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "strategy": config.strategy, "strategy_options": dict(config.strategy_options),
                           "head_init": history.get("head_init"),
                           "attack": config.attack, "attackers": config.attackers,
+                          "client_ranks": list(config.client_ranks),
                           "secure_aggregation": (dict(config.secure_aggregation)
                                                  if config.secure_aggregation is not None else None),
                           "bundle_digest": bundle.digest},

@@ -52,20 +52,22 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("os", "cores", "ram_bytes", "free_disk_bytes", "ort_version", "execution_providers")
+    __slots__ = ("os", "cores", "ram_bytes", "free_disk_bytes", "ort_version", "execution_providers", "max_lora_rank")
     OS_FIELD_NUMBER: _ClassVar[int]
     CORES_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     ORT_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     os: str
     cores: int
     ram_bytes: int
     free_disk_bytes: int
     ort_version: str
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, os: _Optional[str] = ..., cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ..., ort_version: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_lora_rank: int
+    def __init__(self, os: _Optional[str] = ..., cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ..., ort_version: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("device_id", "enrolment_token", "capabilities")

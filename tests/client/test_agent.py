@@ -40,7 +40,7 @@ def test_download_resumes_and_repairs(tmp_path, tiny_bundle):
         assert bundle.digest == stored.digest
         load_bundle(bundle.path)  # every file verified
         assert agent.fetch_bundle(stored.digest).path == bundle.path  # cached by digest
-        with pytest.raises(CoordinatorError, match="PERMISSION_DENIED: bundle ffffffffffff... is not the bundle"):
+        with pytest.raises(CoordinatorError, match="PERMISSION_DENIED: bundle ffffffffffff... is not a bundle of job"):
             agent.fetch_bundle("f" * 64)  # only the bundle of the token's job
     finally:
         server.stop(grace=None)

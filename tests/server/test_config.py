@@ -79,6 +79,12 @@ label_column = "intent"
     ('[server]\ninsecure = true\n[server.tls]\ncert = "c"\n', "key"),
     ("[server]\ninsecure = true\n[server.limits]\nchunk_bytes = 9000000\n", "limits.chunk_bytes=9000000"),
     ("[server]\ninsecure = true\n[server.limits]\nmax_concurrent_rpcs = 0\n", "limits.max_concurrent_rpcs=0"),
+    ('[[job]]\nid = "x"\nbundle = "b"\ndevice_ranks = [4]\n', "device_ranks.*list bundles of the smaller ranks"),
+    ('[[job]]\nid = "x"\nmodel = "m"\ndevice_bundles = ["b4"]\n[job.export]\nlabels = ["a", "b"]\n', "device_bundles.*with job.model use device_ranks"),
+    ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [8]\n[job.export]\nlabels = ["a", "b"]\n', "each must be below the job's rank 8"),
+    ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [2, 2]\n[job.export]\nlabels = ["a", "b"]\n', "distinct whole numbers"),
+    ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [4]\nstrategy = "median"\n[job.export]\nlabels = ["a", "b"]\n', "mean of LoRA products"),
+    ('[[job]]\nid = "x"\nbundle = "b"\ndevice_bundles = ["b4"]\n[job.clients]\nmin = 2\n[job.secure_aggregation]\n', "secure aggregation hides"),
 ])
 def test_bad_job_files_name_the_problem(tmp_path, body, message):
     (tmp_path / "jobs.toml").write_text(body)

@@ -83,3 +83,21 @@ def test_simulated_fleet_with_secure_aggregation(tmp_path, tiny_bundle, small_ba
     assert history["rounds"][1]["clients"] == []  # the coordinator never saw a single update
     assert (tmp_path / "sim" / "report.md").is_file()
     assert "done: job simulation finished" in (tmp_path / "sim" / "devices" / "client-000" / "agent.log").read_text()
+
+
+def test_simulated_fleet_of_mixed_lora_ranks(tmp_path, tiny_bert_dir, tiny_config, small_banking):
+    from dataclasses import replace
+
+    config = SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(small_banking["train"], label_column="category"),
+        test=DataConfig(small_banking["test"], label_column="category"), model=tiny_bert_dir,
+        export=replace(tiny_config, adapter=replace(tiny_config.adapter, rank=4)), client_ranks=(4, 2),
+        clients=3, rounds=1, concurrency=2, baseline=False,
+        local=TrainConfig(epochs=1, batch_size=16, learning_rate=3e-2, progress=False))
+    history = run_simulation(config)["history"]
+    assert history["status"] == "finished", history["message"]
+    assert history["rounds"][1]["aggregation"]["client_ranks"] == [2, 4]  # clients 0 and 2: rank 4; client 1: 2
+    assert (tmp_path / "sim" / "bundle-rank2" / "manifest.json").is_file()
+    assert "Mixed LoRA ranks: each client's largest rank cycles through 4, 2" in (tmp_path / "sim" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="client_ranks"):
+        SimulationConfig(out=tmp_path, train=config.train, bundle=tmp_path, client_ranks=(2,))
