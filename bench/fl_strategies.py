@@ -155,6 +155,33 @@ def noniid(args: argparse.Namespace, bundles: dict[str, Path], train, test) -> d
                             {"server_lr": args.server_lr})}}
 
 
+def plot_byzantine(part: dict, path: Path) -> None:
+    """Accuracy per round under each attack, one line per strategy, the clean FedAvg run dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = [a for a in part["runs"] if a != "clean"]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False, sharey=True)
+    clean = part["runs"]["clean"]["fedavg"]["accuracy"]
+    for ax, attack in zip(axes[0], attacks):
+        ax.plot(range(len(clean)), [100 * a for a in clean], "k--", label="FedAvg, no attackers")
+        for i, (strategy, run) in enumerate(part["runs"][attack].items()):
+            ax.plot(range(len(run["accuracy"])), [100 * a for a in run["accuracy"]], "o-", color=f"C{i}",
+                    label=strategy)
+        ax.set_title(f"{part['attackers']} of 10 clients {attack}")
+        ax.set_xlabel("round (0: the head before any LoRA training)")
+        ax.set_xticks(range(len(clean)))
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left")
+    axes[0][0].set_ylabel("BANKING77 test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="byzantine,noniid", help="byzantine, noniid, ranks (comma-separated)")
@@ -200,6 +227,7 @@ def main() -> None:
     line = []
     if "byzantine" in args.parts:
         result["byzantine"] = part = byzantine(args, bundles["plain"], train, test)
+        plot_byzantine(part, args.work / "byzantine.png")
         line.append(f"clean FedAvg {part['runs']['clean']['fedavg']['final']:.1%}")
         for attack in args.attacks:
             finals = ", ".join(f"{s} {part['runs'][attack][s]['final']:.1%}" for s in ["fedavg", *args.robust])
