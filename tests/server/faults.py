@@ -68,9 +68,21 @@ from edgeft.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-# An agent that dies after sending its update's header and first chunk (environment EDGEFT_FAULT=mid_upload).
+# An agent that dies after sending its update's header and first chunk (environment EDGEFT_FAULT=mid_upload), or
+# 0.3 s into its local training (EDGEFT_FAULT=mid_training; right after it when training is quicker than that).
 AGENT = NO_TORCH + '''
-import os, signal, time
+import os, signal, threading, time
+if os.environ.get("EDGEFT_FAULT") == "mid_training":
+    import edgeft.client.agent as agent_module
+    real_train = agent_module.train
+
+    def dying_train(*args, **kwargs):
+        worker = threading.Thread(target=real_train, args=args, kwargs=kwargs, daemon=True)
+        worker.start()
+        worker.join(timeout=0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    agent_module.train = dying_train
 if os.environ.get("EDGEFT_FAULT") == "mid_upload":
     import edgeft.client.agent as agent_module
     whole = agent_module.update_to_parts
