@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from dataclasses import replace
@@ -81,33 +82,37 @@ def simulate(args: argparse.Namespace, name: str, bundle: Path, train, test, par
     from edgeft.simulation import SimulationConfig, run_simulation
 
     attackers = round(args.byzantine_fraction * args.clients) if attack else 0
-    done = args.work / name / "history.json"
-    if args.resume and done.exists():  # a finished run of an interrupted bench: read its history
-        import json
-
-        rounds = json.loads(done.read_text())["rounds"]
-        if len(rounds) == args.rounds + 1 or len(rounds) == args.rounds:
-            accuracy = [round(r["evaluation"]["accuracy"], 4) for r in rounds]
-            print(f"== {name}: finished earlier, {accuracy}", flush=True)
-            return {"strategy": strategy, "options": options, "attack": attack, "attackers": attackers,
-                    "partition": partition, "accuracy": accuracy, "final": accuracy[-1], "seconds": None}
-    started = time.perf_counter()
-    print(f"== {name}: {strategy} {options or ''} {partition}"
-          f"{f', {attackers} attackers {attack}' if attack else ''}", flush=True)
-    source = {"bundle": bundle}
-    if client_ranks:  # the smaller ranks are exported from the model, with the bundle's settings
-        source = {"model": args.model, "export": args.config}
-    summary = run_simulation(SimulationConfig(
-        out=args.work / name, train=train, test=test, **source, client_ranks=client_ranks, clients=args.clients,
-        rounds=args.rounds,
-        partition=partition, seed=args.seed, concurrency=args.concurrency, threads=1, baseline=False, overwrite=True,
-        local=TrainConfig(epochs=1, batch_size=32, learning_rate=args.lr, progress=False),
-        strategy=strategy, strategy_options=options, attack=attack, attackers=attackers,
-        max_update_norm=1e9 if attack else None))  # attacks meet the aggregation rule, not the validation bound
-    accuracy = [round(r["evaluation"]["accuracy"], 4) for r in summary["history"]["rounds"]]
+    history, seconds = _finished_earlier(args, name), None
+    if history is None:
+        started = time.perf_counter()
+        print(f"== {name}: {strategy} {options or ''} {partition}"
+              f"{f', {attackers} attackers {attack}' if attack else ''}", flush=True)
+        source = {"bundle": bundle}
+        if client_ranks:  # the smaller ranks are exported from the model, with the bundle's settings
+            source = {"model": args.model, "export": args.config}
+        history = run_simulation(SimulationConfig(
+            out=args.work / name, train=train, test=test, **source, client_ranks=client_ranks, clients=args.clients,
+            rounds=args.rounds, partition=partition, seed=args.seed, concurrency=args.concurrency, threads=1,
+            baseline=False, overwrite=True, local=TrainConfig(epochs=1, batch_size=32, learning_rate=args.lr,
+                                                              progress=False),
+            strategy=strategy, strategy_options=options, attack=attack, attackers=attackers,
+            max_update_norm=1e9 if attack else None))["history"]  # attacks meet the aggregation rule, not validation
+        seconds = round(time.perf_counter() - started, 1)
+    accuracy = [round(r["evaluation"]["accuracy"], 4) for r in history["rounds"]]
     return {"strategy": strategy, "options": options, "attack": attack, "attackers": attackers,
-            "partition": partition, "accuracy": accuracy, "final": accuracy[-1],
-            "seconds": round(time.perf_counter() - started, 1)}
+            "partition": partition, "accuracy": accuracy, "final": accuracy[-1], "seconds": seconds}
+
+
+def _finished_earlier(args: argparse.Namespace, name: str) -> dict | None:
+    """With --resume, the history of run ``name`` when an earlier invocation finished it with --rounds rounds."""
+    done = args.work / name / "history.json"
+    if not (args.resume and done.exists()):
+        return None
+    history = json.loads(done.read_text())
+    if history["status"] != "finished" or history["rounds"][-1]["round"] != args.rounds:
+        return None
+    print(f"== {name}: finished earlier, reusing {done}", flush=True)
+    return history
 
 
 def byzantine(args: argparse.Namespace, bundle: Path, train, test) -> dict:  # noqa: ANN001

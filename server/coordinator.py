@@ -24,7 +24,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
-from edgeft.aggregate.lora_ranks import HeteroRankFedAvg, check_rank_bundle, lora_pairs, truncate
+from edgeft.aggregate.lora_ranks import HeteroRankFedAvg, adapter_rank, check_rank_bundle, lora_pairs, truncate
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
@@ -56,12 +56,6 @@ class TaskAssignment:
     deadline: float
     secure: SecAggSettings | None = None  # set for a secure aggregation round: take part instead of uploading
     statistics: bool = False  # the statistics round: class statistics, no training
-
-
-def _rank(bundle: Bundle) -> int:
-    """A bundle's LoRA rank (0 for other adapters)."""
-    adapter = bundle.manifest.adapter or {}
-    return int(adapter.get("rank") or 0) if adapter.get("kind") == "lora" else 0
 
 
 def _update_rank(update: AdapterUpdate, served: dict[int, Bundle]) -> int:
@@ -148,8 +142,8 @@ class Coordinator:
         self._lock = threading.RLock()  # one writer at a time: rounds close exactly once
         self._count_lock = threading.Lock()  # rejection counters
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
-        self.bundles: dict[str, Bundle] = {}
-        # every job's bundles by LoRA rank, its own included (more than one: mixed ranks; 0: not a LoRA bundle)
+        # every job's bundles by LoRA rank, its own (the largest) included; more than one: mixed ranks (the key
+        # of a bundle whose adapter is not LoRA is 0)
         self.rank_bundles: dict[str, dict[int, Bundle]] = {}
         self.head_init: dict[str, str] = {}  # per job: its statistics round's head method, or "none"
         # evaluations of global adapters run one at a time beside the rounds, never under the lock
@@ -159,6 +153,11 @@ class Coordinator:
         self._secure: dict[tuple[str, int], SecureRound] = {}  # open secure rounds: protocol state in memory only
         for job in config.jobs:
             self._start_job(job)
+
+    @property
+    def bundles(self) -> dict[str, Bundle]:
+        """Every job's own bundle (its largest LoRA rank)."""
+        return {job_id: served[max(served)] for job_id, served in self.rank_bundles.items()}
 
     # -- jobs ---------------------------------------------------------------------------------------
     def _start_job(self, job: JobConfig) -> None:
@@ -189,8 +188,7 @@ class Coordinator:
             conn.execute(insert(adapters).values(job_id=job.id, version=first - 1, blob=blob, created_at=now()))
             for rank, other in smaller.items():
                 conn.execute(insert(job_bundles).values(job_id=job.id, rank=rank, digest=other.digest))
-        self.bundles[job.id] = bundle
-        self.rank_bundles[job.id] = {_rank(bundle): bundle, **smaller}
+        self.rank_bundles[job.id] = {adapter_rank(bundle.manifest): bundle, **smaller}
         if first == 1:
             self._schedule_evaluation(job, 0)
 
@@ -202,7 +200,7 @@ class Coordinator:
             bundle = self.artifacts.bundle(row.bundle_digest, verify=True)
             with self.engine.begin() as conn:
                 stored = conn.execute(select(job_bundles).where(job_bundles.c.job_id == job.id)).all()
-            self.rank_bundles[job.id] = {_rank(bundle): bundle, **{
+            self.rank_bundles[job.id] = {adapter_rank(bundle.manifest): bundle, **{
                 r.rank: self.artifacts.bundle(r.digest, verify=True) for r in stored}}
             with self.engine.begin() as conn:
                 blobs = [r.blob for r in conn.execute(select(updates.c.blob).join(
@@ -215,10 +213,10 @@ class Coordinator:
             raise StateError(f"job {job.id!r}: the coordinator state in {self.config.state_dir} is corrupt: {exc}. "
                              "Restore the state folder from a backup, or start over with a new state_dir") from exc
         self._check_base_model(job, bundle, resumed=True)
-        self.bundles[job.id] = bundle
         configured = set(job.device_ranks) if job.model is not None else {
-            _rank(load_bundle(p, verify=False)) for p in job.device_bundles if (p / "manifest.json").is_file()}
-        if configured != set(self.rank_bundles[job.id]) - {_rank(bundle)}:
+            adapter_rank(load_bundle(p, verify=False).manifest) for p in job.device_bundles
+            if (p / "manifest.json").is_file()}
+        if configured != set(self.rank_bundles[job.id]) - {adapter_rank(bundle.manifest)}:
             log.warning("job %s goes on with the LoRA ranks it started with, %s; the configuration's smaller ranks "
                         "%s are not used (a new job id would use them)", job.id, sorted(self.rank_bundles[job.id]),
                         sorted(configured))
@@ -312,7 +310,7 @@ class Coordinator:
         """The LoRA rank a device trains in a job: the largest the job serves up to the device's
         ``max_lora_rank`` (0 or absent: the job's own rank). ConfigError when every served rank is above it."""
         served = self.rank_bundles[job_id]
-        own = _rank(self.bundles[job_id])
+        own = max(served)
         asked = int(capabilities.get("max_lora_rank") or 0)
         if not asked or own == 0:  # no limit, or no LoRA bundle
             return own
@@ -325,10 +323,10 @@ class Coordinator:
 
     def _for_rank(self, job_id: str, rank: int, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A global adapter as a rank-``rank`` device trains from it (``lora_ranks.truncate``)."""
-        own = self.bundles[job_id].manifest.adapter
-        if rank == _rank(self.bundles[job_id]):
+        served = self.rank_bundles[job_id]
+        if rank == max(served):
             return adapter
-        theirs = self.rank_bundles[job_id][rank].manifest.adapter
+        own, theirs = served[max(served)].manifest.adapter, served[rank].manifest.adapter
         return truncate(adapter, rank, float(own["scale"]), float(theirs["scale"]))
 
     def job_status(self, job_id: str) -> dict:

@@ -75,11 +75,9 @@ def truncate(tensors: dict[str, np.ndarray], rank: int, global_scale: float, sca
 
 
 def adapter_rank(manifest) -> int:  # noqa: ANN001
-    """A LoRA bundle's rank (its manifest's adapter section); ConfigError for another kind of adapter."""
+    """A bundle's LoRA rank (its manifest's adapter section); 0 for another kind of adapter."""
     adapter = manifest.adapter or {}
-    if adapter.get("kind") != "lora":
-        raise ConfigError(f"mixed ranks need a LoRA bundle; this one's adapter is {adapter.get('kind')!r}")
-    return int(adapter["rank"])
+    return int(adapter.get("rank") or 0) if adapter.get("kind") == "lora" else 0
 
 
 def check_rank_bundle(main, other) -> int:  # noqa: ANN001
@@ -87,6 +85,9 @@ def check_rank_bundle(main, other) -> int:  # noqa: ANN001
     the same base model, task, labels, inputs, LoRA alpha and target modules, FedProx term and pooling, and
     trainable tensors of the same names whose shapes differ only in the LoRA rank. ConfigError otherwise."""
     rank, main_rank = adapter_rank(other), adapter_rank(main)
+    if not (rank and main_rank):
+        raise ConfigError("mixed ranks need LoRA bundles; these adapters are "
+                          f"{main.adapter.get('kind')!r} and {other.adapter.get('kind')!r}")
 
     def differs(what: str) -> ConfigError:
         return ConfigError(f"the rank-{rank} bundle differs from the job's rank-{main_rank} bundle in {what}: "

@@ -81,3 +81,16 @@ def agent(port: int, data: Path, cache: Path, token: Path, *extra: str, tls: boo
             *extra]
     code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_fleet(coordinator, port: int, shards: list[Path], folder: Path, token: Path,
+              flags: list[tuple[str, ...]] | None = None, timeout: float = 240) -> list[str]:
+    """One agent per shard (cache ``folder/device<i>``, ``flags[i]`` its extra flags) until job "banking" ends;
+    checks that every agent exited 0 and the job finished; returns the agents' outputs."""
+    flags = flags or [()] * len(shards)
+    procs = [agent(port, shard, folder / f"device{i}", token, *flags[i]) for i, shard in enumerate(shards)]
+    coordinator.wait_until_finished(timeout=timeout)
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert coordinator.job_status("banking")["status"] == "finished"
+    return outputs

@@ -20,7 +20,7 @@ from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
 
-from conftest_server import agent, enrol, five_intents, start, stub, write_csv
+from conftest_server import agent, enrol, five_intents, run_fleet, start, stub, write_csv
 
 
 
@@ -28,11 +28,7 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
     server, port, coordinator = start(tmp_path, tiny_bundle)
     try:
         token = enrol(coordinator, tmp_path)
-        procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
-        coordinator.wait_until_finished(timeout=240)
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), outputs
-        assert coordinator.job_status("banking")["status"] == "finished"
+        outputs = run_fleet(coordinator, port, shards, tmp_path, token)
         for number in (1, 2):
             received = coordinator.round_updates("banking", number)
             assert len(received) == 3 and sorted(u.n_examples for u in received) == [150, 190, 230]

@@ -18,7 +18,7 @@ from edgeft.train.trainer import class_statistics
 from edgeft.update import AdapterUpdate
 from edgeft.wire import UploadHeader
 
-from conftest_server import agent, enrol, start
+from conftest_server import enrol, run_fleet, start
 
 DEVICES = ("dev-a", "dev-b")
 
@@ -27,11 +27,7 @@ def test_agents_statistics_make_the_head_then_training_starts_from_it(tmp_path, 
     server, port, coordinator = start(tmp_path, tiny_sentence_bundle, rounds=1, job_settings={"head_init": "fedcof"})
     try:
         token = enrol(coordinator, tmp_path)
-        procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
-        coordinator.wait_until_finished(timeout=240)
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), outputs
-        assert coordinator.job_status("banking")["status"] == "finished"
+        outputs = run_fleet(coordinator, port, shards, tmp_path, token)
         # what each device's statistics must be, computed here from the same shards and bundle
         manifest = tiny_sentence_bundle.manifest
         expected_devices = []

@@ -16,7 +16,7 @@ from edgeft.server.coordinator import Coordinator
 from edgeft.update import AdapterUpdate
 from edgeft.wire import UploadHeader
 
-from conftest_server import agent, enrol, start
+from conftest_server import enrol, run_fleet, start
 
 
 def test_devices_of_two_ranks_train_one_job(tmp_path, tiny_bundle, tiny_bundle_rank2, shards):
@@ -26,11 +26,7 @@ def test_devices_of_two_ranks_train_one_job(tmp_path, tiny_bundle, tiny_bundle_r
         assert sorted(coordinator.rank_bundles["banking"]) == [2, 8]
         token = enrol(coordinator, tmp_path)
         flags = [("--max-lora-rank", "2"), ("--max-lora-rank", "5"), ()]  # rank 2, 2 (largest <= 5), 8
-        procs = [agent(port, shard, tmp_path / f"device{i}", token, *flags[i]) for i, shard in enumerate(shards)]
-        coordinator.wait_until_finished(timeout=240)
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), outputs
-        assert coordinator.job_status("banking")["status"] == "finished"
+        run_fleet(coordinator, port, shards, tmp_path, token, flags)
         for i, digest in enumerate([tiny_bundle_rank2.digest, tiny_bundle_rank2.digest, tiny_bundle.digest]):
             assert [p.name for p in (tmp_path / f"device{i}" / "bundles").iterdir()] == [digest]
         received = coordinator.round_updates("banking", 1)

@@ -172,8 +172,7 @@ def test_a_device_checks_a_bundle_after_download(tmp_path, tiny_bundle):
         (bad / "manifest.json").write_text(json.dumps(manifest))
         bundle = load_bundle(bad)
         shutil.copytree(bad, coordinator.artifacts.root / "bundles" / bundle.digest)  # past add_bundle's checks
-        coordinator.bundles["banking"] = coordinator.artifacts.bundle(bundle.digest)
-        coordinator.rank_bundles["banking"] = {8: coordinator.bundles["banking"]}
+        coordinator.rank_bundles["banking"] = {8: coordinator.artifacts.bundle(bundle.digest)}
         token = enrol(coordinator, tmp_path).read_text().strip()
         device = Agent(AgentConfig(server=f"127.0.0.1:{port}", data=tmp_path / "unused.csv",
                                    cache_dir=tmp_path / "device", transport=Transport(token=token, insecure=True)))
