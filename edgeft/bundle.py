@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from edgeft import __version__
+from edgeft.config import ENGINES
 from edgeft.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -23,6 +24,16 @@ EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 TOKENIZER = "tokenizer.json"
+# The portable engine's files (edgeft.export.portable writes them, edgeft.train.portable runs them) and the names
+# its graphs give the gradient accumulators (``grad.<name>``), the optimizer state (``exp_avg.<name>``...) and the
+# updated values (``<input>.out``).
+PORTABLE_GRADIENT = "portable_gradient.onnx"
+PORTABLE_EVAL = "portable_eval.onnx"
+PORTABLE_OPTIMIZER = "portable_optimizer.onnx"
+PORTABLE_FROZEN = "portable_frozen.bin"
+PORTABLE_PARAMETERS = "portable_parameters.safetensors"
+GRAD_PREFIX, OUT_SUFFIX = "grad.", ".out"
+OPTIMIZER_STATE = {"adamw": ("exp_avg.", "exp_avg_sq."), "sgd": ()}
 # Operators ONNX Runtime registers itself in the standard ONNX domain from version 1 (kept from its contrib
 # era): its training graphs carry LayerNormalization at opset 14, which onnx's checker knows only from opset 17.
 ORT_STANDARD_DOMAIN_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
@@ -63,6 +74,9 @@ class Manifest:
     # Sentence-pooled heads only: {"mode", "normalize", "dimension"}; the graphs then also output
     # ``features`` (the pooled sentence embedding the head reads, [batch, dimension]). Absent otherwise.
     pooling: dict | None = None
+    # The training engine (``edgeft.config.Engine``): which files train the bundle and which runtime can run
+    # them. Bundles from before the portable engine have no such field: ``ort-training``.
+    engine: str = "ort-training"
 
     def head(self) -> tuple[str, str]:
         """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
@@ -92,6 +106,9 @@ class Manifest:
                                   f"(it reads version {FORMAT_VERSION}); re-export the bundle")
             specs = {k: [TensorSpec(**t) for t in data[k]] for k in ("inputs", "outputs", "trainable")}
             manifest = cls(**{**data, **specs})
+            if manifest.engine not in ENGINES:
+                raise BundleError(f"bundle engine {manifest.engine!r} is unknown to edgeft {__version__} (it knows "
+                                  f"{', '.join(ENGINES)}); upgrade edgeft or re-export the bundle")
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc}; re-export the bundle") from exc
         for name in manifest.files:

@@ -12,11 +12,19 @@ Task = Literal["classification", "causal-lm", "regression", "multilabel"]
 AdapterKind = Literal["lora", "head", "full"]
 OptimizerName = Literal["adamw", "sgd"]
 Pooling = Literal["auto", "sentence", "cls"]
+# How a bundle trains on the device: ``ort-training`` (ONNX Runtime's training artifacts, onnxruntime-training
+# 1.19.2) or ``portable`` (the whole training step as standard ONNX graphs, run by any onnxruntime >= 1.19).
+Engine = Literal["ort-training", "portable"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+ENGINES: tuple[str, ...] = get_args(Engine)
+# The ONNX opset of each engine's graphs: ORT's gradient builder needs 14-16 (17+ breaks LayerNormalization
+# gradients); the portable engine is exported by torch.onnx's dynamo exporter, which writes 18 and later.
+OPSETS = {"ort-training": (14, 16), "portable": (18, 21)}
+DEFAULT_OPSET = {"ort-training": 14, "portable": 18}
 
 # The loss each task trains with; a torch.nn.Module source may pick any of them.
 LOSS_FOR_TASK = {
@@ -97,7 +105,10 @@ class ExportConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: str | None = None
-    opset: int = 14
+    # the training engine the bundle is made for (see ``Engine``)
+    engine: Engine = "ort-training"
+    # None: the engine's default (14 for ort-training, 18 for portable)
+    opset: int | None = None
     max_length: int = 128
     seed: int = 0
     # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 is added to the training loss, w_global being the
@@ -113,12 +124,17 @@ class ExportConfig:
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
         _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("engine", self.engine, ENGINES)
+        if self.opset is None:
+            object.__setattr__(self, "opset", DEFAULT_OPSET[self.engine])
         object.__setattr__(self, "labels", tuple(self.labels))
         if self.loss is None:
             object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])
         _check_choice("loss", self.loss, LOSSES)
-        _check(14 <= self.opset <= 16, "opset", self.opset,
-               "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)")
+        low, high = OPSETS[self.engine]
+        _check(low <= self.opset <= high, "opset", self.opset,
+               "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)"
+               if self.engine == "ort-training" else f"the portable engine exports opset {low}-{high}")
         _check(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
         _check(isinstance(self.proximal_mu, (int, float)) and 0 <= self.proximal_mu < float("inf"), "proximal_mu",
                self.proximal_mu, "must be a finite number >= 0 (0 disables FedProx's proximal term)")

@@ -44,7 +44,8 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
     """Apply the adapter, export the (loss, logits) graph, generate ORT artifacts, write the manifest.
 
     With ``keep_forward_graph`` the exported graph (before ORT adds gradients) stays in the bundle
-    directory as ``forward_model.onnx``, outside the manifest.
+    directory as ``forward_model.onnx``, outside the manifest (``ort-training`` bundles only).
+    ``config.engine`` picks the training engine the bundle is made for.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -56,9 +57,14 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         graph_path = Path(tmp) / FORWARD_MODEL
-        export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
-                     config.opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
-        artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
+        if config.engine == "portable":
+            from edgeft.export import portable
+
+            portable.generate(source, adapted, config, staging)
+        else:
+            export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
+                         config.opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
+            artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
         manifest = _manifest(source, adapted, config, staging)
@@ -66,7 +72,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         out_dir.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             shutil.move(str(item), out_dir / item.name)
-        if keep_forward_graph:
+        if keep_forward_graph and graph_path.exists():
             shutil.move(str(graph_path), out_dir / FORWARD_MODEL)
     return load_bundle(out_dir)
 
@@ -101,7 +107,7 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         loss=config.loss, optimizer=optimizer, opset=config.opset, tokenizer=tokenizer, files=files,
         peft_config=adapted.peft_config,
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
-        pooling=source.pooling)
+        pooling=source.pooling, engine=config.engine)
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None) -> list[int | str]:

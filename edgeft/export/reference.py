@@ -16,7 +16,7 @@ from edgeft.config import ExportConfig
 from edgeft.export.adapters import apply_adapter
 from edgeft.export.graph import TrainingGraph
 from edgeft.export.source import ModelSource
-from edgeft.train.session import TrainingSession
+from edgeft.train.engines import open_session
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Reference:
 def reference_for(source: ModelSource, config: ExportConfig, bundle: Bundle, dropout: bool = False) -> Reference:
     """Build the torch twin of ``bundle`` from the same source; ``dropout`` trains in train mode."""
     adapted = apply_adapter(source, config.adapter, config.task)
-    initial = TrainingSession(bundle).get_parameters()
+    initial = open_session(bundle).get_parameters()
     params = dict(adapted.model.named_parameters())
     with torch.no_grad():
         for name, value in initial.items():

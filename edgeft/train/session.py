@@ -54,9 +54,18 @@ class TrainingSession:
     ``train_step`` accumulates gradients; ``optimizer_step`` applies them and clears them.
     """
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu"):
+    engine = "ort-training"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, provider: str | None = None):
         import onnxruntime as ort
 
+        from edgeft.predict import choose_provider
+
+        if bundle.manifest.engine != "ort-training":
+            raise BundleError(f"the bundle at {bundle.path} is for the {bundle.manifest.engine!r} engine; open it "
+                              "with edgeft.train.engines.open_session")
+        self.provider = choose_provider(provider)
+        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         api = training_api()
         CheckpointState, Module, Optimizer = api.CheckpointState, api.Module, api.Optimizer
 

@@ -1,0 +1,244 @@
+"""The portable engine's export: the whole training step compiled into standard ONNX graphs.
+
+Any ``onnxruntime`` (1.19 to the current release, any execution provider) runs them with a plain
+InferenceSession; nothing needs ``onnxruntime.training``. The bundle holds:
+
+- ``portable_gradient.onnx``: forward, loss and backward for the trainable tensors only. Inputs: the model
+  inputs, ``labels``, every state tensor (trainable parameters, and FedProx anchors) by name, and one gradient
+  accumulator ``grad.<name>`` per trainable parameter; outputs ``loss``, ``logits`` (``features``) and
+  ``grad.<name>.out`` = accumulator + this batch's gradient (gradient accumulation is feeding it back).
+- ``portable_eval.onnx``: forward and loss, the same inputs without accumulators.
+- ``portable_optimizer.onnx``: the optimizer update (``edgeft.export.optimizer``).
+- ``portable_frozen.bin``: the frozen weights, ONNX external data that both graphs point into (stored once).
+- ``portable_parameters.safetensors``: the initial trainable parameters.
+
+How (DESIGN.md section 4): ``torch.export`` of (model + loss) with dynamic batch and sequence axes,
+``_export_forward_backward`` for the joint forward + backward program, a module that calls that program with
+the trainable tensors as inputs, exported again and translated by ``torch.onnx`` (dynamo, opset 18+).
+Attention must be the eager implementation: SDPA's backward has no ONNX translation.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgeft.bundle import GRAD_PREFIX, OUT_SUFFIX
+from edgeft.bundle import PORTABLE_EVAL as EVAL_MODEL
+from edgeft.bundle import PORTABLE_FROZEN as FROZEN_WEIGHTS
+from edgeft.bundle import PORTABLE_GRADIENT as GRADIENT_MODEL
+from edgeft.bundle import PORTABLE_OPTIMIZER as OPTIMIZER_MODEL
+from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
+from edgeft.config import ExportConfig
+from edgeft.errors import ExportError
+from edgeft.export.adapters import AdaptedModel
+from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes
+from edgeft.export.optimizer import optimizer_model
+from edgeft.export.source import ModelSource
+
+ALIGNMENT = 4096  # external tensors start on page boundaries (ONNX Runtime can map them)
+
+
+class _DetachedOutputs(nn.Module):
+    """(loss, logits[, features]) with everything but the loss detached: the joint program differentiates
+    the loss only."""
+
+    def __init__(self, graph: TrainingGraph):
+        super().__init__()
+        self.g = graph
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.g(*args)
+        return (out[0], *(o.detach() for o in out[1:]))
+
+
+class _Step(nn.Module):
+    """Calls an exported program's graph module with the state tensors as inputs and the frozen tensors as
+    buffers (which become the ONNX initializers); with ``accumulate`` returns accumulator + gradient."""
+
+    def __init__(self, program: torch.export.ExportedProgram, graph_names: dict[str, str], state: list[str],
+                 values: dict[str, torch.Tensor], n_user: int, accumulate: bool):
+        super().__init__()
+        from torch.export.graph_signature import InputKind, OutputKind
+
+        self.gm = program.graph_module
+        self.specs = program.graph_signature.input_specs
+        self.outputs = program.graph_signature.output_specs
+        self.state = state
+        self.graph_names = graph_names
+        self.n_user = n_user
+        self.accumulate = accumulate
+        self.frozen: dict[str, str] = {}  # graph name -> buffer name
+        self.consts = dict(program.constants)
+        self.input_kinds = InputKind
+        self.output_kinds = OutputKind
+        for spec in self.specs:
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                name = graph_names[spec.target]
+                if name not in state and name not in self.frozen:
+                    buffer = f"frozen_{len(self.frozen)}"
+                    self.register_buffer(buffer, values[name].detach().clone())
+                    self.frozen[name] = buffer
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kinds = self.input_kinds
+        user = iter(flat[: self.n_user])
+        state = dict(zip(self.state, flat[self.n_user: self.n_user + len(self.state)]))
+        args = []
+        for spec in self.specs:
+            if spec.kind == kinds.USER_INPUT:
+                args.append(next(user))
+            elif spec.kind in (kinds.PARAMETER, kinds.BUFFER):
+                name = self.graph_names[spec.target]
+                args.append(state[name] if name in state else getattr(self, self.frozen[name]))
+            else:
+                args.append(self.consts[spec.target])
+        outs = self.gm(*args)
+        kinds_out = self.output_kinds
+        user_outs = [o for s, o in zip(self.outputs, outs) if s.kind in (kinds_out.LOSS_OUTPUT, kinds_out.USER_OUTPUT)]
+        if not self.accumulate:
+            return tuple(user_outs)
+        grads = {self.graph_names[s.target]: o for s, o in zip(self.outputs, outs)
+                 if s.kind == kinds_out.GRADIENT_TO_PARAMETER}
+        accumulators = flat[self.n_user + len(self.state):]
+        trainable = self.state[: len(accumulators)]
+        return (*user_outs, *(acc + grads[name] for acc, name in zip(accumulators, trainable)))
+
+
+def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, out_dir: Path) -> None:
+    """Write the portable engine's graphs, frozen weights and initial parameters into ``out_dir``."""
+    from safetensors.numpy import save_file
+
+    l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
+    features = source.pooling is not None
+    graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs,
+                          config.proximal_mu, adapted.trainable, features).eval()
+    wrapper = _DetachedOutputs(graph)
+    labels = example_labels(config.loss, source, config.num_outputs)
+    user_args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
+    axes = {**source.dynamic_axes, "labels": label_axes(config.loss)}
+    user_names = [*source.input_names, "labels"]
+    user_shapes = tuple({i: torch.export.Dim.DYNAMIC for i in axes.get(n, {})} or None for n in user_names)
+    anchors = [ANCHOR_PREFIX + n for n in graph.proximal_names]
+    state = [*adapted.trainable, *anchors]
+    values = {n: p for n, p in adapted.model.named_parameters()}
+    values.update({n: b for n, b in adapted.model.named_buffers()})
+    values.update(dict(zip(anchors, graph.anchors)))
+    outputs = ["loss", "logits", *(["features"] if features else [])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forward = _export(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
+                                                      strict=False), "torch.export")
+        graph_names = {**{f"g.model.{n}": n for n in values},
+                       **{f"g.anchors.{i}": a for i, a in enumerate(anchors)}}
+        from torch.export.experimental import _export_forward_backward
+
+        joint = _export(lambda: _export_forward_backward(copy.deepcopy(forward), 0), "the backward pass")
+        trainable_values = tuple(values[n].detach().clone() for n in adapted.trainable)
+        state_values = tuple(values[n].detach().clone() for n in state)
+        zeros = tuple(torch.zeros_like(v) for v in trainable_values)
+        gradient = _to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
+                            user_args + state_values + zeros, user_shapes, config.opset,
+                            [*user_names, *state, *(GRAD_PREFIX + n for n in adapted.trainable)],
+                            [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)])
+        evaluation = _to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
+                              user_args + state_values, user_shapes, config.opset, [*user_names, *state], outputs)
+    frozen = {n for n in values if n not in state}
+    _write_with_shared_weights({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, frozen, out_dir)
+    onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
+                              config.opset), str(out_dir / OPTIMIZER_MODEL))
+    save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
+              str(out_dir / PARAMETERS))
+
+
+def _export(fn, what: str):  # noqa: ANN001, ANN202
+    try:
+        return fn()
+    except ExportError:
+        raise
+    except Exception as exc:  # torch raises many types here; name the cause in one line
+        raise ExportError(f"the portable engine cannot export this model ({what} failed): "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:400] if lines else ""
+
+
+def _to_onnx(module: _Step, args: tuple, user_shapes: tuple, opset: int, input_names: list[str],
+             output_names: list[str]) -> onnx.ModelProto:
+    """Export ``module`` (dynamic axes on the user inputs only) to an ONNX model in memory; its frozen buffers
+    become initializers named by their parameter names."""
+    shapes = (tuple(user_shapes) + (None,) * (len(args) - len(user_shapes)),)
+    program = _export(lambda: torch.export.export(module, args, dynamic_shapes=shapes, strict=False),
+                      "re-exporting the training step")
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=input_names,
+                                         output_names=output_names, optimize=True, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"the portable engine cannot translate this model to ONNX: {_operator(exc)}") from exc
+    model = onnx_program.model_proto
+    renames = {buffer: name for name, buffer in module.frozen.items()}
+    _rename(model.graph, renames)
+    return model
+
+
+def _operator(exc: Exception) -> str:
+    """One line naming the operator torch.onnx could not translate, when it says which."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"(aten::[\w.]+|aten\.[\w.]+|[\w.]+::[\w.]+)", text)
+    head = _first_line(exc)
+    if found:
+        return f"operator {found.group(1)} has no ONNX translation ({type(exc).__name__}: {head})"
+    return f"{type(exc).__name__}: {head}"
+
+
+def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for init in graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                names[i] = renames.get(name, name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = renames.get(value.name, value.name)
+
+
+def _write_with_shared_weights(models: dict[str, onnx.ModelProto], frozen: set[str], out_dir: Path) -> None:
+    """Save ``models``; their initializers named in ``frozen`` go once into FROZEN_WEIGHTS as external data that
+    every model points into (the same name holds the same bytes in each model: both come from one module)."""
+    placed: dict[str, tuple[int, int]] = {}
+    with open(out_dir / FROZEN_WEIGHTS, "wb") as fh:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                if tensor.name not in frozen:
+                    continue
+                data = numpy_helper.to_array(tensor).tobytes()
+                if tensor.name not in placed:
+                    offset = -fh.tell() % ALIGNMENT + fh.tell()
+                    fh.seek(offset)
+                    fh.write(data)
+                    placed[tensor.name] = (offset, len(data))
+                offset, length = placed[tensor.name]
+                if length != len(data):
+                    raise ExportError(f"frozen tensor {tensor.name} differs between the portable graphs")
+                tensor.ClearField("raw_data")
+                for field in ("float_data", "int64_data", "int32_data", "double_data"):
+                    tensor.ClearField(field)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for key, value in (("location", FROZEN_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+    for name, model in models.items():
+        onnx.save(model, str(out_dir / name))
