@@ -39,7 +39,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--opset", type=int, default=14)
+    p.add_argument("--opset", type=int, default=None)
     p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proximal-mu", type=float, default=0.0,

@@ -125,14 +125,12 @@ class ExportConfig:
         _check_choice("task", self.task, TASKS)
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("engine", self.engine, ENGINES)
-        if self.opset is None:
-            object.__setattr__(self, "opset", DEFAULT_OPSET[self.engine])
         object.__setattr__(self, "labels", tuple(self.labels))
         if self.loss is None:
             object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])
         _check_choice("loss", self.loss, LOSSES)
         low, high = OPSETS[self.engine]
-        _check(low <= self.opset <= high, "opset", self.opset,
+        _check(self.opset is None or low <= self.opset <= high, "opset", self.opset,
                "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)"
                if self.engine == "ort-training" else f"the portable engine exports opset {low}-{high}")
         _check(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
@@ -141,6 +139,11 @@ class ExportConfig:
         if self.task in ("classification", "multilabel"):
             _check(len(self.labels) >= 2, "labels", self.labels, f"a {self.task} task needs at least 2 labels")
             _check(len(set(self.labels)) == len(self.labels), "labels", self.labels, "labels must be unique")
+
+    @property
+    def onnx_opset(self) -> int:
+        """The opset the bundle's graphs are written in: ``opset``, or the engine's default."""
+        return self.opset if self.opset is not None else DEFAULT_OPSET[self.engine]
 
     @property
     def num_outputs(self) -> int:

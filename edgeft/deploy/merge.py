@@ -18,7 +18,7 @@ def export_config_of(bundle: Bundle) -> ExportConfig:
     """The ExportConfig a bundle was made with (from its manifest)."""
     m = bundle.manifest
     adapter = {k: v for k, v in m.adapter.items() if k in AdapterConfig.__dataclass_fields__}
-    return ExportConfig(task=m.task, labels=tuple(m.labels), loss=m.loss, opset=m.opset,
+    return ExportConfig(task=m.task, labels=tuple(m.labels), loss=m.loss, opset=m.opset, engine=m.engine,
                         max_length=m.tokenizer["max_length"] if m.tokenizer else 128,
                         adapter=AdapterConfig(**adapter), pooling="sentence" if m.pooling else "cls")
 

@@ -63,7 +63,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
             portable.generate(source, adapted, config, staging)
         else:
             export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
-                         config.opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
+                         config.onnx_opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
             artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
@@ -104,7 +104,7 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         task=config.task, labels=list(config.labels), inputs=inputs, outputs=outputs, trainable=trainable,
         adapter={**to_dict(config.adapter), "target_modules": adapted.target_modules,
                  "trainable_modules": adapted.trainable_modules, "scale": config.adapter.scale},
-        loss=config.loss, optimizer=optimizer, opset=config.opset, tokenizer=tokenizer, files=files,
+        loss=config.loss, optimizer=optimizer, opset=config.onnx_opset, tokenizer=tokenizer, files=files,
         peft_config=adapted.peft_config,
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
         pooling=source.pooling, engine=config.engine)

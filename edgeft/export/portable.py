@@ -44,6 +44,8 @@ from edgeft.export.optimizer import optimizer_model
 from edgeft.export.source import ModelSource
 
 ALIGNMENT = 4096  # external tensors start on page boundaries (ONNX Runtime can map them)
+# Initializers of at least this many bytes go to the shared weights file (smaller ones stay in their graph).
+SHARED_MIN_BYTES = 1024
 
 
 class _DetachedOutputs(nn.Module):
@@ -145,15 +147,14 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
         state_values = tuple(values[n].detach().clone() for n in state)
         zeros = tuple(torch.zeros_like(v) for v in trainable_values)
         gradient = _to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
-                            user_args + state_values + zeros, user_shapes, config.opset,
+                            user_args + state_values + zeros, user_shapes, config.onnx_opset,
                             [*user_names, *state, *(GRAD_PREFIX + n for n in adapted.trainable)],
                             [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)])
         evaluation = _to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
-                              user_args + state_values, user_shapes, config.opset, [*user_names, *state], outputs)
-    frozen = {n for n in values if n not in state}
-    _write_with_shared_weights({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, frozen, out_dir)
+                              user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs)
+    _write_with_shared_weights({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, out_dir)
     onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
-                              config.opset), str(out_dir / OPTIMIZER_MODEL))
+                              config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
     save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
               str(out_dir / PARAMETERS))
 
@@ -214,31 +215,32 @@ def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
         value.name = renames.get(value.name, value.name)
 
 
-def _write_with_shared_weights(models: dict[str, onnx.ModelProto], frozen: set[str], out_dir: Path) -> None:
-    """Save ``models``; their initializers named in ``frozen`` go once into FROZEN_WEIGHTS as external data that
-    every model points into (the same name holds the same bytes in each model: both come from one module)."""
+def _write_with_shared_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
+    """Save ``models`` with every initializer of SHARED_MIN_BYTES or more in FROZEN_WEIGHTS, as ONNX external
+    data: a tensor that several graphs hold (the same weight, or the same constant-folded transpose of it, under
+    any name) is stored once and each graph points at the same bytes."""
+    import hashlib
+
     placed: dict[str, tuple[int, int]] = {}
     with open(out_dir / FROZEN_WEIGHTS, "wb") as fh:
         for model in models.values():
             for tensor in model.graph.initializer:
-                if tensor.name not in frozen:
-                    continue
                 data = numpy_helper.to_array(tensor).tobytes()
-                if tensor.name not in placed:
+                if len(data) < SHARED_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + data).hexdigest()
+                if key not in placed:
                     offset = -fh.tell() % ALIGNMENT + fh.tell()
                     fh.seek(offset)
                     fh.write(data)
-                    placed[tensor.name] = (offset, len(data))
-                offset, length = placed[tensor.name]
-                if length != len(data):
-                    raise ExportError(f"frozen tensor {tensor.name} differs between the portable graphs")
-                tensor.ClearField("raw_data")
-                for field in ("float_data", "int64_data", "int32_data", "double_data"):
+                    placed[key] = (offset, len(data))
+                offset, length = placed[key]
+                for field in ("raw_data", "float_data", "int64_data", "int32_data", "double_data"):
                     tensor.ClearField(field)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 del tensor.external_data[:]
-                for key, value in (("location", FROZEN_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                for k, value in (("location", FROZEN_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
                     entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                    entry.key, entry.value = k, value
     for name, model in models.items():
         onnx.save(model, str(out_dir / name))

@@ -27,12 +27,12 @@ ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32,
                10: np.float16, 11: np.float64}
 
 
-def frozen_initializers(path: Path) -> dict[str, np.ndarray]:
-    """The external (frozen) initializers of the ONNX model at ``path``, read from their files once."""
+def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The external (frozen) initializers of the ONNX model at ``path``, as views into ``files`` (file name ->
+    its bytes; a file not read yet is read and added): graphs that point into the same file share its memory."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    files: dict[str, np.ndarray] = {}
     tensors = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -78,12 +78,12 @@ class PortableSession:
         proximal = manifest.proximal
         self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
         self.optimizer = manifest.optimizer.get("name", "adamw")
+        self._keep: list = []
         try:
-            frozen = frozen_initializers(bundle.file(GRADIENT_MODEL))
-            self._frozen = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in frozen.items()}  # kept alive
-            self._gradient = self._session(bundle.file(GRADIENT_MODEL), threads)
-            self._eval = self._session(bundle.file(EVAL_MODEL), threads)
-            self._optimizer = self._session(bundle.file(OPTIMIZER_MODEL), threads, share=False)
+            files: dict[str, np.ndarray] = {}  # the shared weights file, read once
+            self._gradient = self._session(bundle.file(GRADIENT_MODEL), threads, files)
+            self._eval = self._session(bundle.file(EVAL_MODEL), threads, files)
+            self._optimizer = self._session(bundle.file(OPTIMIZER_MODEL), threads, files)
             initial = load_file(str(bundle.file(PARAMETERS)))
         except (BundleError, TrainingError):
             raise
@@ -103,16 +103,23 @@ class PortableSession:
                        for n in self.names for prefix in OPTIMIZER_STATE[self.optimizer]}
         self._step = 0
 
-    def _session(self, path: Path, threads: int | None, share: bool = True):  # noqa: ANN202
+    def _session(self, path: Path, threads: int | None, files: dict[str, np.ndarray]):  # noqa: ANN202
+        """An InferenceSession of ``path`` whose external initializers are this process's one copy of them."""
         ort = self._ort
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        if share:
-            for name, value in self._frozen.items():
-                options.add_initializer(name, value)
-        return ort.InferenceSession(str(path), options, providers=[self.provider])
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in frozen_initializers(path, files).items()}
+        self._keep.append(values)  # the sessions use these buffers in place: keep them alive
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        # Both would give each session a private copy of the shared weights (prepacked GEMM operands, folded
+        # transposes). Measured on all-MiniLM-L6-v2 (batch 32, 2 threads, ORT 1.19.2): peak RSS 486 MB without
+        # them, 688 MB with them, step time the same within this machine's noise.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        return ort.InferenceSession(str(path), options, providers=[self.provider],
+                                    disabled_optimizers=["ConstantFolding"])
 
     def _value(self, array: np.ndarray):  # noqa: ANN202
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32), self._device, 0)
