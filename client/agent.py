@@ -197,9 +197,9 @@ class Agent:
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
             self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle, Encoder(bundle))
-        from edgeft.train.session import TrainingSession
+        from edgeft.train.engines import open_session
 
-        session = TrainingSession(bundle, threads=self.config.threads)
+        session = open_session(bundle, threads=self.config.threads)
         session.set_parameters(dict(tensor_from_pb(t) for t in task.global_adapter))
         if task.kind == pb.STATISTICS:  # round 0 of a job with a head init: sums, no training
             from edgeft.train.trainer import class_statistics, pad_id_of

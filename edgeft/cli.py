@@ -39,7 +39,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--engine", default="ort-training", choices=["ort-training", "portable"],
+                   help="training engine the bundle is for: ort-training (onnxruntime-training 1.19.2) or portable "
+                        "(standard ONNX graphs any onnxruntime >= 1.19 trains, on any execution provider)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 14 for ort-training, 18 portable)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proximal-mu", type=float, default=0.0,
@@ -61,12 +64,12 @@ def _run_export(args: argparse.Namespace) -> int:
                               trainable_modules=_csv_list(args.trainable_modules)),
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
         opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
-        pooling=args.pooling)
+        pooling=args.pooling, engine=args.engine)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
     n_params = sum(math.prod(t.shape) for t in m.trainable)
-    print(f"bundle {bundle.path}: {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
+    print(f"bundle {bundle.path} ({m.engine} engine): {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
           f"{size:.1f} MiB")
     return 0
 
@@ -91,6 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
     p.add_argument("--early-stopping-metric", default="loss", help="validation metric to watch (default loss)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--provider", help="execution provider: cpu, cuda, coreml, qnn, openvino, ... (default cpu); "
+                                      "portable bundles train on any provider the runtime offers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for update.safetensors, peft/ and metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -115,6 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,
                         early_stopping_patience=args.early_stopping_patience,
                         early_stopping_metric=args.early_stopping_metric, threads=args.threads, seed=args.seed,
+                        provider=args.provider,
                         progress=not args.no_progress)
     run_local(LocalRun(bundle=Path(args.bundle), train=data(args.data), val=data(args.val), test=data(args.test),
                        val_fraction=args.val_fraction, config=train, out=Path(args.out)))

@@ -165,6 +165,9 @@ class TrainConfig:
     bucket_size: int = 50
     seed: int = 0
     threads: int | None = None
+    # ONNX Runtime execution provider (cpu, cuda, coreml, qnn, openvino... or a full provider name);
+    # None: CPU. Portable bundles train on any provider the runtime offers; ort-training bundles on CPU or CUDA.
+    provider: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgeft.bundle import load_bundle
 from edgeft.config import TrainConfig
 from edgeft.data import DataConfig, Encoder, load_dataset, split
+from edgeft.train.engines import open_session, runtime_version
 from edgeft.train.trainer import TrainResult, evaluate, pad_id_of, train
 from edgeft.update import PEFT_DIR, UPDATE_FILE, AdapterUpdate, save_peft_adapter, save_update
 
@@ -42,13 +43,14 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
         print(json.dumps(shown), flush=True)
 
-    result = train(bundle, train_data, job.config, val_data, on_epoch=report)
+    session = open_session(bundle, threads=job.config.threads, provider=job.config.provider)
+    print(f"training on the {session.engine} engine, execution provider {session.provider} "
+          f"(onnxruntime {runtime_version()})", flush=True)
+    result = train(bundle, train_data, job.config, val_data, session=session, on_epoch=report)
     summary = {"history": result.history, "best_epoch": result.best_epoch, "steps": result.steps,
                "n_examples": result.n_examples, "stopped_early": result.stopped_early}
     if job.test:
-        from edgeft.train.session import TrainingSession
-
-        session = TrainingSession(bundle, threads=job.config.threads)
+        session = open_session(bundle, threads=job.config.threads, provider=job.config.provider)
         session.set_parameters(result.parameters)
         test = evaluate(session, load_dataset(job.test, bundle, encoder), bundle.manifest.task, pad_id_of(bundle))
         summary["test"] = test

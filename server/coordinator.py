@@ -30,7 +30,7 @@ from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
                            SecAggError, StateError)
 from edgeft.secagg.updates import SecAggSettings, decode_sum
-from edgeft.train.session import TrainingSession
+from edgeft.train.engines import open_session
 from edgeft.update import AdapterUpdate, check_update, update_norm
 from edgeft.wire import SecAggHeader, UploadHeader
 from edgeft.server.artifacts import ArtifactStore
@@ -173,7 +173,7 @@ class Coordinator:
         # the statistics round does not run under secure aggregation yet: the head starts as exported
         self.head_init[job.id] = method = ("none" if job.secure_aggregation is not None
                                            else job.head_init.resolve(bundle.manifest))
-        initial = TrainingSession(bundle, threads=1).get_parameters()
+        initial = open_session(bundle, threads=1).get_parameters()
         if job.max_update_norm is None and update_norm(initial) == 0:
             raise ConfigError(f"job {job.id!r}: its initial adapter is all zeros, so max_update_norm_ratio has no "
                               "scale; set [job] max_update_norm (an absolute bound on an update's L2 norm)")
@@ -789,7 +789,7 @@ class Coordinator:
         try:
             if job.id not in self._eval_sets:
                 self._eval_sets[job.id] = load_dataset(job.eval_data, bundle)
-            session = TrainingSession(bundle, threads=job.train.threads)
+            session = open_session(bundle, threads=job.train.threads)
             session.set_parameters(self.global_adapter(job.id, version))
             started = time.perf_counter()
             metrics = evaluate(session, self._eval_sets[job.id], bundle.manifest.task, pad_id_of(bundle))

@@ -20,7 +20,7 @@ from edgeft.data import Dataset, batches
 from edgeft.errors import ConfigError, TrainingError
 from edgeft.train.metrics import Accumulator, higher_is_better
 from edgeft.train.schedule import warmup_linear
-from edgeft.train.session import TrainingSession
+from edgeft.train.engines import open_session
 
 EVAL_BATCH_SIZE = 64
 
@@ -49,7 +49,7 @@ def pad_id_of(bundle: Bundle) -> int:
     return int(bundle.manifest.tokenizer["pad_id"]) if bundle.manifest.tokenizer else 0
 
 
-def evaluate(session: TrainingSession, dataset: Dataset, task: str, pad_id: int,
+def evaluate(session, dataset: Dataset, task: str, pad_id: int,
              batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """The task's metrics of the session's current parameters on ``dataset``."""
     order = np.argsort([len(x) for x in dataset.ids], kind="stable")
@@ -60,7 +60,7 @@ def evaluate(session: TrainingSession, dataset: Dataset, task: str, pad_id: int,
     return acc.result()
 
 
-def class_statistics(session: TrainingSession, dataset: Dataset, num_classes: int, pad_id: int,
+def class_statistics(session, dataset: Dataset, num_classes: int, pad_id: int,
                      batch_size: int = EVAL_BATCH_SIZE) -> tuple[dict[str, np.ndarray], int]:
     """The statistics round on a device: one forward pass over ``dataset`` (no training) summed per class
     (``edgeft.aggregate.statistics``); returns the tensors to upload and the number of examples."""
@@ -88,14 +88,14 @@ def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
 
 
 def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Dataset | None = None,
-          session: TrainingSession | None = None,
+          session=None,
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune the bundle's trainable parameters on ``train_data``; evaluate on ``val_data`` each epoch."""
     if len(train_data) == 0:
         raise ConfigError("the training data is empty")
     if config.early_stopping_patience and val_data is None:
         raise ConfigError("early_stopping_patience needs a validation split (--val or --val-fraction)")
-    session = session or TrainingSession(bundle, threads=config.threads)
+    session = session or open_session(bundle, threads=config.threads, provider=config.provider)
     task, pad_id = bundle.manifest.task, pad_id_of(bundle)
     per_epoch, total = plan_steps(len(train_data), config)
     warmup = int(round(total * config.warmup_ratio))
