@@ -2,13 +2,14 @@
 and computes the same logits there (issue 4).
 
 The plain runtime cannot live beside onnxruntime-training-cpu (both own the ``onnxruntime`` import folder), so
-it goes into a virtualenv of its own, made once and kept in pytest's cache folder; edgeft is imported there
-from this checkout's source.
+it goes into a device virtualenv of its own on this Python (scripts/device_venv.py: edgeft's base dependencies
+with the runtime swapped, and this checkout's edgeft), made once and kept in pytest's cache folder.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -41,10 +42,6 @@ EXTRA = "runtime-check"  # the optional dependency in pyproject.toml that pins t
 # the two agree exactly), while the quantisation itself moves logits by ~0.4.
 TOLERANCE = {"none": 1e-4, "fp16": 1e-2, "int8": 1e-3, "int8-static": 0.25, "int4": 1e-3}
 
-NETWORK_ERRORS = ("NewConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "Failed to establish a new "
-                  "connection", "Temporary failure in name resolution", "Name or service not known",
-                  "Network is unreachable", "ProxyError", "Max retries exceeded")
-
 # Runs in the plain runtime's virtualenv: loads each package with edgeft.predict.Predictor, reports what it
 # computed, which runtime computed it and which third-party modules edgeft itself pulled in.
 SCRIPT = """
@@ -71,42 +68,35 @@ json.dump({"version": onnxruntime.__version__, "file": onnxruntime.__file__, "tr
 """
 
 
-def _requirement(requirements: list[str], name: str) -> str:
-    matches = [r for r in requirements if re.match(rf"{re.escape(name)}\s*([=<>!~;\[]|$)", r)]
-    assert len(matches) == 1, f"expected one requirement on {name} in {requirements}"
-    return matches[0]
-
-
-def plain_requirements() -> tuple[str, list[str]]:
-    """The pinned plain onnxruntime version and what its virtualenv installs, all read from pyproject.toml."""
+def plain_version() -> str:
+    """The plain onnxruntime version pyproject.toml's runtime-check extra pins (exactly)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pin = _requirement(project["optional-dependencies"][EXTRA], "onnxruntime")
-    version = pin.partition("==")[2].strip()
-    assert version, f"pyproject.toml's {EXTRA} extra must pin onnxruntime exactly (==), not {pin!r}"
-    return version, [pin] + [_requirement(project["dependencies"], name) for name in ("tokenizers", "numpy")]
+    pins = [r for r in project["optional-dependencies"][EXTRA] if re.match(r"onnxruntime\s*([=<>!~;\[]|$)", r)]
+    assert len(pins) == 1, f"expected one requirement on onnxruntime in the {EXTRA} extra, not {pins}"
+    version = pins[0].partition("==")[2].strip()
+    assert version, f"pyproject.toml's {EXTRA} extra must pin onnxruntime exactly (==), not {pins[0]!r}"
+    return version
+
+
+def load_device_venv():  # noqa: ANN201
+    """scripts/device_venv.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def plain_runtime(pytestconfig, tmp_path_factory) -> tuple[Path, str]:
-    """(python of a virtualenv holding only the plain onnxruntime, tokenizers and numpy; the pinned version).
-    Made once and kept in pytest's cache folder (``--cache-clear`` makes it again)."""
-    version, requirements = plain_requirements()
-    name = f"plain-onnxruntime-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    """(python of a device virtualenv on this Python holding the plain onnxruntime instead of the training
+    build; the pinned version). Made once and kept in pytest's cache folder (``--cache-clear`` makes it again)."""
+    version, tools = plain_version(), load_device_venv()
     cache = getattr(pytestconfig, "cache", None)
-    venv = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
-    python, ready = venv / "bin" / "python", venv / "ready"
-    if not (ready.is_file() and python.is_file()):
-        for cmd in ([sys.executable, "-m", "venv", "--clear", str(venv)],
-                    [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                     "--retries", "2", "--timeout", "60", *requirements]):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            output = proc.stdout + proc.stderr
-            if proc.returncode and any(marker in output for marker in NETWORK_ERRORS):
-                pytest.skip(f"pip cannot reach the package index to install {' '.join(requirements)} into a "
-                            f"separate virtualenv: {output.strip().splitlines()[-1]}")
-            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-3000:]}"
-        ready.write_text(" ".join(requirements) + "\n")
-    return python, version
+    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
+    try:
+        return tools.device_venv(root, sys.executable, f"onnxruntime=={version}"), version
+    except tools.IndexUnreachable as exc:
+        pytest.skip(f"cannot install onnxruntime=={version} into a separate virtualenv: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +123,9 @@ def texts(small_banking) -> list[str]:
 def plain(plain_runtime, packages, texts, tmp_path_factory) -> dict:
     """What the plain runtime computed for every package (one subprocess in its virtualenv)."""
     python, _ = plain_runtime
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
-    env.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env.update(PYTHONNOUSERSITE="1")
     job = json.dumps({"packages": {mode: str(path) for mode, path in packages.items()}, "texts": texts})
     proc = subprocess.run([str(python), "-c", SCRIPT], input=job, capture_output=True, text=True, env=env,
                           cwd=tmp_path_factory.mktemp("plain-cwd"), timeout=300)
