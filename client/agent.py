@@ -26,6 +26,7 @@ from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_na
 from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
 from edgeft.errors import BundleError, ConfigError, CoordinatorError, SecAggError
+from edgeft.train.engines import available_engines, open_session, runtime_version
 from edgeft.train.trainer import train
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
@@ -68,6 +69,9 @@ class AgentConfig:
     # The largest LoRA rank this device trains (less memory: a smaller rank); the coordinator serves the
     # largest rank of the job up to it. None: the job's rank.
     max_lora_rank: int | None = None
+    # The execution provider the device trains on (cpu, cuda, coreml, qnn, openvino... or a full provider name;
+    # ``edgeft.predict.choose_provider``). None: CPU. Portable bundles train on any provider the runtime offers.
+    provider: str | None = None
     # TLS or plaintext, the enrolment token, message limits and keepalive.
     transport: Transport = field(kw_only=True)
 
@@ -89,6 +93,7 @@ class Agent:
         id_file = self.config.cache_dir / "device_id"
         self.device_id = self.device_id or (id_file.read_text().strip() if id_file.is_file() else "")
         self._data: dict[str, Dataset] = {}
+        self._announced: set[str] = set()  # bundles whose engine, provider and runtime were logged
         self._got_through = False  # a call of this agent succeeded: its transport settings work
 
     # -- the one edge where grpc errors become edgeft errors or retries -----------------------------
@@ -129,8 +134,8 @@ class Agent:
     def register(self) -> str:
         caps = pb.Capabilities(os=f"{platform.system()} {platform.release()}", cores=os.cpu_count() or 1,
                                ram_bytes=_ram_bytes(), free_disk_bytes=shutil.disk_usage(self.config.cache_dir).free,
-                               ort_version=_ort_version(), execution_providers=_providers(),
-                               max_lora_rank=self.config.max_lora_rank or 0)
+                               ort_version=runtime_version(), execution_providers=_providers(),
+                               max_lora_rank=self.config.max_lora_rank or 0, engines=available_engines())
         reply = self._call("register", self.stub.Register,
                            pb.RegisterRequest(device_id=self.device_id, capabilities=caps))
         self.device_id = reply.device_id
@@ -197,9 +202,11 @@ class Agent:
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
             self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle, Encoder(bundle))
-        from edgeft.train.engines import open_session
-
-        session = open_session(bundle, threads=self.config.threads)
+        session = open_session(bundle, threads=self.config.threads, provider=self.config.provider)
+        if bundle.digest not in self._announced:
+            self._announced.add(bundle.digest)
+            log.info("bundle %s...: training on the %s engine, execution provider %s (onnxruntime %s)",
+                     bundle.digest[:12], session.engine, session.provider, runtime_version())
         session.set_parameters(dict(tensor_from_pb(t) for t in task.global_adapter))
         if task.kind == pb.STATISTICS:  # round 0 of a job with a head init: sums, no training
             from edgeft.train.trainer import class_statistics, pad_id_of
@@ -207,7 +214,8 @@ class Agent:
             tensors, n = class_statistics(session, self._data[task.bundle_digest], len(bundle.manifest.labels),
                                           pad_id_of(bundle))
             return AdapterUpdate(tensors, n, {}, bundle.digest)
-        config = train_config(task.train, threads=self.config.threads, progress=False)
+        config = train_config(task.train, threads=self.config.threads, provider=self.config.provider,
+                              progress=False)
         result = train(bundle, self._data[task.bundle_digest], config, session=session)
         return AdapterUpdate(result.parameters, result.n_examples, result.final_metrics, bundle.digest)
 
@@ -318,12 +326,6 @@ def _ram_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def _providers() -> list[str]:

@@ -328,6 +328,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lora-rank", type=int,
                    help="train at most this LoRA rank (a device with little memory): the coordinator serves the "
                         "largest rank of the job up to it ([job] device_ranks); default: the job's rank")
+    p.add_argument("--provider", help="execution provider to train on: cpu, cuda, coreml, qnn, openvino, ... "
+                                      "(default cpu); portable bundles train on any provider the runtime offers")
     p.add_argument("--training-slots", metavar="DIR:K",
                    help="share this machine with other agents: at most K of the agents given DIR train at once")
     p.add_argument("--token-file", help="file holding the job's enrolment token (default: $EDGEFT_TOKEN)")
@@ -370,7 +372,7 @@ def _run_client(args: argparse.Namespace) -> int:
     agent = Agent(AgentConfig(server=args.server, data=Path(args.data), cache_dir=Path(args.cache_dir),
                               text_column=args.text_column, label_column=args.label_column, format=args.format,
                               threads=args.threads, give_up_after_s=args.give_up_after,
-                              max_lora_rank=args.max_lora_rank,
+                              max_lora_rank=args.max_lora_rank, provider=args.provider,
                               training_slots=_training_slots(args.training_slots), transport=transport))
     print(f"done: {agent.run()}", flush=True)
     return 0

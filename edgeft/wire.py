@@ -175,6 +175,14 @@ def update_from_parts(parts: Iterable[pb.UpdatePart]) -> tuple[UploadHeader, Ada
             AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
 
 
+def capabilities_from_pb(caps: pb.Capabilities) -> dict:
+    """What a device says it can do, as the coordinator records it (JSON-ready). ``engines``: the training
+    engines it runs, as it listed them (empty: an agent from before engines, which runs ``ort-training``)."""
+    return {"os": caps.os, "cores": caps.cores, "ram_bytes": caps.ram_bytes, "free_disk_bytes": caps.free_disk_bytes,
+            "ort_version": caps.ort_version, "execution_providers": list(caps.execution_providers),
+            "max_lora_rank": caps.max_lora_rank, "engines": list(caps.engines)}
+
+
 def train_spec(config: TrainConfig) -> pb.TrainSpec:
     return pb.TrainSpec(epochs=config.epochs, max_steps=config.max_steps or 0, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,

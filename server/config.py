@@ -20,6 +20,10 @@
     # device_ranks = [4, 2]       # optional, with model: also export and serve these smaller LoRA ranks to devices
     #                             # that ask for them (edgeft client --max-lora-rank); fedavg/fedprox only
     # device_bundles = ["bundle-r4"]  # ... the same with bundle: the job's bundle at smaller ranks, exported by you
+    # engines = ["ort-training", "portable"]  # optional: the training engines the job serves, preferred first; a
+    #                             # device gets a bundle of the first one it runs, one that runs none is refused.
+    #                             # With model: exported once per engine (default: [job.export] engine alone)
+    # engine_bundles = ["bundle-portable"]  # ... with bundle: the job's bundle exported for the other engines
     rounds = 3
     strategy = "fedavg"           # fedprox, fedadam, fedyogi, fedadagrad, median, trimmed_mean, krum, multikrum
     # [job.strategy_options]      # e.g. server_lr = 0.01 (fedadam), trim = 0.1, byzantine = 1, clip_norm = 1.0,
@@ -59,7 +63,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgeft.aggregate.options import MEAN_STRATEGIES, STRATEGY_NAMES, StrategyOptions, parse_strategy_options
-from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
+from edgeft.config import ENGINES, AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
 
@@ -213,6 +217,18 @@ class JobConfig:
     # as the mean of their LoRA products, re-factorised to the job's rank (edgeft.aggregate.lora_ranks).
     device_ranks: tuple[int, ...] = ()
     device_bundles: tuple[Path, ...] = ()
+    # Training engines (``edgeft.config.ENGINES``): the engines the job serves, the preferred first. A device gets
+    # a bundle of the first of them it runs (its agent reports what its runtime runs; an agent too old to say
+    # runs "ort-training"); a device that runs none of them is refused at registration. With ``model`` the
+    # coordinator exports the model once per engine, the first being the job's own bundle (its initial adapter
+    # and evaluations); default: the engine of [job.export] alone. With ``bundle``, ``engine_bundles`` are the
+    # job's bundle exported for other engines (the same model and settings, only the engine differs: checked),
+    # and ``engines``, when given, lists exactly the engines of ``bundle`` and ``engine_bundles`` in the order
+    # of preference (default: ``bundle``'s engine first). Updates of every engine are the same tensors and are
+    # aggregated together. Several engines serve the job's own LoRA rank only: not with device_ranks or
+    # device_bundles.
+    engines: tuple[str, ...] = ()
+    engine_bundles: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.head_init, str):
@@ -253,6 +269,36 @@ class JobConfig:
             _check(self.clients.min >= 2, "clients.min", self.clients.min,
                    "secure aggregation needs rounds of at least 2 clients (the sum of one is that client's update)")
         self._check_ranks()
+        self._check_engines()
+
+    def _check_engines(self) -> None:
+        """Several training engines: known names, bundles only with ``bundle``, not with mixed ranks."""
+        engines = self.engines
+        if isinstance(engines, str):
+            engines = (engines,)
+        object.__setattr__(self, "engines", tuple(engines))
+        object.__setattr__(self, "engine_bundles", tuple(Path(p) for p in self.engine_bundles))
+        engines = self.engines
+        _check(all(isinstance(e, str) for e in engines) and set(engines) <= set(ENGINES), "job.engines",
+               list(engines), f"expected engines among {', '.join(ENGINES)}")
+        _check(len(set(engines)) == len(engines), "job.engines", list(engines), "each engine once")
+        _check(not self.engine_bundles or self.bundle is not None, "job.engine_bundles",
+               [str(p) for p in self.engine_bundles], "goes with job.bundle; with job.model list the engines in "
+               "job.engines and the coordinator exports a bundle for each")
+        if self.bundle is not None:
+            _check(not engines or len(engines) == 1 + len(self.engine_bundles), "job.engines", list(engines),
+                   f"with job.bundle, list the engines of bundle and its {len(self.engine_bundles)} engine_bundles "
+                   "(one each), or leave engines out")
+        elif self.export is not None:
+            if not engines:
+                object.__setattr__(self, "engines", (self.export.engine,))
+            elif self.export.engine != engines[0]:  # the job's own bundle is for the first engine listed
+                opset = None  # the first engine's default: [job.export] opset is for another engine
+                object.__setattr__(self, "export", replace(self.export, engine=engines[0], opset=opset))
+        if len(self.engines) > 1 or self.engine_bundles:
+            _check(not (self.device_ranks or self.device_bundles), "job.engines", list(self.engines) or "engine_bundles",
+                   "several training engines serve the job's own LoRA rank only; mixed ranks (device_ranks, "
+                   "device_bundles) and several engines in one job are not supported: run them as two jobs")
 
     def _check_ranks(self) -> None:
         """Mixed LoRA ranks: which settings they need and which they cannot run with."""
@@ -402,8 +448,9 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
             train = TrainConfig(**{"progress": False, **raw.pop("train", {})})
             data_schema = DataSchema(**raw.pop("data", {}))
             paths = {k: base / raw.pop(k) for k in ("bundle", "model") if k in raw}
-            if "device_bundles" in raw:
-                paths["device_bundles"] = tuple(base / p for p in raw.pop("device_bundles"))
+            for key in ("device_bundles", "engine_bundles"):
+                if key in raw:
+                    paths[key] = tuple(base / p for p in raw.pop(key))
             export = _export_config(raw.pop("export", {}), raw.pop("adapter", {}), raw.pop("optimizer", {}), base)
             evaluation = raw.pop("eval", None)
             eval_data = None

@@ -24,7 +24,8 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgeft.aggregate import STRATEGIES, RoundContext, Strategy, build_strategy
-from edgeft.aggregate.lora_ranks import HeteroRankFedAvg, adapter_rank, check_rank_bundle, lora_pairs, truncate
+from edgeft.aggregate.lora_ranks import (HeteroRankFedAvg, adapter_rank, check_engine_bundle, check_rank_bundle,
+                                         lora_pairs, truncate)
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
@@ -37,8 +38,8 @@ from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import DEFAULT_HEAD_INIT, JobConfig, ServerConfig
 from edgeft.server.secure import SecureRound, round_settings
-from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, job_bundles, jobs,
-                                 now, open_database, rejections, rounds, updates, upsert_device)
+from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, job_bundles,
+                                 job_engines, jobs, now, open_database, rejections, rounds, updates, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 
@@ -72,6 +73,25 @@ def _update_rank(update: AdapterUpdate, served: dict[int, Bundle]) -> int:
     if rank not in served:
         raise DataError(f"update's LoRA rank {rank} is not one the job serves ({sorted(served)})", reason="shape")
     return rank
+
+
+RUNTIME_FOR_ENGINE = {
+    "ort-training": "the ONNX Runtime training build (pip install onnxruntime-training-cpu==1.19.2; CPython 3.10-3.12 "
+                    "on x86-64 or macOS)",
+    "portable": "onnxruntime 1.19 or later with an edgeft agent that reports its engines",
+}
+
+
+def engine_refusal(job_id: str, served: list[str], reported: list[str], ort_version: str = "") -> str:
+    """Why a device that runs none of a job's training engines is refused, and what to do about it."""
+    runs = ", ".join(reported) if reported else "ort-training only (its agent does not report its engines)"
+    runtime = f" (onnxruntime {ort_version})" if ort_version else ""
+    install = " or ".join(RUNTIME_FOR_ENGINE[e] for e in served if e in RUNTIME_FOR_ENGINE)
+    wanted = [e for e in reported if e not in served][:1] or ["portable"]
+    listed = ", ".join(f'"{e}"' for e in [*served, *wanted])
+    return (f"job {job_id!r} trains with the {', '.join(served)} engine{'s' if len(served) > 1 else ''}; this device "
+            f"runs {runs}{runtime}. Install {install} on the device, or ask the coordinator's operator to serve "
+            f"the device's engine too: [job] engines = [{listed}]")
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
@@ -145,6 +165,9 @@ class Coordinator:
         # every job's bundles by LoRA rank, its own (the largest) included; more than one: mixed ranks (the key
         # of a bundle whose adapter is not LoRA is 0)
         self.rank_bundles: dict[str, dict[int, Bundle]] = {}
+        # every job's bundles at its own rank by training engine, in its order of preference, its own bundle among
+        # them; more than one: devices get the first engine they run (several engines never go with mixed ranks)
+        self.engine_bundles: dict[str, dict[str, Bundle]] = {}
         self.head_init: dict[str, str] = {}  # per job: its statistics round's head method, or "none"
         # evaluations of global adapters run one at a time beside the rounds, never under the lock
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-eval")
@@ -158,6 +181,11 @@ class Coordinator:
     def bundles(self) -> dict[str, Bundle]:
         """Every job's own bundle (its largest LoRA rank)."""
         return {job_id: served[max(served)] for job_id, served in self.rank_bundles.items()}
+
+    def served_bundles(self, job_id: str) -> dict[str, Bundle]:
+        """Every bundle job ``job_id`` serves to devices (its LoRA ranks and its engines), by digest."""
+        served = [*self.rank_bundles.get(job_id, {}).values(), *self.engine_bundles.get(job_id, {}).values()]
+        return {bundle.digest: bundle for bundle in served}
 
     # -- jobs ---------------------------------------------------------------------------------------
     def _start_job(self, job: JobConfig) -> None:
@@ -179,6 +207,7 @@ class Coordinator:
                               "scale; set [job] max_update_norm (an absolute bound on an update's L2 norm)")
         blob = self.artifacts.put(encode(initial))
         smaller = self._add_rank_bundles(job, bundle)
+        engines = self._add_engine_bundles(job, bundle)
         # with a head init, round 0 is the statistics round: the exported adapter is version -1 and the
         # statistics-built head makes version 0, which round 1 trains from
         first = 0 if method != "none" else 1
@@ -188,7 +217,9 @@ class Coordinator:
             conn.execute(insert(adapters).values(job_id=job.id, version=first - 1, blob=blob, created_at=now()))
             for rank, other in smaller.items():
                 conn.execute(insert(job_bundles).values(job_id=job.id, rank=rank, digest=other.digest))
+            self._store_engines(conn, job, engines)
         self.rank_bundles[job.id] = {adapter_rank(bundle.manifest): bundle, **smaller}
+        self.engine_bundles[job.id] = engines
         if first == 1:
             self._schedule_evaluation(job, 0)
 
@@ -200,8 +231,13 @@ class Coordinator:
             bundle = self.artifacts.bundle(row.bundle_digest, verify=True)
             with self.engine.begin() as conn:
                 stored = conn.execute(select(job_bundles).where(job_bundles.c.job_id == job.id)).all()
+                engine_rows = conn.execute(select(job_engines).where(job_engines.c.job_id == job.id)
+                                           .order_by(job_engines.c.position)).all()
             self.rank_bundles[job.id] = {adapter_rank(bundle.manifest): bundle, **{
                 r.rank: self.artifacts.bundle(r.digest, verify=True) for r in stored}}
+            self.engine_bundles[job.id] = {r.engine: bundle if r.digest == bundle.digest else
+                                           self.artifacts.bundle(r.digest, verify=True) for r in engine_rows} or {
+                bundle.manifest.engine: bundle}
             with self.engine.begin() as conn:
                 blobs = [r.blob for r in conn.execute(select(updates.c.blob).join(
                     rounds, (rounds.c.job_id == updates.c.job_id) & (rounds.c.number == updates.c.round))
@@ -220,6 +256,7 @@ class Coordinator:
             log.warning("job %s goes on with the LoRA ranks it started with, %s; the configuration's smaller ranks "
                         "%s are not used (a new job id would use them)", job.id, sorted(self.rank_bundles[job.id]),
                         sorted(configured))
+        self._resume_engines(job, bundle)
         with self.engine.begin() as conn:
             statistics_round = conn.execute(select(adapters.c.version).where(
                 adapters.c.job_id == job.id, adapters.c.version == -1)).first() is not None
@@ -273,18 +310,24 @@ class Coordinator:
                               f"is for base model {configured[:12]}...: a job keeps its base model; give the new "
                               "model a new job id (or a new state_dir)")
 
-    def _export(self, job: JobConfig, rank: int | None = None) -> Path:
+    def _export(self, job: JobConfig, rank: int | None = None, engine: str | None = None) -> Path:
         """Export the job's model into a bundle under the state folder (once per base model; torch needed here
-        only), at LoRA ``rank`` when given (mixed ranks). An export of other weights left there (the folder's
-        model changed before the job started) is redone."""
+        only), at LoRA ``rank`` when given (mixed ranks), for training ``engine`` when given (several engines;
+        default: [job.export]'s). An export of other weights left there (the folder's model changed before the
+        job started) is redone."""
         from edgeft.export import export_hf
         from edgeft.export.source import hf_base_digest
 
-        target = self.config.state_dir / "exports" / (job.id if rank is None else f"{job.id}-rank{rank}")
-        config = job.export if rank is None else replace(job.export, adapter=replace(job.export.adapter, rank=rank))
+        config = job.export
+        name = job.id if rank is None else f"{job.id}-rank{rank}"
+        if rank is not None:
+            config = replace(config, adapter=replace(config.adapter, rank=rank))
+        if engine is not None and engine != config.engine:  # the other engine's default opset
+            config, name = replace(config, engine=engine, opset=None), f"{name}-{engine}"
+        target = self.config.state_dir / "exports" / name
         if (target / "manifest.json").is_file():
-            old = load_bundle(target, verify=False).manifest.base_model.get("digest")
-            if old == hf_base_digest(job.model):
+            old = load_bundle(target, verify=False).manifest
+            if old.base_model.get("digest") == hf_base_digest(job.model) and old.engine == config.engine:
                 return target
             log.warning("job %s: %s holds an export of other weights; exporting %s again", job.id, target, job.model)
         shutil.rmtree(target, ignore_errors=True)
@@ -305,6 +348,83 @@ class Coordinator:
                 raise ConfigError(f"job {job.id!r}: two device bundles have LoRA rank {rank}; give one per rank")
             out[rank] = other
         return out
+
+    def _add_engine_bundles(self, job: JobConfig, bundle: Bundle) -> dict[str, Bundle]:
+        """The job's bundles at its own rank by training engine, in the order of preference its configuration
+        gives, ``bundle`` (its own) among them: exported from job.model for each of job.engines, or
+        job.engine_bundles; each stored and checked against ``bundle`` (``check_engine_bundle``)."""
+        if job.model is not None:
+            sources = [self._export(job, engine=e) for e in job.engines if e != bundle.manifest.engine]
+        else:
+            sources = list(job.engine_bundles)
+        out = {bundle.manifest.engine: bundle}
+        for source in sources:
+            other = self.artifacts.add_bundle(source)
+            try:
+                engine = check_engine_bundle(bundle.manifest, other.manifest)
+            except ConfigError as exc:
+                raise ConfigError(f"job {job.id!r}: {source}: {exc}") from exc
+            if engine in out:
+                raise ConfigError(f"job {job.id!r}: two bundles are for the {engine!r} engine; give one per engine")
+            out[engine] = other
+        order = list(job.engines) or list(out)
+        if set(order) != set(out):
+            raise ConfigError(f"job {job.id!r}: job.engines={order}, but the job's bundles are for {list(out)} (its "
+                              f"own bundle for {bundle.manifest.engine!r}): list the engines of bundle and "
+                              "engine_bundles")
+        return {engine: out[engine] for engine in order}
+
+    def _store_engines(self, conn, job: JobConfig, engines: dict[str, Bundle]) -> None:  # noqa: ANN001
+        """Record the engines a job serves (no rows for one engine: its own bundle's)."""
+        conn.execute(job_engines.delete().where(job_engines.c.job_id == job.id))
+        if len(engines) > 1:
+            for position, (engine, bundle) in enumerate(engines.items()):
+                conn.execute(insert(job_engines).values(job_id=job.id, engine=engine, position=position,
+                                                        digest=bundle.digest))
+
+    def _resume_engines(self, job: JobConfig, bundle: Bundle) -> None:
+        """After a restart: serve the engines the configuration lists now, when they changed (an engine only
+        changes which bundle a device downloads, never what is aggregated); the job's own bundle stays."""
+        configured = list(job.engines) or [bundle.manifest.engine, *(
+            load_bundle(p, verify=False).manifest.engine for p in job.engine_bundles)]
+        if configured == list(self.engine_bundles[job.id]):
+            return
+        if bundle.manifest.engine not in configured:
+            raise ConfigError(f"job {job.id!r}: job.engines={configured} leaves out {bundle.manifest.engine!r}, the "
+                              "engine of the bundle the job started with (its global adapters are evaluated with "
+                              "it); keep it in the list, or give the new setup a new job id")
+        if len(configured) > 1 and len(self.rank_bundles[job.id]) > 1:
+            raise ConfigError(f"job {job.id!r} started with mixed LoRA ranks {sorted(self.rank_bundles[job.id])}; "
+                              "several training engines serve the job's own LoRA rank only: give the new setup a "
+                              "new job id")
+        engines = self._add_engine_bundles(job, bundle)
+        with self.engine.begin() as conn:
+            self._store_engines(conn, job, engines)
+        log.info("job %s now serves the training engines %s (it served %s)", job.id, list(engines),
+                 list(self.engine_bundles[job.id]))
+        self.engine_bundles[job.id] = engines
+
+    def _device_engine(self, job_id: str, capabilities: dict) -> str:
+        """The training engine a device trains a job's bundle with: the first of the job's engines the device
+        runs (its capabilities' ``engines``; none listed: an older agent, "ort-training" only). Rejected
+        (FAILED_PRECONDITION) when it runs none of them, saying what to do."""
+        served = list(self.engine_bundles[job_id])
+        reported = [str(e) for e in capabilities.get("engines") or ()]
+        runs = reported or ["ort-training"]
+        for engine in served:
+            if engine in runs:
+                return engine
+        raise Rejected(engine_refusal(job_id, served, reported, str(capabilities.get("ort_version") or "")),
+                       reason="engine")
+
+    def _device_bundle(self, job_id: str, capabilities: dict) -> tuple[int, Bundle]:
+        """(LoRA rank, bundle) a device trains in a job: the bundle of the engine it runs
+        (``_device_engine``) at the largest rank it asks for (``_device_rank``); refused when there is none."""
+        engine = self._device_engine(job_id, capabilities)
+        rank = self._device_rank(job_id, capabilities)
+        if rank == max(self.rank_bundles[job_id]):
+            return rank, self.engine_bundles[job_id][engine]
+        return rank, self.rank_bundles[job_id][rank]  # mixed ranks: one engine, the job's own
 
     def _device_rank(self, job_id: str, capabilities: dict) -> int:
         """The LoRA rank a device trains in a job: the largest the job serves up to the device's
@@ -377,7 +497,7 @@ class Coordinator:
         if job_id not in self.jobs:
             raise NotFound(f"unknown job {job_id!r}")
         device_id = device_id or uuid.uuid4().hex
-        self._device_rank(job_id, capabilities)  # a device that cannot train any of the job's ranks is refused now
+        self._device_bundle(job_id, capabilities)  # a device the job has no bundle for is refused now
         with self._lock, self.engine.begin() as conn:
             upsert_device(conn, device_id, capabilities)
             conn.execute(enrolments.delete().where(enrolments.c.device_id == device_id, enrolments.c.job_id == job_id))
@@ -435,10 +555,10 @@ class Coordinator:
                               else None)
                     capabilities = conn.execute(select(devices.c.capabilities)
                                                 .where(devices.c.id == device_id)).scalar_one()
-                    rank = self._device_rank(job.id, capabilities)
+                    rank, bundle = self._device_bundle(job.id, capabilities)
                     adapter = self._for_rank(job.id, rank, self.global_adapter(job.id, round_row.number - 1))
-                    return TaskAssignment(job, round_row.number, self.rank_bundles[job.id][rank].digest, adapter,
-                                          round_row.deadline, secure, statistics=round_row.number == 0)
+                    return TaskAssignment(job, round_row.number, bundle.digest, adapter, round_row.deadline, secure,
+                                          statistics=round_row.number == 0)
         return None
 
     def _open_round(self, conn, job: JobConfig, number: int):  # noqa: ANN001, ANN202
@@ -516,7 +636,7 @@ class Coordinator:
                     reference = self.global_adapter(job.id, header.round - 1)
                     bound = self._norm_bound(job, header.round - 1, reference)
                     rank = _update_rank(update, self.rank_bundles[job.id])
-                    manifest = self.rank_bundles[job.id][rank].manifest
+                    manifest = self._given_bundle(job.id, header.device_id, rank).manifest
                     reference = self._for_rank(job.id, rank, reference)
                     check_update(update, manifest, max_examples=job.max_update_examples, reference=reference,
                                  max_norm=bound)
@@ -533,6 +653,14 @@ class Coordinator:
                 return False
             self._maybe_close(job, header.round)
         return True
+
+    def _given_bundle(self, job_id: str, device_id: str, rank: int) -> Bundle:
+        """The bundle a device of ``job_id`` was given at LoRA ``rank``: its engine's at the job's own rank."""
+        if rank != max(self.rank_bundles[job_id]):
+            return self.rank_bundles[job_id][rank]
+        with self.engine.begin() as conn:
+            capabilities = conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).scalar_one()
+        return self.engine_bundles[job_id][self._device_engine(job_id, capabilities)]
 
     def _norm_bound(self, job: JobConfig, version: int, reference: dict[str, np.ndarray]) -> float:
         """The bound on the L2 norm of an update's change from global adapter ``version`` (``reference``)."""

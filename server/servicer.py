@@ -24,7 +24,7 @@ from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import (dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb, secagg_response_to_pb,
+from edgeft.wire import (capabilities_from_pb, dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb, secagg_response_to_pb,
                          secagg_settings_to_pb, tensor_to_pb, train_spec, update_from_parts)
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
@@ -107,10 +107,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return principal
 
     def _bundle(self, principal: Principal, digest: str):  # noqa: ANN202
-        """The bundle ``digest`` if it is a bundle of the caller's job, at any of its LoRA ranks (PermissionDenied
-        otherwise)."""
-        own = self.coordinator.rank_bundles.get(principal.job_id, {})
-        if digest not in {b.digest for b in own.values()}:
+        """The bundle ``digest`` if it is a bundle of the caller's job, at any of its LoRA ranks or engines
+        (PermissionDenied otherwise)."""
+        if digest not in self.coordinator.served_bundles(principal.job_id):
             raise PermissionDenied(f"bundle {digest[:12]}... is not a bundle of job {principal.job_id!r}, the "
                                    "only job this device's token enrols it in")
         return self.coordinator.artifacts.bundle(digest)
@@ -118,10 +117,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @rpc(pb.RegisterRequest)
     def Register(self, request: pb.RegisterRequest, context, principal: Principal  # noqa: ANN001, N802
                  ) -> pb.RegisterResponse:
-        caps = request.capabilities
-        capabilities = {"os": caps.os, "cores": caps.cores, "ram_bytes": caps.ram_bytes,
-                        "free_disk_bytes": caps.free_disk_bytes, "ort_version": caps.ort_version,
-                        "execution_providers": list(caps.execution_providers), "max_lora_rank": caps.max_lora_rank}
+        capabilities = capabilities_from_pb(request.capabilities)
         device_id = self.coordinator.register(request.device_id, capabilities, principal.job_id, principal.token_id)
         return pb.RegisterResponse(device_id=device_id)
 

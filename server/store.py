@@ -45,6 +45,15 @@ job_bundles = Table(
     Column("digest", String, nullable=False),
 )
 
+job_engines = Table(
+    "job_engines", metadata,  # a job serving several training engines: its own-rank bundle for each, in the order
+    # of preference (position 0 first). No rows: one engine, that of jobs.bundle_digest (jobs before engines).
+    Column("job_id", String, primary_key=True),
+    Column("engine", String, primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("digest", String, nullable=False),
+)
+
 rounds = Table(
     "rounds", metadata,
     Column("job_id", String, primary_key=True),

@@ -24,7 +24,8 @@ per pair in float64 (14 MB for MiniLM's 12 query/value projections) rather than 
 Other trainable tensors (a classification head, say) are averaged as in FedAvg.
 
 The coordinator serves a job's smaller ranks as bundles of their own ([job] device_ranks or device_bundles,
-checked by ``check_rank_bundle``); a device asking for at most rank r (``edgeft client --max-lora-rank``)
+checked by ``check_rank_bundle``; ``check_engine_bundle`` checks a job's bundles for other training engines the
+same way); a device asking for at most rank r (``edgeft client --max-lora-rank``)
 trains the largest served rank <= r from ``truncate``-d global adapters, and ``HeteroRankMean`` aggregates.
 """
 
@@ -80,27 +81,21 @@ def adapter_rank(manifest) -> int:  # noqa: ANN001
     return int(adapter.get("rank") or 0) if adapter.get("kind") == "lora" else 0
 
 
-def check_rank_bundle(main, other) -> int:  # noqa: ANN001
-    """``other``'s rank, after checking that its bundle (manifest) is ``main``'s model at a smaller LoRA rank:
-    the same base model, task, labels, inputs, LoRA alpha and target modules, FedProx term and pooling, and
-    trainable tensors of the same names whose shapes differ only in the LoRA rank. ConfigError otherwise."""
-    rank, main_rank = adapter_rank(other), adapter_rank(main)
-    if not (rank and main_rank):
-        raise ConfigError("mixed ranks need LoRA bundles; these adapters are "
-                          f"{main.adapter.get('kind')!r} and {other.adapter.get('kind')!r}")
+# What two bundles of one job share whatever their LoRA rank or engine: manifest fields, then adapter keys.
+SAME_JOB_FIELDS = ("task", "labels", "inputs", "proximal", "pooling", "loss", "optimizer", "tokenizer")
+SAME_JOB_ADAPTER_KEYS = ("kind", "alpha", "target_modules", "trainable_modules", "dropout")
 
-    def differs(what: str) -> ConfigError:
-        return ConfigError(f"the rank-{rank} bundle differs from the job's rank-{main_rank} bundle in {what}: "
-                           "export it from the same model with the same settings, changing only the LoRA rank")
 
-    if rank >= main_rank:
-        raise ConfigError(f"a device bundle's LoRA rank must be below the job's rank {main_rank}; it is {rank}")
+def _check_same_job(main, other, rank: int, differs) -> None:  # noqa: ANN001
+    """ConfigError (``differs(what)``) unless ``other`` is ``main``'s model with ``main``'s settings, its LoRA
+    tensors at ``rank``: the same base model, SAME_JOB_FIELDS, SAME_JOB_ADAPTER_KEYS, and trainable tensors of
+    the same names and dtypes whose shapes differ at most in the LoRA rank."""
     if main.base_model.get("digest") != other.base_model.get("digest"):
         raise differs("its base model (manifest base_model.digest)")
-    for field in ("task", "labels", "inputs", "proximal", "pooling", "loss"):
+    for field in SAME_JOB_FIELDS:
         if getattr(main, field) != getattr(other, field):
             raise differs(field)
-    for key in ("alpha", "target_modules", "trainable_modules", "dropout"):
+    for key in SAME_JOB_ADAPTER_KEYS:
         if main.adapter.get(key) != other.adapter.get(key):
             raise differs(f"adapter.{key}")
     mine = {t.name: t for t in main.trainable}
@@ -112,7 +107,51 @@ def check_rank_bundle(main, other) -> int:  # noqa: ANN001
                  for i, d in enumerate(spec.shape)]
         if list(theirs[name].shape) != shape or theirs[name].dtype != spec.dtype:
             raise differs(f"tensor {name}'s shape {theirs[name].shape} (expected {shape})")
+
+
+def check_rank_bundle(main, other) -> int:  # noqa: ANN001
+    """``other``'s rank, after checking that its bundle (manifest) is ``main``'s model at a smaller LoRA rank:
+    the same training engine, base model, task, labels, inputs, loss, optimizer, tokenizer, LoRA alpha and target
+    modules, FedProx term and pooling, and trainable tensors of the same names whose shapes differ only in the
+    LoRA rank. ConfigError otherwise."""
+    rank, main_rank = adapter_rank(other), adapter_rank(main)
+    if not (rank and main_rank):
+        raise ConfigError("mixed ranks need LoRA bundles; these adapters are "
+                          f"{main.adapter.get('kind')!r} and {other.adapter.get('kind')!r}")
+
+    def differs(what: str) -> ConfigError:
+        return ConfigError(f"the rank-{rank} bundle differs from the job's rank-{main_rank} bundle in {what}: "
+                           "export it from the same model with the same settings, changing only the LoRA rank")
+
+    if rank >= main_rank:
+        raise ConfigError(f"a device bundle's LoRA rank must be below the job's rank {main_rank}; it is {rank}")
+    if main.engine != other.engine:
+        raise differs(f"its training engine ({other.engine!r}, the job's is {main.engine!r}; a job serves smaller "
+                      "ranks of its own engine only)")
+    _check_same_job(main, other, rank, differs)
     return rank
+
+
+def check_engine_bundle(main, other) -> str:  # noqa: ANN001
+    """``other``'s training engine, after checking that its bundle (manifest) is ``main``'s model exported for
+    another engine: everything ``check_rank_bundle`` compares, at the same LoRA rank (the whole adapter section
+    equal), so that updates of either bundle are the same tensors. ConfigError otherwise."""
+    if other.engine == main.engine:
+        raise ConfigError(f"an engine bundle must be for another engine than the job's bundle; both are for "
+                          f"{main.engine!r}")
+
+    def differs(what: str) -> ConfigError:
+        return ConfigError(f"the {other.engine!r} bundle differs from the job's {main.engine!r} bundle in {what}: "
+                           "export it from the same model with the same settings, changing only the engine "
+                           "(edgeft export --engine)")
+
+    if main.adapter != other.adapter:
+        raise differs("its adapter section (" + ", ".join(
+            f"{k} {other.adapter.get(k)!r} vs {main.adapter.get(k)!r}" for k in sorted(set(main.adapter) |
+                                                                                          set(other.adapter))
+            if main.adapter.get(k) != other.adapter.get(k)) + ")")
+    _check_same_job(main, other, adapter_rank(main), differs)
+    return other.engine
 
 
 class HeteroRankMean(Aggregation):

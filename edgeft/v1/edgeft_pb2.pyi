@@ -52,7 +52,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("os", "cores", "ram_bytes", "free_disk_bytes", "ort_version", "execution_providers", "max_lora_rank")
+    __slots__ = ("os", "cores", "ram_bytes", "free_disk_bytes", "ort_version", "execution_providers", "max_lora_rank", "engines")
     OS_FIELD_NUMBER: _ClassVar[int]
     CORES_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Capabilities(_message.Message):
     ORT_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     os: str
     cores: int
     ram_bytes: int
@@ -67,7 +68,8 @@ class Capabilities(_message.Message):
     ort_version: str
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     max_lora_rank: int
-    def __init__(self, os: _Optional[str] = ..., cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ..., ort_version: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+    engines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, os: _Optional[str] = ..., cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., free_disk_bytes: _Optional[int] = ..., ort_version: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., max_lora_rank: _Optional[int] = ..., engines: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("device_id", "enrolment_token", "capabilities")
