@@ -183,6 +183,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-ranks", metavar="R1,R2,...",
                    help="mixed LoRA ranks: each client's largest rank, cycled over the fleet (e.g. 8,4: every other "
                         "client trains rank 4); the smaller ranks are exported from --model")
+    p.add_argument("--engines", metavar="E1,E2",
+                   help="training engines the job serves, preferred first (e.g. ort-training,portable): --model is "
+                        "exported for each; each client trains the first its runtime runs")
+    p.add_argument("--client-pythons", metavar="PY1,PY2,...",
+                   help="the Python each client's agent runs with, cycled over the fleet: device virtualenvs with "
+                        "edgeft installed (scripts/device_venv.py), e.g. one with the plain onnxruntime")
     p.set_defaults(func=_run_simulate)
 
 
@@ -222,7 +228,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
         overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
-        head_init=args.head_init, client_ranks=_ranks(args.client_ranks),
+        head_init=args.head_init, client_ranks=_ranks(args.client_ranks), engines=_csv_list(args.engines) or (),
+        client_pythons=tuple(Path(p) for p in _csv_list(args.client_pythons) or ()),
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "

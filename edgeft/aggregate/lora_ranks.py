@@ -146,10 +146,9 @@ def check_engine_bundle(main, other) -> str:  # noqa: ANN001
                            "(edgeft export --engine)")
 
     if main.adapter != other.adapter:
-        raise differs("its adapter section (" + ", ".join(
-            f"{k} {other.adapter.get(k)!r} vs {main.adapter.get(k)!r}" for k in sorted(set(main.adapter) |
-                                                                                          set(other.adapter))
-            if main.adapter.get(k) != other.adapter.get(k)) + ")")
+        keys = sorted(k for k in set(main.adapter) | set(other.adapter) if main.adapter.get(k) != other.adapter.get(k))
+        raise differs("its adapter section (" + "; ".join(
+            f"{k}: {other.adapter.get(k)!r}, the job's {main.adapter.get(k)!r}" for k in keys) + ")")
     _check_same_job(main, other, adapter_rank(main), differs)
     return other.engine
 

@@ -107,6 +107,15 @@ def _ranks_line(ranks: list[int] | None) -> str:
             "aggregated as the mean of their LoRA products, re-factorised to the job's rank.")
 
 
+def _engines_line(engines: list[str] | None, pythons: list[str] | None) -> str:
+    """One sentence on the training engines a mixed fleet served ('' for one engine, one runtime)."""
+    if not engines or len(engines) < 2:
+        return ""
+    runtimes = f", the clients' agents cycling through the Pythons {', '.join(pythons)}" if pythons else ""
+    return (f" Training engines: the job serves {', '.join(engines)}{runtimes}; each client trains the first it runs, "
+            "and all updates are aggregated together.")
+
+
 def write_outputs(out: Path, summary: dict) -> None:
     """Write history.json, rounds.csv, clients.csv, the plots and report.md into ``out``."""
     history = summary["history"]
@@ -121,7 +130,7 @@ def write_outputs(out: Path, summary: dict) -> None:
              f"{c['concurrency']} agents training at once, {c['threads_per_agent']} thread(s) each. "
              f"Federated wall time {summary['federated_seconds']:.0f} s. Job status: {history['status']}"
              f"{': ' + history['message'] if history['message'] else ''}."
-             f"{_ranks_line(c.get('client_ranks'))}", "",
+             f"{_ranks_line(c.get('client_ranks'))}{_engines_line(c.get('engines'), c.get('client_pythons'))}", "",
              "| round | test accuracy | macro-F1 | test loss | mean client train loss | wall time | MB down | MB up |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rounds:

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from edgeft.config import ExportConfig, TrainConfig
+from edgeft.config import ENGINES, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, read_records
 from edgeft.errors import ConfigError, DataError, EdgeftError
 from edgeft.partition import label_histogram, parse_scheme, partition
@@ -71,6 +71,14 @@ class SimulationConfig:
     # fleet: (8, 4) with rank-8 exports makes every other client train rank 4. Needs ``model``: the smaller
     # ranks are exported beside the bundle and served as the job's device_bundles. (): one rank.
     client_ranks: tuple[int, ...] = ()
+    # Training engines (JobConfig.engines): with ``model``, the model is exported once per engine (the first is
+    # the job's own bundle) and the job serves them all; each agent trains the first its runtime runs. (): the
+    # engine of ``export``, or of ``bundle``.
+    engines: tuple[str, ...] = ()
+    # The Python each client's agent runs with, cycled over the fleet: a device virtualenv with edgeft installed
+    # (scripts/device_venv.py), e.g. one with the plain onnxruntime, which runs the portable engine only.
+    # (): this interpreter.
+    client_pythons: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -91,6 +99,12 @@ class SimulationConfig:
         if self.client_ranks and (self.model is None or min(self.client_ranks) < 1):
             raise ConfigError(f"invalid client_ranks={list(self.client_ranks)}: ranks >= 1, with model (the smaller "
                               "ranks are exported from it)")
+        object.__setattr__(self, "engines", tuple(self.engines))
+        object.__setattr__(self, "client_pythons", tuple(Path(p) for p in self.client_pythons))
+        if self.engines and (self.model is None or not set(self.engines) <= set(ENGINES)
+                             or len(set(self.engines)) != len(self.engines) or self.client_ranks):
+            raise ConfigError(f"invalid engines={list(self.engines)}: distinct engines among {', '.join(ENGINES)}, "
+                              "with model (a bundle is exported per engine) and without client_ranks")
 
     @property
     def slots(self) -> int:
@@ -98,23 +112,31 @@ class SimulationConfig:
 
 
 def _bundle(config: SimulationConfig, labels: list[str]):  # noqa: ANN202
-    """The job's bundle and its bundles at the smaller ``client_ranks`` (paths)."""
+    """The job's bundle, its bundles at the smaller ``client_ranks`` and its bundles for its other ``engines``
+    (paths)."""
     from edgeft.bundle import load_bundle
 
     if config.bundle is not None:
-        return load_bundle(config.bundle), ()
+        return load_bundle(config.bundle), (), ()
     from edgeft.export import export_hf
 
     target = config.out / "bundle"
     export = config.export or ExportConfig(labels=tuple(labels))
+    if config.engines and config.engines[0] != export.engine:
+        export = replace(export, engine=config.engines[0], opset=None)
     print(f"exporting {config.model} into a training bundle ...", flush=True)
     export_hf(config.model, target, export)
+    others = []
+    for engine in config.engines[1:]:
+        print(f"exporting it for the {engine} engine too ...", flush=True)
+        others.append(config.out / f"bundle-{engine}")
+        export_hf(config.model, others[-1], replace(export, engine=engine, opset=None))
     smaller = []
     for rank in sorted({r for r in config.client_ranks if r < export.adapter.rank}, reverse=True):
         print(f"exporting it at LoRA rank {rank} for the clients that train that rank ...", flush=True)
         smaller.append(config.out / f"bundle-rank{rank}")
         export_hf(config.model, smaller[-1], replace(export, adapter=replace(export.adapter, rank=rank)))
-    return load_bundle(target), tuple(smaller)
+    return load_bundle(target), tuple(smaller), tuple(others)
 
 
 def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: list[str]) -> dict:
@@ -175,12 +197,17 @@ def _start_agents(config: SimulationConfig, port: int, transport_flags: list[str
                 *transport_flags]
         if config.client_ranks:
             argv += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
+        python, where = sys.executable, {}
+        if config.client_pythons:  # a device virtualenv's edgeft: not this environment's, nor a checkout's
+            python = config.client_pythons[i % len(config.client_pythons)]  # in the working folder (PYTHONSAFEPATH)
+            env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+            where = {"env": {**env, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}}
         log = open(cache / "agent.log", "w")
         code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
         if i < config.attackers:  # test tooling: a Byzantine client
             code = NO_TORCH + ("from edgeft.simulation.byzantine import run_agent\n"
                                f"sys.exit(run_agent({argv!r}, {config.attack!r}, seed={config.seed + i}))")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(python), "-c", code], stdout=log, stderr=subprocess.STDOUT, **where)
         log.close()
         agents.append((proc, cache / "agent.log"))
     return agents
@@ -249,7 +276,7 @@ def run_simulation(config: SimulationConfig) -> dict:
     if (out / "state").exists():
         if not config.overwrite:
             raise ConfigError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
-        for name in ("state", "clients", "devices", "slots", "bundle", "tls", *(p.name for p in out.glob("bundle-rank*"))):
+        for name in ("state", "clients", "devices", "slots", "bundle", "tls", *(p.name for p in out.glob("bundle-*"))):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_records(config.train)
@@ -257,7 +284,7 @@ def run_simulation(config: SimulationConfig) -> dict:
         raise DataError(f"{config.train.path} holds no examples")
     labels = ([str(x) for x in config.export.labels] if config.export and config.export.labels
               else sorted({str(r[config.train.label_column]) for r in rows if config.train.label_column in r}))
-    bundle, device_bundles = _bundle(config, labels)
+    bundle, device_bundles, engine_bundles = _bundle(config, labels)
     if bundle.manifest.task != "classification":
         raise ConfigError(f"edgeft simulate partitions by class label; the bundle's task is {bundle.manifest.task}")
     parts = _write_partitions(config, rows, list(bundle.manifest.labels))
@@ -274,7 +301,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                     train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
                     secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
                                         else None),
-                    head_init=config.head_init, device_bundles=device_bundles)
+                    head_init=config.head_init, device_bundles=device_bundles, engine_bundles=engine_bundles,
+                    engines=config.engines)
     tls, transport_flags = _tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
@@ -307,7 +335,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "strategy": config.strategy, "strategy_options": dict(config.strategy_options),
                           "head_init": history.get("head_init"),
                           "attack": config.attack, "attackers": config.attackers,
-                          "client_ranks": list(config.client_ranks),
+                          "client_ranks": list(config.client_ranks), "engines": list(config.engines),
+                          "client_pythons": [str(p) for p in config.client_pythons],
                           "secure_aggregation": (dict(config.secure_aggregation)
                                                  if config.secure_aggregation is not None else None),
                           "bundle_digest": bundle.digest},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,22 +74,33 @@ def stub(port: int, token: str | Path, **transport) -> pb_grpc.CoordinatorStub:
 NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
 
 
-def agent(port: int, data: Path, cache: Path, token: Path, *extra: str, tls: bool = False) -> subprocess.Popen:
+def agent(port: int, data: Path, cache: Path, token: Path, *extra: str, tls: bool = False,
+          python: Path | None = None) -> subprocess.Popen:
     """An agent process with the token in file ``token``; plaintext (--insecure) unless ``tls``, when
-    ``extra`` carries its TLS flags."""
+    ``extra`` carries its TLS flags. ``python``: another interpreter, a device's virtualenv with edgeft installed
+    (run outside the checkout, none of this process's environment)."""
     argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--token-file", str(token),
             "--cache-dir", str(cache), "--threads", "1", "--give-up-after", "60", *([] if tls else ["--insecure"]),
             *extra]
     code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    where = {}
+    if python is not None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        where = {"cwd": Path(cache).parent, "env": {**env, "PYTHONNOUSERSITE": "1"}}
+    return subprocess.Popen([str(python or sys.executable), "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **where)
 
 
 def run_fleet(coordinator, port: int, shards: list[Path], folder: Path, token: Path,
-              flags: list[tuple[str, ...]] | None = None, timeout: float = 240) -> list[str]:
-    """One agent per shard (cache ``folder/device<i>``, ``flags[i]`` its extra flags) until job "banking" ends;
-    checks that every agent exited 0 and the job finished; returns the agents' outputs."""
+              flags: list[tuple[str, ...]] | None = None, timeout: float = 240,
+              pythons: list[Path | None] | None = None) -> list[str]:
+    """One agent per shard (cache ``folder/device<i>``, ``flags[i]`` its extra flags, ``pythons[i]`` its
+    interpreter, None: this one) until job "banking" ends; checks that every agent exited 0 and the job finished;
+    returns the agents' outputs."""
     flags = flags or [()] * len(shards)
-    procs = [agent(port, shard, folder / f"device{i}", token, *flags[i]) for i, shard in enumerate(shards)]
+    pythons = pythons or [None] * len(shards)
+    procs = [agent(port, shard, folder / f"device{i}", token, *flags[i], python=pythons[i])
+             for i, shard in enumerate(shards)]
     coordinator.wait_until_finished(timeout=timeout)
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
