@@ -107,8 +107,11 @@ class _Step(nn.Module):
         user_outs = [o for s, o in zip(self.outputs, outs) if s.kind in (kinds_out.LOSS_OUTPUT, kinds_out.USER_OUTPUT)]
         if not self.accumulate:
             return tuple(user_outs)
-        grads = {self.graph_names[s.target]: o for s, o in zip(self.outputs, outs)
-                 if s.kind == kinds_out.GRADIENT_TO_PARAMETER}
+        grads: dict[str, torch.Tensor] = {}
+        for s, o in zip(self.outputs, outs):  # a tied parameter gets a gradient under each of its names
+            if s.kind == kinds_out.GRADIENT_TO_PARAMETER:
+                name = self.graph_names[s.target]
+                grads[name] = grads[name] + o if name in grads else o
         accumulators = flat[self.n_user + len(self.state):]
         trainable = self.state[: len(accumulators)]
         return (*user_outs, *(acc + grads[name] for acc, name in zip(accumulators, trainable)))
@@ -133,16 +136,18 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     values = {n: p for n, p in adapted.model.named_parameters()}
     values.update({n: b for n, b in adapted.model.named_buffers()})
     values.update(dict(zip(anchors, graph.anchors)))
+    aliases = _aliases(adapted.model)
     outputs = ["loss", "logits", *(["features"] if features else [])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         forward = _export(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
                                                       strict=False), "torch.export")
-        graph_names = {**{f"g.model.{n}": n for n in values},
+        graph_names = {**{f"g.model.{n}": n for n in values}, **{f"g.model.{a}": n for a, n in aliases.items()},
                        **{f"g.anchors.{i}": a for i, a in enumerate(anchors)}}
         from torch.export.experimental import _export_forward_backward
 
         joint = _export(lambda: _export_forward_backward(copy.deepcopy(forward), 0), "the backward pass")
+        _translatable(joint.graph_module)
         trainable_values = tuple(values[n].detach().clone() for n in adapted.trainable)
         state_values = tuple(values[n].detach().clone() for n in state)
         zeros = tuple(torch.zeros_like(v) for v in trainable_values)
@@ -157,6 +162,35 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                               config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
     save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
               str(out_dir / PARAMETERS))
+
+
+def _translatable(module: torch.fx.GraphModule) -> None:
+    """Rewrite what the backward decompositions emit and torch.onnx cannot translate into equivalents it can.
+
+    ``empty_permuted`` (``empty_like`` decomposed, seen under the SiLU gradient of Llama's MLP) is an
+    uninitialised tensor of a given logical shape whatever its memory layout: ``empty.memory_format``."""
+    aten = torch.ops.aten
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target == aten.empty_permuted.default:
+            node.target = aten.empty.memory_format
+            node.args = node.args[:1]
+            changed = True
+    if changed:
+        module.recompile()
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied tensors (GPT-2's lm_head.weight is its token embedding): every further name of a parameter or
+    buffer -> the name ``named_parameters``/``named_buffers`` keep for it. torch.export lists each name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
 
 
 def _export(fn, what: str):  # noqa: ANN001, ANN202

@@ -43,23 +43,68 @@ def tiny_bert(directory: str | Path, tokenizer_file: str | Path, num_labels: int
     return directory
 
 
+def tiny_distilbert(directory: str | Path, tokenizer_file: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide DistilBERT (2 heads) for sequence classification using an existing WordPiece
+    tokenizer.json. Its Linear modules: q_lin, k_lin, v_lin, out_lin, ffn.lin1, ffn.lin2, pre_classifier,
+    classifier (PEFT has no default LoRA target for DistilBERT: name them)."""
+    from tokenizers import Tokenizer
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    directory = Path(directory)
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128, num_labels=num_labels, initializer_range=0.2)
+    DistilBertForSequenceClassification(config).save_pretrained(directory)
+    Tokenizer.from_file(str(tokenizer_file)).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def byte_level_bpe(directory: Path, text: str, vocab_size: int, special: str = "<|endoftext|>") -> int:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on ``text`` into ``directory``/tokenizer.json; returns
+    its vocabulary size. ``special`` gets id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return int(tokenizer.get_vocab_size())
+
+
 def tiny_gpt2(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0,
               n_embd: int = 64, n_layer: int = 2, initializer_range: float = 0.02) -> Path:
     """A small GPT-2 with a byte-level BPE tokenizer trained on ``text``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([text], trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    vocab = byte_level_bpe(directory, text, vocab_size)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=256, n_embd=n_embd, n_layer=n_layer,
+    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=n_embd, n_layer=n_layer,
                         n_head=4, bos_token_id=0, eos_token_id=0, initializer_range=initializer_range)
     GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def tiny_llama(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
+               num_hidden_layers: int = 2, initializer_range: float = 0.02) -> Path:
+    """A small Llama-architecture decoder (RMSNorm, rotary position embeddings, grouped-query attention with
+    4 query heads sharing 2 key/value heads, SwiGLU MLP) with a byte-level BPE tokenizer trained on ``text``.
+    Its Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = byte_level_bpe(directory, text, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         initializer_range=initializer_range)
+    LlamaForCausalLM(config).save_pretrained(directory)
     return directory
