@@ -296,7 +296,8 @@ class JobConfig:
                 opset = None  # the first engine's default: [job.export] opset is for another engine
                 object.__setattr__(self, "export", replace(self.export, engine=engines[0], opset=opset))
         if len(self.engines) > 1 or self.engine_bundles:
-            _check(not (self.device_ranks or self.device_bundles), "job.engines", list(self.engines) or "engine_bundles",
+            _check(not (self.device_ranks or self.device_bundles), "job.engines",
+                   list(self.engines) or "engine_bundles",
                    "several training engines serve the job's own LoRA rank only; mixed ranks (device_ranks, "
                    "device_bundles) and several engines in one job are not supported: run them as two jobs")
 

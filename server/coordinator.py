@@ -28,6 +28,7 @@ from edgeft.aggregate.lora_ranks import (HeteroRankFedAvg, adapter_rank, check_e
                                          lora_pairs, truncate)
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.bundle import Bundle, load_bundle
+from edgeft.config import ENGINES
 from edgeft.errors import (BundleError, ConfigError, DataError, EdgeftError, NotFound, PermissionDenied, Rejected,
                            SecAggError, StateError)
 from edgeft.secagg.updates import SecAggSettings, decode_sum
@@ -87,11 +88,11 @@ def engine_refusal(job_id: str, served: list[str], reported: list[str], ort_vers
     runs = ", ".join(reported) if reported else "ort-training only (its agent does not report its engines)"
     runtime = f" (onnxruntime {ort_version})" if ort_version else ""
     install = " or ".join(RUNTIME_FOR_ENGINE[e] for e in served if e in RUNTIME_FOR_ENGINE)
-    wanted = [e for e in reported if e not in served][:1] or ["portable"]
-    listed = ", ".join(f'"{e}"' for e in [*served, *wanted])
+    wanted = [e for e in reported or ["ort-training"] if e in ENGINES and e not in served][:1]
+    ask = (", or ask the coordinator's operator to serve the device's engine too: [job] engines = ["
+           + ", ".join(f'"{e}"' for e in [*served, *wanted]) + "]") if wanted else ""
     return (f"job {job_id!r} trains with the {', '.join(served)} engine{'s' if len(served) > 1 else ''}; this device "
-            f"runs {runs}{runtime}. Install {install} on the device, or ask the coordinator's operator to serve "
-            f"the device's engine too: [job] engines = [{listed}]")
+            f"runs {runs}{runtime}. Install {install} on the device{ask}")
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:

@@ -24,8 +24,8 @@ from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import (capabilities_from_pb, dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb, secagg_response_to_pb,
-                         secagg_settings_to_pb, tensor_to_pb, train_spec, update_from_parts)
+from edgeft.wire import (capabilities_from_pb, dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb,
+                         secagg_response_to_pb, secagg_settings_to_pb, tensor_to_pb, train_spec, update_from_parts)
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment

@@ -131,7 +131,8 @@ def test_a_device_that_runs_none_of_the_jobs_engines_is_refused_with_what_to_do(
     only_portable = Coordinator(ServerConfig(state_dir=tmp_path / "b", insecure=True, jobs=(
         JobConfig(id="p", bundle=portable_bundle.path),)))
     with pytest.raises(Rejected, match=r"trains with the portable engine; this device runs ort-training only \(its "
-                                       r"agent does not report its engines\)\. Install onnxruntime 1.19 or later"):
+                                       r"agent does not report its engines\)\. Install onnxruntime 1.19 or later.*"
+                                       r"engines = \[\"portable\", \"ort-training\"\]"):
         only_portable.register("old", {}, "p")
 
 
