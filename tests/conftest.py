@@ -119,3 +119,61 @@ def tiny_sentence_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_sentence
     from edgeft.export import export_hf
 
     return export_hf(tiny_sentence_dir, tmp_path_factory.mktemp("tiny-sentence-bundle") / "bundle", tiny_config)
+
+
+@pytest.fixture(scope="session")
+def export_once(tmp_path_factory: pytest.TempPathFactory):
+    """``export(model_dir, config)``: the bundle of a Hugging Face folder for an ExportConfig, exported once per
+    test session (portable exports take tens of seconds; tests of both engines share them)."""
+    from edgeft.export import export_hf
+
+    cache: dict = {}
+
+    def export(model_dir: Path, config: ExportConfig):
+        key = (str(model_dir), config)
+        if key not in cache:
+            cache[key] = export_hf(model_dir, tmp_path_factory.mktemp(f"bundle-{config.engine}") / "bundle", config)
+        return cache[key]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_bundle(export_once, tiny_bert_dir: Path, tiny_config: ExportConfig):
+    """``tiny_bundle`` (without the forward graph) for the portable engine."""
+    from dataclasses import replace
+
+    return export_once(tiny_bert_dir, replace(tiny_config, engine="portable"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_portable_bundle(export_once, tiny_gpt2_dir: Path, tiny_lm_config: ExportConfig):
+    """``tiny_lm_bundle`` for the portable engine."""
+    from dataclasses import replace
+
+    return export_once(tiny_gpt2_dir, replace(tiny_lm_config, engine="portable"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sentence_portable_bundle(export_once, tiny_sentence_dir: Path, tiny_config: ExportConfig):
+    """``tiny_sentence_bundle`` for the portable engine."""
+    from dataclasses import replace
+
+    return export_once(tiny_sentence_dir, replace(tiny_config, engine="portable"))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide DistilBERT for BANKING77 with the MiniLM WordPiece tokenizer."""
+    from edgeft.export.toy import tiny_distilbert
+
+    return tiny_distilbert(tmp_path_factory.mktemp("tiny-distilbert"), minilm_tokenizer(), num_labels=len(LABELS))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    """A 2-layer Llama-architecture decoder (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a byte-level
+    BPE tokenizer trained on Tiny Shakespeare."""
+    from edgeft.export.toy import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), shakespeare.read_text()[:200_000], vocab_size=384)

@@ -137,6 +137,11 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     values.update({n: b for n, b in adapted.model.named_buffers()})
     values.update(dict(zip(anchors, graph.anchors)))
     aliases = _aliases(adapted.model)
+    tied = [(a, n) for a, n in aliases.items() if n in adapted.trainable]
+    if tied:
+        raise ExportError(f"the portable engine cannot train tied weights: trainable parameter {tied[0][1]} is "
+                          f"also {tied[0][0]} (torch.export's backward pass gives a shared parameter no gradient); "
+                          "freeze it (LoRA or a head adapter) or export with engine='ort-training'")
     outputs = ["loss", "logits", *(["features"] if features else [])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -203,8 +208,8 @@ def _export(fn, what: str):  # noqa: ANN001, ANN202
                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
 
 
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in _strip_ansi(str(exc)).strip().splitlines() if line.strip()]
     return lines[0][:400] if lines else ""
 
 
@@ -227,15 +232,31 @@ def _to_onnx(module: _Step, args: tuple, user_shapes: tuple, opset: int, input_n
 
 
 def _operator(exc: Exception) -> str:
-    """One line naming the operator torch.onnx could not translate, when it says which."""
+    """One line naming the operator torch.onnx could not translate (its message says so deep in the cause chain,
+    after a multi-line banner) and the node that uses it; otherwise the innermost cause's first line."""
     import re
 
-    text = str(exc)
-    found = re.search(r"(aten::[\w.]+|aten\.[\w.]+|[\w.]+::[\w.]+)", text)
-    head = _first_line(exc)
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(_strip_ansi(str(c)) for c in chain)
+    found = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
+    node = re.search(r"Error when translating node %(\w+)", text)
     if found:
-        return f"operator {found.group(1)} has no ONNX translation ({type(exc).__name__}: {head})"
-    return f"{type(exc).__name__}: {head}"
+        where = f" (node {node.group(1)})" if node else ""
+        return (f"operator {found.group(1)}.{found.group(2)}{where} has no ONNX translation in torch "
+                f"{torch.__version__}'s ONNX exporter: replace it in the model, or export with engine='ort-training'")
+    if node:
+        return f"translating node {node.group(1)} failed: {type(chain[-1]).__name__}: {_first_line(chain[-1])}"
+    return f"{type(chain[-1]).__name__}: {_first_line(chain[-1])}"
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:

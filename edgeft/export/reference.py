@@ -49,7 +49,9 @@ class Reference:
 
 
 def reference_for(source: ModelSource, config: ExportConfig, bundle: Bundle, dropout: bool = False) -> Reference:
-    """Build the torch twin of ``bundle`` from the same source; ``dropout`` trains in train mode."""
+    """Build the torch twin of ``bundle`` (either engine) from the same source; ``dropout`` trains in train mode.
+
+    Gradients add up over ``Reference.step(..., apply=False)`` calls as the bundle's do over ``train_step``."""
     adapted = apply_adapter(source, config.adapter, config.task)
     initial = open_session(bundle).get_parameters()
     params = dict(adapted.model.named_parameters())
@@ -58,7 +60,9 @@ def reference_for(source: ModelSource, config: ExportConfig, bundle: Bundle, dro
             params[name].copy_(torch.from_numpy(value))
     opt = config.optimizer
     l2 = opt.weight_decay if opt.name == "sgd" else 0.0
-    graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs)
+    # FedProx: the anchors start at the initial parameters, as the bundle's do
+    graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs,
+                          config.proximal_mu, adapted.trainable)
     graph.train(dropout)
     trainable = {n: params[n] for n in adapted.trainable}
     if opt.name == "adamw":

@@ -13,8 +13,9 @@ from edgeft.errors import ExportError, TrainingError
 from edgeft.export import export_hf
 from edgeft.export.source import SentenceClassifier, from_hf_folder, pool, sentence_pooling
 from edgeft.export.toy import tiny_bert
-from edgeft.train.session import TrainingSession
+from edgeft.train.engines import open_session
 
+SENTENCE_BUNDLES = ["tiny_sentence_bundle", pytest.param("tiny_sentence_portable_bundle", marks=pytest.mark.slow)]
 IDS = np.array([[101, 2129, 2079, 1045, 102], [101, 4067, 102, 0, 0]])
 BATCH = {"input_ids": IDS, "attention_mask": (IDS > 0).astype(np.int64), "labels": np.array([0, 1])}
 
@@ -39,14 +40,16 @@ def test_pooling_modes_by_hand():
     np.testing.assert_allclose(pool(hidden, mask, "mean_sqrt_len").numpy(), [[4 / np.sqrt(2), 8 / np.sqrt(2)]])
 
 
-def test_export_uses_the_sentence_pooling_by_default(tiny_sentence_bundle, tiny_sentence_dir, tiny_config):
+@pytest.mark.parametrize("bundle", SENTENCE_BUNDLES)
+def test_export_uses_the_sentence_pooling_by_default(bundle, request, tiny_sentence_dir, tiny_config):
+    tiny_sentence_bundle = request.getfixturevalue(bundle)
     manifest = tiny_sentence_bundle.manifest
     assert manifest.pooling == {"mode": "mean", "normalize": True, "dimension": 32}
     assert [o.name for o in manifest.outputs] == ["loss", "logits", "features"]
     weight, bias = manifest.head()
     assert "classifier" in weight and bias.endswith("bias")
 
-    session = TrainingSession(tiny_sentence_bundle, threads=1)
+    session = open_session(tiny_sentence_bundle, threads=1)
     features = session.features(BATCH)
     _, logits = session.eval_step(BATCH)
     model = from_hf_folder(tiny_sentence_dir, tiny_config).model
@@ -58,19 +61,21 @@ def test_export_uses_the_sentence_pooling_by_default(tiny_sentence_bundle, tiny_
     np.testing.assert_allclose(logits, expected_logits.numpy(), atol=1e-5)
 
 
-def test_padding_does_not_change_the_features(tiny_sentence_bundle):
-    session = TrainingSession(tiny_sentence_bundle, threads=1)
+@pytest.mark.parametrize("bundle", SENTENCE_BUNDLES)
+def test_padding_does_not_change_the_features(bundle, request):
+    session = open_session(request.getfixturevalue(bundle), threads=1)
     alone = session.features({"input_ids": IDS[1:, :3], "attention_mask": np.ones((1, 3), np.int64),
                               "labels": np.array([1])})
     np.testing.assert_allclose(session.features(BATCH)[1], alone[0], atol=1e-5)
 
 
-def test_cls_pooling_keeps_the_hugging_face_head(tmp_path, tiny_sentence_dir, tiny_config):
-    bundle = export_hf(tiny_sentence_dir, tmp_path / "cls", replace(tiny_config, pooling="cls"))
+@pytest.mark.parametrize("engine", ["ort-training", pytest.param("portable", marks=pytest.mark.slow)])
+def test_cls_pooling_keeps_the_hugging_face_head(engine, export_once, tiny_sentence_dir, tiny_config):
+    bundle = export_once(tiny_sentence_dir, replace(tiny_config, pooling="cls", engine=engine))
     assert bundle.manifest.pooling is None
     assert [o.name for o in bundle.manifest.outputs] == ["loss", "logits"]
     with pytest.raises(TrainingError, match="no 'features' output"):
-        TrainingSession(bundle, threads=1).features(BATCH)
+        open_session(bundle, threads=1).features(BATCH)
 
 
 def test_sentence_pooling_needs_a_sentence_transformers_folder(tmp_path, tiny_bert_dir, tiny_config):
