@@ -74,6 +74,7 @@ class PortableSession:
         ort.set_default_logger_severity(3)
         self.names = manifest.trainable_names
         self.input_names = [i.name for i in manifest.inputs]
+        self._input_specs = {i.name: i for i in manifest.inputs}
         self.has_features = manifest.pooling is not None
         proximal = manifest.proximal
         self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
@@ -124,10 +125,31 @@ class PortableSession:
     def _value(self, array: np.ndarray):  # noqa: ANN202
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32), self._device, 0)
 
-    def _bind_inputs(self, io, batch: dict[str, np.ndarray]) -> None:  # noqa: ANN001
+    def _check_batch(self, batch: dict[str, np.ndarray]) -> None:
+        """Every model input present with the manifest's dtype and rank, and the inputs agreeing on the sizes of
+        named axes (batch, sequence): a ``TrainingError`` naming the input, not ONNX Runtime's broadcast error."""
+        sizes: dict[str, tuple[str, int]] = {}
         for name in self.input_names:
             if name not in batch:
                 raise TrainingError(f"batch lacks the model input {name!r}; the bundle expects {self.input_names}")
+            value, spec = np.asarray(batch[name]), self._input_specs[name]
+            if str(value.dtype) != spec.dtype:
+                raise TrainingError(f"batch input {name!r} is {value.dtype}; the bundle expects {spec.dtype}")
+            if value.ndim != len(spec.shape):
+                raise TrainingError(f"batch input {name!r} has shape {value.shape}; the bundle expects {spec.shape}")
+            for axis, dim in enumerate(spec.shape):
+                size = int(value.shape[axis])
+                if isinstance(dim, str):
+                    first, expected = sizes.setdefault(dim, (name, size))
+                    if size != expected:
+                        raise TrainingError(f"batch inputs disagree on the {dim} axis: {first!r} has {expected}, "
+                                            f"{name!r} has {size}")
+                elif dim >= 0 and size != dim:
+                    raise TrainingError(f"batch input {name!r} has shape {value.shape}; the bundle expects {spec.shape}")
+
+    def _bind_inputs(self, io, batch: dict[str, np.ndarray]) -> None:  # noqa: ANN001
+        self._check_batch(batch)
+        for name in self.input_names:
             io.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
         for name, value in {**self._params, **self._anchors}.items():
             io.bind_ortvalue_input(name, value)

@@ -68,3 +68,44 @@ def test_config_validation_names_field_and_value():
         AdapterConfig(rank=0)
     with pytest.raises(EdgeftError, match=r"labels"):
         ExportConfig(task="classification", labels=("a",))
+
+
+class SpecialFunction(nn.Module):
+    """torch.lgamma in the trainable path: torch.onnx has no ONNX translation for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.lgamma(self.proj(x).abs() + 1.0))
+
+
+def test_portable_names_the_operator_without_onnx_translation(tmp_path):
+    config = ExportConfig(labels=("a", "b"), adapter=AdapterConfig(kind="full"), engine="portable")
+    with pytest.raises(ExportError, match=r"^the portable engine cannot translate this model to ONNX: operator "
+                                          r"prims\.lgamma\.default \(node lgamma\) has no ONNX translation") as info:
+        export_module(SpecialFunction(), {"x": torch.randn(2, 4)}, tmp_path / "b", config)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)  # one line, no terminal colours
+    assert not (tmp_path / "b").exists()
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight (as GPT-2's wte and lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(self.embed(x).mean(dim=1))
+
+
+def test_portable_refuses_trainable_tied_weights_in_one_line(tmp_path):
+    config = ExportConfig(labels=tuple("abcdefghijklmnop"), adapter=AdapterConfig(kind="full"), engine="portable")
+    with pytest.raises(ExportError, match=r"^the portable engine cannot train tied weights: trainable parameter "
+                                          r"embed\.weight is also out\.weight"):
+        export_module(TiedLM(), {"x": torch.ones(2, 3, dtype=torch.long)}, tmp_path / "b", config)
