@@ -137,15 +137,12 @@ class PortableSession:
                 raise TrainingError(f"batch input {name!r} is {value.dtype}; the bundle expects {spec.dtype}")
             if value.ndim != len(spec.shape):
                 raise TrainingError(f"batch input {name!r} has shape {value.shape}; the bundle expects {spec.shape}")
-            for axis, dim in enumerate(spec.shape):
-                size = int(value.shape[axis])
+            for dim, size in zip(spec.shape, value.shape):  # fixed sizes are left to ONNX Runtime
                 if isinstance(dim, str):
-                    first, expected = sizes.setdefault(dim, (name, size))
+                    first, expected = sizes.setdefault(dim, (name, int(size)))
                     if size != expected:
                         raise TrainingError(f"batch inputs disagree on the {dim} axis: {first!r} has {expected}, "
                                             f"{name!r} has {size}")
-                elif dim >= 0 and size != dim:
-                    raise TrainingError(f"batch input {name!r} has shape {value.shape}; the bundle expects {spec.shape}")
 
     def _bind_inputs(self, io, batch: dict[str, np.ndarray]) -> None:  # noqa: ANN001
         self._check_batch(batch)
