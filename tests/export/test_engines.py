@@ -224,3 +224,19 @@ def test_portable_names_the_bad_input(tiny_portable_bundle):
         session.train_step({**BATCH, "attention_mask": BATCH["attention_mask"][:, :3]})
     with pytest.raises(TrainingError, match=r"disagree on the batch axis: 'input_ids' has 2, 'labels' has 1"):
         session.eval_step({**BATCH, "labels": BATCH["labels"][:1]})
+
+
+# -- models --------------------------------------------------------------------------------------------------
+
+
+def test_default_lora_targets_of_the_decoder_and_distilbert(tmp_path, tiny_distilbert_dir, tiny_config):
+    """PEFT's defaults: q_proj and v_proj for Llama (test_parity names all seven linears); none for DistilBERT,
+    whose export then asks for target_modules (test_parity: q_lin, v_lin)."""
+    from edgeft.export import export_hf
+    from edgeft.export.adapters import default_lora_targets
+
+    assert default_lora_targets("llama") == ("q_proj", "v_proj")
+    assert default_lora_targets("distilbert") is None
+    with pytest.raises(ConfigError, match=r"adapter.target_modules is required: there is no default LoRA target for "
+                                          r"model type 'distilbert'"):
+        export_hf(tiny_distilbert_dir, tmp_path / "b", tiny_config)
