@@ -107,11 +107,8 @@ class _Step(nn.Module):
         user_outs = [o for s, o in zip(self.outputs, outs) if s.kind in (kinds_out.LOSS_OUTPUT, kinds_out.USER_OUTPUT)]
         if not self.accumulate:
             return tuple(user_outs)
-        grads: dict[str, torch.Tensor] = {}
-        for s, o in zip(self.outputs, outs):  # a tied parameter gets a gradient under each of its names
-            if s.kind == kinds_out.GRADIENT_TO_PARAMETER:
-                name = self.graph_names[s.target]
-                grads[name] = grads[name] + o if name in grads else o
+        grads = {self.graph_names[s.target]: o for s, o in zip(self.outputs, outs)
+                 if s.kind == kinds_out.GRADIENT_TO_PARAMETER}  # one each: generate() refuses tied trainables
         accumulators = flat[self.n_user + len(self.state):]
         trainable = self.state[: len(accumulators)]
         return (*user_outs, *(acc + grads[name] for acc, name in zip(accumulators, trainable)))
