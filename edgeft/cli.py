@@ -39,9 +39,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--engine", default="ort-training", choices=["ort-training", "portable"],
-                   help="training engine the bundle is for: ort-training (onnxruntime-training 1.19.2) or portable "
-                        "(standard ONNX graphs any onnxruntime >= 1.19 trains, on any execution provider)")
+    p.add_argument("--engine", default="portable", choices=["portable", "ort-training"],
+                   help="training engine the bundle is for: portable (default: standard ONNX graphs any onnxruntime "
+                        ">= 1.19 trains, on any execution provider) or ort-training (onnxruntime-training 1.19.2)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 14 for ort-training, 18 portable)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
     p.add_argument("--seed", type=int, default=0)

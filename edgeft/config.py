@@ -105,8 +105,9 @@ class ExportConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: str | None = None
-    # the training engine the bundle is made for (see ``Engine``)
-    engine: Engine = "ort-training"
+    # the training engine the bundle is made for (see ``Engine``): portable by default, chosen on evidence
+    # (docs/engines.md: as fast or faster, less memory, the same results, and every runtime and platform)
+    engine: Engine = "portable"
     # None: the engine's default (14 for ort-training, 18 for portable)
     opset: int | None = None
     max_length: int = 128

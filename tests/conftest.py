@@ -27,7 +27,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config() -> ExportConfig:
-    return ExportConfig(labels=LABELS, max_length=32)
+    return ExportConfig(labels=LABELS, max_length=32, engine="ort-training")  # portable: replace(engine=...)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -
 
 @pytest.fixture(scope="session")
 def tiny_lm_config() -> ExportConfig:
-    return ExportConfig(task="causal-lm", max_length=64, adapter=AdapterConfig(rank=4))
+    return ExportConfig(task="causal-lm", max_length=64, adapter=AdapterConfig(rank=4), engine="ort-training")
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,14 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_bundle, small_banki
 def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "edgeft.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "export" in proc.stdout and "train" in proc.stdout
+
+
+def test_the_default_engine_is_portable():
+    """The default training engine, chosen on the evidence in docs/engines.md and docs/performance.md."""
+    from edgeft.cli import build_parser
+    from edgeft.config import ExportConfig
+
+    config = ExportConfig(task="regression")
+    assert config.engine == "portable" and config.onnx_opset == 18
+    args = build_parser().parse_args(["export", "model", "--out", "b"])
+    assert args.engine == "portable"

@@ -56,7 +56,7 @@ def test_full_finetuning_bundle_of_90_mb_arrives_intact(tmp_path):
     from edgeft.demo import minilm_dir
     from edgeft.export import export_hf
 
-    bundle = export_hf(minilm_dir(), tmp_path / "full", ExportConfig(labels=LABELS, adapter=AdapterConfig(kind="full")))
+    bundle = export_hf(minilm_dir(), tmp_path / "full", ExportConfig(labels=LABELS, adapter=AdapterConfig(kind="full"), engine="ort-training"))
     size = sum(bundle.file(f).stat().st_size for f in bundle.manifest.files)
     assert size >= 90_000_000  # 92 MB: all of MiniLM trainable
     # every weight is trainable: the global adapter (92 MB) needs larger task messages than the default 8 MiB

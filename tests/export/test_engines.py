@@ -128,7 +128,7 @@ def test_full_finetuning_of_an_mlp_fails_on_ort_training_and_trains_on_portable(
     torch.manual_seed(0)
     model = MLP()
     config = ExportConfig(labels=("a", "b", "c"), adapter=AdapterConfig(kind="full", trainable_modules=()),
-                          optimizer=OptimizerConfig(name="adamw", weight_decay=0.01))
+                          optimizer=OptimizerConfig(name="adamw", weight_decay=0.01), engine="ort-training")
     with pytest.raises(ExportError) as refused:
         export_module(copy.deepcopy(model), {"x": torch.randn(4, 6)}, tmp_path / "ort", config)
     assert str(refused.value) == ORT_FULL_MLP_ERROR

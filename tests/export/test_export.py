@@ -48,7 +48,7 @@ def test_every_lora_parameter_in_checkpoint_under_its_own_name(tiny_bundle, tiny
 
 def test_full_finetuning_keeps_identical_initializers_apart(tmp_path, tiny_bert_dir, tiny_config):
     """A fresh model's LayerNorm weights are all ones: full fine-tuning must still see each of them."""
-    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(kind="full"), max_length=32)
+    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(kind="full"), max_length=32, engine="ort-training")
     bundle = export_source(from_hf_folder(tiny_bert_dir, config), tmp_path / "b", config)
     source = from_hf_folder(tiny_bert_dir, config)
     expected = {n for n, _ in source.model.named_parameters()}
@@ -62,7 +62,7 @@ def test_full_finetuning_keeps_identical_initializers_apart(tmp_path, tiny_bert_
 
 
 def test_head_only_trains_the_classifier(tmp_path, tiny_bert_dir, tiny_config):
-    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(kind="head"), max_length=32)
+    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(kind="head"), max_length=32, engine="ort-training")
     bundle = export_source(from_hf_folder(tiny_bert_dir, config), tmp_path / "b", config)
     assert bundle.manifest.trainable_names == ["classifier.weight", "classifier.bias"]
     assert bundle.manifest.peft_config is None
@@ -127,7 +127,7 @@ def test_torch_module_source_trains_with_each_loss(tmp_path, task, loss, optimiz
     model = TinyRegressor(outputs)
     config = ExportConfig(task=task, labels=labels, loss=loss, optimizer=OptimizerConfig(name=optimizer),
                           adapter=AdapterConfig(kind="lora", rank=2, target_modules=("proj",),
-                                                trainable_modules=("head",)))
+                                                trainable_modules=("head",)), engine="ort-training")
     bundle = export_module(model, {"x": torch.randn(4, 6)}, tmp_path / "b", config)
     assert bundle.manifest.loss == loss and bundle.manifest.tokenizer is None
     assert len(bundle.manifest.trainable_names) == 4  # proj lora_A, lora_B; head weight, bias
@@ -154,7 +154,7 @@ def test_hf_folder_for_regression_and_multilabel(tmp_path, tiny_bert_dir, task):
     from edgeft.train.trainer import train
 
     labels = () if task == "regression" else ("card", "cash", "fee")
-    bundle = export_hf(tiny_bert_dir, tmp_path / "b", ExportConfig(task=task, labels=labels, max_length=32))
+    bundle = export_hf(tiny_bert_dir, tmp_path / "b", ExportConfig(task=task, labels=labels, max_length=32, engine="ort-training"))
     assert bundle.manifest.loss == ("mse" if task == "regression" else "bce")
     rows = [("my card is lost", "0.5", "card"), ("withdraw cash abroad", "1.5", "cash;fee"),
             ("why was I charged a fee", "2.0", "fee"), ("card and cash both gone", "0.1", '["card", "cash"]')]

@@ -15,7 +15,7 @@ from edgeft.export import export_hf, export_module
 
 
 def test_unknown_target_module(tmp_path, tiny_bert_dir, tiny_config):
-    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(target_modules=("query", "qkv_proj")))
+    config = ExportConfig(labels=tiny_config.labels, adapter=AdapterConfig(target_modules=("query", "qkv_proj")), engine="ort-training")
     with pytest.raises(ConfigError, match="unknown target module 'qkv_proj'"):
         export_hf(tiny_bert_dir, tmp_path / "b", config)
 
@@ -46,7 +46,7 @@ class NonDifferentiable(nn.Module):
 
 
 def test_operator_without_gradient(tmp_path):
-    config = ExportConfig(labels=("a", "b"), adapter=AdapterConfig(kind="full"))
+    config = ExportConfig(labels=("a", "b"), adapter=AdapterConfig(kind="full"), engine="ort-training")
     with pytest.raises(ExportError, match="gradient builder") as info:
         export_module(NonDifferentiable(), {"x": torch.randn(2, 4)}, tmp_path / "b", config)
     assert "Round" in str(info.value)
@@ -63,7 +63,7 @@ def test_output_folder_must_be_empty(tmp_path, tiny_bert_dir, tiny_config):
 
 def test_config_validation_names_field_and_value():
     with pytest.raises(EdgeftError, match=r"opset=17"):
-        ExportConfig(labels=("a", "b"), opset=17)
+        ExportConfig(labels=("a", "b"), opset=17, engine="ort-training")
     with pytest.raises(EdgeftError, match=r"adapter.rank=0"):
         AdapterConfig(rank=0)
     with pytest.raises(EdgeftError, match=r"labels"):
