@@ -10,6 +10,9 @@ from edgeft.config import AdapterConfig, ExportConfig
 from edgeft.datasets import BANKING77_DIR, TINYSHAKESPEARE, banking77_labels
 
 LABELS = tuple(banking77_labels())
+REPO = Path(__file__).resolve().parents[1]
+# The device the plain-runtime tests install: Python 3.13 and the current plain onnxruntime (portable engine only).
+DEVICE_PYTHON, DEVICE_RUNTIME = "python3.13", "onnxruntime==1.32.0"
 
 
 def minilm_tokenizer() -> Path:
@@ -177,3 +180,37 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) 
     from edgeft.export.toy import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), shakespeare.read_text()[:200_000], vocab_size=384)
+
+
+@pytest.fixture(scope="session")
+def device_venv(pytestconfig, tmp_path_factory):  # noqa: ANN201
+    """``device_venv(python, runtime) -> python path``: a device virtualenv (scripts/device_venv.py: that Python,
+    that plain onnxruntime, this checkout's edgeft, no torch), kept in pytest's cache folder; skips the test when
+    the package index cannot be reached."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    cache = getattr(pytestconfig, "cache", None)
+    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
+
+    def make(python: str, runtime: str) -> Path:
+        try:
+            return tools.device_venv(root, python, runtime)
+        except tools.IndexUnreachable as exc:
+            pytest.skip(f"cannot install {runtime} and edgeft's device dependencies: {exc}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def device_runtime_version() -> str:
+    """The plain onnxruntime version of ``device_python``."""
+    return DEVICE_RUNTIME.partition("==")[2]
+
+
+@pytest.fixture(scope="session")
+def device_python(device_venv) -> Path:  # noqa: ANN001
+    """The python of a device virtualenv: Python 3.13, the current plain onnxruntime, this checkout's edgeft."""
+    return device_venv(DEVICE_PYTHON, DEVICE_RUNTIME)

@@ -151,6 +151,12 @@ def _strip_prefix(model: onnx.ModelProto, extra: dict[str, str] | None = None) -
     produced = [n for node in graph.node for n in node.output]
     renames = {n: n[len(PREFIX):] for n in [*(i.name for i in graph.initializer), *produced] if n.startswith(PREFIX)}
     renames.update(extra or {})
+    rename_tensors(graph, renames)
+
+
+def rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Rename tensors everywhere in ``graph`` (initializers, node inputs and outputs, graph inputs, outputs and
+    value infos) by ``renames``."""
     for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
     for node in graph.node:

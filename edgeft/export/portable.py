@@ -39,7 +39,7 @@ from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
 from edgeft.config import ExportConfig
 from edgeft.errors import ExportError
 from edgeft.export.adapters import AdaptedModel
-from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes
+from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes, rename_tensors
 from edgeft.export.optimizer import optimizer_model
 from edgeft.export.source import ModelSource
 
@@ -225,7 +225,7 @@ def _to_onnx(module: _Step, args: tuple, user_shapes: tuple, opset: int, input_n
     _simplify(onnx_program.model)
     model = onnx_program.model_proto
     renames = {buffer: name for name, buffer in module.frozen.items()}
-    _rename(model.graph, renames)
+    rename_tensors(model.graph, renames)
     return model
 
 
@@ -282,17 +282,6 @@ def _strip_ansi(text: str) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    for init in graph.initializer:
-        init.name = renames.get(init.name, init.name)
-    for node in graph.node:
-        for names in (node.input, node.output):
-            for i, name in enumerate(names):
-                names[i] = renames.get(name, name)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        value.name = renames.get(value.name, value.name)
 
 
 def _write_with_shared_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> None:

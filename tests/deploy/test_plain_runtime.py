@@ -9,7 +9,6 @@ with the runtime swapped, and this checkout's edgeft), made once and kept in pyt
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -78,25 +77,12 @@ def plain_version() -> str:
     return version
 
 
-def load_device_venv():  # noqa: ANN201
-    """scripts/device_venv.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
-def plain_runtime(pytestconfig, tmp_path_factory) -> tuple[Path, str]:
+def plain_runtime(device_venv) -> tuple[Path, str]:  # noqa: ANN001
     """(python of a device virtualenv on this Python holding the plain onnxruntime instead of the training
     build; the pinned version). Made once and kept in pytest's cache folder (``--cache-clear`` makes it again)."""
-    version, tools = plain_version(), load_device_venv()
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
-    try:
-        return tools.device_venv(root, sys.executable, f"onnxruntime=={version}"), version
-    except tools.IndexUnreachable as exc:
-        pytest.skip(f"cannot install onnxruntime=={version} into a separate virtualenv: {exc}")
+    version = plain_version()
+    return device_venv(sys.executable, f"onnxruntime=={version}"), version
 
 
 @pytest.fixture(scope="module")

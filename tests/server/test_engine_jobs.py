@@ -5,7 +5,6 @@ device that runs none of the job's engines is refused at registration with what 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sqlite3
@@ -24,9 +23,6 @@ from edgeft.wire import UploadHeader
 
 from conftest_server import agent, enrol, run_fleet, start
 
-REPO = Path(__file__).resolve().parents[2]
-DEVICE_PYTHON = "python3.13"
-DEVICE_RUNTIME = "onnxruntime==1.32.0"  # a plain runtime: runs the portable engine only
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +38,6 @@ def model_job(tmp_path_factory, tiny_bert_dir, tiny_config) -> Coordinator:
 def portable_bundle(model_job):  # noqa: ANN001, ANN201
     """The tiny BERT's portable bundle (``tiny_bundle``'s model and settings, for the other engine)."""
     return model_job.engine_bundles["j"]["portable"]
-
-
-@pytest.fixture(scope="module")
-def device_python(pytestconfig, tmp_path_factory) -> Path:
-    """The python of a device virtualenv: Python 3.13, the plain onnxruntime, this checkout's edgeft
-    (scripts/device_venv.py, cached in pytest's cache folder)."""
-    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
-    tools = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tools)
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
-    try:
-        return tools.device_venv(root, DEVICE_PYTHON, DEVICE_RUNTIME)
-    except tools.IndexUnreachable as exc:
-        pytest.skip(f"cannot install {DEVICE_RUNTIME} and edgeft's device dependencies: {exc}")
 
 
 def two_engine_job(bundle, portable, **settings) -> JobConfig:  # noqa: ANN001
@@ -218,7 +199,8 @@ def test_a_restart_adds_the_engines_the_configuration_lists_now_and_old_states_o
 
 
 def test_devices_on_the_plain_runtime_and_the_training_build_train_one_round(tmp_path, tiny_bundle, portable_bundle,
-                                                                            shards, device_python):
+                                                                            shards, device_python,
+                                                                            device_runtime_version):
     server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1,
                                       job_settings={"engine_bundles": (portable_bundle.path,)})
     try:
@@ -229,7 +211,7 @@ def test_devices_on_the_plain_runtime_and_the_training_build_train_one_round(tmp
             assert [p.name for p in (tmp_path / f"device{i}" / "bundles").iterdir()] == [digest], outputs[i]
         for output in outputs[:2]:
             assert "training on the portable engine, execution provider CPUExecutionProvider (onnxruntime " \
-                   f"{DEVICE_RUNTIME.partition('==')[2]})" in output, output
+                   f"{device_runtime_version})" in output, output
         assert "training on the ort-training engine, execution provider CPUExecutionProvider (onnxruntime " \
                "1.19.2)" in outputs[2], outputs[2]
         engines = sorted(tuple(coordinator.device(c["device_id"])["capabilities"]["engines"])

@@ -4,7 +4,6 @@ training build."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
 from edgeft.simulation import SimulationConfig, run_simulation
 
-REPO = Path(__file__).resolve().parents[2]
-DEVICE_RUNTIME = "onnxruntime==1.32.0"
 
 
 def test_engine_settings_are_checked(tmp_path, tiny_bundle, tiny_bert_dir, small_banking):
@@ -28,20 +25,6 @@ def test_engine_settings_are_checked(tmp_path, tiny_bundle, tiny_bert_dir, small
     with pytest.raises(ConfigError, match="without client_ranks"):
         SimulationConfig(out=tmp_path, train=data, model=tiny_bert_dir, engines=("ort-training", "portable"),
                          client_ranks=(8, 4))
-
-
-@pytest.fixture(scope="module")
-def device_python(pytestconfig, tmp_path_factory) -> Path:
-    """A device virtualenv: Python 3.13, the plain onnxruntime, this checkout's edgeft (scripts/device_venv.py)."""
-    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
-    tools = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tools)
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
-    try:
-        return tools.device_venv(root, "python3.13", DEVICE_RUNTIME)
-    except tools.IndexUnreachable as exc:
-        pytest.skip(f"cannot install {DEVICE_RUNTIME} and edgeft's device dependencies: {exc}")
 
 
 @pytest.mark.slow

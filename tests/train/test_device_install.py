@@ -9,7 +9,6 @@ pyproject.toml's markers.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -27,18 +26,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICE_PYTHON = "python3.13"
-DEVICE_RUNTIME = "onnxruntime==1.32.0"  # the current plain runtime
-VERSION = DEVICE_RUNTIME.partition("==")[2]
-
-
-def load_device_venv():  # noqa: ANN201
-    """scripts/device_venv.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("device_venv", REPO / "scripts" / "device_venv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 # onnxruntime-training-cpu 1.19.2's wheels on PyPI (checked): cp38-cp312 for macosx_11_0_universal2,
 # manylinux_2_27_x86_64 and win_amd64; nothing for aarch64 Linux, Windows on ARM or CPython 3.13.
@@ -73,18 +60,6 @@ def test_markers_pick_exactly_one_runtime_where_its_wheels_exist():
     assert [str(r) for r in export if r.name.startswith("onnxruntime")] == ["onnxruntime-training-cpu==1.19.2"]
 
 
-@pytest.fixture(scope="module")
-def device_python(pytestconfig, tmp_path_factory) -> Path:
-    """The python of a device virtualenv: Python 3.13, the plain onnxruntime, this checkout's edgeft."""
-    tools = load_device_venv()
-    cache = getattr(pytestconfig, "cache", None)
-    root = cache.mkdir("device-venvs") if cache is not None else tmp_path_factory.mktemp("device-venvs")
-    try:
-        return tools.device_venv(root, DEVICE_PYTHON, DEVICE_RUNTIME)
-    except tools.IndexUnreachable as exc:
-        pytest.skip(f"cannot install {DEVICE_RUNTIME} and edgeft's device dependencies: {exc}")
-
-
 def run_device(python: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python args`` as the device would: outside the checkout, nothing of this process's environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -110,12 +85,12 @@ print(json.dumps({"python": list(sys.version_info[:2]), "edgeft": edgeft.__file_
 
 
 @pytest.mark.slow
-def test_device_venv_is_a_plain_python_313_install(device_python, tmp_path):
+def test_device_venv_is_a_plain_python_313_install(device_python, device_runtime_version, tmp_path):
     proc = run_device(device_python, ["-c", INSPECT], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout)
     assert got["python"] == [3, 13]
-    assert got["ort"] == VERSION
+    assert got["ort"] == device_runtime_version
     assert got["importable"] == {"torch": False, "transformers": False, "onnxruntime.training": False}
     assert got["engines"] == ["portable"]
     # edgeft is the installed package, not this checkout
@@ -136,7 +111,8 @@ def portable_bundle(tmp_path_factory, tiny_bert_dir, tiny_config) -> Path:
 
 
 @pytest.mark.slow
-def test_python_313_device_trains_a_portable_bundle(device_python, portable_bundle, small_banking, tmp_path):
+def test_python_313_device_trains_a_portable_bundle(device_python, device_runtime_version, portable_bundle, small_banking,
+                                                   tmp_path):
     out = tmp_path / "adapter"
     check = run_device(device_python, ["-c", "import sys; from edgeft.bundle import load_bundle, check_bundle; "
                                              "check_bundle(load_bundle(sys.argv[1]))", str(portable_bundle)], tmp_path)
@@ -146,7 +122,7 @@ def test_python_313_device_trains_a_portable_bundle(device_python, portable_bund
                                       "--out", str(out), "--no-progress"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "portable engine" in output and f"onnxruntime {VERSION}" in output, output
+    assert "portable engine" in output and f"onnxruntime {device_runtime_version}" in output, output
     history = json.loads((out / "metrics.json").read_text())["history"]
     losses = [record["train_loss"] for record in history]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
@@ -154,7 +130,8 @@ def test_python_313_device_trains_a_portable_bundle(device_python, portable_bund
 
 
 @pytest.mark.slow
-def test_python_313_device_refuses_an_ort_training_bundle(device_python, tiny_bundle, small_banking, tmp_path):
+def test_python_313_device_refuses_an_ort_training_bundle(device_python, device_runtime_version, tiny_bundle, small_banking,
+                                                         tmp_path):
     out = tmp_path / "adapter"
     proc = run_device(device_python, ["-m", "edgeft.cli", "train", str(tiny_bundle.path), "--data",
                                       str(small_banking["train"]), "--label-column", "category", "--out", str(out),
@@ -162,6 +139,6 @@ def test_python_313_device_refuses_an_ort_training_bundle(device_python, tiny_bu
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1, proc.stderr
-    assert "'ort-training' engine" in errors[0] and f"onnxruntime {VERSION}" in errors[0], errors[0]
+    assert "'ort-training' engine" in errors[0] and f"onnxruntime {device_runtime_version}" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
