@@ -20,9 +20,12 @@ Attention must be the eager implementation: SDPA's backward has no ONNX translat
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -140,7 +143,10 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                           f"also {tied[0][0]} (torch.export's backward pass gives a shared parameter no gradient); "
                           "freeze it (LoRA or a head adapter) or export with engine='ort-training'")
     outputs = ["loss", "logits", *(["features"] if features else [])]
-    with warnings.catch_warnings():
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level  # "torchvision is not installed. Skipping torchvision::nms", four lines a graph
+    registration.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), _restored(registration, level):
         warnings.simplefilter("ignore")
         forward = _export(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
                                                       strict=False), "torch.export")
@@ -164,6 +170,14 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                               config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
     save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
               str(out_dir / PARAMETERS))
+
+
+@contextlib.contextmanager
+def _restored(logger: logging.Logger, level: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _translatable(module: torch.fx.GraphModule) -> None:
