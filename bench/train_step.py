@@ -15,8 +15,11 @@ Parts:
 
 The model folder and the bundles are cached in --work, keyed by what they are made of (configuration, weights,
 exporter source, library versions): a re-run exports again only when one of those changed; --fresh rebuilds.
+Every column runs --repeats times, round robin, and its fastest run counts (a shared machine's busy spells
+slow PyTorch's eager threads far more than ONNX Runtime's); the JSON keeps every run's tokens/s.
 
     python bench/train_step.py [--parts minilm,decoder] [--steps 60] [--decoder-steps 8] [--threads 2]
+                               [--repeats 2] [--json-out bench/results/train_step.json]
 """
 
 from __future__ import annotations
