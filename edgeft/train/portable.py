@@ -19,6 +19,7 @@ from edgeft.bundle import PORTABLE_GRADIENT as GRADIENT_MODEL
 from edgeft.bundle import PORTABLE_OPTIMIZER as OPTIMIZER_MODEL
 from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
 from edgeft.errors import BundleError, TrainingError
+from edgeft.train.session import check_parameter_values
 
 # Where a provider keeps the tensors it works on (IOBinding device names); others work in CPU memory.
 DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
@@ -217,12 +218,7 @@ class PortableSession:
     def set_parameters(self, values: dict[str, np.ndarray], proximal_anchor: bool = True) -> None:
         """Overwrite trainable parameters (e.g. with a global adapter); names and shapes must match. In a FedProx
         bundle the proximal anchors are set to the same values unless ``proximal_anchor`` is False."""
-        for name, value in values.items():
-            if name not in self._params:
-                raise TrainingError(f"unknown parameter {name!r}; the bundle trains {len(self.names)} parameters")
-            current = tuple(self._params[name].shape())
-            if current != tuple(value.shape):
-                raise TrainingError(f"parameter {name!r} has shape {current}, got {tuple(value.shape)}")
+        check_parameter_values({n: self._params[n].shape() for n in self.names}, values)
         for name, value in values.items():
             self._params[name] = self._value(value)
         if proximal_anchor and self.anchor_prefix is not None:

@@ -48,6 +48,16 @@ def training_api() -> types.ModuleType:
     return api
 
 
+def check_parameter_values(shapes: dict[str, tuple], values: dict[str, np.ndarray]) -> None:
+    """Raise TrainingError unless every tensor of ``values`` names a trainable parameter of ``shapes`` (name ->
+    shape) and has its shape: what both engines' ``set_parameters`` accept."""
+    for name, value in values.items():
+        if name not in shapes:
+            raise TrainingError(f"unknown parameter {name!r}; the bundle trains {len(shapes)} parameters")
+        if tuple(shapes[name]) != tuple(value.shape):
+            raise TrainingError(f"parameter {name!r} has shape {tuple(shapes[name])}, got {tuple(value.shape)}")
+
+
 class TrainingSession:
     """Train a bundle's trainable parameters on CPU (or another provider ORT offers).
 
@@ -131,12 +141,8 @@ class TrainingSession:
 
         In a FedProx bundle the proximal term's anchors are set to the same values (the adapter a round
         starts from is the one local training is pulled towards), unless ``proximal_anchor`` is False."""
+        check_parameter_values({n: self._state.parameters[n].data.shape for n in self.names}, values)
         for name, value in values.items():
-            if name not in self._state.parameters:
-                raise TrainingError(f"unknown parameter {name!r}; the bundle trains {len(self.names)} parameters")
-            current = self._state.parameters[name].data
-            if tuple(current.shape) != tuple(value.shape):
-                raise TrainingError(f"parameter {name!r} has shape {tuple(current.shape)}, got {tuple(value.shape)}")
             self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
         if proximal_anchor and self.anchor_prefix is not None:
             self.set_proximal_anchor(values)
