@@ -22,13 +22,18 @@ def runtime_version() -> str:
     return onnxruntime.__version__
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.32.0"`` -> ``(1, 32)``: the major and minor numbers of a runtime version, for comparisons."""
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
 def available_engines() -> list[str]:
     """The engines this process can run, the preferred first (``portable``, then ``ort-training``)."""
     version = runtime_version()
     if not version:
         return []
     engines = []
-    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= MIN_PORTABLE_ORT:
+    if version_tuple(version) >= MIN_PORTABLE_ORT:
         engines.append("portable")
     try:
         from edgeft.train.session import training_api

@@ -19,6 +19,7 @@ from edgeft.bundle import PORTABLE_GRADIENT as GRADIENT_MODEL
 from edgeft.bundle import PORTABLE_OPTIMIZER as OPTIMIZER_MODEL
 from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
 from edgeft.errors import BundleError, TrainingError
+from edgeft.train.engines import version_tuple
 from edgeft.train.session import check_parameter_values
 
 # Where a provider keeps the tensors it works on (IOBinding device names); others work in CPU memory.
@@ -120,6 +121,10 @@ class PortableSession:
         # transposes). Measured on all-MiniLM-L6-v2 (batch 32, 2 threads, ORT 1.19.2): peak RSS 486 MB without
         # them, 688 MB with them, step time the same within this machine's noise.
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # onnxruntime after 1.19 plans the training graph's memory patterns into a much larger peak: the 135M-parameter
+        # decoder of bench/train_step.py peaks at 7.1 GB on 1.32.0 with them, 5.1 GB without (3% slower). On 1.19.2
+        # turning them off raises the peak (4.4 -> 4.8 GB), so they stay on there. docs/performance.md has the runs.
+        options.enable_mem_pattern = version_tuple(ort.__version__) < (1, 20)
         return ort.InferenceSession(str(path), options, providers=[self.provider],
                                     disabled_optimizers=["ConstantFolding"])
 
