@@ -11,10 +11,9 @@ from typing import Callable
 import numpy as np
 
 from edgeft.aggregate.base import Aggregation, RoundContext
-from edgeft.aggregate.fedavg import accumulate
 from edgeft.aggregate.options import StrategyOptions
 from edgeft.aggregate.privacy import clip_to_norm, epsilon, gaussian_noise, private_mean
-from edgeft.aggregate.vectors import delta, global_norm
+from edgeft.aggregate.vectors import accumulate, delta, global_norm
 from edgeft.errors import ConfigError
 from edgeft.update import AdapterUpdate
 

@@ -8,14 +8,9 @@ import numpy as np
 
 from edgeft.aggregate.base import Aggregation, RoundContext, Strategy
 from edgeft.aggregate.options import StrategyOptions
+from edgeft.aggregate.vectors import accumulate
 from edgeft.errors import ConfigError
 from edgeft.update import AdapterUpdate
-
-
-def accumulate(total: dict[str, np.ndarray], tensors: dict[str, np.ndarray], weight: float) -> None:
-    """total[name] += weight * tensors[name], in float64, in place."""
-    for name, value in tensors.items():
-        total[name] += weight * value.astype(np.float64, copy=False)
 
 
 def finish(total: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:

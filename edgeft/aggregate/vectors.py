@@ -1,4 +1,5 @@
-"""Adapters as vectors: deltas, norms and a fixed flattening order (the arithmetic every rule shares)."""
+"""Adapters as vectors: deltas, norms, weighted sums and a fixed flattening order (the arithmetic every rule
+shares)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import numpy as np
 def delta(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """tensors - reference, by name, in float64."""
     return {k: v.astype(np.float64) - reference[k].astype(np.float64, copy=False) for k, v in tensors.items()}
+
+
+def accumulate(total: dict[str, np.ndarray], tensors: dict[str, np.ndarray], weight: float) -> None:
+    """total[name] += weight * tensors[name], in float64, in place."""
+    for name, value in tensors.items():
+        total[name] += weight * value.astype(np.float64, copy=False)
 
 
 def global_norm(tensors: dict[str, np.ndarray]) -> float:
