@@ -1,6 +1,10 @@
 """The device agent: register, fetch the bundle once, train each round on local data, upload the update.
 
-Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts, the
+Each task carries its round's deadline: the agent stops training at a step boundary ``deadline_margin_s``
+before it (leaving time to upload), and sends nothing for a round whose deadline passed (the coordinator would
+refuse the update); either is logged. It speaks only in ``edgeft.wire``'s dataclasses and functions (no
+protobuf message is built or read here). Test tooling changes its updates through the ``tamper`` hook, never
+by patching it. Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts, the
 coordinator's concurrent-call limit) is retried with exponential backoff; a refusal that retrying cannot
 fix (bad data, unknown job, a refused token or certificate) stops the agent with a message that says what
 to do. Every call has a deadline (``call_timeout_s``).
@@ -8,31 +12,33 @@ to do. Every call has a deadline (``call_timeout_s``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-import platform
 import random
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import grpc
+import numpy as np
 
 from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
+from edgeft.client.device import capabilities, training_slot
 from edgeft.client.transport import Transport, connection_hint, open_channel
 from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
 from edgeft.errors import BundleError, ConfigError, CoordinatorError, SecAggError
-from edgeft.train.engines import available_engines, open_session, runtime_version
-from edgeft.train.trainer import train
+from edgeft.train.engines import open_session, runtime_version
+from edgeft.train.trainer import plan_steps, train
 from edgeft.update import AdapterUpdate
-from edgeft.v1 import edgeft_pb2 as pb
-from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import (SecAggHeader, UploadHeader, secagg_request_to_pb, secagg_response_from_pb,
-                         secagg_settings_from_pb, tensor_from_pb, train_config, update_to_parts)
+from edgeft.wire import (BundleFile, DataSchema, DownloadRequest, Finished, PollRequest, Registration, SecAggHeader,
+                         Task, UploadHeader, UploadReceipt, bundle_chunk_from_pb, bundle_info_from_pb,
+                         bundle_request_to_pb, coordinator_stub, download_request_to_pb, poll_request_to_pb,
+                         poll_response_from_pb, registered_from_pb, registration_to_pb, secagg_request_to_pb,
+                         secagg_response_from_pb, update_to_parts, upload_receipt_from_pb)
 
 log = logging.getLogger("edgeft.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -45,6 +51,8 @@ HINTS = {
                                        "one job (run one agent per job)",
 }
 TLS_REFUSALS_BEFORE_STOP = 3  # connections closed during set-up in a row before the agent stops
+# Test tooling's hook (edgeft.testing.byzantine): the tensors to send instead of an update's, given the task
+Tamper = Callable[[dict[str, np.ndarray], Task], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -72,24 +80,35 @@ class AgentConfig:
     # The execution provider the device trains on (cpu, cuda, coreml, qnn, openvino... or a full provider name;
     # ``edgeft.predict.choose_provider``). None: CPU. Portable bundles train on any provider the runtime offers.
     provider: str | None = None
+    # Training stops at a step boundary once the round's deadline is this close, to leave time for the upload.
+    deadline_margin_s: float = 5.0
     # TLS or plaintext, the enrolment token, message limits and keepalive.
     transport: Transport = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ConfigError(f"invalid max_lora_rank={self.max_lora_rank}: a LoRA rank is at least 1")
+        if self.deadline_margin_s < 0:
+            raise ConfigError(f"invalid deadline_margin_s={self.deadline_margin_s}: must be >= 0")
 
 
 @dataclass
 class Agent:
+    """A device agent for the job of its enrolment token (``run``). ``tamper``: TEST TOOLING ONLY (Byzantine
+    clients of simulated fleets): called with every update's tensors and its task just before sending, returns
+    the tensors to send instead. ``rounds_done``: the (job, round) it sent an update for (or tried to);
+    ``rounds_missed``: those it sent nothing for because their deadline passed."""
+
     config: AgentConfig
     device_id: str = ""
     rounds_done: list[tuple[str, int]] = field(default_factory=list)
+    tamper: Tamper | None = None
+    rounds_missed: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
         self.channel = open_channel(self.config.server, self.config.transport)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.stub = coordinator_stub(self.channel)
         id_file = self.config.cache_dir / "device_id"
         self.device_id = self.device_id or (id_file.read_text().strip() if id_file.is_file() else "")
         self._data: dict[str, Dataset] = {}
@@ -132,13 +151,9 @@ class Agent:
 
     # -- protocol steps ------------------------------------------------------------------------------
     def register(self) -> str:
-        caps = pb.Capabilities(os=f"{platform.system()} {platform.release()}", cores=os.cpu_count() or 1,
-                               ram_bytes=_ram_bytes(), free_disk_bytes=shutil.disk_usage(self.config.cache_dir).free,
-                               ort_version=runtime_version(), execution_providers=_providers(),
-                               max_lora_rank=self.config.max_lora_rank or 0, engines=available_engines())
-        reply = self._call("register", self.stub.Register,
-                           pb.RegisterRequest(device_id=self.device_id, capabilities=caps))
-        self.device_id = reply.device_id
+        registration = Registration(self.device_id, capabilities(self.config.cache_dir, self.config.max_lora_rank))
+        reply = self._call("register", self.stub.Register, registration_to_pb(registration))
+        self.device_id = registered_from_pb(reply)
         (self.config.cache_dir / "device_id").write_text(self.device_id)
         return self.device_id
 
@@ -152,7 +167,7 @@ class Agent:
             except BundleError as exc:
                 log.warning("cached bundle %s is damaged (%s); downloading it again", digest[:12], exc)
                 shutil.rmtree(target)
-        info = self._call("get bundle", self.stub.GetBundle, pb.GetBundleRequest(bundle_digest=digest))
+        info = bundle_info_from_pb(self._call("get bundle", self.stub.GetBundle, bundle_request_to_pb(digest)))
         partial = self.config.cache_dir / "partial" / digest
         partial.mkdir(parents=True, exist_ok=True)
         if hashlib.sha256(info.manifest_json).hexdigest() != digest:
@@ -171,7 +186,7 @@ class Agent:
         os.replace(partial, target)
         return load_bundle(target, verify=False)
 
-    def _download(self, digest: str, spec: pb.BundleFile, path: Path) -> None:
+    def _download(self, digest: str, spec: BundleFile, path: Path) -> None:
         for _ in range(10):
             offset = path.stat().st_size if path.exists() else 0
             if offset == spec.size and sha256_of(path) == spec.sha256:
@@ -181,9 +196,9 @@ class Agent:
                 offset = 0
             try:
                 with open(path, "ab") as fh:
-                    for chunk in self.stub.DownloadBundle(pb.DownloadRequest(bundle_digest=digest, file=spec.name,
-                                                                             offset=offset),
-                                                          timeout=self.config.call_timeout_s):
+                    request = download_request_to_pb(DownloadRequest(digest, spec.name, offset))
+                    for message in self.stub.DownloadBundle(request, timeout=self.config.call_timeout_s):
+                        chunk = bundle_chunk_from_pb(message)
                         if chunk.offset != fh.tell() or hashlib.sha256(chunk.data).hexdigest() != chunk.chunk_sha256:
                             raise BundleError(f"chunk of {spec.name} at offset {chunk.offset} is corrupt")
                         fh.write(chunk.data)
@@ -198,7 +213,9 @@ class Agent:
                 path.unlink(missing_ok=True)
         raise BundleError(f"could not download {spec.name} intact after 10 attempts")
 
-    def run_task(self, task: pb.Task) -> AdapterUpdate:
+    def run_task(self, task: Task) -> AdapterUpdate:
+        """Train the task's bundle from its global adapter on this device's data (stopping at a step boundary
+        when its deadline comes within ``deadline_margin_s``), or gather the class statistics it asks for."""
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
             self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle, Encoder(bundle))
@@ -207,40 +224,45 @@ class Agent:
             self._announced.add(bundle.digest)
             log.info("bundle %s...: training on the %s engine, execution provider %s (onnxruntime %s)",
                      bundle.digest[:12], session.engine, session.provider, runtime_version())
-        session.set_parameters(dict(tensor_from_pb(t) for t in task.global_adapter))
-        if task.kind == pb.STATISTICS:  # round 0 of a job with a head init: sums, no training
+        session.set_parameters(dict(task.global_adapter))
+        data = self._data[task.bundle_digest]
+        if task.statistics:  # round 0 of a job with a head init: sums, no training
             from edgeft.train.trainer import class_statistics, pad_id_of
 
-            tensors, n = class_statistics(session, self._data[task.bundle_digest], len(bundle.manifest.labels),
-                                          pad_id_of(bundle))
+            tensors, n = class_statistics(session, data, len(bundle.manifest.labels), pad_id_of(bundle))
             return AdapterUpdate(tensors, n, {}, bundle.digest)
-        config = train_config(task.train, threads=self.config.threads, provider=self.config.provider,
-                              progress=False)
-        result = train(bundle, self._data[task.bundle_digest], config, session=session)
+        config = dataclasses.replace(task.train, threads=self.config.threads, provider=self.config.provider,
+                                     progress=False)
+        margin = self.config.deadline_margin_s
+        result = train(bundle, data, config, session=session, should_stop=lambda: task.seconds_left() < margin)
+        if result.interrupted:
+            log.warning("round %d of job %s: training stopped at step %d of %d, %.1f s before the round's deadline, "
+                        "to leave time for the upload", task.round, task.job_id, result.steps,
+                        plan_steps(len(data), config)[1], max(task.seconds_left(), 0.0))
         return AdapterUpdate(result.parameters, result.n_examples, result.final_metrics, bundle.digest)
 
-    def data_config(self, schema: pb.DataSchema) -> DataConfig:
+    def data_config(self, schema: DataSchema) -> DataConfig:
         """The device's file read with the job's schema, unless the device overrides it."""
         c = self.config
         return DataConfig(c.data, text_column=c.text_column or schema.text_column or "text",
                           label_column=c.label_column or schema.label_column or "label",
                           format=c.format or schema.format or None)
 
-    def upload(self, task: pb.Task, update: AdapterUpdate) -> pb.UploadResponse:
+    def upload(self, task: Task, update: AdapterUpdate) -> UploadReceipt:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")
-        dtype = "float16" if task.upload_dtype == pb.FLOAT16 and task.kind == pb.TRAIN else "float32"
-        return self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
+        dtype = "float32" if task.statistics else task.upload_dtype
+        reply = self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
+        return upload_receipt_from_pb(reply)
 
-    def secure_upload(self, task: pb.Task, update: AdapterUpdate) -> str:
+    def secure_upload(self, task: Task, update: AdapterUpdate) -> str:
         """Take part in a secure aggregation round with ``update`` (edgeft.secagg): the coordinator gets only a
         masked, fixed-point encoded delta and, with the other devices, learns just the sum. Returns the
         coordinator's last word; SecAggError when the round aborted or went on without this device."""
         from edgeft.secagg import SecAggClient
         from edgeft.secagg.updates import encode_update, round_context
 
-        settings = secagg_settings_from_pb(task.secure_aggregation)
-        global_adapter = dict(tensor_from_pb(t) for t in task.global_adapter)
-        vector, facts = encode_update(update.tensors, update.n_examples, global_adapter, settings)
+        settings = task.secure
+        vector, facts = encode_update(update.tensors, update.n_examples, task.global_adapter, settings)
         if facts.get("values_clipped"):
             log.info("round %d: %d values of the update's delta lie outside the secure aggregation range "
                      "+-%g and were clipped", task.round, int(facts["values_clipped"]), settings.clip)
@@ -264,71 +286,48 @@ class Agent:
                 raise SecAggError(f"the coordinator answered {kind} where {expect} was due", reason="phase")
             time.sleep(max(int(value), 0) * 0.2)
 
+    def handle(self, task: Task) -> None:
+        """Work on one task and send its result, or nothing when the round's deadline passed first."""
+        with training_slot(self.config.training_slots):
+            if self._missed(task, "before training started"):
+                return
+            log.info("round %d of job %s: %s", task.round, task.job_id,
+                     "class statistics" if task.statistics else "training")
+            update = self.run_task(task)
+        if self.tamper is not None:
+            update = dataclasses.replace(update, tensors=self.tamper(update.tensors, task))
+        if self._missed(task, "during training"):
+            return
+        try:
+            message = self.secure_upload(task, update) if task.secure is not None else self.upload(task, update).message
+            log.info("round %d of job %s: update %s", task.round, task.job_id, message)
+        except (CoordinatorError, SecAggError) as exc:
+            log.warning("round %d of job %s: update refused: %s", task.round, task.job_id, exc)
+        self.rounds_done.append((task.job_id, task.round))
+
+    def _missed(self, task: Task, when: str) -> bool:
+        """Whether the task's deadline passed (then it is logged and recorded in ``rounds_missed``)."""
+        late = -task.seconds_left()
+        if late < 0:
+            return False
+        log.warning("round %d of job %s: its deadline passed %.1f s ago, %s; nothing is sent for this round (the "
+                    "coordinator refuses late updates)", task.round, task.job_id, late, when)
+        self.rounds_missed.append((task.job_id, task.round))
+        return True
+
     def run(self) -> str:
         """Serve until the job of this agent's token is over; returns the coordinator's final word."""
         self.register()  # a known device id is kept; its capabilities are refreshed
         while True:
-            reply = self._call("poll", self.stub.PollTask,
-                               pb.PollTaskRequest(device_id=self.device_id, wait_seconds=self.config.poll_wait_s))
-            outcome = reply.WhichOneof("outcome")
-            if outcome == "finished":
-                log.info("coordinator says: %s", reply.finished)
-                return reply.finished
-            if outcome == "task":
-                task = reply.task
-                with training_slot(self.config.training_slots):
-                    log.info("round %d of job %s: %s", task.round, task.job_id,
-                             "class statistics" if task.kind == pb.STATISTICS else "training")
-                    update = self.run_task(task)
-                try:
-                    if task.HasField("secure_aggregation"):
-                        message = self.secure_upload(task, update)
-                    else:
-                        message = self.upload(task, update).message
-                    log.info("round %d of job %s: update %s", task.round, task.job_id, message)
-                except (CoordinatorError, SecAggError) as exc:
-                    log.warning("round %d of job %s: update refused: %s", task.round, task.job_id, exc)
-                self.rounds_done.append((task.job_id, task.round))
+            request = poll_request_to_pb(PollRequest(self.device_id, self.config.poll_wait_s))
+            outcome = poll_response_from_pb(self._call("poll", self.stub.PollTask, request))
+            if isinstance(outcome, Finished):
+                log.info("coordinator says: %s", outcome.reason)
+                return outcome.reason
+            if isinstance(outcome, Task):
+                if (outcome.job_id, outcome.round) in self.rounds_missed:  # until the coordinator closes the round
+                    time.sleep(1.0)
+                    continue
+                self.handle(outcome)
                 continue
-            time.sleep(max(reply.retry_after_seconds, 0) * 0.5)
-
-
-@contextmanager
-def training_slot(slots: tuple[Path, int] | None) -> Iterator[None]:
-    """Hold one of ``slots[1]`` lock files in folder ``slots[0]`` (advisory file locks, released by the OS
-    if the process dies) while the block runs; no-op for None."""
-    if slots is None:
-        yield
-        return
-    import fcntl
-
-    folder, count = slots
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        for index in range(count):
-            fh = open(folder / f"slot-{index}.lock", "a")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.close()
-                continue
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
-            return
-        time.sleep(0.2)
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _providers() -> list[str]:
-    import onnxruntime
-
-    return list(onnxruntime.get_available_providers())
+            time.sleep(max(outcome.seconds, 0) * 0.5)

@@ -1,11 +1,12 @@
 """The gRPC face of the coordinator: edgeft.v1.Coordinator over a ``Coordinator``.
 
-Converts messages with ``edgeft.wire`` only, and maps ``EdgeftError`` to gRPC status codes (the error's
-``grpc_code``); anything unexpected is INTERNAL with the request left unapplied. Every Coordinator call is
-authenticated in one place, the ``rpc``/``stream_rpc`` decorators: the caller's enrolment token (call
-metadata ``authorization: Bearer <token>``) gives a ``Principal`` whose job bounds what the call may touch.
-Requests arrive as raw bytes and are parsed only after that (``edgeft.wire.parse``), so truncated or garbled
-messages are INVALID_ARGUMENT like any other malformed request. Refused uploads are counted per job and reason.
+Never touches a protobuf message itself: ``edgeft.wire`` parses the requests, turns them into its dataclasses
+and builds the replies. Maps ``EdgeftError`` to gRPC status codes (the error's ``grpc_code``); anything
+unexpected is INTERNAL with the request left unapplied. Every Coordinator call is authenticated in one place,
+the ``rpc``/``stream_rpc`` decorators: the caller's enrolment token (call metadata ``authorization: Bearer
+<token>``) gives a ``Principal`` whose job bounds what the call may touch. Requests arrive as raw bytes and are
+parsed only after that (``edgeft.wire.parse_request``), so truncated or garbled messages are INVALID_ARGUMENT
+like any other malformed request. Refused uploads are counted per job and reason.
 Health checking and reflection are separate services and need no token.
 """
 
@@ -22,10 +23,9 @@ import grpc
 
 from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
-from edgeft.v1 import edgeft_pb2 as pb
-from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-from edgeft.wire import (capabilities_from_pb, dtype_code, parse, secagg_aborted_pb, secagg_request_from_pb,
-                         secagg_response_to_pb, secagg_settings_to_pb, tensor_to_pb, train_spec, update_from_parts)
+from edgeft import wire
+from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, DataSchema, Finished, RetryLater,
+                         Task, UploadHeader, UploadReceipt)
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
@@ -44,14 +44,14 @@ def _refused(name: str, context, exc: EdgeftError) -> None:  # noqa: ANN001
     context.abort(_status(exc), str(exc))
 
 
-def _parsed(request_type: type | None, request, stream: bool):  # noqa: ANN001, ANN202
-    """The request (raw bytes, or an iterator of them for client streams) parsed as ``request_type``."""
+def _parsed(method: str, request, stream: bool):  # noqa: ANN001, ANN202
+    """The request (raw bytes, or an iterator of them for client streams) parsed as ``method``'s request message."""
     if stream:
-        return (parse(request_type, raw) for raw in request)
-    return parse(request_type, request)
+        return (wire.parse_request(method, raw) for raw in request)
+    return wire.parse_request(method, request)
 
 
-def rpc(request_type: type, stream: bool = False) -> Callable:
+def rpc(stream: bool = False) -> Callable:
     """Authenticate the caller, parse its request (``stream``: a client stream, parsed message by message as
     it is read) and pass both on with the Principal; turn EdgeftError into the matching gRPC status
     (UNAUTHENTICATED without a valid token, INVALID_ARGUMENT for bytes that do not parse); log anything else
@@ -62,7 +62,7 @@ def rpc(request_type: type, stream: bool = False) -> Callable:
         def wrapper(self, request, context):  # noqa: ANN001, ANN202
             try:
                 principal = self.authenticate(context)
-                return method(self, _parsed(request_type, request, stream), context, principal)
+                return method(self, _parsed(method.__name__, request, stream), context, principal)
             except EdgeftError as exc:
                 _refused(method.__name__, context, exc)
             except grpc.RpcError:
@@ -76,7 +76,7 @@ def rpc(request_type: type, stream: bool = False) -> Callable:
     return decorate
 
 
-def stream_rpc(request_type: type) -> Callable:
+def stream_rpc() -> Callable:
     """rpc() for server-streaming methods (generators)."""
 
     def decorate(method: Callable) -> Callable:
@@ -84,7 +84,7 @@ def stream_rpc(request_type: type) -> Callable:
         def wrapper(self, request, context):  # noqa: ANN001, ANN202
             try:
                 principal = self.authenticate(context)
-                yield from method(self, parse(request_type, request), context, principal)
+                yield from method(self, wire.parse_request(method.__name__, request), context, principal)
             except EdgeftError as exc:
                 _refused(method.__name__, context, exc)
 
@@ -93,7 +93,10 @@ def stream_rpc(request_type: type) -> Callable:
     return decorate
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+class CoordinatorServicer:
+    """edgeft.v1.Coordinator's methods (registered by ``add_coordinator_service``); each gets its request parsed,
+    its caller authenticated, and returns the reply message ``edgeft.wire`` built."""
+
     def __init__(self, coordinator: Coordinator, poll_wait_s: float, limits: ServerLimits | None = None):
         self.coordinator = coordinator
         self.poll_wait_s = poll_wait_s
@@ -114,85 +117,69 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                    "only job this device's token enrols it in")
         return self.coordinator.artifacts.bundle(digest)
 
-    @rpc(pb.RegisterRequest)
-    def Register(self, request: pb.RegisterRequest, context, principal: Principal  # noqa: ANN001, N802
-                 ) -> pb.RegisterResponse:
-        capabilities = capabilities_from_pb(request.capabilities)
-        device_id = self.coordinator.register(request.device_id, capabilities, principal.job_id, principal.token_id)
-        return pb.RegisterResponse(device_id=device_id)
+    @rpc()
+    def Register(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        registration = wire.registration_from_pb(request)
+        device_id = self.coordinator.register(registration.device_id, registration.capabilities.record(),
+                                              principal.job_id, principal.token_id)
+        return wire.registered_to_pb(device_id)
 
-    @rpc(pb.PollTaskRequest)
-    def PollTask(self, request: pb.PollTaskRequest, context, principal: Principal  # noqa: ANN001, N802
-                 ) -> pb.PollTaskResponse:
-        wait = min(float(request.wait_seconds or 0), self.poll_wait_s)
+    @rpc()
+    def PollTask(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        poll = wire.poll_request_from_pb(request)
+        wait = min(float(poll.wait_seconds or 0), self.poll_wait_s)
         end = time.monotonic() + wait
         while True:
-            outcome = self.coordinator.poll(request.device_id, principal.job_id)
+            outcome = self.coordinator.poll(poll.device_id, principal.job_id)
             if isinstance(outcome, TaskAssignment):
-                reply = pb.PollTaskResponse(task=self._task(outcome))
-                self.coordinator.record_download(outcome.job.id, outcome.round, request.device_id, reply.ByteSize())
+                reply = wire.poll_response_to_pb(_task(outcome))
+                self.coordinator.record_download(outcome.job.id, outcome.round, poll.device_id, reply.ByteSize())
                 return reply
             if isinstance(outcome, str):
-                return pb.PollTaskResponse(finished=outcome)
+                return wire.poll_response_to_pb(Finished(outcome))
             if time.monotonic() >= end or not context.is_active():
-                return pb.PollTaskResponse(retry_after_seconds=1)
+                return wire.poll_response_to_pb(RetryLater(1))
             time.sleep(0.2)
 
-    def _task(self, task: TaskAssignment) -> pb.Task:
-        secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
-        return pb.Task(**secure, job_id=task.job.id, round=task.round, bundle_digest=task.bundle_digest,
-                       train=train_spec(task.job.train), deadline_unix_ms=int(task.deadline * 1000),
-                       global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
-                       upload_dtype=dtype_code(task.job.upload_dtype),
-                       kind=pb.STATISTICS if task.statistics else pb.TRAIN,
-                       data=pb.DataSchema(text_column=task.job.data.text_column,
-                                          label_column=task.job.data.label_column,
-                                          format=task.job.data.format or ""))
+    @rpc()
+    def GetBundle(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        bundle = self._bundle(principal, wire.bundle_request_from_pb(request))
+        files = tuple(BundleFile(name, bundle.file(name).stat().st_size, digest)
+                      for name, digest in bundle.manifest.files.items())
+        return wire.bundle_info_to_pb(BundleInfo(bundle.digest, bundle.file(MANIFEST).read_bytes(), files))
 
-    @rpc(pb.GetBundleRequest)
-    def GetBundle(self, request: pb.GetBundleRequest, context, principal: Principal  # noqa: ANN001, N802
-                  ) -> pb.BundleInfo:
-        bundle = self._bundle(principal, request.bundle_digest)
-        files = [pb.BundleFile(name=name, size=bundle.file(name).stat().st_size, sha256=digest)
-                 for name, digest in bundle.manifest.files.items()]
-        return pb.BundleInfo(bundle_digest=bundle.digest, manifest_json=bundle.file(MANIFEST).read_bytes(),
-                             files=files)
-
-    @stream_rpc(pb.DownloadRequest)
-    def DownloadBundle(self, request: pb.DownloadRequest, context, principal: Principal):  # noqa: ANN001, ANN201, N802
-        bundle = self._bundle(principal, request.bundle_digest)
-        if request.file not in bundle.manifest.files:
-            raise NotFound(f"bundle {request.bundle_digest[:12]}... has no file {request.file!r}")
-        path = bundle.file(request.file)
+    @stream_rpc()
+    def DownloadBundle(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        asked = wire.download_request_from_pb(request)
+        bundle = self._bundle(principal, asked.bundle_digest)
+        if asked.file not in bundle.manifest.files:
+            raise NotFound(f"bundle {asked.bundle_digest[:12]}... has no file {asked.file!r}")
+        path = bundle.file(asked.file)
         size = path.stat().st_size
-        if not 0 <= request.offset <= size:
-            raise WireError(f"offset {request.offset} is outside {request.file} ({size} bytes)")
+        if not 0 <= asked.offset <= size:
+            raise WireError(f"offset {asked.offset} is outside {asked.file} ({size} bytes)")
         with open(path, "rb") as fh:
-            fh.seek(request.offset)
-            offset = request.offset
+            fh.seek(asked.offset)
+            offset = asked.offset
             while block := fh.read(self.limits.chunk_bytes):
-                yield pb.BundleChunk(file=request.file, offset=offset, data=block,
-                                     chunk_sha256=hashlib.sha256(block).hexdigest())
+                yield wire.bundle_chunk_to_pb(BundleChunk(asked.file, offset, block, hashlib.sha256(block).hexdigest()))
                 offset += len(block)
 
-    @rpc(pb.UpdatePart, stream=True)
-    def UploadUpdate(self, request_iterator, context, principal: Principal  # noqa: ANN001, N802
-                     ) -> pb.UploadResponse:
+    @rpc(stream=True)
+    def UploadUpdate(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         sizes: list[int] = []  # the bytes that came over the wire
 
-        def counted(parts):  # noqa: ANN001, ANN202
-            for part in parts:
-                if not sizes and part.WhichOneof("part") == "header" and part.header.job_id != principal.job_id:
-                    raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
-                                           f"{part.header.job_id!r}", reason="wrong_job")
-                sizes.append(part.ByteSize())
-                if sum(sizes) > self.limits.max_upload_bytes:
-                    raise WireError(f"the upload exceeds the coordinator's limit of {self.limits.max_upload_bytes} "
-                                    "bytes ([server.limits] max_upload_bytes)", reason="too_large")
-                yield part
+        def check(size: int, claim: UploadHeader | None) -> None:  # every message, before it is read
+            if claim is not None and claim.job_id != principal.job_id:
+                raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
+                                       f"{claim.job_id!r}", reason="wrong_job")
+            sizes.append(size)
+            if sum(sizes) > self.limits.max_upload_bytes:
+                raise WireError(f"the upload exceeds the coordinator's limit of {self.limits.max_upload_bytes} "
+                                "bytes ([server.limits] max_upload_bytes)", reason="too_large")
 
         try:
-            header, update = update_from_parts(counted(request_iterator))
+            header, update = wire.update_from_parts(request_iterator, observe=check)
         except EdgeftError as exc:  # malformed before it reached the coordinator's rules: counted here
             self.coordinator.count_rejection(principal.job_id, exc)
             raise
@@ -204,50 +191,57 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise
         size = sum(sizes)
         accepted = self.coordinator.submit(header, update, size)
-        return pb.UploadResponse(duplicate=not accepted,
-                                 message="accepted" if accepted else "already received; counted once")
+        return wire.upload_receipt_to_pb(UploadReceipt(duplicate=not accepted, message="accepted" if accepted
+                                                       else "already received; counted once"))
 
-    @rpc(pb.SecAggRequest)
-    def SecureAggregate(self, request: pb.SecAggRequest, context, principal: Principal  # noqa: ANN001, N802
-                        ) -> pb.SecAggResponse:
+    @rpc()
+    def SecureAggregate(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         """One device's message for the current phase of a secure round; the answer once the phase closes
         (long-poll up to ``wait_seconds``), ``retry_after_seconds`` before, ``aborted`` when the device's part
         in the round is over (the round aborted or failed, or the device came too late)."""
-        if request.job_id != principal.job_id:
+        call = wire.secagg_call_from_pb(request)
+        if call.header.job_id != principal.job_id:
             raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
-                                   f"{request.job_id!r}", reason="wrong_job")
+                                   f"{call.header.job_id!r}", reason="wrong_job")
         try:
-            header, step = secagg_request_from_pb(
-                request, self.coordinator.secure_ring_dtype(request.job_id, request.round))
+            header, step = wire.secagg_request_from_pb(
+                request, self.coordinator.secure_ring_dtype(call.header.job_id, call.header.round))
             answer = self.coordinator.secure_step(header, step)
-            phase = request.WhichOneof("step")
-            end = time.monotonic() + min(float(request.wait_seconds or 0), self.poll_wait_s)
+            end = time.monotonic() + min(float(call.wait_seconds or 0), self.poll_wait_s)
             while answer is None and time.monotonic() < end and context.is_active():
                 time.sleep(0.1)
-                answer = self.coordinator.secure_answer(header, phase)
+                answer = self.coordinator.secure_answer(header, call.phase)
         except SecAggError as exc:
-            log.info("SecureAggregate from %s: %s", request.device_id, exc)
-            return secagg_aborted_pb(str(exc))
-        return secagg_response_to_pb(answer)
+            log.info("SecureAggregate from %s: %s", call.header.device_id, exc)
+            return wire.secagg_aborted_pb(str(exc))
+        return wire.secagg_response_to_pb(answer)
 
-    @rpc(pb.HeartbeatRequest)
-    def Heartbeat(self, request: pb.HeartbeatRequest, context, principal: Principal  # noqa: ANN001, N802
-                  ) -> pb.HeartbeatResponse:
-        self.coordinator.heartbeat(request.device_id, dict(request.metrics), principal.job_id)
-        return pb.HeartbeatResponse()
+    @rpc()
+    def Heartbeat(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        heartbeat = wire.heartbeat_from_pb(request)
+        self.coordinator.heartbeat(heartbeat.device_id, dict(heartbeat.metrics), principal.job_id)
+        return wire.heartbeat_reply_to_pb()
+
+
+def _task(task: TaskAssignment) -> Task:
+    """The coordinator's assignment as the device gets it."""
+    job = task.job
+    return Task(job_id=job.id, round=task.round, bundle_digest=task.bundle_digest, train=job.train,
+                global_adapter=task.global_adapter, deadline=task.deadline, upload_dtype=job.upload_dtype,
+                data=DataSchema(job.data.text_column, job.data.label_column, job.data.format or ""),
+                kind=STATISTICS if task.statistics else TRAIN, secure=task.secure)
 
 
 def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
     """Register edgeft.v1.Coordinator like the generated ``add_CoordinatorServicer_to_server``, but with its
     requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``)."""
-    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
     handlers = {m.name: kinds[m.client_streaming, m.server_streaming](
-        getattr(servicer, m.name), request_deserializer=None,
-        response_serializer=getattr(pb, m.output_type.name).SerializeToString) for m in service.methods}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+        getattr(servicer, m.name), request_deserializer=None, response_serializer=m.serialize_response)
+        for m in wire.coordinator_methods()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(wire.SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(wire.SERVICE_NAME, handlers)
 
 
 def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
@@ -283,7 +277,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("edgeft.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    names = (pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     try:
         port = (server.add_insecure_port(config.address) if credentials is None

@@ -135,3 +135,104 @@ def test_secure_aggregation_messages_survive_the_wire():
     settings = SecAggSettings(bits=8, clip=0.05, ring_bits=64, threshold=7, weighted=False, max_weight=1,
                               clip_norm=1.5)
     assert secagg_settings_from_pb(secagg_settings_to_pb(settings)) == settings
+
+
+def test_a_task_survives_the_wire_and_its_bytes_are_those_of_the_contract():
+    """The dataclass a poll returns, both ways; the message is field for field what edgeft.v1 defines (the
+    deadline in milliseconds, the schema's format empty for "from the suffix")."""
+    from edgeft.secagg.updates import SecAggSettings
+    from edgeft.wire import (DataSchema, Finished, RetryLater, Task, parse, poll_response_from_pb,
+                             poll_response_to_pb, task_from_pb, task_to_pb)
+
+    adapter = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "lora_B": np.zeros((3, 2), np.float32)}
+    secure = SecAggSettings(bits=16, clip=1.0, ring_bits=32, threshold=2)
+    task = Task("job", 4, "d" * 64, TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3), adapter,
+                deadline=1_700_000_123.456, upload_dtype="float16", data=DataSchema("q", "intent", "csv"),
+                kind="statistics", secure=secure)
+    message = task_to_pb(task)
+    expected = pb.Task(job_id="job", round=4, bundle_digest="d" * 64, train=train_spec(task.train),
+                       global_adapter=[tensor_to_pb(n, v) for n, v in adapter.items()],
+                       deadline_unix_ms=1_700_000_123_456, upload_dtype=pb.FLOAT16, kind=pb.STATISTICS,
+                       data=pb.DataSchema(text_column="q", label_column="intent", format="csv"),
+                       secure_aggregation=pb.SecAggSettings(bits=16, clip=1.0, ring_bits=32, threshold=2,
+                                                            weighted=True, max_weight=1_000_000))
+    assert message.SerializeToString() == expected.SerializeToString()
+    back = poll_response_from_pb(parse(pb.PollTaskResponse, poll_response_to_pb(task).SerializeToString()))
+    assert isinstance(back, Task) and back.statistics and back.secure == secure
+    assert (back.job_id, back.round, back.deadline, back.upload_dtype, back.data) == (
+        "job", 4, 1_700_000_123.456, "float16", DataSchema("q", "intent", "csv"))
+    assert (back.train.epochs, back.train.batch_size, back.train.learning_rate) == (2, 16, 1e-3)
+    for name, value in adapter.items():
+        np.testing.assert_array_equal(back.global_adapter[name], value)
+    assert back.seconds_left(now=1_700_000_120.0) == pytest.approx(3.456)
+    plain = task_from_pb(pb.Task(job_id="j", round=1, bundle_digest="x",  # a coordinator that sets less
+                                 train=pb.TrainSpec(learning_rate=0.01)))
+    assert plain.deadline is None and plain.seconds_left() == float("inf") and plain.secure is None
+    assert plain.kind == "train" and plain.upload_dtype == "float32"
+    for outcome in (Finished("job j finished"), RetryLater(1)):
+        assert poll_response_from_pb(poll_response_to_pb(outcome)) == outcome
+    assert poll_response_to_pb(Finished("over")).SerializeToString() == pb.PollTaskResponse(
+        finished="over").SerializeToString()
+
+
+def test_registration_downloads_receipts_and_heartbeats_survive_the_wire():
+    from edgeft.wire import (BundleChunk, BundleFile, BundleInfo, Capabilities, DownloadRequest, Heartbeat,
+                             PollRequest, Registration, UploadReceipt, bundle_chunk_from_pb, bundle_chunk_to_pb,
+                             bundle_info_from_pb, bundle_info_to_pb, bundle_request_from_pb, bundle_request_to_pb,
+                             download_request_from_pb, download_request_to_pb, heartbeat_from_pb, heartbeat_to_pb,
+                             poll_request_from_pb, poll_request_to_pb, registered_from_pb, registered_to_pb,
+                             registration_from_pb, registration_to_pb, upload_receipt_from_pb,
+                             upload_receipt_to_pb)
+
+    caps = Capabilities("Linux 6", 8, 2**34, 2**36, "1.19.2", ("CPUExecutionProvider",), 4, ("portable",))
+    registration = Registration("dev-1", caps)
+    assert registration_from_pb(registration_to_pb(registration)) == registration
+    assert caps.record() == {"os": "Linux 6", "cores": 8, "ram_bytes": 2**34, "free_disk_bytes": 2**36,
+                             "ort_version": "1.19.2", "execution_providers": ["CPUExecutionProvider"],
+                             "max_lora_rank": 4, "engines": ["portable"]}
+    assert Capabilities().record()["engines"] == []  # an agent from before engines
+    assert registered_from_pb(registered_to_pb("dev-9")) == "dev-9"
+    assert poll_request_from_pb(poll_request_to_pb(PollRequest("dev-1", 5))) == PollRequest("dev-1", 5)
+    info = BundleInfo("b" * 64, b'{"files": {}}', (BundleFile("checkpoint", 10, "c" * 64),))
+    assert bundle_info_from_pb(bundle_info_to_pb(info)) == info
+    assert bundle_request_from_pb(bundle_request_to_pb("b" * 64)) == "b" * 64
+    asked = DownloadRequest("b" * 64, "checkpoint", 7)
+    assert download_request_from_pb(download_request_to_pb(asked)) == asked
+    chunk = BundleChunk("checkpoint", 7, b"abc", "e" * 64)
+    assert bundle_chunk_from_pb(bundle_chunk_to_pb(chunk)) == chunk
+    receipt = UploadReceipt(True, "already received; counted once")
+    assert upload_receipt_from_pb(upload_receipt_to_pb(receipt)) == receipt
+    beat = Heartbeat("dev-1", {"battery": 0.5})
+    assert heartbeat_from_pb(heartbeat_to_pb(beat)) == beat
+
+
+def test_an_upload_is_observed_message_by_message_before_it_is_read():
+    """What the coordinator checks as an upload arrives: each message's size, and the header's claim first."""
+    parts = list(update_to_parts(HEADER, AdapterUpdate(tensors(), 3), chunk_bytes=400_000))
+    seen = []
+    header, _ = update_from_parts(parts, observe=lambda size, claim: seen.append((size, claim)))
+    assert header == HEADER and [s for s, _ in seen] == [p.ByteSize() for p in parts]
+    assert seen[0][1] == HEADER and all(claim is None for _, claim in seen[1:])
+
+    def refuse(size, claim):  # noqa: ANN001, ANN202
+        if claim is None:
+            raise WireError("too large")
+
+    with pytest.raises(WireError, match="too large"):
+        update_from_parts(parts, observe=refuse)
+
+
+def test_the_service_is_described_for_registration_and_requests_parse_by_method():
+    from edgeft.wire import SERVICE_NAME, coordinator_methods, parse_request, registration_from_pb
+
+    methods = {m.name: m for m in coordinator_methods()}
+    assert SERVICE_NAME == "edgeft.v1.Coordinator"
+    assert set(methods) == {"Register", "PollTask", "GetBundle", "DownloadBundle", "UploadUpdate", "Heartbeat",
+                            "SecureAggregate"}
+    assert methods["UploadUpdate"].client_streaming and methods["DownloadBundle"].server_streaming
+    assert methods["PollTask"].serialize_response(pb.PollTaskResponse(finished="x")) == pb.PollTaskResponse(
+        finished="x").SerializeToString()
+    raw = pb.RegisterRequest(device_id="dev-1").SerializeToString()
+    assert registration_from_pb(parse_request("Register", raw)).device_id == "dev-1"
+    with pytest.raises(WireError, match="does not parse"):
+        parse_request("Register", raw[:-1] + b"\xff")

@@ -36,6 +36,7 @@ class TrainResult:
     steps: int = 0
     best_epoch: int | None = None
     stopped_early: bool = False
+    interrupted: bool = False  # ``should_stop`` ended training before its planned steps
 
     @property
     def final_metrics(self) -> dict:
@@ -89,8 +90,12 @@ def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
 
 def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Dataset | None = None,
           session=None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Fine-tune the bundle's trainable parameters on ``train_data``; evaluate on ``val_data`` each epoch."""
+          on_epoch: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune the bundle's trainable parameters on ``train_data``; evaluate on ``val_data`` each epoch.
+
+    ``should_stop`` is asked after every optimizer step: True ends training there, at that step boundary (the
+    epoch so far is recorded and evaluated; ``TrainResult.interrupted``), e.g. to meet a round's deadline."""
     if len(train_data) == 0:
         raise ConfigError("the training data is empty")
     if config.early_stopping_patience and val_data is None:
@@ -123,7 +128,10 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.4f}")
                 if step >= total:
                     break
-        if micro % config.grad_accum_steps and step < total:  # a last partial accumulation
+                if should_stop is not None and should_stop():
+                    result.interrupted = True
+                    break
+        if micro % config.grad_accum_steps and step < total and not result.interrupted:  # a last partial accumulation
             session.optimizer_step(warmup_linear(step, total, warmup, config.learning_rate) * lr_scale)
             step += 1
             bar.update(1)
@@ -134,6 +142,8 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         result.history.append(record)
         if on_epoch:
             on_epoch(record)
+        if result.interrupted:
+            break
         if val_data is not None and config.early_stopping_patience:
             key = f"val_{metric}"
             if key not in record:

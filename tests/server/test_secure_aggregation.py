@@ -41,11 +41,9 @@ class RecordingAgent(Agent):
     release: threading.Event | None = None
 
     def run_task(self, task):  # noqa: ANN001, ANN201
-        from edgeft.wire import tensor_from_pb
-
         update = super().run_task(task)
         self.seen = getattr(self, "seen", {})
-        self.seen[task.round] = (dict(tensor_from_pb(t) for t in task.global_adapter), update)
+        self.seen[task.round] = (dict(task.global_adapter), update)
         return update
 
     def _secure_call(self, header, step, expect):  # noqa: ANN001, ANN202
@@ -346,7 +344,7 @@ def test_the_rounds_deadline_ends_the_key_phase_only(tmp_path, tiny_bundle):
         coordinator.secure_step(SecAggHeader("j", 1, device), SecAggClient(device, round_context("j", 1)).advertise())
     time.sleep(1.2)
     coordinator.tick()  # the round's deadline: the key phase closes with a, b and c
-    secure = coordinator._secure[("j", 1)]
+    secure = coordinator.secure_rounds.open_rounds[("j", 1)]
     assert secure.server.phase == "share_keys" and secure.server.u1 == ("a", "b", "c")
     coordinator.tick()  # the round's deadline has passed, but share_keys waits for its own timeout
     assert secure.server.phase == "share_keys" and coordinator.job_status("j")["status"] == "running"
@@ -369,7 +367,7 @@ def test_a_coordinator_restart_mid_protocol_fails_the_round_and_the_agents_stop_
         end = time.monotonic() + 180
         while not getattr(agents[2], "holding", False) and time.monotonic() < end:
             time.sleep(0.2)
-        secure = coordinator._secure[("banking", 1)]
+        secure = coordinator.secure_rounds.open_rounds[("banking", 1)]
         assert secure.server.phase == "masked_input"
         server.stop(grace=None)  # the coordinator goes down mid-protocol
         coordinator.engine.dispose()

@@ -1,0 +1,251 @@
+"""The Coordinator service's messages: registration, polls and tasks, bundle downloads, uploads, heartbeats; and
+the service itself (its methods for registering handlers, request parsing, the client stub)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from google.protobuf.message import Message
+
+from edgeft.config import TrainConfig
+from edgeft.errors import WireError
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
+from edgeft.wire.codec import (CHUNK_BYTES, chunks_to_tensors, dtype_code, parse, tensor_from_pb, tensor_to_pb,
+                               tensors_to_chunks)
+from edgeft.wire.secure import secagg_settings_from_pb, secagg_settings_to_pb
+from edgeft.wire.types import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Capabilities, DataSchema,
+                               DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
+                               RetryLater, Task, UploadHeader, UploadReceipt)
+
+
+# -- uploads and training settings -------------------------------------------------------------------------
+def update_to_parts(header: UploadHeader, update: AdapterUpdate, dtype: str = "float32",
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UpdatePart]:
+    """The client-stream messages of one upload: the header, then the tensors' chunks."""
+    yield pb.UpdatePart(header=pb.UpdateHeader(
+        job_id=header.job_id, round=header.round, device_id=header.device_id, upload_id=header.upload_id,
+        n_examples=update.n_examples, metrics={k: float(v) for k, v in update.metrics.items()
+                                               if isinstance(v, (int, float))}))
+    for chunk in tensors_to_chunks(update.tensors, dtype, chunk_bytes):
+        yield pb.UpdatePart(chunk=chunk)
+
+
+def update_from_parts(parts: Iterable[pb.UpdatePart],
+                      observe: Callable[[int, UploadHeader | None], None] | None = None
+                      ) -> tuple[UploadHeader, AdapterUpdate]:
+    """Read one upload; the first message must be the header. ``observe(size, claim)`` runs on every message
+    before it is read, with its size on the wire and, for a leading header, what it claims (unchecked): the
+    caller's checks (the sender's job, a size limit) stop a stream as it arrives."""
+    iterator = iter(_observed(parts, observe) if observe is not None else parts)
+    first = next(iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise WireError("an upload must start with its header")
+    h = first.header
+    if h.n_examples <= 0:
+        raise WireError(f"n_examples must be positive, got {h.n_examples}", reason="n_examples")
+    if not (h.job_id and h.device_id and h.upload_id):
+        raise WireError("the upload header needs job_id, device_id and upload_id")
+
+    def chunks() -> Iterator[pb.TensorChunk]:
+        for part in iterator:
+            if part.WhichOneof("part") != "chunk":
+                raise WireError("an upload carries one header, then tensor chunks only")
+            yield part.chunk
+
+    tensors = chunks_to_tensors(chunks())
+    return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id),
+            AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
+
+
+def _observed(parts: Iterable[pb.UpdatePart], observe: Callable[[int, UploadHeader | None], None]
+              ) -> Iterator[pb.UpdatePart]:
+    for index, part in enumerate(parts):
+        h = part.header if index == 0 and part.WhichOneof("part") == "header" else None
+        observe(part.ByteSize(), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id))
+        yield part
+
+
+def upload_receipt_to_pb(receipt: UploadReceipt) -> pb.UploadResponse:
+    return pb.UploadResponse(duplicate=receipt.duplicate, message=receipt.message)
+
+
+def upload_receipt_from_pb(message: pb.UploadResponse) -> UploadReceipt:
+    return UploadReceipt(message.duplicate, message.message)
+
+
+def train_spec(config: TrainConfig) -> pb.TrainSpec:
+    return pb.TrainSpec(epochs=config.epochs, max_steps=config.max_steps or 0, batch_size=config.batch_size,
+                        learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
+                        grad_accum_steps=config.grad_accum_steps)
+
+
+def train_config(spec: pb.TrainSpec, **device_settings: object) -> TrainConfig:
+    """The TrainConfig a Task asks for, plus the device's own settings (threads, progress)."""
+    return TrainConfig(epochs=spec.epochs or 1, max_steps=spec.max_steps or None, batch_size=spec.batch_size or 32,
+                       learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio,
+                       grad_accum_steps=spec.grad_accum_steps or 1, **device_settings)  # type: ignore[arg-type]
+
+
+# -- registration, polling, tasks ---------------------------------------------------------------------------
+def capabilities_to_pb(caps: Capabilities) -> pb.Capabilities:
+    return pb.Capabilities(os=caps.os, cores=caps.cores, ram_bytes=caps.ram_bytes,
+                           free_disk_bytes=caps.free_disk_bytes, ort_version=caps.ort_version,
+                           execution_providers=list(caps.execution_providers), max_lora_rank=caps.max_lora_rank,
+                           engines=list(caps.engines))
+
+
+def capabilities_from_pb(caps: pb.Capabilities) -> Capabilities:
+    """What a device says it can do (``Capabilities.record()``: as the coordinator records it)."""
+    return Capabilities(os=caps.os, cores=caps.cores, ram_bytes=caps.ram_bytes, free_disk_bytes=caps.free_disk_bytes,
+                        ort_version=caps.ort_version, execution_providers=tuple(caps.execution_providers),
+                        max_lora_rank=caps.max_lora_rank, engines=tuple(caps.engines))
+
+
+def registration_to_pb(registration: Registration) -> pb.RegisterRequest:
+    return pb.RegisterRequest(device_id=registration.device_id,
+                              capabilities=capabilities_to_pb(registration.capabilities))
+
+
+def registration_from_pb(message: pb.RegisterRequest) -> Registration:
+    return Registration(message.device_id, capabilities_from_pb(message.capabilities))
+
+
+def registered_to_pb(device_id: str) -> pb.RegisterResponse:
+    return pb.RegisterResponse(device_id=device_id)
+
+
+def registered_from_pb(message: pb.RegisterResponse) -> str:
+    """The device id the coordinator assigned (or confirmed)."""
+    return message.device_id
+
+
+def poll_request_to_pb(request: PollRequest) -> pb.PollTaskRequest:
+    return pb.PollTaskRequest(device_id=request.device_id, wait_seconds=request.wait_seconds)
+
+
+def poll_request_from_pb(message: pb.PollTaskRequest) -> PollRequest:
+    return PollRequest(message.device_id, message.wait_seconds)
+
+
+def task_to_pb(task: Task) -> pb.Task:
+    secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
+    deadline = {} if task.deadline is None else {"deadline_unix_ms": int(task.deadline * 1000)}
+    return pb.Task(**secure, **deadline, job_id=task.job_id, round=task.round, bundle_digest=task.bundle_digest,
+                   train=train_spec(task.train),
+                   global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
+                   upload_dtype=dtype_code(task.upload_dtype), kind=pb.STATISTICS if task.statistics else pb.TRAIN,
+                   data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
+                                      format=task.data.format))
+
+
+def task_from_pb(message: pb.Task) -> Task:
+    """A task as the device reads it (its tensors checked, its secure aggregation settings validated)."""
+    secure = secagg_settings_from_pb(message.secure_aggregation) if message.HasField("secure_aggregation") else None
+    schema = message.data
+    return Task(job_id=message.job_id, round=message.round, bundle_digest=message.bundle_digest,
+                train=train_config(message.train), global_adapter=dict(tensor_from_pb(t) for t in message.global_adapter),
+                deadline=message.deadline_unix_ms / 1000 if message.deadline_unix_ms else None,
+                upload_dtype="float16" if message.upload_dtype == pb.FLOAT16 else "float32",
+                data=DataSchema(schema.text_column, schema.label_column, schema.format),
+                kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure)
+
+
+def poll_response_to_pb(outcome: PollOutcome) -> pb.PollTaskResponse:
+    if isinstance(outcome, Task):
+        return pb.PollTaskResponse(task=task_to_pb(outcome))
+    if isinstance(outcome, Finished):
+        return pb.PollTaskResponse(finished=outcome.reason)
+    return pb.PollTaskResponse(retry_after_seconds=outcome.seconds)
+
+
+def poll_response_from_pb(message: pb.PollTaskResponse) -> PollOutcome:
+    kind = message.WhichOneof("outcome")
+    if kind == "task":
+        return task_from_pb(message.task)
+    if kind == "finished":
+        return Finished(message.finished)
+    return RetryLater(message.retry_after_seconds)
+
+
+def heartbeat_to_pb(heartbeat: Heartbeat) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(device_id=heartbeat.device_id, metrics=dict(heartbeat.metrics))
+
+
+def heartbeat_from_pb(message: pb.HeartbeatRequest) -> Heartbeat:
+    return Heartbeat(message.device_id, dict(message.metrics))
+
+
+def heartbeat_reply_to_pb() -> pb.HeartbeatResponse:
+    return pb.HeartbeatResponse()
+
+
+# -- bundle downloads --------------------------------------------------------------------------------------
+def bundle_request_to_pb(bundle_digest: str) -> pb.GetBundleRequest:
+    return pb.GetBundleRequest(bundle_digest=bundle_digest)
+
+
+def bundle_request_from_pb(message: pb.GetBundleRequest) -> str:
+    """The digest of the bundle asked for."""
+    return message.bundle_digest
+
+
+def bundle_info_to_pb(info: BundleInfo) -> pb.BundleInfo:
+    return pb.BundleInfo(bundle_digest=info.bundle_digest, manifest_json=info.manifest_json,
+                         files=[pb.BundleFile(name=f.name, size=f.size, sha256=f.sha256) for f in info.files])
+
+
+def bundle_info_from_pb(message: pb.BundleInfo) -> BundleInfo:
+    return BundleInfo(message.bundle_digest, message.manifest_json,
+                      tuple(BundleFile(f.name, f.size, f.sha256) for f in message.files))
+
+
+def download_request_to_pb(request: DownloadRequest) -> pb.DownloadRequest:
+    return pb.DownloadRequest(bundle_digest=request.bundle_digest, file=request.file, offset=request.offset)
+
+
+def download_request_from_pb(message: pb.DownloadRequest) -> DownloadRequest:
+    return DownloadRequest(message.bundle_digest, message.file, message.offset)
+
+
+def bundle_chunk_to_pb(chunk: BundleChunk) -> pb.BundleChunk:
+    return pb.BundleChunk(file=chunk.file, offset=chunk.offset, data=chunk.data, chunk_sha256=chunk.chunk_sha256)
+
+
+def bundle_chunk_from_pb(message: pb.BundleChunk) -> BundleChunk:
+    return BundleChunk(message.file, message.offset, message.data, message.chunk_sha256)
+
+
+# -- the gRPC service ---------------------------------------------------------------------------------------
+_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
+SERVICE_NAME = _SERVICE.full_name  # edgeft.v1.Coordinator
+
+
+@dataclass(frozen=True)
+class RpcMethod:
+    """One method of the Coordinator service, for registering handlers by hand."""
+
+    name: str
+    client_streaming: bool
+    server_streaming: bool
+    serialize_response: Callable[[Message], bytes]
+
+
+def coordinator_methods() -> list[RpcMethod]:
+    """The Coordinator service's methods (as in protos/edgeft/v1/edgeft.proto)."""
+    return [RpcMethod(m.name, m.client_streaming, m.server_streaming,
+                      getattr(pb, m.output_type.name).SerializeToString) for m in _SERVICE.methods]
+
+
+def parse_request(method: str, data: bytes) -> Message:
+    """The request message of Coordinator method ``method`` from its bytes (``parse``: WireError when they do
+    not parse); read it with the ``*_from_pb`` function for that message."""
+    return parse(getattr(pb, _SERVICE.methods_by_name[method].input_type.name), data)
+
+
+def coordinator_stub(channel) -> pb_grpc.CoordinatorStub:  # noqa: ANN001
+    """The client side of the Coordinator service over ``channel``; its methods take and return the messages
+    built and read by the functions of this module."""
+    return pb_grpc.CoordinatorStub(channel)
