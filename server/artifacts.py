@@ -9,6 +9,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
 from edgeft.bundle import Bundle, check_bundle, load_bundle
 from edgeft.errors import BundleError
 
@@ -48,6 +52,14 @@ class ArtifactStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise BundleError(f"artifact {digest[:12]}... in {self.root} is corrupt (sha256 mismatch)")
         return data
+
+    def put_tensors(self, tensors: dict[str, np.ndarray]) -> str:
+        """Store named tensors (safetensors) as a blob; returns its digest."""
+        return self.put(save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+
+    def get_tensors(self, digest: str) -> dict[str, np.ndarray]:
+        """The named tensors of a blob ``put_tensors`` stored (BundleError when missing or corrupt)."""
+        return load_tensors(self.get(digest))
 
     def remove_partial(self) -> int:
         """Delete what writes cut short left behind (``.tmp-*`` files and folders); returns how many. Only the

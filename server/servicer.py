@@ -290,6 +290,14 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
         log.warning("PLAINTEXT: the coordinator on %s serves without TLS (insecure = true). Enrolment tokens and "
                     "model updates cross the network readable and forgeable by anyone on the path; use this on a "
                     "trusted development network only, never in production.", config.address)
+    coordinator.start_clock()  # rounds close at their deadlines on the coordinator's clock, never inside a poll
+    stop = server.stop
+
+    def stop_server_and_clock(grace: float | None):  # noqa: ANN202
+        coordinator.stop_clock()
+        return stop(grace)
+
+    server.stop = stop_server_and_clock
     return server, port, coordinator
 
 
