@@ -35,7 +35,7 @@ DEFAULT_VARIANTS = ("class_means", "fedcof", "random", "fedadam")
 def run(args: argparse.Namespace, bundle: Path, alpha: float, variant: str) -> dict:
     from edgeft.config import TrainConfig
     from edgeft.server.config import DEFAULT_HEAD_INIT
-    from edgeft.simulation import SimulationConfig, run_simulation
+    from edgeft.testing import SimulationConfig, run_simulation
 
     from common import TEST, TRAIN
 

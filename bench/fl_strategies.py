@@ -4,7 +4,7 @@ Job: all-MiniLM-L6-v2 + LoRA r=8 (query, value) + classifier head, BANKING77, 10
 round, batch 32, lr 3e-3, the global adapter evaluated on the BANKING77 test set after every round.
 
 (a) Byzantine: IID partitions; a clean run per strategy (FedAvg, median, Krum with f = the attackers),
-    then 20% of the clients attacking (edgeft.simulation.byzantine test tooling: sign_flip = reversed
+    then 20% of the clients attacking (edgeft.testing.byzantine test tooling: sign_flip = reversed
     delta, scaled:10 = delta x 10, random:1 = N(0, 1) noise instead of training) under each strategy. The
     claim checked: median and Krum end within 2 accuracy points of the clean FedAvg run; FedAvg does not.
 (b) Label skew: Dirichlet alpha=0.1 partitions; FedAvg, FedProx (a bundle exported with proximal_mu) and
@@ -79,7 +79,7 @@ def export_bundles(args: argparse.Namespace, config, proximal: bool) -> dict[str
 def simulate(args: argparse.Namespace, name: str, bundle: Path, train, test, partition: str,  # noqa: ANN001
              strategy: str, options: dict, attack: str | None = None, client_ranks: tuple[int, ...] = ()) -> dict:
     from edgeft.config import TrainConfig
-    from edgeft.simulation import SimulationConfig, run_simulation
+    from edgeft.testing import SimulationConfig, run_simulation
 
     attackers = round(args.byzantine_fraction * args.clients) if attack else 0
     history, seconds = _finished_earlier(args, name), None
@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2, help="agents training at once (1 thread each)")
     parser.add_argument("--byzantine-fraction", type=float, default=0.2)
-    parser.add_argument("--attacks", default="sign_flip,scaled:10,random:1", help="edgeft.simulation.byzantine specs")
+    parser.add_argument("--attacks", default="sign_flip,scaled:10,random:1", help="edgeft.testing.byzantine specs")
     parser.add_argument("--robust", default="median,krum", help="robust strategies to compare with FedAvg")
     parser.add_argument("--clean", default="fedavg,median,krum",
                         help="strategies that also get a run without attackers (fedavg always does)")

@@ -46,7 +46,7 @@ def main() -> None:
 
     from edgeft.config import TrainConfig
     from edgeft.demo import minilm_dir
-    from edgeft.simulation import SimulationConfig, run_simulation
+    from edgeft.testing import SimulationConfig, run_simulation
 
     local = TrainConfig(epochs=1, batch_size=32, learning_rate=3e-3, progress=False)
     started = time.perf_counter()

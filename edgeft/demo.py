@@ -38,7 +38,7 @@ def run_demo(out: Path, clients: int = 4, rounds: int = 3, partition: str = "iid
     """Simulate the fleet, deploy int8 from the coordinator's state, predict examples; returns a summary."""
     from edgeft.deploy import DeployConfig, deploy
     from edgeft.predict import Predictor
-    from edgeft.simulation import SimulationConfig, run_simulation
+    from edgeft.testing import SimulationConfig, run_simulation
 
     started = time.perf_counter()
     train, test = banking77("train"), banking77("test")

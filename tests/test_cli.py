@@ -54,3 +54,21 @@ def test_the_default_engine_is_portable():
     assert config.engine == "portable" and config.onnx_opset == 18
     args = build_parser().parse_args(["export", "model", "--out", "b"])
     assert args.engine == "portable"
+
+
+def test_a_bad_flag_value_is_a_config_error_not_a_crash(tmp_path, capsys):
+    """`edgeft simulate --client-ranks 8,x` names the flag and its value (it once died with a NameError)."""
+    code = main(["simulate", "--client-ranks", "8,x", "--bundle", str(tmp_path / "bundle"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "NameError" not in err
+    assert "edgeft simulate: error: invalid --client-ranks '8,x': comma-separated whole numbers" in err
+    assert not (tmp_path / "state").exists()  # refused before any work
+
+
+def test_the_device_agent_runs_as_a_module(tmp_path):
+    """`python -m edgeft.client` is `edgeft client`: the same flags, errors as one line with exit code 2."""
+    proc = subprocess.run([sys.executable, "-m", "edgeft.client", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--server" in proc.stdout and "--token-file" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "edgeft.client", "--server", "127.0.0.1:1", "--data",
+                           str(tmp_path / "missing.csv"), "--insecure"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "edgeft client: error: data file" in proc.stderr and "Traceback" not in proc.stderr

@@ -146,7 +146,8 @@ def task_from_pb(message: pb.Task) -> Task:
     secure = secagg_settings_from_pb(message.secure_aggregation) if message.HasField("secure_aggregation") else None
     schema = message.data
     return Task(job_id=message.job_id, round=message.round, bundle_digest=message.bundle_digest,
-                train=train_config(message.train), global_adapter=dict(tensor_from_pb(t) for t in message.global_adapter),
+                train=train_config(message.train),
+                global_adapter=dict(tensor_from_pb(t) for t in message.global_adapter),
                 deadline=message.deadline_unix_ms / 1000 if message.deadline_unix_ms else None,
                 upload_dtype="float16" if message.upload_dtype == pb.FLOAT16 else "float32",
                 data=DataSchema(schema.text_column, schema.label_column, schema.format),

@@ -9,8 +9,8 @@ import pytest
 from edgeft.config import TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
-from edgeft.simulation import SimulationConfig, run_simulation
-from edgeft.simulation.byzantine import Attack, corrupt
+from edgeft.testing import SimulationConfig, run_simulation
+from edgeft.testing.byzantine import Attack, corrupt
 
 G = {"w": np.array([1.0, 2.0], np.float32)}
 X = {"w": np.array([1.5, 1.0], np.float32)}  # delta (0.5, -1)

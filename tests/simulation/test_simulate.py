@@ -11,7 +11,7 @@ import pytest
 from edgeft.config import TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
-from edgeft.simulation import SimulationConfig, run_simulation
+from edgeft.testing import SimulationConfig, run_simulation
 
 
 def test_simulated_fleet_records_and_reports_everything(tmp_path, tiny_bundle, small_banking):

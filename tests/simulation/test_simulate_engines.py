@@ -12,7 +12,7 @@ import pytest
 from edgeft.config import TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
-from edgeft.simulation import SimulationConfig, run_simulation
+from edgeft.testing import SimulationConfig, run_simulation
 
 
 

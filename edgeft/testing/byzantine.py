@@ -5,17 +5,27 @@ device. An attacking agent trains honestly, then corrupts its update before the 
     scaled[:S]     x' = g + S * (x - g)       the delta blown up (S = 10 by default)
     random[:STD]   x' = g + N(0, STD^2)       noise instead of training (STD = 1.0 by default)
 
-g is the round's global adapter, x the honestly trained one. The attack runs inside the simulated agent's
-own process, by wrapping ``Agent.run_task`` there; the production agent code is untouched.
+g is the round's global adapter, x the honestly trained one. An attacker is a real agent process,
+
+    python -m edgeft.testing.byzantine --attack SPEC [--seed N] AGENT_FLAGS...
+
+(the flags of ``edgeft client``) whose updates pass through ``Corruption``, the agent's ``tamper`` hook; the
+statistics round's class statistics are sent honestly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgeft.wire import Task
 
 DEFAULT_STRENGTH = {"sign_flip": 1.0, "scaled": 10.0, "random": 1.0}
 
@@ -61,25 +71,34 @@ def corrupt(trained: dict[str, np.ndarray], global_adapter: dict[str, np.ndarray
     return out
 
 
-def run_agent(argv: list[str], spec: str, seed: int = 0) -> int:
-    """``edgeft client`` with ``argv``, as an attacker: every trained update is corrupted before its upload
-    (the statistics round's class statistics are sent honestly)."""
-    from edgeft.client import agent as agent_module
-    from edgeft.v1 import edgeft_pb2 as pb
-    from edgeft.wire import tensor_from_pb
+@dataclass
+class Corruption:
+    """The ``tamper`` hook of an attacking agent: every trained update corrupted by ``attack``."""
 
-    attack, rng = Attack.parse(spec), np.random.default_rng(seed)
-    honest = agent_module.Agent.run_task
+    attack: Attack
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
-    def run_task(self, task):  # noqa: ANN001, ANN202
-        update = honest(self, task)
-        if task.kind == pb.STATISTICS:
-            return update
-        global_adapter = dict(tensor_from_pb(t) for t in task.global_adapter)
-        update.tensors = corrupt(update.tensors, global_adapter, attack, rng)
-        return update
+    def __call__(self, tensors: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
+        if task.statistics:
+            return tensors
+        return corrupt(tensors, task.global_adapter, self.attack, self.rng)
 
-    agent_module.Agent.run_task = run_task  # this (simulated) agent process only
-    from edgeft.cli import main
 
-    return main(argv)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgeft.testing.byzantine --attack SPEC [--seed N] AGENT_FLAGS...``: ``edgeft client`` as an
+    attacker."""
+    from edgeft.commands.client import add_arguments, run
+    from edgeft.commands.common import execute
+
+    parser = argparse.ArgumentParser(prog="python -m edgeft.testing.byzantine",
+                                     description="TEST TOOLING: a device agent that corrupts its updates")
+    parser.add_argument("--attack", required=True, help="sign_flip[:S], scaled[:S] or random[:STD]")
+    parser.add_argument("--seed", type=int, default=0, help="the random attack's seed (default 0)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return execute("client", lambda: run(args, tamper=Corruption(Attack.parse(args.attack),
+                                                                   np.random.default_rng(args.seed))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,11 @@
 """``edgeft simulate``: a fleet on one machine.
 
 A real coordinator (in this process, on a loopback port) and N real device agents (separate processes,
-each with its own partition of the data, torch unimportable in them, talking gRPC over mutual TLS with a
-development CA made in ``out/tls`` and one enrolment token for the job, as a real fleet would). At most
-``concurrency`` agents train at once (file-lock training slots), so N can exceed the cores. Everything the
-coordinator records (per-round evaluation of the global adapter, per-client training loss, bytes up and
-down, round wall time) lands in its state database and is exported to JSON, CSV and a report with plots.
+``edgeft.testing.agents``, each with its own partition of the data, torch unimportable in them, talking gRPC
+over mutual TLS with a development CA made in ``out/tls`` and one enrolment token for the job, as a real fleet
+would). At most ``concurrency`` agents train at once (file-lock training slots), so N can exceed the cores.
+Everything the coordinator records (per-round evaluation of the global adapter, per-client training loss, bytes
+up and down, round wall time) lands in its state database and is exported to JSON, CSV and a report with plots.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,9 +26,9 @@ from edgeft.config import ENGINES, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, read_records
 from edgeft.errors import ConfigError, DataError, EdgeftError
 from edgeft.partition import label_histogram, parse_scheme, partition
+from edgeft.testing.agents import AgentSpec, start_agent
 
 JOB_ID = "simulation"
-NO_TORCH = "import sys\nfor name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class SimulationConfig:
     strategy_options: Mapping[str, object] = field(default_factory=dict)
     # the statistics round before training (JobConfig.head_init: auto, class_means, fedcof, none)
     head_init: str = "auto"
-    # TEST TOOLING (edgeft.simulation.byzantine): the first ``attackers`` clients corrupt their updates
+    # TEST TOOLING (edgeft.testing.byzantine): the first ``attackers`` clients corrupt their updates
     attack: str | None = None
     attackers: int = 0
     # the coordinator's bound on an update's change (JobConfig.max_update_norm; None: its ratio default).
@@ -90,7 +89,7 @@ class SimulationConfig:
             raise ConfigError(f"invalid concurrency={self.concurrency}: must be >= 1")
         parse_scheme(self.partition)
         if self.attack is not None:
-            from edgeft.simulation.byzantine import Attack
+            from edgeft.testing.byzantine import Attack
 
             Attack.parse(self.attack)
         if not 0 <= self.attackers <= self.clients or (self.attackers and self.attack is None):
@@ -185,31 +184,25 @@ def _write_token(coordinator, path: Path) -> Path:  # noqa: ANN001
     return path
 
 
-def _start_agents(config: SimulationConfig, port: int, transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
+def _start_agents(config: SimulationConfig, port: int,
+                  transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
+    """One agent process per client (``edgeft.testing.agents``), its output in its cache folder's agent.log."""
     agents = []
     for i in range(config.clients):
         cache = config.out / "devices" / f"client-{i:03d}"
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
-        argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(config.out / "clients" / f"client-{i:03d}.csv"),
-                "--cache-dir", str(cache), "--threads", str(config.threads),
-                "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
-                *transport_flags]
+        flags = ["--server", f"127.0.0.1:{port}", "--data", str(config.out / "clients" / f"client-{i:03d}.csv"),
+                 "--cache-dir", str(cache), "--threads", str(config.threads),
+                 "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
+                 *transport_flags]
         if config.client_ranks:
-            argv += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
-        python, where = sys.executable, {}
-        if config.client_pythons:  # a device virtualenv's edgeft: not this environment's, nor a checkout's
-            python = config.client_pythons[i % len(config.client_pythons)]  # in the working folder (PYTHONSAFEPATH)
-            env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-            where = {"env": {**env, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}}
-        log = open(cache / "agent.log", "w")
-        code = NO_TORCH + f"from edgeft.cli import main\nsys.exit(main({argv!r}))"
-        if i < config.attackers:  # test tooling: a Byzantine client
-            code = NO_TORCH + ("from edgeft.simulation.byzantine import run_agent\n"
-                               f"sys.exit(run_agent({argv!r}, {config.attack!r}, seed={config.seed + i}))")
-        proc = subprocess.Popen([str(python), "-c", code], stdout=log, stderr=subprocess.STDOUT, **where)
-        log.close()
-        agents.append((proc, cache / "agent.log"))
+            flags += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
+        # a device virtualenv's edgeft: not this environment's, nor a checkout's in the working folder
+        python = config.client_pythons[i % len(config.client_pythons)] if config.client_pythons else None
+        attacker = i < config.attackers  # test tooling: a Byzantine client
+        spec = AgentSpec(tuple(flags), python, config.attack if attacker else None, config.seed + i)
+        agents.append((start_agent(spec, cache / "agent.log"), cache / "agent.log"))
     return agents
 
 
@@ -269,7 +262,7 @@ def run_simulation(config: SimulationConfig) -> dict:
     """Run the simulated job; writes everything under ``config.out`` and returns the summary."""
     from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
     from edgeft.server.servicer import create_server
-    from edgeft.simulation.report import write_outputs
+    from edgeft.testing.report import write_outputs
 
     started = time.perf_counter()
     out = config.out

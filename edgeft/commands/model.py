@@ -1,0 +1,214 @@
+"""``edgeft export``, ``edgeft train``, ``edgeft deploy`` and ``edgeft predict``: a model's way from a Hugging
+Face folder to a training bundle, a locally trained adapter, a deployment package and its predictions."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from edgeft.commands.common import csv_list, labels
+from edgeft.errors import EdgeftError
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a Hugging Face model folder into a training bundle")
+    p.add_argument("model", help="Hugging Face model folder (config.json, weights, tokenizer.json)")
+    p.add_argument("--out", required=True, help="bundle folder to create (must be new or empty)")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm", "regression", "multilabel"])
+    p.add_argument("--labels", help="label names: a JSON list file, a text file (one per line) or a,b,c")
+    p.add_argument("--adapter", default="lora", choices=["lora", "head", "full"])
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--target-modules", help="modules LoRA adapts, comma-separated (default: per architecture)")
+    p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--engine", default="portable", choices=["portable", "ort-training"],
+                   help="training engine the bundle is for: portable (default: standard ONNX graphs any onnxruntime "
+                        ">= 1.19 trains, on any execution provider) or ort-training (onnxruntime-training 1.19.2)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 14 for ort-training, 18 portable)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proximal-mu", type=float, default=0.0,
+                   help="FedProx: add mu/2 * ||w - w_global||^2 to the training loss (default 0: none)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "sentence", "cls"],
+                   help="what the task head reads: the model's own sentence pooling (sentence-transformers "
+                        "folders), the Hugging Face [CLS] head, or auto (sentence where declared; default)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig
+    from edgeft.export import export_hf
+
+    config = ExportConfig(
+        task=args.task, labels=labels(args.labels),
+        adapter=AdapterConfig(kind=args.adapter, rank=args.rank, alpha=args.alpha,
+                              target_modules=csv_list(args.target_modules),
+                              trainable_modules=csv_list(args.trainable_modules)),
+        optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
+        opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
+        pooling=args.pooling, engine=args.engine)
+    bundle = export_hf(args.model, args.out, config)
+    m = bundle.manifest
+    size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
+    n_params = sum(math.prod(t.shape) for t in m.trainable)
+    print(f"bundle {bundle.path} ({m.engine} engine): {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
+          f"{size:.1f} MiB")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a bundle on local data with ONNX Runtime (no torch)")
+    p.add_argument("bundle", help="bundle folder made by `edgeft export`")
+    p.add_argument("--data", required=True, help="training data: .csv, .jsonl or .txt")
+    p.add_argument("--val", help="validation data file (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when --val is absent (0 = none)")
+    p.add_argument("--test", help="test data file, evaluated once at the end")
+    p.add_argument("--format", choices=["csv", "jsonl", "text"], help="data format (default: from the suffix)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--label-map", help="JSON file mapping raw label values to the bundle's label names")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
+    p.add_argument("--early-stopping-metric", default="loss", help="validation metric to watch (default loss)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--provider", help="execution provider: cpu, cuda, coreml, qnn, openvino, ... (default cpu); "
+                                      "portable bundles train on any provider the runtime offers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for update.safetensors, peft/ and metrics.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()  # a device command: never load torch, even where it is installed
+    from edgeft.config import TrainConfig
+    from edgeft.data import DataConfig
+    from edgeft.run import LocalRun, run_local
+
+    label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
+
+    def data(path: str | None) -> DataConfig | None:
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
+                          format=args.format, label_map=label_map) if path else None
+
+    train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,
+                        early_stopping_patience=args.early_stopping_patience,
+                        early_stopping_metric=args.early_stopping_metric, threads=args.threads, seed=args.seed,
+                        provider=args.provider,
+                        progress=not args.no_progress)
+    run_local(LocalRun(bundle=Path(args.bundle), train=data(args.data), val=data(args.val), test=data(args.test),
+                       val_fraction=args.val_fraction, config=train, out=Path(args.out)))
+    return 0
+
+
+def add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="merge a trained adapter, export an inference model, quantise and measure it")
+    p.add_argument("--model", required=True, help="the base Hugging Face model folder the bundle was exported from")
+    p.add_argument("--adapter", help="an adapter folder from `edgeft train` (or its update.safetensors)")
+    p.add_argument("--bundle", help="the bundle the --adapter was trained from")
+    p.add_argument("--state", help="instead of --adapter: a coordinator's state folder (its state_dir)")
+    p.add_argument("--job", help="with --state: the job whose global adapter to deploy")
+    p.add_argument("--round", type=int, help="with --state: the round (default: the latest)")
+    p.add_argument("--out", required=True, help="deployment package folder to write")
+    p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8", "int8-static", "int4"],
+                   help="quantisation (default int8; int8-static: QDQ calibrated on --calibration-data, for NPUs; "
+                        "int4: weight-only MatMulNBits)")
+    p.add_argument("--eval-data", help="held-out data for the report's accuracy and latency")
+    p.add_argument("--calibration-data", help="int8-static: a sample of the task's data to calibrate on "
+                                              "(default: --eval-data)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--fixed-shape", metavar="BATCHxSEQUENCE",
+                   help="freeze the input shape, e.g. 1x128 (what NPU execution providers want)")
+    p.add_argument("--accuracy-budget", type=float, default=1.0,
+                   help="accuracy points the quantised model may lose against fp32 (default 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_run_deploy)
+
+
+def _fixed_shape(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        batch, sequence = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise EdgeftError(f"invalid --fixed-shape {value!r}: expected BATCHxSEQUENCE, e.g. 1x128") from None
+    return batch, sequence
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from edgeft.data import DataConfig
+    from edgeft.deploy import DeployConfig, deploy
+
+    def data(path: str | None) -> DataConfig | None:
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column) if path else None
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    report = deploy(DeployConfig(model_dir=Path(args.model), out=Path(args.out), bundle=path(args.bundle),
+                                 adapter=path(args.adapter), state_dir=path(args.state), job=args.job,
+                                 round=args.round, mode=args.mode, eval_data=data(args.eval_data),
+                                 calibration_data=data(args.calibration_data),
+                                 fixed_shape=_fixed_shape(args.fixed_shape),
+                                 accuracy_budget=args.accuracy_budget, threads=args.threads))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"package written to {args.out} (size ratio {report['size_ratio']})")
+    return 0
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="run a deployment package on texts (onnxruntime only, no torch)")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--model", required=True, help="deployment package folder from `edgeft deploy`")
+    p.add_argument("--input", help="CSV/JSONL file of texts instead of arguments")
+    p.add_argument("--output", help="CSV file to write (input columns + label, score); default: print")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--provider", help="execution provider (cpu, cuda, qnn, openvino, coreml); default cpu")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()
+    import csv
+
+    from edgeft.data import DataConfig, read_records
+    from edgeft.predict import Predictor
+
+    predictor = Predictor(args.model, provider=args.provider)
+    print(f"execution provider: {predictor.provider}", file=sys.stderr)
+    if args.input:
+        rows = read_records(DataConfig(args.input, text_column=args.text_column))
+        if rows and args.text_column not in rows[0]:
+            raise EdgeftError(f"{args.input} has no column {args.text_column!r}; pass --text-column")
+        texts = [str(r[args.text_column]) for r in rows]
+    else:
+        if not args.texts:
+            raise EdgeftError("give texts to classify, or --input FILE")
+        rows, texts = [{"text": t} for t in args.texts], list(args.texts)
+    predictions = predictor.predict(texts)
+    if args.output:
+        with open(args.output, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*rows[0].keys(), "label", "score"])
+            writer.writeheader()
+            for row, (label, score) in zip(rows, predictions):
+                writer.writerow({**row, "label": label, "score": f"{score:.4f}"})
+        print(f"{len(predictions)} predictions written to {args.output}")
+    else:
+        for text, (label, score) in zip(texts, predictions):
+            print(f"{label}\t{score:.3f}\t{text}")
+    return 0

@@ -1,0 +1,5 @@
+"""Stands in for torch in simulated device processes: edgeft.testing.agents puts this folder first on their
+PYTHONPATH, where it shadows an installed torch. A device has none, so importing it fails as it would there."""
+
+raise ModuleNotFoundError("No module named 'torch' (a simulated device: edgeft/testing/no_torch stands in for it)",
+                          name="torch")
