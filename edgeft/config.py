@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from edgeft.errors import ConfigError
+from edgeft.errors import check_config
 
 Task = Literal["classification", "causal-lm", "regression", "multilabel"]
 AdapterKind = Literal["lora", "head", "full"]
@@ -36,13 +36,8 @@ LOSS_FOR_TASK = {
 LOSSES: tuple[str, ...] = tuple(LOSS_FOR_TASK.values())
 
 
-def _check(cond: bool, field_name: str, value: object, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid {field_name}={value!r}: {why}")
-
-
 def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
-    _check(value in choices, field_name, value, f"expected one of {', '.join(choices)}")
+    check_config(value in choices, field_name, value, f"expected one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -65,9 +60,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("adapter.kind", self.kind, ADAPTER_KINDS)
-        _check(self.rank >= 1, "adapter.rank", self.rank, "must be a positive integer")
-        _check(self.alpha > 0, "adapter.alpha", self.alpha, "must be positive")
-        _check(self.dropout == 0.0, "adapter.dropout", self.dropout,
+        check_config(self.rank >= 1, "adapter.rank", self.rank, "must be a positive integer")
+        check_config(self.alpha > 0, "adapter.alpha", self.alpha, "must be positive")
+        check_config(self.dropout == 0.0, "adapter.dropout", self.dropout,
                "on-device training runs the graph in eval mode; LoRA dropout is not supported yet")
         for name in ("target_modules", "trainable_modules"):
             value = getattr(self, name)
@@ -91,8 +86,8 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         _check_choice("optimizer.name", self.name, OPTIMIZERS)
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.name != "sgd" or self.momentum == 0.0, "optimizer.momentum", self.momentum,
+        check_config(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        check_config(self.name != "sgd" or self.momentum == 0.0, "optimizer.momentum", self.momentum,
                "ONNX Runtime's on-device SGD has no momentum; use adamw")
 
 
@@ -131,15 +126,15 @@ class ExportConfig:
             object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])
         _check_choice("loss", self.loss, LOSSES)
         low, high = OPSETS[self.engine]
-        _check(self.opset is None or low <= self.opset <= high, "opset", self.opset,
+        check_config(self.opset is None or low <= self.opset <= high, "opset", self.opset,
                "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)"
                if self.engine == "ort-training" else f"the portable engine exports opset {low}-{high}")
-        _check(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
-        _check(isinstance(self.proximal_mu, (int, float)) and 0 <= self.proximal_mu < float("inf"), "proximal_mu",
+        check_config(self.max_length >= 2, "max_length", self.max_length, "must be at least 2")
+        check_config(isinstance(self.proximal_mu, (int, float)) and 0 <= self.proximal_mu < float("inf"), "proximal_mu",
                self.proximal_mu, "must be a finite number >= 0 (0 disables FedProx's proximal term)")
         if self.task in ("classification", "multilabel"):
-            _check(len(self.labels) >= 2, "labels", self.labels, f"a {self.task} task needs at least 2 labels")
-            _check(len(set(self.labels)) == len(self.labels), "labels", self.labels, "labels must be unique")
+            check_config(len(self.labels) >= 2, "labels", self.labels, f"a {self.task} task needs at least 2 labels")
+            check_config(len(set(self.labels)) == len(self.labels), "labels", self.labels, "labels must be unique")
 
     @property
     def onnx_opset(self) -> int:
@@ -172,15 +167,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+        check_config(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check_config(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        check_config(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check_config(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        check_config(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        check_config(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        check_config(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                "early_stopping_patience", self.early_stopping_patience, "must be >= 1")
-        _check(self.bucket_size >= 1, "bucket_size", self.bucket_size, "must be >= 1")
+        check_config(self.bucket_size >= 1, "bucket_size", self.bucket_size, "must be >= 1")
 
 
 def to_dict(config: object) -> dict:

@@ -16,17 +16,33 @@ from typing import Iterator
 import numpy as np
 
 from edgeft.bundle import Bundle, Manifest
-from edgeft.errors import ConfigError, DataError
+from edgeft.errors import ConfigError, DataError, check_config
 
 IGNORE_INDEX = -100
 FORMATS = ("csv", "jsonl", "text")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where the examples are and which columns hold what.
+class DataSchema:
+    """Which columns of a data file hold the text and the label, and the file's format: ``csv``, ``jsonl`` or
+    ``text`` (one document; for causal LM); ``None`` (or "") guesses from the suffix. The one schema type: a job's
+    ``[job.data]``, the task a device gets, and ``edgeft train``'s flags all make one."""
 
-    format: ``csv``, ``jsonl`` or ``text`` (one document; for causal LM); ``None`` guesses from the suffix.
+    text_column: str = "text"
+    label_column: str = "label"
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.format:
+            object.__setattr__(self, "format", None)
+        check_config(self.format is None or self.format in FORMATS, "format", self.format,
+                     f"expected one of {', '.join(FORMATS)} (or leave it out: from the file's suffix)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples are and which columns hold what (the fields of a ``DataSchema``).
+
     label_map: optional mapping from raw label values in the file to the bundle's label names.
     label_separator: separates labels in a multi-label cell (JSON lists work too).
     """
@@ -40,8 +56,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        if self.format is not None and self.format not in FORMATS:
-            raise ConfigError(f"invalid format={self.format!r}: expected one of {', '.join(FORMATS)}")
+        object.__setattr__(self, "format", self.schema.format)  # validated by the schema
+
+    @classmethod
+    def of(cls, path: str | Path, schema: DataSchema, **options) -> "DataConfig":  # noqa: ANN003
+        """A data file read with ``schema`` (options: label_map, label_separator)."""
+        return cls(Path(path), schema.text_column, schema.label_column, schema.format, **options)
+
+    @property
+    def schema(self) -> DataSchema:
+        return DataSchema(self.text_column, self.label_column, self.format)
 
     @property
     def resolved_format(self) -> str:

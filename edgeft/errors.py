@@ -103,3 +103,9 @@ class SecAggError(EdgeftError):
 
     grpc_code = "FAILED_PRECONDITION"
     reason = "secagg"
+
+
+def check_config(cond: bool, name: str, value: object, why: str) -> None:
+    """The one configuration check: ``ConfigError("invalid {name}={value!r}: {why}")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"invalid {name}={value!r}: {why}")

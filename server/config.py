@@ -59,291 +59,19 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.aggregate.options import MEAN_STRATEGIES, STRATEGY_NAMES, StrategyOptions, parse_strategy_options
-from edgeft.config import ENGINES, AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
-from edgeft.data import DataConfig
-from edgeft.errors import ConfigError
+from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
+from edgeft.data import DataConfig, DataSchema  # noqa: F401 (DataSchema: [job.data])
+from edgeft.errors import ConfigError, check_config
+from edgeft.server.job_config import (DEFAULT_HEAD_INIT, DEFAULT_PROXIMAL_MU, HEAD_INIT_METHODS, STRATEGIES,  # noqa: F401
+                                     ClientSelection, HeadInit, JobConfig, SecureAggregation)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-STRATEGIES = STRATEGY_NAMES
-DEFAULT_PROXIMAL_MU = 0.01  # fedprox's mu when the coordinator exports the model and no mu is given
-
-
-def _check(cond: bool, name: str, value: object, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid {name}={value!r}: {why}")
-
-
-@dataclass(frozen=True)
-class ClientSelection:
-    """Who trains in each round.
-
-    A round opens once ``min_available`` devices (default: ``min``) are connected; ceil(fraction x
-    available) of them, within [min, max], are selected; the round needs ``min`` updates by its deadline.
-    """
-
-    fraction: float = 1.0
-    min: int = 1
-    max: int | None = None
-    min_available: int | None = None
-
-    def __post_init__(self) -> None:
-        _check(0 < self.fraction <= 1, "clients.fraction", self.fraction, "must be in (0, 1]")
-        _check(self.min >= 1, "clients.min", self.min, "must be >= 1")
-        _check(self.max is None or self.max >= self.min, "clients.max", self.max, "must be >= clients.min")
-        if self.min_available is None:
-            object.__setattr__(self, "min_available", self.min)
-        _check(self.min_available >= self.min, "clients.min_available", self.min_available, "must be >= clients.min")
-
-
-HEAD_INIT_METHODS = ("auto", "class_means", "fedcof", "none")
-# What ``auto`` picks for a classification bundle with a sentence-pooled head (README: "Federated convergence")
-DEFAULT_HEAD_INIT = "class_means"
-
-
-@dataclass(frozen=True)
-class HeadInit:
-    """The statistics round (round 0): the task head is built from the devices' class statistics before the
-    LoRA rounds (``edgeft.aggregate.statistics``). ``method``: ``class_means`` (cosine classifier on the class
-    means), ``fedcof`` (ridge classifier with FedCOF's covariance estimate; ``ridge`` its regularisation),
-    ``none`` (train from the exported random head), or ``auto``: the default recipe for classification
-    bundles with a sentence-pooled head, ``none`` for any other bundle. ``scale``: the logit scale (inverse
-    temperature) of the built head."""
-
-    method: str = "auto"
-    scale: float = 20.0
-    ridge: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check(self.method in HEAD_INIT_METHODS, "head_init.method", self.method,
-               f"expected one of {', '.join(HEAD_INIT_METHODS)}")
-        _check(self.scale > 0, "head_init.scale", self.scale, "must be positive")
-        _check(self.ridge > 0, "head_init.ridge", self.ridge, "must be positive")
-
-    def resolve(self, manifest: object) -> str:
-        """The method for a bundle (its manifest): ``none`` where it has no sentence-pooled classifier head;
-        ConfigError where ``class_means``/``fedcof`` were asked of such a bundle."""
-        fits = getattr(manifest, "task", None) == "classification" and getattr(manifest, "pooling", None)
-        if self.method == "auto":
-            return DEFAULT_HEAD_INIT if fits else "none"
-        if self.method != "none" and not fits:
-            raise ConfigError(f"head_init.method={self.method!r} needs a classification bundle with a sentence-pooled "
-                              "head (a sentence-transformers model exported with pooling 'auto' or 'sentence'); "
-                              "use method 'none' or 'auto'")
-        return self.method
-
-
-@dataclass(frozen=True)
-class SecureAggregation:
-    """Secure aggregation of a job's rounds (``edgeft.secagg``): devices send pairwise-masked, fixed-point
-    encoded deltas; the coordinator unmasks only their sum.
-
-    max_dropout_fraction: the share of a round's selected clients that may drop out during the protocol and
-      still give the exact sum (threshold t = selected - floor(fraction x selected), at least 2 and more than
-      half); fewer survivors abort the round without unmasking anything. In [0, 0.5).
-    bits, clip: each value of a device's delta (its adapter minus the global one) is clipped to [-clip, clip]
-      and quantised to ``bits`` bits: the mean is exact to clip / (2^(bits-1) - 1) / 2.
-    phase_timeout_s: how long each phase after the first (which waits for training, until the round's
-      deadline) waits for devices before it closes with those that answered.
-    """
-
-    max_dropout_fraction: float = 0.3
-    bits: int = 16
-    clip: float = 0.5  # 16 bits: the mean within 7.6e-6, finer than a float16 upload of adapter values above 0.03
-    phase_timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        from edgeft.secagg.fixedpoint import FixedPoint
-
-        f = self.max_dropout_fraction
-        _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 0.5,
-               "secure_aggregation.max_dropout_fraction", f, "must be in [0, 0.5): the survivors must be more than "
-               "half of the round")
-        FixedPoint(bits=self.bits, clip=self.clip, ring_bits=64)  # ConfigError naming bits or clip
-        _check(isinstance(self.phase_timeout_s, (int, float)) and self.phase_timeout_s > 0,
-               "secure_aggregation.phase_timeout_s", self.phase_timeout_s, "must be positive")
-
-
-@dataclass(frozen=True)
-class DataSchema:
-    """Which columns of a device's file hold the text and the label; ``format`` None: from the suffix."""
-
-    text_column: str = "text"
-    label_column: str = "label"
-    format: str | None = None
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """One federated job: which bundle (or model to export), how many rounds, who trains and how."""
-
-    id: str
-    bundle: Path | None = None
-    model: Path | None = None
-    export: ExportConfig | None = None
-    data: DataSchema = field(default_factory=DataSchema)
-    rounds: int = 3
-    strategy: str = "fedavg"
-    strategy_options: StrategyOptions = field(default_factory=StrategyOptions)  # or the TOML table as a dict
-    round_deadline_s: float = 600.0
-    upload_dtype: str = "float32"
-    # Update validation (besides the manifest's names, shapes and dtypes and finite values). The L2 norm of an
-    # update's change from the global adapter it was trained from, all tensors together, is bounded by
-    # ``max_update_norm`` when given, else by ``max_update_norm_ratio`` x the norm of that global adapter.
-    max_update_norm: float | None = None
-    max_update_norm_ratio: float = 10.0
-    max_update_examples: int = 1_000_000
-    # The base model's digest (a bundle manifest's base_model.digest): a bundle for another base is refused.
-    base_model_digest: str | None = None
-    clients: ClientSelection = field(default_factory=ClientSelection)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
-    # Held-out data on the coordinator: the global adapter is evaluated on it after every round (and before
-    # the first), in the background; results go to the state database.
-    eval_data: DataConfig | None = None
-    # Secure aggregation: the coordinator sees only the sum of each round's updates (None: plain uploads).
-    secure_aggregation: SecureAggregation | None = None
-    # The statistics round before the LoRA rounds (a HeadInit, a TOML table, or just the method's name)
-    head_init: HeadInit = field(default_factory=HeadInit)
-    # Mixed LoRA ranks: smaller ranks served to devices that ask for at most that rank (edgeft client
-    # --max-lora-rank); ``device_ranks`` are exported by the coordinator (with ``model``), ``device_bundles`` are
-    # bundles of the job's model at smaller ranks (with ``bundle``). Updates of all ranks are aggregated exactly
-    # as the mean of their LoRA products, re-factorised to the job's rank (edgeft.aggregate.lora_ranks).
-    device_ranks: tuple[int, ...] = ()
-    device_bundles: tuple[Path, ...] = ()
-    # Training engines (``edgeft.config.ENGINES``): the engines the job serves, the preferred first. A device gets
-    # a bundle of the first of them it runs (its agent reports what its runtime runs; an agent too old to say
-    # runs "ort-training"); a device that runs none of them is refused at registration. With ``model`` the
-    # coordinator exports the model once per engine, the first being the job's own bundle (its initial adapter
-    # and evaluations); default: the engine of [job.export] alone. With ``bundle``, ``engine_bundles`` are the
-    # job's bundle exported for other engines (the same model and settings, only the engine differs: checked),
-    # and ``engines``, when given, lists exactly the engines of ``bundle`` and ``engine_bundles`` in the order
-    # of preference (default: ``bundle``'s engine first). Updates of every engine are the same tensors and are
-    # aggregated together. Several engines serve the job's own LoRA rank only: not with device_ranks or
-    # device_bundles.
-    engines: tuple[str, ...] = ()
-    engine_bundles: tuple[Path, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.head_init, str):
-            object.__setattr__(self, "head_init", HeadInit(method=self.head_init))
-        elif isinstance(self.head_init, dict):
-            object.__setattr__(self, "head_init", HeadInit(**self.head_init))
-        _check(self.secure_aggregation is None or self.head_init.method in ("auto", "none"), "job.head_init.method",
-               self.head_init.method, "the statistics round does not run under secure aggregation yet; use 'auto' "
-               "(it is skipped then) or 'none'")
-        _check(bool(self.id) and self.id.replace("-", "").replace("_", "").isalnum(), "job.id", self.id,
-               "use letters, digits, - and _")
-        _check((self.bundle is None) != (self.model is None), "job.bundle", self.bundle,
-               "give exactly one of bundle (an exported bundle) or model (a Hugging Face folder to export)")
-        for name in ("bundle", "model"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.model is not None and self.export is None:
-            object.__setattr__(self, "export", ExportConfig())
-        _check(self.rounds >= 1, "job.rounds", self.rounds, "must be >= 1")
-        _check(self.strategy in STRATEGIES, "job.strategy", self.strategy, f"expected one of {', '.join(STRATEGIES)}")
-        object.__setattr__(self, "strategy_options", parse_strategy_options(self.strategy, self.strategy_options))
-        self._check_strategy()
-        _check(self.round_deadline_s > 0, "job.round_deadline_s", self.round_deadline_s, "must be positive")
-        _check(self.upload_dtype in ("float32", "float16"), "job.upload_dtype", self.upload_dtype,
-               "expected float32 or float16")
-        _check(self.max_update_norm is None or self.max_update_norm > 0, "job.max_update_norm", self.max_update_norm,
-               "must be positive")
-        _check(self.max_update_norm_ratio > 0, "job.max_update_norm_ratio", self.max_update_norm_ratio,
-               "must be positive")
-        _check(isinstance(self.max_update_examples, int) and self.max_update_examples >= 1, "job.max_update_examples",
-               self.max_update_examples, "must be a whole number >= 1")
-        if isinstance(self.secure_aggregation, dict):
-            object.__setattr__(self, "secure_aggregation", SecureAggregation(**self.secure_aggregation))
-        if self.secure_aggregation is not None:
-            _check(self.strategy in MEAN_STRATEGIES, "job.strategy", self.strategy,
-                   "secure aggregation hides every single update, so only mean strategies can run with it "
-                   f"({', '.join(MEAN_STRATEGIES)}); robust rules need the updates one by one")
-            _check(self.clients.min >= 2, "clients.min", self.clients.min,
-                   "secure aggregation needs rounds of at least 2 clients (the sum of one is that client's update)")
-        self._check_ranks()
-        self._check_engines()
-
-    def _check_engines(self) -> None:
-        """Several training engines: known names, bundles only with ``bundle``, not with mixed ranks."""
-        engines = self.engines
-        if isinstance(engines, str):
-            engines = (engines,)
-        object.__setattr__(self, "engines", tuple(engines))
-        object.__setattr__(self, "engine_bundles", tuple(Path(p) for p in self.engine_bundles))
-        engines = self.engines
-        _check(all(isinstance(e, str) for e in engines) and set(engines) <= set(ENGINES), "job.engines",
-               list(engines), f"expected engines among {', '.join(ENGINES)}")
-        _check(len(set(engines)) == len(engines), "job.engines", list(engines), "each engine once")
-        _check(not self.engine_bundles or self.bundle is not None, "job.engine_bundles",
-               [str(p) for p in self.engine_bundles], "goes with job.bundle; with job.model list the engines in "
-               "job.engines and the coordinator exports a bundle for each")
-        if self.bundle is not None:
-            _check(not engines or len(engines) == 1 + len(self.engine_bundles), "job.engines", list(engines),
-                   f"with job.bundle, list the engines of bundle and its {len(self.engine_bundles)} engine_bundles "
-                   "(one each), or leave engines out")
-        elif self.export is not None:
-            if not engines:
-                object.__setattr__(self, "engines", (self.export.engine,))
-            elif self.export.engine != engines[0]:  # the job's own bundle is for the first engine listed
-                opset = None  # the first engine's default: [job.export] opset is for another engine
-                object.__setattr__(self, "export", replace(self.export, engine=engines[0], opset=opset))
-        if len(self.engines) > 1 or self.engine_bundles:
-            _check(not (self.device_ranks or self.device_bundles), "job.engines",
-                   list(self.engines) or "engine_bundles",
-                   "several training engines serve the job's own LoRA rank only; mixed ranks (device_ranks, "
-                   "device_bundles) and several engines in one job are not supported: run them as two jobs")
-
-    def _check_ranks(self) -> None:
-        """Mixed LoRA ranks: which settings they need and which they cannot run with."""
-        object.__setattr__(self, "device_ranks", tuple(self.device_ranks))
-        object.__setattr__(self, "device_bundles", tuple(Path(p) for p in self.device_bundles))
-        ranks = self.device_ranks
-        _check(all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
-               and len(set(ranks)) == len(ranks), "job.device_ranks", list(ranks), "distinct whole numbers >= 1")
-        _check(not ranks or self.model is not None, "job.device_ranks", list(ranks),
-               "the coordinator exports the smaller ranks from job.model; with job.bundle list bundles of the "
-               "smaller ranks in device_bundles instead")
-        _check(not self.device_bundles or self.bundle is not None, "job.device_bundles",
-               [str(p) for p in self.device_bundles], "goes with job.bundle; with job.model use device_ranks")
-        if ranks and self.export is not None:
-            rank = self.export.adapter.rank
-            _check(max(ranks) < rank, "job.device_ranks", list(ranks), f"each must be below the job's rank {rank} "
-                   "([job.adapter] rank)")
-        if ranks or self.device_bundles:
-            _check(self.strategy in ("fedavg", "fedprox") and self.strategy_options.clip_norm is None, "job.strategy",
-                   self.strategy, "mixed LoRA ranks aggregate as the mean of LoRA products (fedavg or fedprox, "
-                   "without clip_norm/noise_multiplier)")
-            _check(self.secure_aggregation is None, "job.secure_aggregation", "set",
-                   "mixed LoRA ranks need the updates' products, which secure aggregation hides")
-
-    def _check_strategy(self) -> None:
-        """What a strategy asks of the rest of the job: Krum's minimum round size, FedProx's exported term."""
-        options = self.strategy_options
-        if self.strategy in ("krum", "multikrum"):
-            need = 2 * options.byzantine + 3
-            _check(self.clients.min >= need, "clients.min", self.clients.min,
-                   f"strategy {self.strategy!r} with byzantine={options.byzantine} needs rounds of at least {need} "
-                   "updates (2f + 3)")
-        if self.strategy == "multikrum" and options.selected is not None:
-            _check(options.selected <= self.clients.min - options.byzantine, "job.strategy_options.selected",
-                   options.selected, f"must be <= clients.min - byzantine = {self.clients.min - options.byzantine}")
-        if self.strategy == "fedprox" and self.model is not None and self.export is not None:
-            exported = self.export.proximal_mu
-            if exported == 0:
-                mu = options.mu if options.mu is not None else DEFAULT_PROXIMAL_MU
-                object.__setattr__(self, "export", replace(self.export, proximal_mu=mu))
-            else:
-                _check(options.mu is None or options.mu == exported, "job.strategy_options.mu", options.mu,
-                       f"differs from [job.export] proximal_mu={exported!r}; give one of them")
-
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -384,16 +112,16 @@ class ServerLimits:
     keepalive_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
-        _check(self.max_message_bytes >= 64 << 10, "limits.max_message_bytes", self.max_message_bytes,
+        check_config(self.max_message_bytes >= 64 << 10, "limits.max_message_bytes", self.max_message_bytes,
                "must be >= 65536")
-        _check(0 < self.chunk_bytes <= self.max_message_bytes - (16 << 10), "limits.chunk_bytes", self.chunk_bytes,
+        check_config(0 < self.chunk_bytes <= self.max_message_bytes - (16 << 10), "limits.chunk_bytes", self.chunk_bytes,
                "must be positive and at least 16 KiB below limits.max_message_bytes (room for the message's fields)")
-        _check(self.max_upload_bytes >= self.max_message_bytes, "limits.max_upload_bytes", self.max_upload_bytes,
+        check_config(self.max_upload_bytes >= self.max_message_bytes, "limits.max_upload_bytes", self.max_upload_bytes,
                "must be >= limits.max_message_bytes")
-        _check(self.max_workers >= 1, "limits.max_workers", self.max_workers, "must be >= 1")
-        _check(self.max_concurrent_rpcs >= 1, "limits.max_concurrent_rpcs", self.max_concurrent_rpcs, "must be >= 1")
+        check_config(self.max_workers >= 1, "limits.max_workers", self.max_workers, "must be >= 1")
+        check_config(self.max_concurrent_rpcs >= 1, "limits.max_concurrent_rpcs", self.max_concurrent_rpcs, "must be >= 1")
         for name in ("min_client_ping_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
-            _check(getattr(self, name) > 0, f"limits.{name}", getattr(self, name), "must be positive")
+            check_config(getattr(self, name) > 0, f"limits.{name}", getattr(self, name), "must be positive")
 
 
 @dataclass(frozen=True)
@@ -413,13 +141,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         ids = [j.id for j in self.jobs]
-        _check(len(ids) == len(set(ids)), "job.id", ids, "job ids must be unique")
-        _check(isinstance(self.insecure, bool), "server.insecure", self.insecure, "must be true or false")
+        check_config(len(ids) == len(set(ids)), "job.id", ids, "job ids must be unique")
+        check_config(isinstance(self.insecure, bool), "server.insecure", self.insecure, "must be true or false")
         if self.tls is None and not self.insecure:
             raise ConfigError("the coordinator serves TLS only: give [server.tls] cert and key (`edgeft certs` makes "
                               "development ones), or set [server] insecure = true (or --insecure) for plaintext "
                               "on a trusted network")
-        _check(self.tls is None or not self.insecure, "server.insecure", self.insecure,
+        check_config(self.tls is None or not self.insecure, "server.insecure", self.insecure,
                "give either [server.tls] or insecure = true, not both")
 
 
@@ -447,7 +175,10 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
         try:
             clients = ClientSelection(**raw.pop("clients", {}))
             train = TrainConfig(**{"progress": False, **raw.pop("train", {})})
-            data_schema = DataSchema(**raw.pop("data", {}))
+            try:
+                data_schema = DataSchema(**raw.pop("data", {}))
+            except ConfigError as exc:  # refused at start, not when the first device reads its file
+                raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: [job.data] {exc}") from exc
             paths = {k: base / raw.pop(k) for k in ("bundle", "model") if k in raw}
             for key in ("device_bundles", "engine_bundles"):
                 if key in raw:
@@ -457,9 +188,7 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
             eval_data = None
             if evaluation is not None:
                 evaluation = dict(evaluation)
-                eval_data = DataConfig(base / evaluation.pop("path"), text_column=data_schema.text_column,
-                                       label_column=data_schema.label_column, format=data_schema.format,
-                                       **evaluation)
+                eval_data = DataConfig.of(base / evaluation.pop("path"), data_schema, **evaluation)
             secure = raw.pop("secure_aggregation", None)
             secure = SecureAggregation(**secure) if secure is not None else None
             jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export,

@@ -12,8 +12,8 @@ from edgeft.aggregate.base import Aggregation, RoundContext, Strategy, select_cl
 from edgeft.aggregate.fedavg import FedAvg, FedProx, WeightedMean, weighted_mean
 from edgeft.aggregate.fedopt import FedAdagrad, FedAdam, FedYogi
 from edgeft.aggregate.lora_ranks import HeteroRankFedAvg
-from edgeft.aggregate.options import STRATEGY_NAMES, StrategyOptions, parse_strategy_options
-from edgeft.aggregate.registry import STRATEGIES, build_strategy
+from edgeft.aggregate.options import StrategyOptions
+from edgeft.aggregate.registry import STRATEGIES, STRATEGY_NAMES, build_strategy, parse_strategy_options
 from edgeft.aggregate.robust import Krum, Median, MultiKrum, TrimmedMean
 
 __all__ = ["Aggregation", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "HeteroRankFedAvg", "Krum",

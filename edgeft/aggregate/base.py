@@ -63,9 +63,20 @@ class Aggregation(ABC):
 
 
 class Strategy(ABC):
-    """How rounds are configured and aggregated."""
+    """How rounds are configured and aggregated. The registry (``edgeft.aggregate.registry``) is built from the
+    subclasses' class attributes: ``name`` (a job's ``strategy``), ``options`` (the ``StrategyOptions`` fields it
+    takes), ``mean`` (it aggregates a weighted mean of deltas: secure aggregation, norm clipping and differential
+    privacy apply), ``mixed_ranks`` (it aggregates clients of mixed LoRA ranks)."""
 
     name: str
+    options: tuple[str, ...] = ()
+    mean: bool = False
+    mixed_ranks: bool = False
+
+    @classmethod
+    def min_round(cls, options: object) -> int:
+        """The fewest updates a round of this strategy can aggregate (``options``: its StrategyOptions)."""
+        return 1
 
     def configure_round(self, round_number: int, available: Sequence[str], fraction: float, minimum: int,
                         maximum: int | None, rng: np.random.Generator) -> list[str]:

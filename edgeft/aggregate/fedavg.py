@@ -7,7 +7,7 @@ from typing import Iterable
 import numpy as np
 
 from edgeft.aggregate.base import Aggregation, RoundContext, Strategy
-from edgeft.aggregate.options import StrategyOptions
+from edgeft.aggregate.options import MEAN_OPTIONS, StrategyOptions
 from edgeft.aggregate.vectors import accumulate
 from edgeft.errors import ConfigError
 from edgeft.update import AdapterUpdate
@@ -59,6 +59,8 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    options = MEAN_OPTIONS
+    mean = mixed_ranks = True
 
     def __init__(self, options: StrategyOptions | None = None):
         self.options = options or StrategyOptions()
@@ -81,6 +83,7 @@ class FedProx(FedAvg):
     mu/2 * ||w - w_global||^2, which lives in the bundle's training graph (``ExportConfig.proximal_mu``)."""
 
     name = "fedprox"
+    options = (*MEAN_OPTIONS, "mu")
 
     def check_bundle(self, manifest: object) -> None:
         proximal = getattr(manifest, "proximal", None)

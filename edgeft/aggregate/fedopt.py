@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeft.aggregate.base import Aggregation, RoundContext, Strategy
 from edgeft.aggregate.delta import DeltaMean, State
-from edgeft.aggregate.options import StrategyOptions
+from edgeft.aggregate.options import MEAN_OPTIONS, StrategyOptions
 
 
 def first_moment(m: np.ndarray, delta: np.ndarray, beta1: float) -> np.ndarray:
@@ -74,6 +74,8 @@ class FedOpt(Strategy):
     """A server optimiser over the mean client delta; see the module docstring."""
 
     name = "fedadam"
+    options = (*MEAN_OPTIONS, "server_lr", "beta1", "beta2", "tau")
+    mean = True
 
     def __init__(self, options: StrategyOptions | None = None):
         self.options = options or StrategyOptions()
@@ -94,3 +96,4 @@ class FedYogi(FedOpt):
 
 class FedAdagrad(FedOpt):
     name = "fedadagrad"
+    options = (*MEAN_OPTIONS, "server_lr", "beta1", "tau")

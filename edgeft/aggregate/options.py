@@ -5,35 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from edgeft.errors import check_config
 
-from edgeft.errors import ConfigError
-
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
-ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
-ROBUST = ("median", "trimmed_mean", "krum", "multikrum")
-STRATEGY_NAMES = MEAN_STRATEGIES + ROBUST
-
-# Which strategies each option applies to; giving an option to any other strategy is an error.
-APPLIES_TO: dict[str, tuple[str, ...]] = {
-    "server_lr": ADAPTIVE,
-    "beta1": ADAPTIVE,
-    "beta2": ("fedadam", "fedyogi"),
-    "tau": ADAPTIVE,
-    "mu": ("fedprox",),
-    "trim": ("trimmed_mean",),
-    "byzantine": ("krum", "multikrum"),
-    "selected": ("multikrum",),
-    "clip_norm": MEAN_STRATEGIES,
-    "noise_multiplier": MEAN_STRATEGIES,
-    "dp_delta": MEAN_STRATEGIES,
-    "noise_seed": MEAN_STRATEGIES,
-}
-
-
-def _check(cond: bool, name: str, value: object, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid job.strategy_options.{name}={value!r}: {why}")
+# The options of every strategy that aggregates a weighted mean of deltas (norm clipping, differential privacy).
+# Which strategy takes which option is each strategy class's ``options`` (edgeft.aggregate.registry).
+MEAN_OPTIONS = ("clip_norm", "noise_multiplier", "dp_delta", "noise_seed")
 
 
 def _number(value: object) -> bool:
@@ -44,9 +20,13 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_option(cond: bool, name: str, value: object, why: str) -> None:
+    check_config(cond, f"job.strategy_options.{name}", value, why)
+
+
 @dataclass(frozen=True)
 class StrategyOptions:
-    """Every strategy's knobs; each applies to the strategies ``APPLIES_TO`` names.
+    """Every strategy's knobs; each applies to the strategies whose class lists it in ``options``.
 
     server_lr, beta1, beta2, tau: the server optimiser of FedAdam/FedYogi/FedAdagrad (Reddi et al., 2021):
       x <- x + server_lr * m / (sqrt(v) + tau) over the mean client delta.
@@ -75,52 +55,29 @@ class StrategyOptions:
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check(_number(self.server_lr) and self.server_lr > 0, "server_lr", self.server_lr, "must be positive")
+        _check_option(_number(self.server_lr) and self.server_lr > 0, "server_lr", self.server_lr, "must be positive")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check(_number(value) and 0 <= value < 1, name, value, "must be in [0, 1)")
-        _check(_number(self.tau) and self.tau > 0, "tau", self.tau, "must be positive (it bounds the step size)")
-        _check(self.mu is None or (_number(self.mu) and self.mu >= 0), "mu", self.mu, "must be >= 0")
-        _check(_number(self.trim) and 0 <= self.trim < 0.5, "trim", self.trim,
+            _check_option(_number(value) and 0 <= value < 1, name, value, "must be in [0, 1)")
+        _check_option(_number(self.tau) and self.tau > 0, "tau", self.tau, "must be positive (it bounds the step size)")
+        _check_option(self.mu is None or (_number(self.mu) and self.mu >= 0), "mu", self.mu, "must be >= 0")
+        _check_option(_number(self.trim) and 0 <= self.trim < 0.5, "trim", self.trim,
                "must be in [0, 0.5): the fraction cut at each end of every coordinate")
-        _check(_integer(self.byzantine) and self.byzantine >= 0, "byzantine", self.byzantine,
+        _check_option(_integer(self.byzantine) and self.byzantine >= 0, "byzantine", self.byzantine,
                "must be an integer >= 0")
-        _check(self.selected is None or (_integer(self.selected) and self.selected >= 1), "selected", self.selected,
+        _check_option(self.selected is None or (_integer(self.selected) and self.selected >= 1), "selected", self.selected,
                "must be an integer >= 1")
-        _check(self.clip_norm is None or (_number(self.clip_norm) and self.clip_norm > 0), "clip_norm", self.clip_norm,
+        _check_option(self.clip_norm is None or (_number(self.clip_norm) and self.clip_norm > 0), "clip_norm", self.clip_norm,
                "must be positive")
-        _check(_number(self.noise_multiplier) and self.noise_multiplier >= 0, "noise_multiplier",
+        _check_option(_number(self.noise_multiplier) and self.noise_multiplier >= 0, "noise_multiplier",
                self.noise_multiplier, "must be >= 0")
-        _check(self.noise_multiplier == 0 or self.clip_norm is not None, "noise_multiplier", self.noise_multiplier,
+        _check_option(self.noise_multiplier == 0 or self.clip_norm is not None, "noise_multiplier", self.noise_multiplier,
                "differential privacy needs clip_norm: the noise is calibrated to the clipped updates' norm")
-        _check(_number(self.dp_delta) and 0 < self.dp_delta < 1, "dp_delta", self.dp_delta, "must be in (0, 1)")
-        _check(self.noise_seed is None or _integer(self.noise_seed), "noise_seed", self.noise_seed,
+        _check_option(_number(self.dp_delta) and 0 < self.dp_delta < 1, "dp_delta", self.dp_delta, "must be in (0, 1)")
+        _check_option(self.noise_seed is None or _integer(self.noise_seed), "noise_seed", self.noise_seed,
                "must be an integer")
 
     @property
     def private(self) -> bool:
         """Whether rounds add differential-privacy noise."""
         return self.noise_multiplier > 0
-
-
-def parse_strategy_options(strategy: str, raw: Mapping[str, object] | StrategyOptions | None) -> StrategyOptions:
-    """``[job.strategy_options]`` for ``strategy`` as typed options; ConfigError names a bad, unknown or
-    misplaced key."""
-    if strategy not in STRATEGY_NAMES:
-        raise ConfigError(f"invalid job.strategy={strategy!r}: expected one of {', '.join(STRATEGY_NAMES)}")
-    if isinstance(raw, StrategyOptions):
-        given = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)
-                 if getattr(raw, f.name) != f.default}
-    else:
-        given = dict(raw or {})
-    own = [name for name, users in APPLIES_TO.items() if strategy in users]
-    for key in given:
-        if key not in APPLIES_TO:
-            raise ConfigError(f"unknown job.strategy_options.{key}; strategy {strategy!r} takes "
-                              f"{', '.join(own) or 'no options'}")
-        if strategy not in APPLIES_TO[key]:
-            raise ConfigError(f"job.strategy_options.{key} does not apply to strategy {strategy!r} (it is an "
-                              f"option of {', '.join(APPLIES_TO[key])}); {strategy!r} takes {', '.join(own) or 'none'}")
-    if isinstance(raw, StrategyOptions):
-        return raw
-    return StrategyOptions(**given)  # type: ignore[arg-type]

@@ -107,6 +107,7 @@ class TrimmedMean(RobustStrategy):
     """Coordinate-wise trimmed mean (Yin et al., 2018): ``trim`` of the values cut at each end."""
 
     name = "trimmed_mean"
+    options = ("trim",)
 
     def rule(self, stack: np.ndarray) -> tuple[np.ndarray, dict]:
         return trimmed_mean(stack, self.options.trim), {"trimmed_each_end": math.floor(self.options.trim * len(stack))}
@@ -116,16 +117,22 @@ class Krum(RobustStrategy):
     """Krum: the single update closest to its n - f - 2 neighbours becomes the global adapter."""
 
     name = "krum"
+    options = ("byzantine",)
+
+    @classmethod
+    def min_round(cls, options: StrategyOptions) -> int:
+        return 2 * options.byzantine + 3  # Krum's 2f + 3
 
     def rule(self, stack: np.ndarray) -> tuple[np.ndarray, dict]:
         chosen = multikrum_select(stack, self.options.byzantine, 1)
         return stack[chosen[0]].astype(np.float64), {"krum_selected": [int(i) for i in chosen]}
 
 
-class MultiKrum(RobustStrategy):
+class MultiKrum(Krum):
     """Multi-Krum: the unweighted mean of the ``selected`` best-scored updates (default n - f)."""
 
     name = "multikrum"
+    options = ("byzantine", "selected")
 
     def rule(self, stack: np.ndarray) -> tuple[np.ndarray, dict]:
         count = self.options.selected or len(stack) - self.options.byzantine

@@ -22,14 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeft.errors import ConfigError, SecAggError
+from edgeft.errors import ConfigError, SecAggError, check_config
 
 RING_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
-
-
-def _check(cond: bool, name: str, value: object, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid {name}={value!r}: {why}")
 
 
 def ring_bits_for(bits: int, max_total_weight: int) -> int:
@@ -51,11 +46,11 @@ class FixedPoint:
     ring_bits: int = 32
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.bits, int) and 2 <= self.bits <= 24, "secure_aggregation.bits", self.bits,
+        check_config(isinstance(self.bits, int) and 2 <= self.bits <= 24, "secure_aggregation.bits", self.bits,
                "must be an integer in [2, 24] (16: fp16-like, 8: int8-like)")
-        _check(isinstance(self.clip, (int, float)) and np.isfinite(self.clip) and self.clip > 0,
+        check_config(isinstance(self.clip, (int, float)) and np.isfinite(self.clip) and self.clip > 0,
                "secure_aggregation.clip", self.clip, "must be a positive number (the range of each value)")
-        _check(self.ring_bits in RING_DTYPES, "secure_aggregation.ring_bits", self.ring_bits, "must be 32 or 64")
+        check_config(self.ring_bits in RING_DTYPES, "secure_aggregation.ring_bits", self.ring_bits, "must be 32 or 64")
 
     @property
     def levels(self) -> int:

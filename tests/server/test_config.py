@@ -85,6 +85,9 @@ label_column = "intent"
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [2, 2]\n[job.export]\nlabels = ["a", "b"]\n', "distinct whole numbers"),
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [4]\nstrategy = "median"\n[job.export]\nlabels = ["a", "b"]\n', "mean of LoRA products"),
     ('[[job]]\nid = "x"\nbundle = "b"\ndevice_bundles = ["b4"]\n[job.clients]\nmin = 2\n[job.secure_aggregation]\n', "secure aggregation hides"),
+    # refused when the coordinator starts, not when the first device reads its file
+    ('[[job]]\nid = "x"\nbundle = "b"\n[job.data]\nformat = "xml"\n', "job 'x'.*\\[job.data\\] invalid format='xml'.*csv, jsonl, text"),
+    ('[[job]]\nid = "x"\nbundle = "b"\nstrategy = "krum"\n[job.clients]\nmin = 4\n', "at least 5 updates"),
 ])
 def test_bad_job_files_name_the_problem(tmp_path, body, message):
     (tmp_path / "jobs.toml").write_text(body)
