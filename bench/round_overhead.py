@@ -42,9 +42,8 @@ def run(n: int, bundle: Path, work: Path) -> dict:
     import numpy as np
 
     from edgeft.update import AdapterUpdate
-    from edgeft.v1 import edgeft_pb2 as pb
-    from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
-    from edgeft.wire import UploadHeader, tensor_from_pb, update_to_parts
+    from edgeft.wire import (PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
+                             poll_response_from_pb, registered_from_pb, registration_to_pb, update_to_parts)
 
     state = work / f"n{n}"
     shutil.rmtree(state, ignore_errors=True)
@@ -52,7 +51,7 @@ def run(n: int, bundle: Path, work: Path) -> dict:
     config = state / "jobs.toml"
     # plaintext on loopback: the figures are the coordinator's own overhead (every call still carries a token)
     config.write_text(f'[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\ninsecure = true\n'
-                      f'[[job]]\nid = "bench"\nbundle = "{bundle.resolve()}"\nrounds = 1\nround_deadline_s = 3600\n'
+                      f'[[job]]\nid = "bench"\nbundle = "{bundle.resolve()}"\nrounds = 1\nround_deadline_s = 3600\nhead_init = "none"\n'
                       f'[job.clients]\nfraction = 1.0\nmin = {n}\n')
     from edgeft.client.transport import Transport, open_channel
     from edgeft.server.auth import TokenStore
@@ -62,22 +61,22 @@ def run(n: int, bundle: Path, work: Path) -> dict:
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdout=subprocess.PIPE, text=True)
     port = json.loads(server.stdout.readline())["port"]
     channels = [open_channel(f"127.0.0.1:{port}", Transport(token=token, insecure=True)) for _ in range(4)]
-    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
-    devices = [stubs[i % 4].Register(pb.RegisterRequest()).device_id for i in range(n)]
+    stubs = [coordinator_stub(c) for c in channels]
+    devices = [registered_from_pb(stubs[i % 4].Register(registration_to_pb(Registration("")))) for i in range(n)]
     started = time.perf_counter()
     down, up = [0] * n, [0] * n
 
     def client(i: int) -> None:
         stub = stubs[i % 4]
         while True:
-            reply = stub.PollTask(pb.PollTaskRequest(device_id=devices[i], wait_seconds=1))
-            if reply.WhichOneof("outcome") == "task":
+            reply = stub.PollTask(poll_request_to_pb(PollRequest(devices[i], wait_seconds=1)))
+            task = poll_response_from_pb(reply)
+            if isinstance(task, Task):
                 break
         down[i] = reply.ByteSize()
-        task = reply.task
         rng = np.random.default_rng(i)
         tensors = {name: value + rng.normal(0, 1e-3, value.shape).astype(np.float32)
-                   for name, value in (tensor_from_pb(t) for t in task.global_adapter)}
+                   for name, value in task.global_adapter.items()}
         parts = list(update_to_parts(UploadHeader(task.job_id, task.round, devices[i], f"u{i}"),
                                      AdapterUpdate(tensors, 100 + i)))
         up[i] = sum(p.ByteSize() for p in parts)
