@@ -43,6 +43,7 @@ log = logging.getLogger("edgeft.server")
 
 __all__ = ["STRATEGIES", "Coordinator", "TaskAssignment", "engine_refusal", "stored_adapter"]
 CLOCK_S = 0.25  # how often the clock closes rounds whose deadline passed
+LIVENESS_S = 1.0  # a device's polls within this long of its last liveness write read only (long-polls repeat)
 
 
 def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None
@@ -90,6 +91,7 @@ class Coordinator:
         self.rounds = Rounds(config, self.jobs, self.bundle_sets, self.state, self.artifacts, self.strategies,
                              self.secure_rounds, on_closed=self.evaluator.schedule)
         self._clock: threading.Thread | None = None
+        self._seen: dict[tuple[str, str], tuple[float, dict]] = {}  # (device, job): last liveness write, capabilities
         self._stop = threading.Event()
         for job in config.jobs:
             self._start_job(job)
@@ -191,6 +193,7 @@ class Coordinator:
         device_id = device_id or uuid.uuid4().hex
         self.bundle_sets.device_bundle(job_id, capabilities)  # a device the job has no bundle for is refused now
         self.state.enrol(device_id, capabilities, job_id, token_id)
+        self._seen.pop((device_id, job_id), None)
         return device_id
 
     def heartbeat(self, device_id: str, metrics: dict[str, float], job_id: str) -> None:
@@ -203,8 +206,19 @@ class Coordinator:
     def poll(self, device_id: str, job_id: str) -> TaskAssignment | str | None:
         """A task of job ``job_id`` for the device, the string reason when the job is over, or None (ask later)."""
         job = self._job(job_id)
+        return self.rounds.task(device_id, job, self._liveness(device_id, job_id))
+
+    def _liveness(self, device_id: str, job_id: str) -> dict:
+        """The liveness write of a poll (``State.seen``: registered, enrolled, seen now), at most once per device
+        and job every LIVENESS_S: a long-poll asks every 0.2 s, and 1,000 devices would otherwise queue 5,000
+        database writes a second. Returns the device's capabilities."""
+        key, at = (device_id, job_id), time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and at - last[0] < LIVENESS_S:
+            return last[1]
         capabilities = self.state.seen(device_id, job_id)
-        return self.rounds.task(device_id, job, capabilities)
+        self._seen[key] = (at, capabilities)
+        return capabilities
 
     def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
         """Count a task's bytes sent to a device (once per device and round)."""

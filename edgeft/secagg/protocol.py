@@ -14,27 +14,28 @@ Four phases, each a message from every client still in the round, then one answe
    the seed u and v agree on from their mask keys, + when u < v and - when u > v: the pairwise masks of
    any two clients that both send cancel in the sum. The server adds y_u to a running sum (it keeps no
    single y_u) and answers with U3, the clients whose input arrived.
-4. unmask: each client of U3 sends, for every peer of U2, the share of b_v when v is in U3, or the share
-   of v's mask private key when v dropped after phase 2 (never both for one peer). With ``threshold``
-   answers the server rebuilds the self-masks of U3 and the pairwise masks between U3 and the dropped
-   clients, removes them, and holds sum_{u in U3} x_u exactly.
+4. unmask: each client of U3 sends, for every peer of U2, the share of b_v when v is in U3, or the share of v's mask
+   private key when v dropped after phase 2 (never both for one peer). With ``threshold`` answers the server rebuilds
+   the self-masks of U3 and the pairwise masks between U3 and the dropped clients, removes them, and holds sum_{u in
+   U3} x_u exactly.
 
-At any phase with fewer than ``threshold`` clients left the round aborts (``SecAggError``) and the server
-removes no mask: with fewer than t shares of every seed it cannot unmask any input. Clients check what the
-server sends them (enough clients, themselves included, one key pair per client, survivors among those who
-shared keys). Not covered: a server that lies to clients (the paper's consistency round and signatures),
-and clients that send garbage (no robustness against malicious clients).
+At any phase with fewer than ``threshold`` clients left the round aborts (``SecAggError``) and the server removes no
+mask: with fewer than t shares of every seed it cannot unmask any input. Clients check what the server sends them
+(enough clients, themselves included, one key pair per client, survivors among those who shared keys). Not covered: a
+server that lies to clients (the paper's consistency round and signatures), and clients that send garbage (no
+robustness against malicious clients).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 
 from edgeft.errors import SecAggError
 from edgeft.secagg import shamir
+from edgeft.secagg.messages import (EncryptedShares, Inbox, MaskedInput, PublicKeys, Roster, SharedKeys,  # noqa: F401
+                                    Survivors, UnmaskShares)
 from edgeft.secagg.crypto import (CIPHER_PURPOSE, MASK_PURPOSE, KeyPair, commitment, decrypt, encrypt, prg,
                                   random_seed)
 
@@ -42,73 +43,6 @@ PHASES = ("advertise", "share_keys", "masked_input", "unmask", "done")
 
 
 # -- messages (edgeft.wire converts them to and from the SecAgg* protobuf messages) ----------------------
-@dataclass(frozen=True)
-class PublicKeys:
-    """Phase 1, client -> server: a client's two public keys."""
-
-    device_id: str
-    cipher_public: bytes
-    mask_public: bytes
-
-
-@dataclass(frozen=True)
-class Roster:
-    """Phase 1, server -> clients: the public keys of U1 and the round's threshold."""
-
-    threshold: int
-    keys: tuple[PublicKeys, ...]
-
-
-@dataclass(frozen=True)
-class EncryptedShares:
-    """Phase 2: the shares ``sender`` gives ``recipient`` (of its mask key and self-mask seed), encrypted."""
-
-    sender: str
-    recipient: str
-    ciphertext: bytes
-
-
-@dataclass(frozen=True)
-class SharedKeys:
-    """Phase 2, client -> server: the encrypted shares for every peer and a commitment to the self-mask seed."""
-
-    device_id: str
-    self_mask_commitment: bytes
-    shares: tuple[EncryptedShares, ...]
-
-
-@dataclass(frozen=True)
-class Inbox:
-    """Phase 2, server -> one client: the shares addressed to it, one per other client of U2."""
-
-    shares: tuple[EncryptedShares, ...]
-
-
-@dataclass(frozen=True)
-class MaskedInput:
-    """Phase 3, client -> server: y_u, ring elements."""
-
-    device_id: str
-    data: np.ndarray
-
-
-@dataclass(frozen=True)
-class Survivors:
-    """Phase 3, server -> clients: U3, the clients whose masked input arrived."""
-
-    devices: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class UnmaskShares:
-    """Phase 4, client -> server: decrypted shares, by owner: of self-mask seeds (owners in U3) and of mask
-    private keys (owners that dropped)."""
-
-    device_id: str
-    self_mask_shares: Mapping[str, bytes] = field(default_factory=dict)
-    mask_key_shares: Mapping[str, bytes] = field(default_factory=dict)
-
-
 def threshold_for(selected: int, max_dropout_fraction: float) -> int:
     """t = the selected clients less the tolerated dropouts, at least 2 and more than half the round."""
     tolerated = int(np.floor(max_dropout_fraction * selected + 1e-9))

@@ -9,23 +9,7 @@ from __future__ import annotations
 
 from edgeft.bundle import Bundle
 from edgeft.errors import BundleError
-
-MIN_PORTABLE_ORT = (1, 19)
-
-
-def runtime_version() -> str:
-    """The installed onnxruntime's version ("" when none is installed)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return ""
-    return onnxruntime.__version__
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"1.32.0"`` -> ``(1, 32)``: the major and minor numbers of a runtime version, for comparisons."""
-    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-
+from edgeft.train.runtime import MIN_PORTABLE_ORT, runtime_version, version_tuple
 
 def available_engines() -> list[str]:
     """The engines this process can run, the preferred first (``portable``, then ``ort-training``)."""

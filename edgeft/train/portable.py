@@ -19,7 +19,7 @@ from edgeft.bundle import PORTABLE_GRADIENT as GRADIENT_MODEL
 from edgeft.bundle import PORTABLE_OPTIMIZER as OPTIMIZER_MODEL
 from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
 from edgeft.errors import BundleError, TrainingError
-from edgeft.train.engines import version_tuple
+from edgeft.train.runtime import version_tuple
 from edgeft.train.session import check_parameter_values
 
 # Where a provider keeps the tensors it works on (IOBinding device names); others work in CPU memory.
