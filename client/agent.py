@@ -244,9 +244,8 @@ class Agent:
     def data_config(self, schema: DataSchema) -> DataConfig:
         """The device's file read with the job's schema, unless the device overrides it."""
         c = self.config
-        return DataConfig(c.data, text_column=c.text_column or schema.text_column or "text",
-                          label_column=c.label_column or schema.label_column or "label",
-                          format=c.format or schema.format or None)
+        return DataConfig(c.data, text_column=c.text_column or schema.text_column,
+                          label_column=c.label_column or schema.label_column, format=c.format or schema.format)
 
     def upload(self, task: Task, update: AdapterUpdate) -> UploadReceipt:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")

@@ -24,8 +24,8 @@ import grpc
 from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
 from edgeft import wire
-from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, DataSchema, Finished, RetryLater,
-                         Task, UploadHeader, UploadReceipt)
+from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Finished, RetryLater, Task,
+                         UploadHeader, UploadReceipt)
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
@@ -228,7 +228,7 @@ def _task(task: TaskAssignment) -> Task:
     job = task.job
     return Task(job_id=job.id, round=task.round, bundle_digest=task.bundle_digest, train=job.train,
                 global_adapter=task.global_adapter, deadline=task.deadline, upload_dtype=job.upload_dtype,
-                data=DataSchema(job.data.text_column, job.data.label_column, job.data.format or ""),
+                data=job.data,
                 kind=STATISTICS if task.statistics else TRAIN, secure=task.secure)
 
 
@@ -275,7 +275,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("edgeft.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     names = (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

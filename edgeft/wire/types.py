@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeft.config import TrainConfig
+from edgeft.data import DataSchema  # the one schema type (a job's [job.data], a task's data, edgeft train's flags)
 from edgeft.secagg.updates import SecAggSettings
 
 TRAIN, STATISTICS = "train", "statistics"  # Task.kind
@@ -56,15 +57,6 @@ class PollRequest:
 
 
 @dataclass(frozen=True)
-class DataSchema:
-    """Which columns of a device's data file hold the text and the label, and its format ("": from the suffix)."""
-
-    text_column: str = ""
-    label_column: str = ""
-    format: str = ""
-
-
-@dataclass(frozen=True)
 class Task:
     """One round's work for one device: train the bundle from ``global_adapter`` and upload the result for
     (``job_id``, ``round``), or (``kind`` statistics) upload the class statistics of the device's data.
@@ -72,8 +64,8 @@ class Task:
     ``train``: the local training settings (only those that travel: epochs, max_steps, batch_size,
     learning_rate, warmup_ratio, grad_accum_steps). ``deadline``: when the round closes (Unix time, seconds;
     None: no deadline); an update that arrives later is refused. ``upload_dtype``: float32, or float16 to
-    halve the upload. ``secure``: set when the job aggregates securely (the device takes part in the
-    SecureAggregate phases instead of uploading)."""
+    halve the upload. ``data``: the job's data schema. ``secure``: set when the job aggregates securely (the
+    device takes part in the SecureAggregate phases instead of uploading)."""
 
     job_id: str
     round: int
