@@ -1,13 +1,14 @@
 """The device agent: register, fetch the bundle once, train each round on local data, upload the update.
 
-Each task carries its round's deadline: the agent stops training at a step boundary ``deadline_margin_s``
-before it (leaving time to upload), and sends nothing for a round whose deadline passed (the coordinator would
-refuse the update); either is logged. It speaks only in ``edgeft.wire``'s dataclasses and functions (no
-protobuf message is built or read here). Test tooling changes its updates through the ``tamper`` hook, never
-by patching it. Never imports torch. Network trouble (coordinator restarting, connection refused, timeouts, the
-coordinator's concurrent-call limit) is retried with exponential backoff; a refusal that retrying cannot
-fix (bad data, unknown job, a refused token or certificate) stops the agent with a message that says what
-to do. Every call has a deadline (``call_timeout_s``).
+Never imports torch, and never builds or reads a protobuf message: it speaks in ``edgeft.wire``'s dataclasses
+and functions. Network trouble (coordinator restarting, connection refused, timeouts, the coordinator's
+concurrent-call limit) is retried with exponential backoff; a refusal that retrying cannot fix (bad data,
+unknown job, a refused token or certificate) stops the agent with a message that says what to do. Every call
+has a deadline (``call_timeout_s``).
+
+Each task carries its round's deadline: training stops at a step boundary ``deadline_margin_s`` before it,
+leaving time to upload, and nothing is sent for a round whose deadline passed (the coordinator would refuse the
+update); either is logged. Test tooling changes the updates through the ``tamper`` hook, never by patching.
 """
 
 from __future__ import annotations
