@@ -42,7 +42,7 @@ def run(n: int, bundle: Path, work: Path) -> dict:
     import numpy as np
 
     from edgeft.update import AdapterUpdate
-    from edgeft.wire import (PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
+    from edgeft.wire import (Capabilities, PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
                              poll_response_from_pb, registered_from_pb, registration_to_pb, update_to_parts)
 
     state = work / f"n{n}"
@@ -62,7 +62,8 @@ def run(n: int, bundle: Path, work: Path) -> dict:
     port = json.loads(server.stdout.readline())["port"]
     channels = [open_channel(f"127.0.0.1:{port}", Transport(token=token, insecure=True)) for _ in range(4)]
     stubs = [coordinator_stub(c) for c in channels]
-    devices = [registered_from_pb(stubs[i % 4].Register(registration_to_pb(Registration("")))) for i in range(n)]
+    device = Registration("", Capabilities(engines=("portable", "ort-training")))  # runs either engine's bundle
+    devices = [registered_from_pb(stubs[i % 4].Register(registration_to_pb(device))) for i in range(n)]
     started = time.perf_counter()
     down, up = [0] * n, [0] * n
 

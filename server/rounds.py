@@ -59,8 +59,10 @@ class RoundKind:
         """The device already took part in (or missed) the round in a way an upload does not show."""
         return False
 
-    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate) -> None:
-        """Refuse an upload that does not fit the round (DataError / Rejected)."""
+    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate,
+              capabilities: dict) -> None:
+        """Refuse an upload (from a device with ``capabilities``) that does not fit the round (DataError /
+        Rejected)."""
         raise NotImplementedError
 
     def close(self, rounds: "Rounds", job: JobConfig, row, count: int, deadline_passed: bool) -> None:  # noqa: ANN001
@@ -101,11 +103,12 @@ class CollectedRound(RoundKind):
 class PlainRound(CollectedRound):
     """Devices train and upload adapters; the job's strategy aggregates them."""
 
-    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate) -> None:
+    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate,
+              capabilities: dict) -> None:
         reference = rounds.global_adapter(job.id, header.round - 1)
         bound = rounds.norm_bound(job, header.round - 1, reference)
         rank = rounds.jobs.update_rank(job.id, update)
-        manifest = rounds.jobs.given_bundle(job.id, rounds.state.capabilities(header.device_id), rank).manifest
+        manifest = rounds.jobs.given_bundle(job.id, capabilities, rank).manifest
         check_update(update, manifest, max_examples=job.max_update_examples,
                      reference=rounds.jobs.for_rank(job.id, rank, reference), max_norm=bound)
 
@@ -131,7 +134,8 @@ class StatisticsRound(CollectedRound):
 
     statistics = True
 
-    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate) -> None:
+    def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate,
+              capabilities: dict) -> None:
         manifest = rounds.jobs.bundles[job.id].manifest
         if update.n_examples > job.max_update_examples:
             raise DataError(f"n_examples={update.n_examples} is over max_update_examples="
@@ -212,18 +216,17 @@ class Rounds:
     def task(self, device_id: str, job: JobConfig, capabilities: dict) -> TaskAssignment | str | None:
         """A task of ``job`` for the device, the string reason when the job is over, or None (ask later).
         Reads, and opens the job's current round when none is open yet (``open_when_ready``)."""
-        job_row = self.state.job(job.id)
+        job_row, row, uploaded = self.state.round_state(job.id, None, device_id)
         if job_row is None:
             raise NotFound(f"unknown job {job.id!r}")
         if job_row.status != "running":
             return f"job {job_row.id} {job_row.status}{': ' + job_row.message if job_row.message else ''}"
-        row = self.state.round(job.id, job_row.current_round)
         if row is None:
             row = self.open_when_ready(job, job_row.current_round)
-        if row is None or row.status != "open" or device_id not in row.selected:
+        if row is None or row.status != "open" or device_id not in row.selected or uploaded:
             return None
         kind = self.kind(job, row.number)
-        if kind.took_part(job, row.number, device_id) or self.state.upload_id(job.id, row.number, device_id):
+        if kind.took_part(job, row.number, device_id):
             return None
         rank, bundle = self.jobs.device_bundle(job.id, capabilities)
         adapter = self.jobs.for_rank(job.id, rank, self.global_adapter(job.id, row.number - 1))
@@ -259,11 +262,11 @@ class Rounds:
             raise
 
     def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
-        self.state.seen(header.device_id, job.id)
+        capabilities = self.state.seen(header.device_id, job.id)
         if not self._open_for(job, header):
             return False
         try:
-            self.kind(job, header.round).check(self, job, header, update)
+            self.kind(job, header.round).check(self, job, header, update, capabilities)
         except DataError as exc:
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.artifacts.put_tensors(update.tensors)
@@ -278,7 +281,7 @@ class Rounds:
     def _open_for(self, job: JobConfig, header: UploadHeader) -> bool:
         """The upload's round is open and waits for the device's update (Rejected saying why not); False for a
         replay of the upload already received."""
-        received = self.state.upload_id(job.id, header.round, header.device_id)
+        job_row, round_row, received = self.state.round_state(job.id, header.round, header.device_id)
         if received is not None:
             if received == header.upload_id:
                 self.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
@@ -287,7 +290,6 @@ class Rounds:
             raise Rejected(f"device {header.device_id} already delivered upload {received!r} for round "
                            f"{header.round} of job {job.id!r}; a device counts once per round, so upload "
                            f"{header.upload_id!r} is refused", reason="second_update")
-        job_row, round_row = self.state.job(job.id), self.state.round(job.id, header.round)
         if round_row is None or job_row.current_round != header.round:
             raise Rejected(f"round {header.round} of job {job.id!r} is not open (current round: "
                            f"{job_row.current_round}, status {job_row.status})", reason="round")
@@ -325,10 +327,10 @@ class Rounds:
     def close_if_done(self, job: JobConfig, number: int, deadline_passed: bool = False) -> None:
         """Close round ``number`` when its kind says it is done (every upload in, or the deadline passed)."""
         with self.lock:
-            row = self.state.round(job.id, number)
+            row, count = self.state.round_and_count(job.id, number)
             if row is None or row.status != "open":
                 return
-            self.kind(job, number).close(self, job, row, self.state.update_count(job.id, number), deadline_passed)
+            self.kind(job, number).close(self, job, row, count, deadline_passed)
 
     def fail(self, job: JobConfig, number: int, message: str) -> None:
         """Record that round ``number`` failed and why; the job stops (nothing else is written)."""

@@ -101,7 +101,7 @@ class SecureRounds(RoundKind):
         ongoing = self.open_rounds.get((job.id, number))
         return ongoing is not None and (device_id in ongoing.server.keys or ongoing.server.phase != "advertise")
 
-    def check(self, rounds, job, header, update) -> None:  # noqa: ANN001
+    def check(self, rounds, job, header, update, capabilities) -> None:  # noqa: ANN001
         raise Rejected(f"job {job.id!r} aggregates securely; the device takes part in SecureAggregate instead",
                        reason="secure_aggregation")
 

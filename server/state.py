@@ -165,10 +165,6 @@ class State:
             raise NotFound(f"unknown device {device_id!r}")
         return dict(row._mapping)
 
-    def capabilities(self, device_id: str) -> dict:
-        with self.engine.begin() as conn:
-            return conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).scalar_one()
-
     def available_devices(self, job_id: str, since: float) -> list[str]:
         """The devices enrolled in a job and seen since ``since``, by id."""
         with self.engine.begin() as conn:
@@ -198,11 +194,26 @@ class State:
                                                opened_at=now(), deadline=now() + deadline_s, message=""))
             return conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
 
-    def upload_id(self, job_id: str, number: int, device_id: str) -> str | None:
-        """The id of the upload a device delivered for a round (None: none yet)."""
+    def round_state(self, job_id: str, number: int | None, device_id: str) -> tuple:
+        """In one transaction: the job's row, the row of its round ``number`` (default: the current one; None when
+        not opened) and the id of the upload ``device_id`` delivered for it (None: none)."""
         with self.engine.begin() as conn:
-            return conn.execute(select(updates.c.upload_id).where(
+            job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            if job is None:
+                return None, None, None
+            number = job.current_round if number is None else number
+            row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
+            upload = conn.execute(select(updates.c.upload_id).where(
                 updates.c.job_id == job_id, updates.c.round == number, updates.c.device_id == device_id)).scalar()
+        return job, row, upload
+
+    def round_and_count(self, job_id: str, number: int) -> tuple:
+        """A round's row (None: not opened) and how many updates it stored, in one transaction."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
+            count = conn.execute(select(func.count()).select_from(updates).where(
+                updates.c.job_id == job_id, updates.c.round == number)).scalar_one()
+        return row, count
 
     def add_update(self, job_id: str, number: int, device_id: str, upload_id: str, n_examples: int, metrics: dict,
                    blob: str, size: int) -> bool:
@@ -215,11 +226,6 @@ class State:
         except IntegrityError:
             return False
         return True
-
-    def update_count(self, job_id: str, number: int) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(select(func.count()).select_from(updates).where(
-                updates.c.job_id == job_id, updates.c.round == number)).scalar_one()
 
     def update_rows(self, job_id: str, number: int) -> list:
         """The stored updates of a round, by device id."""
