@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from edgeft.errors import ConfigError
+from edgeft.wire.types import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 
 log = logging.getLogger("edgeft.client")
 TOKEN_ENV = "EDGEFT_TOKEN"
@@ -36,7 +37,7 @@ class Transport:
     client_cert: Path | None = None
     client_key: Path | None = None
     server_name: str | None = None
-    max_message_bytes: int = 8 << 20
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     # Keepalive while the device trains (minutes without a call): a ping every 60 s keeps NAT and firewall
     # idle timers (often 2-5 minutes) from dropping the connection during a 15-minute local round, and a
     # ping unanswered for 20 s marks the connection dead so the next call reconnects instead of hanging to
@@ -61,8 +62,8 @@ class Transport:
                     raise ConfigError(f"invalid {name}={str(value)!r}: no such file")
         if (self.client_cert is None) != (self.client_key is None):
             raise ConfigError("give both --client-cert and --client-key (mutual TLS), or neither")
-        if self.max_message_bytes < 64 << 10:
-            raise ConfigError(f"invalid max_message_bytes={self.max_message_bytes}: must be >= 65536")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"invalid max_message_bytes={self.max_message_bytes}: must be >= {MIN_MESSAGE_BYTES}")
         if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ConfigError("keepalive_time_s and keepalive_timeout_s must be positive")
 

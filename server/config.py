@@ -65,6 +65,7 @@ from pathlib import Path
 from edgeft.config import AdapterConfig, ExportConfig, OptimizerConfig, TrainConfig
 from edgeft.data import DataConfig, DataSchema  # noqa: F401 (DataSchema: [job.data])
 from edgeft.errors import ConfigError, check_config
+from edgeft.wire.types import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from edgeft.server.job_config import (DEFAULT_HEAD_INIT, DEFAULT_PROXIMAL_MU, HEAD_INIT_METHODS, STRATEGIES,  # noqa: F401
                                      ClientSelection, HeadInit, JobConfig, SecureAggregation)
 
@@ -96,7 +97,7 @@ class ServerLimits:
     progress a call is answered RESOURCE_EXHAUSTED at once (agents back off and retry), never left hanging.
     """
 
-    max_message_bytes: int = 8 << 20  # largest message either way (a task carries the whole global adapter)
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # largest message either way (a task carries the whole global adapter)
     chunk_bytes: int = 1 << 20  # bundle bytes per download message
     max_upload_bytes: int = 512 << 20  # all messages of one upload together
     max_workers: int = 64  # threads serving calls
@@ -112,7 +113,7 @@ class ServerLimits:
     keepalive_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
-        check_config(self.max_message_bytes >= 64 << 10, "limits.max_message_bytes", self.max_message_bytes,
+        check_config(self.max_message_bytes >= MIN_MESSAGE_BYTES, "limits.max_message_bytes", self.max_message_bytes,
                "must be >= 65536")
         check_config(0 < self.chunk_bytes <= self.max_message_bytes - (16 << 10), "limits.chunk_bytes", self.chunk_bytes,
                "must be positive and at least 16 KiB below limits.max_message_bytes (room for the message's fields)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgeft.aggregate.options import StrategyOptions
-from edgeft.aggregate.statistics import HEADS
+from edgeft.aggregate.statistics import HEAD_INIT_METHODS, HEADS
 from edgeft.aggregate.registry import (MEAN_STRATEGIES, MIXED_RANK_STRATEGIES, STRATEGIES,
                                      parse_strategy_options)
 from edgeft.config import ENGINES, ExportConfig, TrainConfig
@@ -42,7 +42,6 @@ class ClientSelection:
         check_config(self.min_available >= self.min, "clients.min_available", self.min_available, "must be >= clients.min")
 
 
-HEAD_INIT_METHODS = ("auto", *HEADS, "none")  # auto: the default head where the bundle allows one
 # What ``auto`` picks for a classification bundle with a sentence-pooled head (README: "Federated convergence")
 DEFAULT_HEAD_INIT = HEADS[0]
 

@@ -24,6 +24,7 @@ import grpc
 from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
 from edgeft import wire
+from edgeft.wire.types import MESSAGE_HEADROOM
 from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Finished, RetryLater, Task,
                          UploadHeader, UploadReceipt)
 from edgeft.server.auth import Principal, bearer_token
@@ -32,7 +33,6 @@ from edgeft.server.coordinator import Coordinator, TaskAssignment
 
 log = logging.getLogger("edgeft.server")
 CHUNK_BYTES = ServerLimits.chunk_bytes  # defaults; [server.limits] sets them per coordinator
-MAX_MESSAGE_BYTES = ServerLimits.max_message_bytes
 
 
 def _status(exc: EdgeftError) -> grpc.StatusCode:
@@ -305,12 +305,12 @@ def _check_adapters_fit(coordinator: Coordinator, limits: ServerLimits) -> None:
     """Every job's global adapter must fit one task message (it travels whole)."""
     for job_id in coordinator.jobs:
         size = sum(v.nbytes for v in coordinator.global_adapter(job_id).values())
-        if size + (64 << 10) > limits.max_message_bytes:
+        if size + MESSAGE_HEADROOM > limits.max_message_bytes:
             raise ConfigError(f"job {job_id!r}: its adapter ({size} bytes) does not fit one task message; raise "
-                              f"[server.limits] max_message_bytes above {size + (64 << 10)} (devices: "
+                              f"[server.limits] max_message_bytes above {size + MESSAGE_HEADROOM} (devices: "
                               "--max-message-bytes too)")
         if coordinator.jobs[job_id].secure_aggregation is not None:  # a masked input: up to 8 bytes a value
-            masked = 2 * size + 8 + (64 << 10)
+            masked = 2 * size + 8 + MESSAGE_HEADROOM
             if masked > limits.max_message_bytes:
                 raise ConfigError(f"job {job_id!r}: a masked input of its adapter (up to {masked} bytes) does not "
                                   f"fit one message; raise [server.limits] max_message_bytes above {masked} "

@@ -33,6 +33,8 @@ from edgeft.errors import DataError
 PREFIX = "statistics."
 SUMS, COUNTS, PRESENT, SECOND_MOMENT = (PREFIX + n for n in ("sums", "counts", "present", "second_moment"))
 HEADS = ("class_means", "fedcof")
+# A job's head_init: a head, "auto" (the default head where the bundle allows one) or "none" (no statistics round)
+HEAD_INIT_METHODS = ("auto", *HEADS, "none")
 
 
 def statistics_shapes(num_classes: int, dimension: int) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from edgeft.commands.common import execute
 from edgeft.errors import EdgeftError
+from edgeft.wire.types import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from edgeft.client.agent import AgentConfig, Tamper
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "--server)")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no TLS (only against a development coordinator with insecure = true)")
-    p.add_argument("--max-message-bytes", type=int, default=8 << 20,
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
                    help="largest message to accept or send (default 8 MiB)")
 
 

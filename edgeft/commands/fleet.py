@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgeft.aggregate.statistics import HEAD_INIT_METHODS
 from edgeft.commands.common import csv_list
 from edgeft.errors import ConfigError
 
@@ -56,7 +57,7 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per agent (default 1)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the centralised baseline (same passes over all the data)")
-    p.add_argument("--head-init", default="auto", choices=["auto", "class_means", "fedcof", "none"],
+    p.add_argument("--head-init", default="auto", choices=HEAD_INIT_METHODS,
                    help="round 0, the statistics round: build the head from the clients' class statistics before "
                         "training (default auto: class_means for a sentence-transformers model; none: random head)")
     p.add_argument("--out", default="runs/simulate", help="output folder (default runs/simulate)")

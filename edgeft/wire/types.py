@@ -15,6 +15,12 @@ from edgeft.config import TrainConfig
 from edgeft.data import DataSchema  # the one schema type (a job's [job.data], a task's data, edgeft train's flags)
 from edgeft.secagg.updates import SecAggSettings
 
+# gRPC message size limits, the same default on both ends: the largest message either way (a task carries the
+# whole global adapter; uploads and bundles travel in chunks), and the least a coordinator or agent may set.
+MAX_MESSAGE_BYTES = 8 << 20
+MIN_MESSAGE_BYTES = 64 << 10
+MESSAGE_HEADROOM = 64 << 10  # room for a message's other fields next to its tensors
+
 TRAIN, STATISTICS = "train", "statistics"  # Task.kind
 
 
