@@ -30,7 +30,7 @@ import numpy as np
 from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
 from edgeft.client.device import capabilities, training_slot
 from edgeft.client.transport import Transport, connection_hint, open_channel
-from edgeft.data import DataConfig, Dataset, Encoder, load_dataset
+from edgeft.data import DataConfig, Dataset, load_dataset
 from edgeft.errors import BundleError, ConfigError, CoordinatorError, SecAggError
 from edgeft.train.engines import open_session, runtime_version
 from edgeft.train.trainer import plan_steps, train
@@ -219,7 +219,7 @@ class Agent:
         when its deadline comes within ``deadline_margin_s``), or gather the class statistics it asks for."""
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
-            self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle, Encoder(bundle))
+            self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle)
         session = open_session(bundle, threads=self.config.threads, provider=self.config.provider)
         if bundle.digest not in self._announced:
             self._announced.add(bundle.digest)

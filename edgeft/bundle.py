@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from edgeft import __version__
-from edgeft.config import ENGINES
+from edgeft.config import ENGINES, INPUT_KINDS
 from edgeft.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -77,6 +77,11 @@ class Manifest:
     # The training engine (``edgeft.config.Engine``): which files train the bundle and which runtime can run
     # them. Bundles from before the portable engine have no such field: ``ort-training``.
     engine: str = "ort-training"
+    # What the model reads (``INPUT_KINDS``): token ids from the bundle's tokenizer (bundles from before other
+    # kinds have no field), images (``preprocessing``: an ``edgeft.images.ImagePreprocessing`` as a dict),
+    # numeric feature columns of a table, or arrays by model input name (.npz files).
+    input_kind: str = "tokens"
+    preprocessing: dict | None = None
 
     def head(self) -> tuple[str, str]:
         """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
@@ -92,9 +97,11 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for optional in ("proximal", "pooling"):  # bundles without them keep their manifest (and digest) as before
-            if data[optional] is None:
+        for optional in ("proximal", "pooling", "preprocessing"):  # bundles without them keep their manifest
+            if data[optional] is None:                                  # (and digest) as before
                 del data[optional]
+        if data["input_kind"] == "tokens":
+            del data["input_kind"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -106,6 +113,9 @@ class Manifest:
                                   f"(it reads version {FORMAT_VERSION}); re-export the bundle")
             specs = {k: [TensorSpec(**t) for t in data[k]] for k in ("inputs", "outputs", "trainable")}
             manifest = cls(**{**data, **specs})
+            if manifest.input_kind not in INPUT_KINDS:
+                raise BundleError(f"bundle input kind {manifest.input_kind!r} is unknown to edgeft {__version__} (it "
+                                  f"knows {', '.join(INPUT_KINDS)}); upgrade edgeft or re-export the bundle")
             if manifest.engine not in ENGINES:
                 raise BundleError(f"bundle engine {manifest.engine!r} is unknown to edgeft {__version__} (it knows "
                                   f"{', '.join(ENGINES)}); upgrade edgeft or re-export the bundle")

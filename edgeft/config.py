@@ -21,6 +21,9 @@ ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 ENGINES: tuple[str, ...] = get_args(Engine)
+# What a model reads: token ids (a tokenizer in the bundle), images, numeric feature columns, arrays by input name
+InputKind = Literal["tokens", "image", "features", "arrays"]
+INPUT_KINDS: tuple[str, ...] = get_args(InputKind)
 # The ONNX opset of each engine's graphs: ORT's gradient builder needs 14-16 (17+ breaks LayerNormalization
 # gradients); the portable engine is exported by torch.onnx's dynamo exporter, which writes 18 and later.
 OPSETS = {"ort-training": (14, 16), "portable": (18, 21)}

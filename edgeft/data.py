@@ -31,8 +31,13 @@ class DataSchema:
     text_column: str = "text"
     label_column: str = "label"
     format: str | None = None
+    image_column: str | None = None  # image bundles, a table of image paths (None: the path is an image folder)
+    feature_columns: tuple[str, ...] | None = None  # feature bundles: the numeric columns ("all": all but the label)
 
     def __post_init__(self) -> None:
+        if isinstance(self.feature_columns, (str, list)):
+            object.__setattr__(self, "feature_columns", (self.feature_columns,) if isinstance(
+                self.feature_columns, str) else tuple(self.feature_columns))
         if not self.format:
             object.__setattr__(self, "format", None)
         check_config(self.format is None or self.format in FORMATS, "format", self.format,
@@ -53,19 +58,24 @@ class DataConfig:
     format: str | None = None
     label_map: dict[str, str] | None = None
     label_separator: str = ";"
+    image_column: str | None = None
+    feature_columns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        object.__setattr__(self, "format", self.schema.format)  # validated by the schema
+        schema = self.schema  # validates
+        object.__setattr__(self, "format", schema.format)
+        object.__setattr__(self, "feature_columns", schema.feature_columns)
 
     @classmethod
     def of(cls, path: str | Path, schema: DataSchema, **options) -> "DataConfig":  # noqa: ANN003
         """A data file read with ``schema`` (options: label_map, label_separator)."""
-        return cls(Path(path), schema.text_column, schema.label_column, schema.format, **options)
+        return cls(Path(path), schema.text_column, schema.label_column, schema.format, image_column=schema.image_column,
+                   feature_columns=schema.feature_columns, **options)
 
     @property
     def schema(self) -> DataSchema:
-        return DataSchema(self.text_column, self.label_column, self.format)
+        return DataSchema(self.text_column, self.label_column, self.format, self.image_column, self.feature_columns)
 
     @property
     def resolved_format(self) -> str:
@@ -91,6 +101,16 @@ class Dataset:
     @property
     def n_tokens(self) -> int:
         return int(sum(len(x) for x in self.ids))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each example's length, for length bucketing (every example of a fixed-shape dataset is 1 long)."""
+        return np.array([len(x) for x in self.ids])
+
+    def collate(self, index: np.ndarray, pad_id: int, train: bool = False,
+                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """The batch of the examples at ``index`` (``train``/``rng``: augmentation, for datasets that have it)."""
+        return collate(self, index, pad_id)
 
 
 def read_records(config: DataConfig) -> list[dict]:
@@ -163,7 +183,12 @@ def truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
 
 
 def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = None) -> Dataset:
-    """Read, validate and tokenise a data file for the bundle's task."""
+    """Read, validate and tokenise a data file for the bundle's task (images, feature tables and arrays:
+    ``edgeft.inputs.load_inputs``, by the bundle's input kind)."""
+    if bundle.manifest.input_kind != "tokens":
+        from edgeft.inputs import load_inputs
+
+        return load_inputs(config, bundle)  # type: ignore[return-value]
     encoder = encoder or Encoder(bundle)
     rows = read_records(config)
     texts = _column(rows, config.text_column, config)
@@ -178,10 +203,10 @@ def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = N
                             if len(stream[i: i + block]) > 1], None)
         return Dataset(encoder.encode(texts), None)
     raw = _column(rows, config.label_column, config)
-    return Dataset(encoder.encode(texts), _targets(raw, manifest, config))
+    return Dataset(encoder.encode(texts), targets_of(raw, manifest, config))
 
 
-def _targets(raw: list, manifest: Manifest, config: DataConfig) -> np.ndarray:
+def targets_of(raw: list, manifest: Manifest, config: DataConfig) -> np.ndarray:
     labels = manifest.labels
     if manifest.task == "regression":
         try:
@@ -220,15 +245,17 @@ def split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Da
 
 
 def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0,
-            bucket_size: int = 50) -> Iterator[dict[str, np.ndarray]]:
+            bucket_size: int = 50, train: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Padded batches; with ``shuffle``, examples are length-bucketed within windows of
-    ``bucket_size`` batches and the batches come out in random order."""
+    ``bucket_size`` batches and the batches come out in random order. ``train``: the training batches of
+    a dataset with augmentation (images), seeded by ``seed``. Any dataset with ``lengths`` and ``collate``
+    (``edgeft.inputs`` has the image and array ones)."""
     n = len(dataset)
+    rng = np.random.default_rng(seed)
     if shuffle:
-        rng = np.random.default_rng(seed)
         order = rng.permutation(n)
         window = batch_size * bucket_size
-        lengths = np.array([len(x) for x in dataset.ids])
+        lengths = dataset.lengths
         chunks = [order[i: i + window] for i in range(0, n, window)]
         groups = []
         for chunk in chunks:
@@ -238,7 +265,7 @@ def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool = F
     else:
         groups = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     for group in groups:
-        yield collate(dataset, group, pad_id)
+        yield dataset.collate(group, pad_id, train=train, rng=rng)
 
 
 def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
     Returns the training result and the summary written to ``metrics.json``.
     """
     bundle = load_bundle(job.bundle)
-    encoder = Encoder(bundle)
+    encoder = Encoder(bundle) if bundle.manifest.input_kind == "tokens" else None  # tokenise once for all files
     train_data = load_dataset(job.train, bundle, encoder)
     val_data = load_dataset(job.val, bundle, encoder) if job.val else None
     if val_data is None and job.val_fraction > 0:

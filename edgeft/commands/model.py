@@ -63,13 +63,19 @@ def _run_export(args: argparse.Namespace) -> int:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a bundle on local data with ONNX Runtime (no torch)")
     p.add_argument("bundle", help="bundle folder made by `edgeft export`")
-    p.add_argument("--data", required=True, help="training data: .csv, .jsonl or .txt")
+    p.add_argument("--data", required=True, help="training data: .csv, .jsonl or .txt (text); an image folder or a "
+                                                 "table of image paths (image bundles); a table of feature columns "
+                                                 "or an .npz of arrays (feature and array bundles)")
     p.add_argument("--val", help="validation data file (default: hold out --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when --val is absent (0 = none)")
     p.add_argument("--test", help="test data file, evaluated once at the end")
     p.add_argument("--format", choices=["csv", "jsonl", "text"], help="data format (default: from the suffix)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--image-column", help="image bundles: the column of a CSV/JSONL holding image paths (relative "
+                                          "to the file); without it --data is an image folder, one sub-folder per class")
+    p.add_argument("--feature-columns", help="feature bundles: the numeric columns, comma-separated, or 'all' for "
+                                             "every column but the label")
     p.add_argument("--label-map", help="JSON file mapping raw label values to the bundle's label names")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
@@ -99,8 +105,11 @@ def _run_train(args: argparse.Namespace) -> int:
     label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
 
     def data(path: str | None) -> DataConfig | None:
-        return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
-                          format=args.format, label_map=label_map) if path else None
+        features = tuple(c.strip() for c in args.feature_columns.split(",") if c.strip()) if args.feature_columns \
+            else None
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column, format=args.format,
+                          label_map=label_map, image_column=args.image_column,
+                          feature_columns=features) if path else None
 
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,

@@ -82,7 +82,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
     trainable = [TensorSpec(name=n, dtype="float32", shape=list(params[n].shape),
                             peft_key=(adapted.peft_keys or {}).get(n)) for n in adapted.trainable]
     inputs = [TensorSpec(name=n, dtype=str(t.dtype).replace("torch.", ""),
-                         shape=_axes(t.dim(), source.dynamic_axes.get(n, {})))
+                         shape=_axes(t.dim(), source.dynamic_axes.get(n, {}),
+                                     sizes=None if source.input_kind == "tokens" else list(t.shape)))
               for n, t in source.example_inputs.items()]
     label_dtype, label_dims = LABEL_SPEC[config.loss]
     inputs.append(TensorSpec(name="labels", dtype=label_dtype,
@@ -107,11 +108,14 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         loss=config.loss, optimizer=optimizer, opset=config.onnx_opset, tokenizer=tokenizer, files=files,
         peft_config=adapted.peft_config,
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
-        pooling=source.pooling, engine=config.engine)
+        pooling=source.pooling, engine=config.engine, input_kind=source.input_kind,
+        preprocessing=source.preprocessing)
 
 
-def _axes(rank: int, dynamic: dict[int, str], last: int | None = None) -> list[int | str]:
-    dims: list[int | str] = [dynamic.get(i, -1) for i in range(rank)]
+def _axes(rank: int, dynamic: dict[int, str], last: int | None = None, sizes: list[int] | None = None
+          ) -> list[int | str]:
+    """A tensor's manifest shape: named dynamic axes, fixed ones as ``sizes`` gives them (-1 when not given)."""
+    dims: list[int | str] = [dynamic.get(i, sizes[i] if sizes else -1) for i in range(rank)]
     if last is not None and rank > 1:
         dims[-1] = last
     return dims

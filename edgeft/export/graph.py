@@ -156,7 +156,23 @@ def _strip_prefix(model: onnx.ModelProto, extra: dict[str, str] | None = None) -
 
 def rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     """Rename tensors everywhere in ``graph`` (initializers, node inputs and outputs, graph inputs, outputs and
-    value infos) by ``renames``."""
+    value infos) by ``renames``. A tensor that already holds one of the new names (an intermediate value the
+    exporter named ``mean`` beside a buffer called ``mean``) moves aside to a free name first."""
+    taken = {n for node in graph.node for n in [*node.input, *node.output]} | {i.name for i in graph.initializer} | {
+        v.name for v in [*graph.input, *graph.output]}
+    clashes = {n for n in set(renames.values()) & taken if n not in renames}
+    if clashes:
+        free = {}
+        for name in sorted(clashes):
+            k = 1
+            while f"{name}_{k}" in taken or f"{name}_{k}" in renames.values():
+                k += 1
+            free[name] = f"{name}_{k}"
+        _rename(graph, free)
+    _rename(graph, renames)
+
+
+def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
     for node in graph.node:

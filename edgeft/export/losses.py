@@ -9,8 +9,13 @@ IGNORE_INDEX = -100
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Classification: logits [B, C], integer labels [B]."""
-    return F.cross_entropy(logits, labels)
+    """Classification: logits [B, C], integer labels [B].
+
+    Written as the mean of the labels' negative log-softmax: torch exports ``F.cross_entropy`` as ONNX's
+    SoftmaxCrossEntropyLoss with its loss output only, and ONNX Runtime's gradient builder needs its second
+    output (log_prob), so a model whose every layer trains (an MLP) could not export for the ort-training engine
+    ("i < node_->OutputDefs().size() was false")."""
+    return -F.log_softmax(logits, dim=-1).gather(1, labels.unsqueeze(1)).mean()
 
 
 def causal_lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

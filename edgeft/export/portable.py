@@ -192,8 +192,41 @@ def _translatable(module: torch.fx.GraphModule) -> None:
             node.target = aten.empty.memory_format
             node.args = node.args[:1]
             changed = True
+        elif node.op == "call_function" and node.target == aten.convolution_backward.default:
+            node.target = _convolution_backward  # traced into forward convolutions when the step is re-exported
+            changed = True
     if changed:
         module.recompile()
+
+
+def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002
+                          bias_sizes: object, stride: list[int], padding: list[int], dilation: list[int],
+                          transposed: bool, output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple:
+    """``aten.convolution_backward`` (no ONNX translation) as forward convolutions, which have one: the input's
+    gradient is the transposed convolution of the output's gradient with the weight; the weight's is the
+    input correlated with the output's gradient (stride and dilation swap roles), cut to the kernel's size."""
+    if transposed:
+        raise ExportError("the portable engine cannot train through a transposed convolution yet; freeze it or "
+                          "export with engine='ort-training'")
+    aten = torch.ops.aten
+    dims = weight.dim() - 2
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                       + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+    if output_mask[1]:
+        if groups != 1:
+            raise ExportError(f"the portable engine cannot train the weights of a grouped convolution ({groups} "
+                              "groups) yet: freeze it (LoRA on other layers, or a head adapter) or export with "
+                              "engine='ort-training'")
+        grad_weight = aten.convolution(input.transpose(0, 1), grad_output.transpose(0, 1), None, dilation, padding,
+                                       stride, False, [0] * dims, 1).transpose(0, 1)
+        for i in range(dims):
+            grad_weight = grad_weight.narrow(2 + i, 0, weight.shape[2 + i])
+    if output_mask[2]:
+        grad_bias = grad_output.sum(dim=[0, *range(2, 2 + dims)])
+    return grad_input, grad_weight, grad_bias
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

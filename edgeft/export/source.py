@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgeft.bundle import sha256_of
-from edgeft.config import ExportConfig
+from edgeft.config import INPUT_KINDS, ExportConfig
 from edgeft.errors import ExportError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -42,6 +42,9 @@ class ModelSource:
     prepare_inputs: Callable[[dict[str, torch.Tensor]], dict] | None = None
     # a SentenceClassifier's pooling ({"mode", "normalize", "dimension"}): the graph also outputs ``features``
     pooling: dict | None = None
+    # what the model reads (edgeft.bundle.INPUT_KINDS) and, for images, the ImagePreprocessing as a dict
+    input_kind: str = "tokens"
+    preprocessing: dict | None = None
 
 
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -134,7 +137,7 @@ def state_dict_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -216,14 +219,46 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
 
 def from_module(model: nn.Module, example_inputs: dict[str, torch.Tensor], *, base_id: str = "custom",
                 dynamic_axes: dict[str, dict[int, str]] | None = None,
-                tokenizer_file: str | Path | None = None) -> ModelSource:
-    """Wrap any torch.nn.Module; ``model(**example_inputs)`` must return the logits."""
+                tokenizer_file: str | Path | None = None, input_kind: str | None = None,
+                preprocessing: object | None = None) -> ModelSource:
+    """Wrap any torch.nn.Module; ``model(**example_inputs)`` must return the logits.
+
+    ``input_kind`` (edgeft.bundle.INPUT_KINDS): what the device feeds it; default ``tokens`` with a tokenizer
+    file, else ``image`` when ``preprocessing`` (an ``edgeft.images.ImagePreprocessing``) is given, else
+    ``features`` for one float input of shape [batch, n], else ``arrays`` (.npz files by input name)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not example_inputs:
         raise ExportError("example_inputs is empty: give the module's inputs by name, e.g. {'x': tensor}")
     axes = dynamic_axes if dynamic_axes is not None else {name: {0: "batch"} for name in example_inputs}
     model.eval()
+    kind = input_kind or guess_input_kind(example_inputs, tokenizer_file, preprocessing)
+    if kind not in INPUT_KINDS:
+        raise ExportError(f"input_kind={kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    if kind == "image":
+        if preprocessing is None:
+            raise ExportError("input_kind='image' needs preprocessing (an edgeft.images.ImagePreprocessing): how the "
+                              "device resizes, crops and normalises its images")
+        if len(example_inputs) != 1:
+            raise ExportError(f"an image model reads one input (pixels [batch, channels, height, width]); this one "
+                              f"reads {list(example_inputs)}")
+    if kind == "features" and (len(example_inputs) != 1 or next(iter(example_inputs.values())).dim() != 2):
+        raise ExportError("input_kind='features' needs one input of shape [batch, n_features]")
+    if kind == "tokens" and tokenizer_file is None:
+        raise ExportError("input_kind='tokens' needs tokenizer_file (the tokenizer.json the device encodes with)")
+    if preprocessing is not None and not isinstance(preprocessing, dict):
+        preprocessing = preprocessing.to_dict()  # an ImagePreprocessing
     return ModelSource(model=model, input_names=list(example_inputs), example_inputs=dict(example_inputs),
                        dynamic_axes=axes, base_id=base_id, base_digest=state_dict_digest(model),
-                       tokenizer_file=Path(tokenizer_file) if tokenizer_file else None)
+                       tokenizer_file=Path(tokenizer_file) if tokenizer_file else None, input_kind=kind,
+                       preprocessing=preprocessing if kind == "image" else None)
+
+
+def guess_input_kind(example_inputs: dict[str, torch.Tensor], tokenizer_file: object, preprocessing: object) -> str:
+    """What a module's inputs most likely are (see ``from_module``)."""
+    if tokenizer_file is not None:
+        return "tokens"
+    if preprocessing is not None:
+        return "image"
+    only = next(iter(example_inputs.values())) if len(example_inputs) == 1 else None
+    return "features" if only is not None and only.dim() == 2 and only.is_floating_point() else "arrays"

@@ -53,7 +53,7 @@ def pad_id_of(bundle: Bundle) -> int:
 def evaluate(session, dataset: Dataset, task: str, pad_id: int,
              batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """The task's metrics of the session's current parameters on ``dataset``."""
-    order = np.argsort([len(x) for x in dataset.ids], kind="stable")
+    order = np.argsort(dataset.lengths, kind="stable")
     acc = Accumulator(task)
     for batch in batches(dataset.subset(order), batch_size, pad_id):
         _, logits = session.eval_step(batch)
@@ -69,7 +69,7 @@ def class_statistics(session, dataset: Dataset, num_classes: int, pad_id: int,
 
     if dataset.targets is None or dataset.targets.ndim != 1:
         raise TrainingError("class statistics need single-label classification data")
-    order = np.argsort([len(x) for x in dataset.ids], kind="stable")
+    order = np.argsort(dataset.lengths, kind="stable")
     acc = None
     for batch in batches(dataset.subset(order), batch_size, pad_id):
         features = session.features(batch)
@@ -114,7 +114,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
     while step < total:
         epoch += 1
         losses, micro = [], 0
-        for batch in batches(train_data, config.batch_size, pad_id, shuffle=True,
+        for batch in batches(train_data, config.batch_size, pad_id, shuffle=True, train=True,
                              seed=config.seed + epoch, bucket_size=config.bucket_size):
             loss, _ = session.train_step(batch)
             if not math.isfinite(loss):
