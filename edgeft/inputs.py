@@ -68,10 +68,9 @@ class ImageDataset:
 
     def collate(self, index: np.ndarray, pad_id: int = 0, train: bool = False,
                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        from edgeft.images import load_image, preprocess_batch
+        from edgeft.images import preprocess_batch
 
-        images = [load_image(self.paths[i]) for i in index]
-        pixels = preprocess_batch(images, self.preprocessing, train=train, rng=rng)
+        pixels = preprocess_batch([self.paths[i] for i in index], self.preprocessing, train=train, rng=rng)
         return {self.input_name: pixels, "labels": self.targets[index]}
 
 

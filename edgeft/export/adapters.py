@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from edgeft.config import AdapterConfig
@@ -57,9 +58,46 @@ def default_heads(model: nn.Module, task: str) -> tuple[str, ...]:
     return tuple(h for h in DEFAULT_HEADS.get(task, ()) if h in names)
 
 
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm layer on its stored statistics, written as plain arithmetic: a BatchNormalization node in a
+    training graph makes ONNX Runtime's training build normalise with batch statistics and update the running
+    ones (so the eval model, which reads the stored ones, disagrees with what was trained); here both engines and
+    the eval model compute ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``. Same parameter and
+    buffer names as the layer it replaces, so state dicts and PEFT keys are unchanged."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        self.weight = bn.weight if bn.affine else None
+        self.bias = bn.bias if bn.affine else None
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        y = (x - self.running_mean.reshape(shape)) * scale.reshape(shape)
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+
+def freeze_batch_norm(model: nn.Module) -> int:
+    """Replace every BatchNorm layer of ``model`` by a ``FrozenBatchNorm``; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.track_running_stats:
+                setattr(parent, name, FrozenBatchNorm(child))
+                count += 1
+    return count
+
+
 def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> AdaptedModel:
-    """Freeze ``source.model`` and make the adapter's parameters trainable, per ``config``."""
+    """Freeze ``source.model`` and make the adapter's parameters trainable, per ``config``. BatchNorm layers run
+    on their stored statistics (``FrozenBatchNorm``); their affine parameters train where the adapter says."""
     model = source.model
+    freeze_batch_norm(model)
     heads = config.trainable_modules if config.trainable_modules is not None else default_heads(model, task)
     _resolve(model, heads, "trainable module", "adapter.trainable_modules")
     for p in model.parameters():
