@@ -67,6 +67,8 @@ class AgentConfig:
     text_column: str | None = None
     label_column: str | None = None
     format: str | None = None
+    image_column: str | None = None
+    feature_columns: tuple[str, ...] | None = None
     threads: int | None = None
     poll_wait_s: int = 5
     max_backoff_s: float = 30.0
@@ -246,7 +248,9 @@ class Agent:
         """The device's file read with the job's schema, unless the device overrides it."""
         c = self.config
         return DataConfig(c.data, text_column=c.text_column or schema.text_column,
-                          label_column=c.label_column or schema.label_column, format=c.format or schema.format)
+                          label_column=c.label_column or schema.label_column, format=c.format or schema.format,
+                          image_column=c.image_column or schema.image_column,
+                          feature_columns=c.feature_columns or schema.feature_columns)
 
     def upload(self, task: Task, update: AdapterUpdate) -> UploadReceipt:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")

@@ -25,10 +25,13 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The agent's flags (``edgeft client``, ``python -m edgeft.client``, and test tooling's agents)."""
     p.add_argument("--server", required=True, help="coordinator address HOST:PORT")
-    p.add_argument("--data", required=True, help="the device's data: .csv, .jsonl or .txt")
+    p.add_argument("--data", required=True, help="the device's data: .csv, .jsonl or .txt (text); an image folder "
+                                                 "or table (image jobs); a table or .npz (feature and array jobs)")
     p.add_argument("--text-column", help="override the job's text column")
     p.add_argument("--label-column", help="override the job's label column")
     p.add_argument("--format", choices=["csv", "jsonl", "text"], help="override the file format")
+    p.add_argument("--image-column", help="override the job's image-path column (image jobs)")
+    p.add_argument("--feature-columns", help="override the job's feature columns, comma-separated or 'all'")
     p.add_argument("--cache-dir", default=".edgeft-device", help="bundle cache and device id (default .edgeft-device)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--give-up-after", type=float, default=600.0,
@@ -66,13 +69,16 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     from edgeft.client.agent import AgentConfig
     from edgeft.client.transport import Transport, read_token
 
-    if not Path(args.data).is_file():
-        raise EdgeftError(f"data file {args.data} does not exist")
+    if not Path(args.data).exists():
+        raise EdgeftError(f"data file {args.data} does not exist (a data file, or an image folder for image jobs)")
     transport = Transport(token=read_token(args.token_file), insecure=args.insecure, ca_cert=args.ca_cert,
                           client_cert=args.client_cert, client_key=args.client_key, server_name=args.server_name,
                           max_message_bytes=args.max_message_bytes)
     return AgentConfig(server=args.server, data=Path(args.data), cache_dir=Path(args.cache_dir),
                        text_column=args.text_column, label_column=args.label_column, format=args.format,
+                       image_column=args.image_column, feature_columns=tuple(
+                           c.strip() for c in args.feature_columns.split(",") if c.strip()) if args.feature_columns
+                       else None,
                        threads=args.threads, give_up_after_s=args.give_up_after, max_lora_rank=args.max_lora_rank,
                        provider=args.provider, training_slots=_training_slots(args.training_slots),
                        transport=transport)

@@ -104,14 +104,18 @@ class TrainSpec(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., grad_accum_steps: _Optional[int] = ...) -> None: ...
 
 class DataSchema(_message.Message):
-    __slots__ = ("text_column", "label_column", "format")
+    __slots__ = ("text_column", "label_column", "format", "image_column", "feature_columns")
     TEXT_COLUMN_FIELD_NUMBER: _ClassVar[int]
     LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     text_column: str
     label_column: str
     format: str
-    def __init__(self, text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+    image_column: str
+    feature_columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., format: _Optional[str] = ..., image_column: _Optional[str] = ..., feature_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PollTaskRequest(_message.Message):
     __slots__ = ("device_id", "wait_seconds")

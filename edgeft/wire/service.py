@@ -138,6 +138,8 @@ def task_to_pb(task: Task) -> pb.Task:
                    global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
                    upload_dtype=dtype_code(task.upload_dtype), kind=pb.STATISTICS if task.statistics else pb.TRAIN,
                    data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
+                                      image_column=task.data.image_column or "",
+                                      feature_columns=list(task.data.feature_columns or ()),
                                       format=task.data.format or ""))
 
 
@@ -150,7 +152,8 @@ def task_from_pb(message: pb.Task) -> Task:
                 global_adapter=dict(tensor_from_pb(t) for t in message.global_adapter),
                 deadline=message.deadline_unix_ms / 1000 if message.deadline_unix_ms else None,
                 upload_dtype="float16" if message.upload_dtype == pb.FLOAT16 else "float32",
-                data=DataSchema(schema.text_column or "text", schema.label_column or "label", schema.format or None),
+                data=DataSchema(schema.text_column or "text", schema.label_column or "label", schema.format or None,
+                                schema.image_column or None, tuple(schema.feature_columns) or None),
                 kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure)
 
 
