@@ -192,9 +192,9 @@ class Agent:
     def _download(self, digest: str, spec: BundleFile, path: Path) -> None:
         for _ in range(10):
             offset = path.stat().st_size if path.exists() else 0
-            if offset == spec.size and sha256_of(path) == spec.sha256:
-                return
-            if offset >= spec.size:
+            if path.exists() and offset == spec.size and sha256_of(path) == spec.sha256:
+                return  # (an empty file is one too: a portable bundle whose frozen weights all fit in its graphs)
+            if path.exists() and offset >= spec.size:
                 path.unlink()
                 offset = 0
             try:

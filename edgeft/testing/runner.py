@@ -260,7 +260,7 @@ def _centralised(config: SimulationConfig, bundle, passes: int) -> list[dict]:  
 
 def run_simulation(config: SimulationConfig) -> dict:
     """Run the simulated job; writes everything under ``config.out`` and returns the summary."""
-    from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
+    from edgeft.server.config import ClientSelection, JobConfig, ServerConfig
     from edgeft.server.servicer import create_server
     from edgeft.testing.report import write_outputs
 
@@ -272,7 +272,13 @@ def run_simulation(config: SimulationConfig) -> dict:
         for name in ("state", "clients", "devices", "slots", "bundle", "tls", *(p.name for p in out.glob("bundle-*"))):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_records(config.train)
+    if config.train.path.is_dir():  # an image folder: one row per image, its absolute path and its class
+        from edgeft.images import read_image_folder
+
+        rows = [{"image": str(path.resolve()), "label": label} for path, label in read_image_folder(config.train.path)]
+        config = replace(config, train=replace(config.train, image_column="image", label_column="label"))
+    else:
+        rows = read_records(config.train)
     if not rows:
         raise DataError(f"{config.train.path} holds no examples")
     labels = ([str(x) for x in config.export.labels] if config.export and config.export.labels
@@ -289,8 +295,7 @@ def run_simulation(config: SimulationConfig) -> dict:
                     strategy=config.strategy, strategy_options=dict(config.strategy_options),
                     clients=ClientSelection(fraction=config.fraction, min=max(1, round(config.fraction * config.clients)),
                                             min_available=config.clients),
-                    data=DataSchema(text_column=config.train.text_column, label_column=config.train.label_column,
-                                    format=config.train.format),
+                    data=config.train.schema,
                     train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
                     secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
                                         else None),
