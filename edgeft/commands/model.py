@@ -124,7 +124,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def add_deploy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="merge a trained adapter, export an inference model, quantise and measure it")
-    p.add_argument("--model", required=True, help="the base Hugging Face model folder the bundle was exported from")
+    p.add_argument("--model", help="the base Hugging Face model folder the bundle was exported from (bundles exported "
+                                   "from a torch module deploy from Python: edgeft.deploy.deploy_module)")
     p.add_argument("--adapter", help="an adapter folder from `edgeft train` (or its update.safetensors)")
     p.add_argument("--bundle", help="the bundle the --adapter was trained from")
     p.add_argument("--state", help="instead of --adapter: a coordinator's state folder (its state_dir)")
@@ -132,29 +133,40 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round", type=int, help="with --state: the round (default: the latest)")
     p.add_argument("--out", required=True, help="deployment package folder to write")
     p.add_argument("--mode", default="int8", choices=["none", "fp16", "int8", "int8-static", "int4"],
-                   help="quantisation (default int8; int8-static: QDQ calibrated on --calibration-data, for NPUs; "
-                        "int4: weight-only MatMulNBits)")
+                   help="quantisation (default int8: dynamic, matrix products only; int8-static: QDQ calibrated on "
+                        "--calibration-data, for NPUs and CNNs; int4: weight-only MatMulNBits, no convolutions)")
     p.add_argument("--eval-data", help="held-out data for the report's accuracy and latency")
     p.add_argument("--calibration-data", help="int8-static: a sample of the task's data to calibrate on "
                                               "(default: --eval-data)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--image-column", help="image bundles: the column of a CSV/JSONL holding image paths (without "
+                                          "it the data is an image folder, one sub-folder per class)")
+    p.add_argument("--feature-columns", help="feature bundles: the numeric columns, comma-separated, or 'all'")
     p.add_argument("--fixed-shape", metavar="BATCHxSEQUENCE",
-                   help="freeze the input shape, e.g. 1x128 (what NPU execution providers want)")
+                   help="freeze the input shape, e.g. 1x128 for a text model, 1 (the batch) for the others "
+                        "(what NPU execution providers want)")
     p.add_argument("--accuracy-budget", type=float, default=1.0,
                    help="accuracy points the quantised model may lose against fp32 (default 1)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_run_deploy)
 
 
-def _fixed_shape(value: str | None) -> tuple[int, int] | None:
+def _fixed_shape(value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
     try:
-        batch, sequence = (int(v) for v in value.lower().split("x"))
+        dims = tuple(int(v) for v in value.lower().split("x"))
     except ValueError:
-        raise EdgeftError(f"invalid --fixed-shape {value!r}: expected BATCHxSEQUENCE, e.g. 1x128") from None
-    return batch, sequence
+        dims = ()
+    if len(dims) not in (1, 2):
+        raise EdgeftError(f"invalid --fixed-shape {value!r}: expected BATCHxSEQUENCE (text models, e.g. 1x128) or "
+                          "BATCH (the others, e.g. 1)")
+    return dims
+
+
+def _feature_columns(value: str | None) -> tuple[str, ...] | None:
+    return tuple(c.strip() for c in value.split(",") if c.strip()) if value else None
 
 
 def _run_deploy(args: argparse.Namespace) -> int:
@@ -162,12 +174,14 @@ def _run_deploy(args: argparse.Namespace) -> int:
     from edgeft.deploy import DeployConfig, deploy
 
     def data(path: str | None) -> DataConfig | None:
-        return DataConfig(path, text_column=args.text_column, label_column=args.label_column) if path else None
+        return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
+                          image_column=args.image_column,
+                          feature_columns=_feature_columns(args.feature_columns)) if path else None
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
-    report = deploy(DeployConfig(model_dir=Path(args.model), out=Path(args.out), bundle=path(args.bundle),
+    report = deploy(DeployConfig(model_dir=path(args.model), out=Path(args.out), bundle=path(args.bundle),
                                  adapter=path(args.adapter), state_dir=path(args.state), job=args.job,
                                  round=args.round, mode=args.mode, eval_data=data(args.eval_data),
                                  calibration_data=data(args.calibration_data),
@@ -179,12 +193,20 @@ def _run_deploy(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="run a deployment package on texts (onnxruntime only, no torch)")
-    p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--model", required=True, help="deployment package folder from `edgeft deploy`")
-    p.add_argument("--input", help="CSV/JSONL file of texts instead of arguments")
-    p.add_argument("--output", help="CSV file to write (input columns + label, score); default: print")
+    p = sub.add_parser("predict", help="run a deployment package on texts, images or arrays (onnxruntime only, no "
+                                       "torch)")
+    p.add_argument("inputs", nargs="*", help="what to predict: texts (text packages), image files or folders (image "
+                                             "packages), data files: .npz, or CSV/JSONL with --feature-columns "
+                                             "(feature and array packages). Without --model the first is the package")
+    p.add_argument("--model", help="deployment package folder from `edgeft deploy`")
+    p.add_argument("--input", help="a CSV/JSONL file of texts instead of arguments (text packages); a further input "
+                                   "file or folder (the others)")
+    p.add_argument("--output", help="CSV file to write (input columns + label, score); default: print (one JSON line "
+                                    "per image or example for packages that do not read text)")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--feature-columns", help="feature packages reading a CSV/JSONL: the numeric columns, "
+                                             "comma-separated, or 'all' for every column but --label-column")
+    p.add_argument("--label-column", default="label", help="the column 'all' leaves out (default label)")
     p.add_argument("--provider", help="execution provider (cpu, cuda, qnn, openvino, coreml); default cpu")
     p.set_defaults(func=_run_predict)
 
@@ -194,21 +216,42 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     keep_torch_out()
     import csv
+    import json
 
     from edgeft.data import DataConfig, read_records
-    from edgeft.predict import Predictor
+    from edgeft.predict import Predictor, predict_files
 
-    predictor = Predictor(args.model, provider=args.provider)
+    inputs = list(args.inputs)
+    if not args.model and not inputs:
+        raise EdgeftError("give the deployment package: --model PACKAGE, or as the first argument")
+    predictor = Predictor(args.model or inputs.pop(0), provider=args.provider)
     print(f"execution provider: {predictor.provider}", file=sys.stderr)
+    if predictor.input_kind != "tokens":
+        records = list(predict_files(predictor, inputs + ([args.input] if args.input else []),
+                                     _feature_columns(args.feature_columns), args.label_column))
+        failed = [r for r in records if "error" in r]
+        for record in failed:  # images that do not decode: one line each, the others are predicted
+            print(f"edgeft predict: skipped: {record['error']}", file=sys.stderr)
+        records = [r for r in records if "error" not in r]
+        if args.output:
+            with open(args.output, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["file", "label", "score"])
+                writer.writeheader()
+                writer.writerows({**r, "score": f"{r['score']:.4f}"} for r in records)
+            print(f"{len(records)} predictions written to {args.output}")
+        else:
+            for record in records:
+                print(json.dumps({**record, "score": round(record["score"], 4)}))
+        return 1 if failed else 0
     if args.input:
         rows = read_records(DataConfig(args.input, text_column=args.text_column))
         if rows and args.text_column not in rows[0]:
             raise EdgeftError(f"{args.input} has no column {args.text_column!r}; pass --text-column")
         texts = [str(r[args.text_column]) for r in rows]
     else:
-        if not args.texts:
+        if not inputs:
             raise EdgeftError("give texts to classify, or --input FILE")
-        rows, texts = [{"text": t} for t in args.texts], list(args.texts)
+        rows, texts = [{"text": t} for t in inputs], list(inputs)
     predictions = predictor.predict(texts)
     if args.output:
         with open(args.output, "w", newline="") as fh:

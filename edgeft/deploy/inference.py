@@ -1,4 +1,5 @@
-"""The inference ONNX model of a deployment package: input_ids, attention_mask -> logits.
+"""The inference ONNX model of a deployment package: input_ids, attention_mask -> logits for text models; the
+bundle's own inputs (pixels, features, arrays by name) -> logits for the others.
 
 Hugging Face architectures that optimum's ONNX exporter (``optimum-onnx``) supports for the task go
 through it (its model patches follow transformers' changes); anything else through torch.onnx. Both
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from edgeft.bundle import TensorSpec
 from edgeft.export.graph import logits_of
 from edgeft.export.source import causal_lm_inputs
 
@@ -115,4 +117,33 @@ def export_inference(model: torch.nn.Module, path: Path, causal: bool) -> str:
     if config is not None:
         warnings.warn(f"optimum's ONNX exporter failed ({type(failure).__name__}: {failure}); "
                       "exported with torch.onnx instead", RuntimeWarning, stacklevel=2)
+    return TORCH_ONNX
+
+
+class _NamedInputs(torch.nn.Module):
+    """``model(**inputs)`` with the inputs given by position, in the manifest's order (what torch.onnx traces)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(**dict(zip(self.names, inputs))))
+
+
+def export_inputs_inference(model: torch.nn.Module, path: Path, specs: list[TensorSpec],
+                            example: dict[str, torch.Tensor]) -> str:
+    """Export ``model`` (in eval mode) to ``path`` for the inputs ``specs`` names (a bundle's: pixels, features or
+    arrays) -> logits, with torch.onnx at opset INFERENCE_OPSET: the axes the specs name (the batch) stay
+    dynamic, the others are the recorded sizes; BatchNorm layers fold into the convolutions before them.
+    Returns TORCH_ONNX."""
+    names = [spec.name for spec in specs]
+    axes = {spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in specs}
+    axes["logits"] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_NamedInputs(model, names).eval(), tuple(example[n] for n in names), str(path),
+                          dynamo=False, opset_version=INFERENCE_OPSET, do_constant_folding=True,
+                          training=torch.onnx.TrainingMode.EVAL, input_names=names, output_names=["logits"],
+                          dynamic_axes=axes)
     return TORCH_ONNX

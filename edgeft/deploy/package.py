@@ -1,26 +1,34 @@
-"""``edgeft deploy``: merged adapter -> inference ONNX -> quantised model -> measured deployment package."""
+"""``edgeft deploy``: merged adapter -> inference ONNX -> quantised model -> measured deployment package.
+
+Two ways in, one package out: ``deploy`` rebuilds a Hugging Face model from its folder; ``deploy_module`` takes the
+torch module a bundle was exported from with ``edgeft.export.export_module`` (images, feature columns, arrays or
+text), which no folder holds.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgeft.bundle import TOKENIZER, Bundle, load_bundle
 from edgeft.data import DataConfig
+from edgeft.deploy.inference import export_inference, export_inputs_inference
+from edgeft.deploy.merge import merged_model, merged_module, model_input_specs, sample_inputs
+from edgeft.deploy.quantise import MODES, fix_shapes, quantise
+from edgeft.deploy.report import DatasetExamples, TextExamples, measure, write_report
 from edgeft.errors import ConfigError, EdgeftError
-from edgeft.deploy.merge import merged_model
-from edgeft.deploy.report import measure, write_report
-from edgeft.deploy.inference import export_inference
 from edgeft.update import load_update
 
-MODES = ("none", "fp16", "int8", "int8-static", "int4")
+__all__ = ["MODES", "DeployConfig", "deploy", "deploy_module", "within_budget"]
+
 CALIBRATION_EXAMPLES = 128
+CALIBRATION_BATCH = 8
 PACKAGE_FORMAT = "edgeft-package/1"
 
 
@@ -31,12 +39,14 @@ class DeployConfig:
     The trained adapter comes either from ``adapter`` (an ``edgeft train`` folder or its update.safetensors,
     with the ``bundle`` it was trained from) or from a coordinator's ``state_dir``: the global adapter of
     ``job`` after ``round`` (default: the latest), whose bundle the coordinator keeps. ``model_dir`` is the
-    base Hugging Face model either way. ``eval_data`` is the held-out set the report measures on;
-    ``calibration_data`` the sample ``int8-static`` calibrates on (default: ``eval_data``, which the report then
-    flags). ``fixed_shape`` (batch, sequence) freezes the input shapes, as NPU execution providers want."""
+    base Hugging Face model (``deploy``; ``deploy_module`` takes the module instead). ``eval_data`` is the held-out
+    set the report measures on; ``calibration_data`` the sample ``int8-static`` calibrates on (default:
+    ``eval_data``, which the report then flags); both are read with the bundle's own readers (texts, image folders
+    or tables, feature columns, .npz arrays). ``fixed_shape`` freezes the input shapes, as NPU execution providers
+    want: (batch, sequence) for text models, (batch,) for the others (their other axes are fixed already)."""
 
-    model_dir: Path
     out: Path
+    model_dir: Path | None = None
     bundle: Path | None = None
     adapter: Path | None = None  # an update.safetensors file or a folder holding one
     state_dir: Path | None = None
@@ -45,7 +55,7 @@ class DeployConfig:
     mode: str = "int8"
     eval_data: DataConfig | None = None
     calibration_data: DataConfig | None = None
-    fixed_shape: tuple[int, int] | None = None
+    fixed_shape: tuple[int, ...] | None = None
     accuracy_budget: float = 1.0
     threads: int = 2
 
@@ -60,91 +70,9 @@ class DeployConfig:
             raise ConfigError("an adapter folder needs the bundle it was trained from (--bundle)")
         if self.state_dir is not None and not self.job:
             raise ConfigError("deploying from a coordinator state folder needs the job id (--job)")
-        if self.fixed_shape is not None and (len(self.fixed_shape) != 2 or min(self.fixed_shape) < 1):
-            raise ConfigError(f"invalid fixed_shape={self.fixed_shape!r}: expected (batch, sequence), both >= 1")
-
-
-class _Calibration:
-    """Batches of real task inputs for static quantisation (onnxruntime's CalibrationDataReader protocol)."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
-def quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]] | None = None) -> None:
-    """Write ``fp32`` quantised per ``mode`` to ``out``; ``int8-static`` calibrates on ``calibration``."""
-    logging.disable(logging.WARNING)  # onnxruntime.quantization advises pre-processing on every call
-    try:
-        _quantise(fp32, out, mode, calibration)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _quantise(fp32: Path, out: Path, mode: str, calibration: list[dict[str, np.ndarray]] | None) -> None:
-    import onnx
-
-    if mode == "int8-static":
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-        if not calibration:
-            raise ConfigError("mode int8-static needs calibration data: pass --eval-data (a sample of the task's data)")
-        quantize_static(str(fp32), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                        # reduce_range: 7-bit weights, so the u8 x s8 products cannot saturate the 16-bit
-                        # accumulators of CPUs without VNNI (the fused QLinearMatMul lost ~0.4 logits without it)
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gemm"])
-        return
-    if mode == "int4":
-        from edgeft.deploy.int4 import quantise_gathers, quantise_matmuls
-
-        model = onnx.load(str(fp32))
-        quantise_matmuls(model)
-        quantise_gathers(model)  # the embedding tables: half of a small BERT's weights
-        onnx.save(model, str(out))
-        return
-    if mode == "none":
-        shutil.copyfile(fp32, out)
-    elif mode == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
-    elif mode == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
-
-
-def _calibration_batches(package_dir: Path, fp32: Path, config: DeployConfig) -> list[dict[str, np.ndarray]] | None:
-    """CALIBRATION_EXAMPLES texts drawn from the calibration data, tokenised as the package will, in batches of 8
-    (of the fixed batch size when shapes are fixed)."""
-    data = config.calibration_data or config.eval_data
-    if config.mode != "int8-static" or data is None:
-        return None
-    from edgeft.data import read_records
-    from edgeft.predict import Predictor
-
-    records = read_records(data)  # a seeded random sample: files are often sorted by label
-    pick = np.random.default_rng(0).permutation(len(records))[:CALIBRATION_EXAMPLES]
-    texts = [str(records[i][data.text_column]) for i in sorted(pick)]
-    size = config.fixed_shape[0] if config.fixed_shape else 8
-    predictor = Predictor(package_dir, model_file=fp32)
-    return [predictor.encode(texts[i: i + size], fill_batch=True) for i in range(0, len(texts), size)]
-
-
-def fix_shapes(path: Path, batch: int, sequence: int) -> None:
-    """Freeze the model's input (and so every) shape to [batch, sequence], with ONNX Runtime's own tool."""
-    import onnx
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
-
-    model = onnx.load(str(path))
-    for name in ("input_ids", "attention_mask"):
-        make_input_shape_fixed(model.graph, name, [batch, sequence])
-    fix_output_shapes(model)
-    onnx.save(model, str(path))
+        if self.fixed_shape is not None and (len(self.fixed_shape) not in (1, 2) or min(self.fixed_shape) < 1):
+            raise ConfigError(f"invalid fixed_shape={self.fixed_shape!r}: expected (batch, sequence) for a text model "
+                              "or (batch,) for the others, each >= 1")
 
 
 def _trained_adapter(config: DeployConfig) -> tuple[Bundle, dict[str, np.ndarray], dict]:
@@ -169,28 +97,96 @@ def within_budget(loss_points: float | None, budget_points: float) -> bool:
 
 
 def deploy(config: DeployConfig) -> dict:
-    """Build the deployment package in ``config.out``; returns the report. Raises EdgeftError when the
-    quantised model loses more accuracy than the budget (the package is then marked not good)."""
+    """Build the deployment package of a bundle exported from a Hugging Face folder (``config.model_dir``: text or
+    image classification) in ``config.out``; returns the report. Raises EdgeftError when the quantised model loses more accuracy than the
+    budget (the package is then marked not good)."""
     bundle, tensors, source = _trained_adapter(config)
+    base = bundle.manifest.base_model
+    if not base.get("model_type"):
+        raise ConfigError(f"this bundle's model ({bundle.manifest.input_kind} inputs, base {base.get('id')!r}) was "
+                          "exported from a torch module, not a Hugging Face folder, so edgeft deploy cannot rebuild "
+                          "it: deploy it from Python with edgeft.deploy.deploy_module(module, DeployConfig(...)), "
+                          "passing the module given to export_module")
+    if config.model_dir is None:
+        raise ConfigError(f"deploying this bundle needs its base Hugging Face model folder ({base.get('id')}): "
+                          "pass --model (model_dir)")
     model = merged_model(config.model_dir, bundle, tensors)
+    specs = model_input_specs(bundle)
+
+    def export(path: Path) -> str:
+        if bundle.manifest.input_kind == "tokens":
+            return export_inference(model, path, causal=bundle.manifest.task == "causal-lm")
+        return export_inputs_inference(model, path, specs, sample_inputs(specs))  # Hugging Face image models
+
+    return _package(bundle, export, source, config)
+
+
+def deploy_module(module: torch.nn.Module, config: DeployConfig) -> dict:
+    """``deploy`` for a bundle exported from a torch module with ``edgeft.export.export_module``: ``module`` is that
+    module (as export left it, or a fresh one with the same weights; it is not changed), the trained adapter is
+    merged into a copy of it (LoRA on Linear and Conv2d layers, checked against the unmerged model), and the
+    package is exported for the bundle's own inputs (pixels, features, arrays or token ids) with a dynamic batch."""
+    if config.model_dir is not None:
+        raise ConfigError("deploy_module takes the model as a module: leave model_dir out (it is for bundles "
+                          "exported from a Hugging Face folder, which edgeft.deploy.deploy rebuilds)")
+    bundle, tensors, source = _trained_adapter(config)
+    model = merged_module(module, bundle, tensors)
+    specs = model_input_specs(bundle)
+
+    def export(path: Path) -> str:
+        return export_inputs_inference(model, path, specs, sample_inputs(specs))
+
+    return _package(bundle, export, source, config)
+
+
+def _input_shapes(bundle: Bundle, fixed: tuple[int, ...]) -> dict[str, list[int]]:
+    """Each model input's frozen shape for ``fixed``: (batch, sequence) for text, (batch,) for the others."""
+    manifest = bundle.manifest
+    text = manifest.input_kind == "tokens"
+    if len(fixed) != (2 if text else 1):
+        raise ConfigError(f"invalid fixed_shape={fixed!r}: a {'text' if text else manifest.input_kind} model takes "
+                          f"{'(batch, sequence), e.g. 1x128' if text else '(batch,), e.g. 1: its other axes are fixed'}")
+    shapes = {}
+    for spec in model_input_specs(bundle):
+        if text:
+            shapes[spec.name] = list(fixed)
+        else:
+            shapes[spec.name] = [fixed[0], *(d if isinstance(d, int) else -1 for d in spec.shape[1:])]
+            if -1 in shapes[spec.name]:
+                raise ConfigError(f"input {spec.name} {spec.shape} has axes besides the batch that are not fixed: "
+                                  "its shape cannot be frozen with a batch size alone")
+    return shapes
+
+
+def _package(bundle: Bundle, export, source: dict, config: DeployConfig) -> dict:  # noqa: ANN001
+    manifest = bundle.manifest
+    text = manifest.input_kind == "tokens"
+    shapes = _input_shapes(bundle, config.fixed_shape) if config.fixed_shape else None
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeft-deploy-") as tmp:
         fp32 = Path(tmp) / "model-fp32.onnx"
-        exporter = export_inference(model, fp32, causal=bundle.manifest.task == "causal-lm")
-        if config.fixed_shape:
-            fix_shapes(fp32, *config.fixed_shape)
-        shutil.copyfile(bundle.file(TOKENIZER), out / TOKENIZER)
-        package = {"format": PACKAGE_FORMAT, "task": bundle.manifest.task, "labels": bundle.manifest.labels,
-                   "mode": config.mode, "max_length": bundle.manifest.tokenizer["max_length"],
-                   "pad_id": bundle.manifest.tokenizer["pad_id"], "base_model": bundle.manifest.base_model,
-                   "bundle_digest": bundle.digest, "adapter_source": source, "exporter": exporter,
-                   "fixed_shape": list(config.fixed_shape) if config.fixed_shape else None, "good": False}
+        exporter = export(fp32)
+        if shapes:
+            fix_shapes(fp32, shapes)
+        notes = _notes(fp32, config.mode)
+        if text:
+            shutil.copyfile(bundle.file(TOKENIZER), out / TOKENIZER)
+        package = {"format": PACKAGE_FORMAT, "task": manifest.task, "labels": manifest.labels,
+                   "mode": config.mode, "input_kind": manifest.input_kind,
+                   "inputs": [{k: v for k, v in asdict(s).items() if k != "peft_key"} for s in model_input_specs(bundle)],
+                   "preprocessing": manifest.preprocessing,
+                   "max_length": manifest.tokenizer["max_length"] if manifest.tokenizer else None,
+                   "pad_id": manifest.tokenizer["pad_id"] if manifest.tokenizer else None,
+                   "base_model": manifest.base_model, "bundle_digest": bundle.digest, "adapter_source": source,
+                   "exporter": exporter, "fixed_shape": list(config.fixed_shape) if config.fixed_shape else None,
+                   "good": False}
         (out / "package.json").write_text(json.dumps(package, indent=2))
-        quantise(fp32, out / "model.onnx", config.mode, _calibration_batches(out, fp32, config))
-        report = measure(fp32, out / "model.onnx", out, config.eval_data, config.threads)
+        quantise(fp32, out / "model.onnx", config.mode, _calibration_batches(out, fp32, bundle, config), text)
+        report = measure(fp32, out / "model.onnx", out, _examples(bundle, config.eval_data), config.threads)
     report["mode"] = config.mode
     report["fixed_shape"] = list(config.fixed_shape) if config.fixed_shape else None
+    report["notes"] = notes
     if config.mode == "int8-static":
         report["calibration"] = ("a sample of the evaluation data (pass separate calibration data for an "
                                  "unbiased report)" if config.calibration_data is None else
@@ -205,3 +201,52 @@ def deploy(config: DeployConfig) -> dict:
         raise EdgeftError(f"the {config.mode} model loses {loss:.2f} accuracy points against fp32, over the "
                           f"budget of {config.accuracy_budget}; the package in {out} is marked not good")
     return report
+
+
+def _examples(bundle: Bundle, data: DataConfig | None) -> TextExamples | DatasetExamples | None:
+    """The evaluation examples, read as training reads them: texts and label names, or the bundle's dataset."""
+    if data is None:
+        return None
+    if bundle.manifest.input_kind == "tokens":
+        from edgeft.data import read_records
+
+        rows = read_records(data)
+        return TextExamples([str(r[data.text_column]) for r in rows], [str(r[data.label_column]) for r in rows])
+    from edgeft.data import load_dataset
+
+    return DatasetExamples(load_dataset(data, bundle), bundle.manifest.task == "classification")
+
+
+def _calibration_batches(package_dir: Path, fp32: Path, bundle: Bundle, config: DeployConfig
+                         ) -> list[dict[str, np.ndarray]] | None:
+    """CALIBRATION_EXAMPLES examples drawn (seeded) from the calibration data, encoded as the package will, in
+    batches of CALIBRATION_BATCH (of the fixed batch size when shapes are fixed; the last one filled up with the
+    first examples again)."""
+    data = config.calibration_data or config.eval_data
+    if config.mode != "int8-static" or data is None:
+        return None
+    from edgeft.predict import Predictor
+
+    examples = _examples(bundle, data)
+    pick = np.sort(np.random.default_rng(0).permutation(len(examples))[:CALIBRATION_EXAMPLES])  # files are often
+    size = config.fixed_shape[0] if config.fixed_shape else CALIBRATION_BATCH                  # sorted by label
+    predictor = Predictor(package_dir, model_file=fp32)
+    if isinstance(examples, TextExamples):
+        texts = [examples.texts[i] for i in pick]
+        return [predictor.encode(texts[i: i + size], fill_batch=True) for i in range(0, len(texts), size)]
+    fill = bool(config.fixed_shape)
+    return [examples.feed(predictor, np.resize(pick[i: i + size], size) if fill else pick[i: i + size])
+            for i in range(0, len(pick), size)]
+
+
+def _notes(fp32: Path, mode: str) -> list[str]:
+    """What the mode leaves as it was, for the report."""
+    import onnx
+
+    from edgeft.deploy.quantise import convolutions
+
+    count = convolutions(onnx.load(str(fp32)))
+    if mode == "int8" and count:
+        return [f"int8 (dynamic) quantises matrix products only: the model's {count} convolutions stay fp32 "
+                "(--mode int8-static quantises them: QDQ, calibrated)."]
+    return []
