@@ -71,8 +71,10 @@ class Manifest:
     # FedProx bundles only: {"mu", "anchor_prefix"}; the training loss adds mu/2 * ||w - anchor||^2, the anchor
     # of trainable parameter ``name`` being the frozen parameter ``anchor_prefix + name``. Absent otherwise.
     proximal: dict | None = None
-    # Sentence-pooled heads only: {"mode", "normalize", "dimension"}; the graphs then also output
-    # ``features`` (the pooled sentence embedding the head reads, [batch, dimension]). Absent otherwise.
+    # Sentence-pooled heads: {"mode", "normalize", "dimension"}; the graphs then also output ``features`` (the
+    # pooled sentence embedding the head reads, [batch, dimension]). A classifier of images, features or arrays whose
+    # head is one Linear module: {"mode": "head_input", "module", "normalize": false, "dimension"}, ``features``
+    # being that module's input. Absent otherwise.
     pooling: dict | None = None
     # The training engine (``edgeft.config.Engine``): which files train the bundle and which runtime can run
     # them. Bundles from before the portable engine have no such field: ``ort-training``.
@@ -88,9 +90,10 @@ class Manifest:
         specs = {t.name: t for t in self.trainable}
         if self.pooling is not None:
             shape = [len(self.labels), int(self.pooling["dimension"])]
+            module = self.pooling.get("module", "classifier")  # head_input features: the head module's name
             for name, spec in specs.items():
                 bias = name[: -len("weight")] + "bias"
-                if "classifier" in name and name.endswith(".weight") and spec.shape == shape and bias in specs:
+                if module in name and name.endswith(".weight") and spec.shape == shape and bias in specs:
                     return name, bias
         raise BundleError("this bundle has no sentence-pooled classifier head to initialise: export a "
                           "sentence-transformers model for a classification task with pooling='sentence' or 'auto'")

@@ -209,3 +209,30 @@ def test_bad_images_are_one_clear_line(tmp_path):
     data = load_dataset(DataConfig(folder), bundle)
     with pytest.raises(DataError, match="broken.png"):
         next(batches(data, 4, 0))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_image_classifier_outputs_its_heads_input(tmp_path, engine):
+    """A classifier whose head is one Linear module outputs that module's input as ``features`` (for the statistics
+    round and head-only training on cached features), equal to the torch backbone's output."""
+    from edgeft.train.engines import open_session
+    from edgeft.train.trainer import class_statistics
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    bundle = export_module(model, {"pixel_values": torch.zeros(2, 1, 16, 16)}, tmp_path / "cnn",
+                           ExportConfig(task="classification", labels=tuple(str(i) for i in range(10)), engine=engine,
+                                        adapter=AdapterConfig(kind="head", trainable_modules=("fc",))),
+                           input_kind="arrays")
+    assert bundle.manifest.pooling == {"mode": "head_input", "module": "fc", "normalize": False, "dimension": 16}
+    assert bundle.manifest.head() == ("fc.weight", "fc.bias")
+    session = open_session(bundle, threads=1)
+    pixels = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    features = session.features({"pixel_values": pixels, "labels": np.zeros(4, dtype=np.int64)})
+    with torch.no_grad():
+        expected = torch.flatten(model.features(torch.from_numpy(pixels)), 1).numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+    from edgeft.inputs import ArrayDataset
+
+    stats, count = class_statistics(session, ArrayDataset({"pixel_values": pixels}, np.array([0, 1, 1, 3])), 10, 0)
+    assert count == 4 and stats["statistics.counts"].tolist()[:4] == [1, 2, 0, 1]

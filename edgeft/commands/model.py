@@ -13,15 +13,20 @@ from edgeft.errors import EdgeftError
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a Hugging Face model folder into a training bundle")
-    p.add_argument("model", help="Hugging Face model folder (config.json, weights, tokenizer.json)")
+    p = sub.add_parser("export", help="export a Hugging Face model folder (text or image classification) into a "
+                                      "training bundle")
+    p.add_argument("model", help="Hugging Face model folder: config.json and weights, with tokenizer.json (text "
+                                 "models) or preprocessor_config.json (image-classification models: ResNet, "
+                                 "MobileNetV2, EfficientNet, ViT, ConvNeXt, ...; the device preprocesses as it says)")
     p.add_argument("--out", required=True, help="bundle folder to create (must be new or empty)")
     p.add_argument("--task", default="classification", choices=["classification", "causal-lm", "regression", "multilabel"])
     p.add_argument("--labels", help="label names: a JSON list file, a text file (one per line) or a,b,c")
     p.add_argument("--adapter", default="lora", choices=["lora", "head", "full"])
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--target-modules", help="modules LoRA adapts, comma-separated (default: per architecture)")
+    p.add_argument("--target-modules", help="modules LoRA adapts (Linear or Conv2d), comma-separated (default: per "
+                                            "architecture: e.g. query,value for BERT and ViT, the last stage's "
+                                            "convolutions for ResNet, MobileNet, EfficientNet and ConvNeXt)")
     p.add_argument("--trainable-modules", help="modules trained in full, comma-separated (default: the task head)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -29,7 +34,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="training engine the bundle is for: portable (default: standard ONNX graphs any onnxruntime "
                         ">= 1.19 trains, on any execution provider) or ort-training (onnxruntime-training 1.19.2)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 14 for ort-training, 18 portable)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example on the device (default 128)")
+    p.add_argument("--max-length", type=int, default=128, help="text models: tokens per example on the device "
+                                                                 "(default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proximal-mu", type=float, default=0.0,
                    help="FedProx: add mu/2 * ||w - w_global||^2 to the training loss (default 0: none)")
@@ -55,8 +61,12 @@ def _run_export(args: argparse.Namespace) -> int:
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
     n_params = sum(math.prod(t.shape) for t in m.trainable)
-    print(f"bundle {bundle.path} ({m.engine} engine): {m.task}, {len(m.trainable)} trainable tensors ({n_params:,} parameters), "
-          f"{size:.1f} MiB")
+    reads = ""
+    if m.input_kind == "image":
+        spec = m.preprocessing or {}
+        reads = f" of {spec.get('channels')} {spec.get('size')}x{spec.get('size')} images"
+    print(f"bundle {bundle.path} ({m.engine} engine): {m.task}{reads}, {len(m.trainable)} trainable tensors "
+          f"({n_params:,} parameters), {size:.1f} MiB")
     return 0
 
 

@@ -52,6 +52,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         raise ExportError(f"output folder {out_dir} is not empty; choose a new folder for the bundle")
     torch.manual_seed(config.seed)
     adapted = apply_adapter(source, config.adapter, config.task)
+    source = with_head_features(source, adapted, config)
     l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
     with tempfile.TemporaryDirectory(prefix="edgeft-export-") as tmp:
         staging = Path(tmp) / "bundle"
@@ -75,6 +76,26 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         if keep_forward_graph and graph_path.exists():
             shutil.move(str(graph_path), out_dir / FORWARD_MODEL)
     return load_bundle(out_dir)
+
+
+def with_head_features(source: ModelSource, adapted: AdaptedModel, config: ExportConfig) -> ModelSource:
+    """A classifier that does not read text, whose head is one Linear module: its graphs also output the
+    head's input as ``features`` (the manifest's ``pooling`` says ``{"mode": "head_input", "module", "dimension"}``),
+    which the statistics round sums per class and a device can cache for head-only training."""
+    if source.input_kind == "tokens" or source.pooling is not None or config.task != "classification" \
+            or len(adapted.trainable_modules) != 1:
+        return source
+    from edgeft.export.graph import head_module
+
+    name = adapted.trainable_modules[0]
+    head = head_module(adapted.model, name)
+    head = getattr(head, "original_module", head)  # PEFT's modules_to_save wrapper
+    if not isinstance(head, torch.nn.Linear) or head.out_features != len(config.labels):
+        return source
+    from dataclasses import replace
+
+    return replace(source, pooling={"mode": "head_input", "module": name, "normalize": False,
+                                    "dimension": head.in_features})
 
 
 def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, staging: Path) -> Manifest:

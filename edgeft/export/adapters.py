@@ -34,21 +34,58 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
+def adaptable_modules(model: nn.Module) -> str:
+    """What LoRA can adapt in ``model``, for error messages: Linear-like modules by their last name, Conv2d
+    modules by their full name."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if n and (isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D")})
+    convs = [n for n, m in model.named_modules() if n and isinstance(m, nn.Conv2d)]
+    parts = [f"Linear-like modules in this model: {', '.join(linear[:40])}"] if linear else []
+    if convs:
+        more = f" (the last 40 of {len(convs)})" if len(convs) > 40 else ""
+        parts.append(f"Conv2d modules{more}: {', '.join(convs[-40:])}")
+    return "; ".join(parts) or "this model has no Linear or Conv2d modules"
+
+
 def _resolve(model: nn.Module, patterns: tuple[str, ...], what: str, field_name: str) -> None:
     names = [n for n, _ in model.named_modules() if n]
     for pattern in patterns:
         if not any(_matches(pattern, n) for n in names):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if n and isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D"})
             raise ConfigError(f"unknown {what} {pattern!r} in {field_name}: no module of the model matches it; "
-                              f"Linear-like modules in this model: {', '.join(leaves[:40])}")
+                              f"{adaptable_modules(model)}")
 
 
-def default_lora_targets(model_type: str | None) -> tuple[str, ...] | None:
-    """PEFT's default LoRA targets for a Hugging Face architecture (query/value for BERT-likes)."""
+# LoRA targets of Hugging Face image models, which PEFT has no default for. Vision transformers: attention's query
+# and value. CNNs: the convolutions (and linear layers) of the last stage, depthwise ones excepted: the stage list
+# by its path in the model (its last item is the last stage).
+VISION_TRANSFORMER_TARGETS = {t: ("query", "value") for t in
+                              ("vit", "deit", "beit", "dinov2", "swin", "swinv2", "vit_msn", "vit_mae", "data2vec-vision")}
+CNN_STAGES = {"resnet": "resnet.encoder.stages", "regnet": "regnet.encoder.stages",
+              "mobilenet_v1": "mobilenet_v1.layer", "mobilenet_v2": "mobilenet_v2.layer",
+              "efficientnet": "efficientnet.encoder.blocks", "convnext": "convnext.encoder.stages",
+              "convnextv2": "convnextv2.encoder.stages"}
+
+
+def last_stage_layers(model: nn.Module, stages: str) -> tuple[str, ...]:
+    """The full names of the Conv2d (groups 1) and Linear modules in the last item of ``model``'s module list
+    ``stages`` (none when the model has no such list)."""
+    modules = dict(model.named_modules())
+    stage_list = modules.get(stages)
+    if not isinstance(stage_list, (nn.ModuleList, nn.Sequential)) or len(stage_list) == 0:
+        return ()
+    prefix = f"{stages}.{len(stage_list) - 1}."
+    return tuple(n for n, m in modules.items() if n.startswith(prefix) and (
+        isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)))
+
+
+def default_lora_targets(model_type: str | None, model: nn.Module | None = None) -> tuple[str, ...] | None:
+    """The default LoRA targets of a Hugging Face architecture: PEFT's (query/value for BERT-likes); query/value
+    for vision transformers; for CNNs (given ``model``) the last stage's convolutions, by full name."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
-    targets = mapping.get(model_type or "")
+    targets = mapping.get(model_type or "") or VISION_TRANSFORMER_TARGETS.get(model_type or "")
+    if not targets and model is not None and model_type in CNN_STAGES:
+        targets = last_stage_layers(model, CNN_STAGES[model_type])
     return tuple(targets) if targets else None
 
 
@@ -116,10 +153,10 @@ def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> Adap
                 p.requires_grad_(True)
         return AdaptedModel(model, _trainable_names(model), [], list(heads))
 
-    targets = config.target_modules or default_lora_targets(source.model_type)
+    targets = config.target_modules or default_lora_targets(source.model_type, model)
     if not targets:
         raise ConfigError("adapter.target_modules is required: there is no default LoRA target for "
-                          f"model type {source.model_type!r}; name the Linear modules to adapt")
+                          f"model type {source.model_type!r}; name the modules to adapt ({adaptable_modules(model)})")
     _resolve(model, targets, "target module", "adapter.target_modules")
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
@@ -130,6 +167,7 @@ def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> Adap
                       task_type=source.peft_task_type, bias="none", fan_in_fan_out=conv1d)
     peft_model = get_peft_model(model, lora)
     peft_model.eval()
+    _expose_conv_geometry(peft_model)
     trainable = _trainable_names(peft_model)
     saved = set(get_peft_model_state_dict(peft_model))
     peft_keys = {}
@@ -142,6 +180,20 @@ def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> Adap
     peft_config["base_model_name_or_path"] = source.base_id
     peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
     return AdaptedModel(peft_model, trainable, list(targets), list(heads), peft_keys, peft_config)
+
+
+CONV_GEOMETRY = ("stride", "kernel_size", "dilation", "padding", "groups")
+
+
+def _expose_conv_geometry(model: nn.Module) -> None:
+    """LoRA layers wrapping a Conv2d show its stride, kernel size, dilation, padding and groups, as model code that
+    pads by the convolution's geometry reads them (MobileNet's TensorFlow-style padding)."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Conv2d) and module is not base:
+            for attribute in CONV_GEOMETRY:
+                if attribute not in vars(module):
+                    setattr(module, attribute, getattr(base, attribute))
 
 
 def _trainable_names(model: nn.Module) -> list[str]:

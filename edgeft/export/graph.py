@@ -51,9 +51,14 @@ class TrainingGraph(nn.Module):
 
     def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0,
                  prepare_inputs: Callable[[dict], dict] | None = None, proximal_mu: float = 0.0,
-                 trainable: list[str] | None = None, features: bool = False):
+                 trainable: list[str] | None = None, features: bool = False, features_from: str | None = None):
         super().__init__()
         self.features = features
+        # a head module whose input is the ``features`` output (models that do not return them themselves)
+        self._head_input: list[torch.Tensor] = []
+        if features_from is not None:
+            head_module(model, features_from).register_forward_pre_hook(
+                lambda _module, args: self._head_input.append(args[0]))
         self.model = model
         self.input_names = list(input_names)
         self.loss_fn = LOSS_FUNCTIONS[loss]
@@ -79,7 +84,20 @@ class TrainingGraph(nn.Module):
             params = dict(self.model.named_parameters())
             distance = [params[n] - anchor for n, anchor in zip(self.proximal_names, self.anchors)]
             loss = loss + 0.5 * self.proximal_mu * sum((d * d).sum() for d in distance)
-        return (loss, logits, output[1]) if self.features else (loss, logits)
+        if not self.features:
+            return loss, logits
+        if self._head_input:
+            return loss, logits, self._head_input.pop()
+        return loss, logits, output[1]
+
+
+def head_module(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name`` in ``model``, or the outermost one whose name ends with ``.name`` (the same head
+    inside a PEFT wrapper)."""
+    found = sorted((n for n, _ in model.named_modules() if n == name or n.endswith("." + name)), key=len)
+    if not found:
+        raise ExportError(f"the model has no module {name!r} to read the head's input from")
+    return model.get_submodule(found[0])
 
 
 def example_labels(loss: str, source: ModelSource, num_outputs: int) -> torch.Tensor:
@@ -104,7 +122,7 @@ def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], lo
     (with ``proximal_mu``, their FedProx anchors are frozen parameters named ``proximal_anchor.<name>``)."""
     features = source.pooling is not None
     wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs, proximal_mu, trainable,
-                            features).eval()
+                            features, (source.pooling or {}).get("module")).eval()
     labels = example_labels(loss, source, num_outputs)
     args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
     # every parameter by its name in the final graph: the model's, then the proximal anchors

@@ -160,7 +160,8 @@ def hf_base_digest(model_dir: str | Path) -> str:
 
 
 def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
-    """Load a Hugging Face model folder for ``config.task`` (sequence classification or causal LM)."""
+    """Load a Hugging Face model folder for ``config.task``: sequence classification or causal LM (text folders),
+    or image classification (``is_image_folder``: see ``from_hf_image_folder``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model_dir = Path(model_dir)
@@ -168,6 +169,8 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
         raise ExportError(f"model folder {model_dir} does not exist; pass a Hugging Face model folder")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"model folder {model_dir} has no config.json; is it a Hugging Face model folder?")
+    if is_image_folder(model_dir):
+        return from_hf_image_folder(model_dir, config)
     weights = _weight_files(model_dir)
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -215,6 +218,106 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
                        base_digest=_weights_digest(weights), tokenizer_file=tokenizer_file,
                        model_type=hf_config.model_type, peft_task_type=peft_task,
                        prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None, pooling=pooling)
+
+
+IMAGE_PREPROCESSOR = "preprocessor_config.json"
+PREPROCESSOR_EXAMPLE = ('{"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 2, '
+                        '"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}')
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} is not a JSON object")
+    return data
+
+
+def is_image_folder(model_dir: str | Path) -> bool:
+    """A Hugging Face image-classification folder: config.json's ``architectures`` end in
+    ``ForImageClassification``, or the folder holds an image ``preprocessor_config.json`` and no tokenizer."""
+    model_dir = Path(model_dir)
+    architectures = _read_json(model_dir / "config.json").get("architectures") or []
+    if any(str(a).endswith("ForImageClassification") for a in architectures):
+        return True
+    preprocessor = model_dir / IMAGE_PREPROCESSOR
+    if not preprocessor.is_file() or (model_dir / "tokenizer.json").is_file():
+        return False
+    settings = _read_json(preprocessor)
+    return "image_mean" in settings or str(settings.get("image_processor_type", "")).endswith("ImageProcessor")
+
+
+def image_preprocessing(model_dir: Path, channels: int) -> dict:
+    """The ImagePreprocessing (as a dict) of a Hugging Face image folder's preprocessor_config.json, for a model
+    reading ``channels`` channels (1: grey, 3: RGB)."""
+    from dataclasses import replace
+
+    from edgeft.errors import ConfigError
+    from edgeft.images import ImagePreprocessing
+
+    file = model_dir / IMAGE_PREPROCESSOR
+    if not file.is_file():
+        raise ExportError(
+            f"model folder {model_dir} has no {IMAGE_PREPROCESSOR}: the device resizes, crops and normalises its "
+            f"images as that file says. Save the model's image processor there "
+            f"(AutoImageProcessor.from_pretrained(<checkpoint>).save_pretrained('{model_dir}')) or write one with the "
+            f"values the model was trained with, e.g. {PREPROCESSOR_EXAMPLE}")
+    try:
+        spec = ImagePreprocessing.from_hf(file)
+        if channels == 1:
+            spec = replace(spec, channels="L")
+    except ConfigError as exc:
+        raise ExportError(f"{file}: {exc}") from exc
+    if spec.n_channels != channels:
+        raise ExportError(f"{model_dir}: the model reads {channels}-channel images (config.json num_channels); "
+                          f"edgeft's image inputs have 1 (grey) or 3 (RGB) channels")
+    return spec.to_dict()
+
+
+def from_hf_image_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
+    """Load a Hugging Face image-classification folder (``AutoModelForImageClassification``: ResNet, MobileNetV2,
+    EfficientNet, ViT, ConvNeXt, ...) with a new head of ``len(config.labels)`` outputs (a pretrained head of
+    another size is replaced), reading ``pixel_values`` [batch, channels, size, size] as its
+    ``preprocessor_config.json`` prepares them (recorded in the manifest)."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    model_dir = Path(model_dir)
+    weights = _weight_files(model_dir)
+    if config.task not in ("classification", "regression", "multilabel"):
+        raise ExportError(f"{model_dir} is an image-classification model: task {config.task!r} does not apply "
+                          f"(use classification, regression or multilabel)")
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+    preprocessing = image_preprocessing(model_dir, int(getattr(hf_config, "num_channels", 3)))
+    problem = {"classification": "single_label_classification", "regression": "regression",
+               "multilabel": "multi_label_classification"}[config.task]
+    labels = config.labels or ("value",)
+    torch.manual_seed(config.seed)  # a new head is drawn as the model loads: the same one every export
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_dir, num_labels=len(labels), problem_type=problem, attn_implementation="eager",
+            id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot load {model_dir} as an image classifier: {exc}") from exc
+    model.eval()
+    channels, size = (1 if preprocessing["channels"] == "L" else 3), preprocessing["size"]
+    example = {"pixel_values": torch.zeros(2, channels, size, size)}
+    try:
+        with torch.no_grad():
+            model(**example)
+    except Exception as exc:  # e.g. a ViT's position embeddings are for another image size
+        raise ExportError(f"{model_dir}: the model cannot read [batch, {channels}, {size}, {size}] pixel values as "
+                          f"{IMAGE_PREPROCESSOR} prepares them: {type(exc).__name__}: {exc}") from exc
+    return ModelSource(model=model, input_names=["pixel_values"], example_inputs=example,
+                       dynamic_axes={"pixel_values": {0: "batch"}},
+                       base_id=str(getattr(hf_config, "_name_or_path", "") or model_dir.name),
+                       base_digest=_weights_digest(weights), model_type=hf_config.model_type,
+                       input_kind="image", preprocessing=preprocessing)
 
 
 def from_module(model: nn.Module, example_inputs: dict[str, torch.Tensor], *, base_id: str = "custom",

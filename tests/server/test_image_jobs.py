@@ -1,5 +1,6 @@
-"""A federated job on an image model: three devices, each with its own share of the digits PNG folders, train a
-CNN with a real coordinator; the aggregate is the example-weighted mean of the stored updates."""
+"""A federated job on an image model: three devices, each with its own share of the digits PNG folders, build
+the CNN's head from their class statistics (round 0) and train it with a real coordinator (round 1); the aggregate
+is the example-weighted mean of the stored updates."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def test_three_image_devices_train_one_round(tmp_path):
     try:
         shards = image_shards(tmp_path)
         run_fleet(coordinator, port, shards, tmp_path, enrol(coordinator, tmp_path))
+        history = coordinator.history("banking")
+        # round 0 is the statistics round: the CNN's graphs output its head's input, summed per class by the devices
+        assert history["head_init"] == "class_means" and history["rounds"][0]["status"] == "closed"
         received = coordinator.round_updates("banking", 1)
         assert sorted(u.n_examples for u in received) == [60, 80, 100]
         weight = sum(u.n_examples for u in received)
