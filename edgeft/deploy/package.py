@@ -227,13 +227,17 @@ def _calibration_batches(package_dir: Path, fp32: Path, bundle: Bundle, config: 
         return None
     from edgeft.predict import Predictor
 
-    examples = _examples(bundle, data)
-    pick = np.sort(np.random.default_rng(0).permutation(len(examples))[:CALIBRATION_EXAMPLES])  # files are often
-    size = config.fixed_shape[0] if config.fixed_shape else CALIBRATION_BATCH                  # sorted by label
+    size = config.fixed_shape[0] if config.fixed_shape else CALIBRATION_BATCH
     predictor = Predictor(package_dir, model_file=fp32)
-    if isinstance(examples, TextExamples):
-        texts = [examples.texts[i] for i in pick]
+    if bundle.manifest.input_kind == "tokens":  # texts need no labels here
+        from edgeft.data import read_records
+
+        records = read_records(data)
+        pick = np.sort(np.random.default_rng(0).permutation(len(records))[:CALIBRATION_EXAMPLES])  # files are often
+        texts = [str(records[i][data.text_column]) for i in pick]                                  # sorted by label
         return [predictor.encode(texts[i: i + size], fill_batch=True) for i in range(0, len(texts), size)]
+    examples = _examples(bundle, data)
+    pick = np.sort(np.random.default_rng(0).permutation(len(examples))[:CALIBRATION_EXAMPLES])
     fill = bool(config.fixed_shape)
     return [examples.feed(predictor, np.resize(pick[i: i + size], size) if fill else pick[i: i + size])
             for i in range(0, len(pick), size)]

@@ -118,8 +118,8 @@ def write_report(out: Path, report: dict) -> None:
         f1 = f"{r['macro_f1']:.2%}" if "macro_f1" in r else "n/a"
         l1 = r.get("latency_batch1", {})
         l32 = r.get("latency_batch32", {})
-        lat1 = f"{l1['p50_ms']:.1f} / {l1['p95_ms']:.1f} ms" if l1 else "n/a"
-        lat32 = f"{l32['p50_ms']:.1f} / {l32['p95_ms']:.1f} ms" if l32 else "n/a"
+        lat1 = f"{l1['p50_ms']:.3g} / {l1['p95_ms']:.3g} ms" if l1 else "n/a"
+        lat32 = f"{l32['p50_ms']:.3g} / {l32['p95_ms']:.3g} ms" if l32 else "n/a"
         lines.append(f"| {name} | {r['size_mb']} MB | {acc} | {f1} | {lat1} | {lat32} |")
     lines += ["", f"Size ratio {report['size_ratio']}; accuracy budget {report['accuracy_budget_points']} points; "
               f"loss {report.get('accuracy_loss_points', 'n/a')} points; {report['threads']} threads."]
