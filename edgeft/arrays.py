@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.bundle import TensorSpec
-from edgeft.data import DataConfig, read_records
+from edgeft.records import DataConfig, read_records
 from edgeft.errors import DataError
 
 LABELS = "labels"  # the .npz array holding the raw labels (and the training graph's target input)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.bundle import Bundle, TensorSpec
-from edgeft.data import DataConfig, targets_of
+from edgeft.records import DataConfig, targets_of
 from edgeft.errors import DataError
 
 

@@ -4,6 +4,7 @@ Face folder to a training bundle, a locally trained adapter, a deployment packag
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
