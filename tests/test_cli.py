@@ -72,3 +72,22 @@ def test_the_device_agent_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeft.client", "--server", "127.0.0.1:1", "--data",
                            str(tmp_path / "missing.csv"), "--insecure"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "edgeft client: error: data file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_reads_a_label_map(tmp_path, tiny_bundle, small_banking):
+    """--label-map: raw label values renamed to the bundle's labels before training (a JSON object)."""
+    import csv
+
+
+    rows = list(csv.DictReader(open(small_banking["train"], newline="", encoding="utf-8")))[:40]
+    renamed = tmp_path / "renamed.csv"
+    with open(renamed, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "category": "raw-" + r["category"]} for r in rows)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"raw-" + r["category"]: r["category"] for r in rows}))
+    code = main(["train", str(tiny_bundle.path), "--data", str(renamed), "--label-column", "category",
+                 "--label-map", str(mapping), "--max-steps", "1", "--val-fraction", "0", "--out",
+                 str(tmp_path / "out"), "--no-progress"])
+    assert code == 0 and (tmp_path / "out" / "update.safetensors").is_file()
