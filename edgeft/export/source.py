@@ -14,6 +14,8 @@ from torch import nn
 from edgeft.bundle import sha256_of
 from edgeft.config import INPUT_KINDS, ExportConfig
 from edgeft.errors import ExportError
+from edgeft.export.image_models import (IMAGE_PREPROCESSOR, explicit_same_padding, global_average_pools,
+                                        image_preprocessing, is_image_folder)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -220,62 +222,6 @@ def from_hf_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
                        prepare_inputs=causal_lm_inputs if config.task == "causal-lm" else None, pooling=pooling)
 
 
-IMAGE_PREPROCESSOR = "preprocessor_config.json"
-PREPROCESSOR_EXAMPLE = ('{"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 2, '
-                        '"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}')
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ExportError(f"{path} is not a JSON object")
-    return data
-
-
-def is_image_folder(model_dir: str | Path) -> bool:
-    """A Hugging Face image-classification folder: config.json's ``architectures`` end in
-    ``ForImageClassification``, or the folder holds an image ``preprocessor_config.json`` and no tokenizer."""
-    model_dir = Path(model_dir)
-    architectures = _read_json(model_dir / "config.json").get("architectures") or []
-    if any(str(a).endswith("ForImageClassification") for a in architectures):
-        return True
-    preprocessor = model_dir / IMAGE_PREPROCESSOR
-    if not preprocessor.is_file() or (model_dir / "tokenizer.json").is_file():
-        return False
-    settings = _read_json(preprocessor)
-    return "image_mean" in settings or str(settings.get("image_processor_type", "")).endswith("ImageProcessor")
-
-
-def image_preprocessing(model_dir: Path, channels: int) -> dict:
-    """The ImagePreprocessing (as a dict) of a Hugging Face image folder's preprocessor_config.json, for a model
-    reading ``channels`` channels (1: grey, 3: RGB)."""
-    from dataclasses import replace
-
-    from edgeft.errors import ConfigError
-    from edgeft.images import ImagePreprocessing
-
-    file = model_dir / IMAGE_PREPROCESSOR
-    if not file.is_file():
-        raise ExportError(
-            f"model folder {model_dir} has no {IMAGE_PREPROCESSOR}: the device resizes, crops and normalises its "
-            f"images as that file says. Save the model's image processor there "
-            f"(AutoImageProcessor.from_pretrained(<checkpoint>).save_pretrained('{model_dir}')) or write one with the "
-            f"values the model was trained with, e.g. {PREPROCESSOR_EXAMPLE}")
-    try:
-        spec = ImagePreprocessing.from_hf(file)
-        if channels == 1:
-            spec = replace(spec, channels="L")
-    except ConfigError as exc:
-        raise ExportError(f"{file}: {exc}") from exc
-    if spec.n_channels != channels:
-        raise ExportError(f"{model_dir}: the model reads {channels}-channel images (config.json num_channels); "
-                          f"edgeft's image inputs have 1 (grey) or 3 (RGB) channels")
-    return spec.to_dict()
-
-
 def from_hf_image_folder(model_dir: str | Path, config: ExportConfig) -> ModelSource:
     """Load a Hugging Face image-classification folder (``AutoModelForImageClassification``: ResNet, MobileNetV2,
     EfficientNet, ViT, ConvNeXt, ...) with a new head of ``len(config.labels)`` outputs (a pretrained head of
@@ -307,9 +253,9 @@ def from_hf_image_folder(model_dir: str | Path, config: ExportConfig) -> ModelSo
     model.eval()
     channels, size = (1 if preprocessing["channels"] == "L" else 3), preprocessing["size"]
     example = {"pixel_values": torch.zeros(2, channels, size, size)}
+    explicit_same_padding(model)
     try:
-        with torch.no_grad():
-            model(**example)
+        global_average_pools(model, example)
     except Exception as exc:  # e.g. a ViT's position embeddings are for another image size
         raise ExportError(f"{model_dir}: the model cannot read [batch, {channels}, {size}, {size}] pixel values as "
                           f"{IMAGE_PREPROCESSOR} prepares them: {type(exc).__name__}: {exc}") from exc
