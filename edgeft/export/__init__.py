@@ -29,7 +29,8 @@ FORWARD_MODEL = "forward_model.onnx"
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> Bundle:
-    """Export a Hugging Face model folder (sequence classification or causal LM) into a bundle."""
+    """Export a Hugging Face model folder (text: sequence classification or causal LM; image classification) into a
+    bundle."""
     return export_source(from_hf_folder(model_dir, config), out_dir, config)
 
 
