@@ -2,7 +2,8 @@
 PEFT's merge), no adapter operators left, checked against the unmerged model.
 
 The base model comes from a Hugging Face folder (``merged_model``) or, for bundles exported from a torch module with
-``edgeft.export.export_module``, from that module (``merged_module``).
+``edgeft.export.export_module``, from that module (``merged_module``); ``adapted_model`` / ``adapted_module`` give
+it with the adapter loaded but not merged (``edgeft.deploy.trained_model`` offers both to users).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from edgeft.config import AdapterConfig, ExportConfig
 from edgeft.errors import ConfigError
 from edgeft.export.adapters import AdaptedModel, FrozenBatchNorm, apply_adapter
 from edgeft.export.graph import logits_of
-from edgeft.export.source import from_hf_folder, from_module
+from edgeft.export.source import ModelSource, from_hf_folder, from_module
 
 MERGE_TOLERANCE = 1e-5  # merged vs unmerged logits, relative to the logits' magnitude (at least 1)
 BUNDLE_TOLERANCE = 1e-4  # the rebuilt module vs the bundle's own eval graph, likewise
@@ -123,8 +124,10 @@ def unfreeze_batch_norm(model: nn.Module) -> int:
     return count
 
 
-def merged_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> nn.Module:
-    """The base model with ``tensors`` (trained adapter, by manifest name) merged in, in eval mode."""
+def adapted_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.ndarray]
+                  ) -> tuple[AdaptedModel, ModelSource]:
+    """The base model of a bundle exported from a Hugging Face folder, adapted as the export adapted it and holding
+    ``tensors`` (trained adapter, by manifest name), unmerged; with its source (inputs, input preparation)."""
     from transformers.utils import logging as hf_logging
 
     config = export_config_of(bundle)
@@ -139,6 +142,12 @@ def merged_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.nd
                           f"{source.base_digest[:12]}... vs {bundle.manifest.base_model['digest'][:12]}...)")
     adapted = apply_adapter(source, config.adapter, config.task)
     load_tensors(adapted, tensors)
+    return adapted, source
+
+
+def merged_model(model_dir: str | Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> nn.Module:
+    """The base model with ``tensors`` (trained adapter, by manifest name) merged in, in eval mode."""
+    adapted, source = adapted_model(model_dir, bundle, tensors)
     return merge(adapted, source.example_inputs)
 
 
@@ -179,16 +188,18 @@ def _bundle_logits(bundle: Bundle, tensors: dict[str, np.ndarray], sample: dict[
     return np.asarray(logits)
 
 
-def merged_module(module: nn.Module, bundle: Bundle, tensors: dict[str, np.ndarray]) -> nn.Module:
-    """The torch module a bundle was exported from (``export_module``), with ``tensors`` merged in, in eval mode.
+def adapted_module(module: nn.Module, bundle: Bundle, tensors: dict[str, np.ndarray]
+                   ) -> tuple[AdaptedModel, dict[str, torch.Tensor]]:
+    """A copy of the torch module a bundle was exported from (``export_module``), adapted as the export adapted it
+    and holding ``tensors``, unmerged; with sample inputs of the bundle's shapes.
 
     A module whose weights digest is the bundle's base digest is taken as it is. A module that went through
     ``export_module`` (which adapts it in place, so its digest no longer matches) is accepted when, with the
     adapter, it computes what the bundle's eval graph computes; any other module is refused."""
     manifest = bundle.manifest
     if manifest.base_model.get("model_type"):
-        raise ConfigError(f"this bundle was exported from a Hugging Face folder ({manifest.base_model['id']}); "
-                          "deploy it with that folder (edgeft deploy --model), not a module")
+        raise ConfigError(f"this bundle was exported from a Hugging Face folder ({manifest.base_model['id']}): "
+                          "rebuild it from that folder (edgeft deploy --model, or the folder's path), not a module")
     config = export_config_of(bundle)
     model = base_module(module)
     specs = model_input_specs(bundle)
@@ -211,4 +222,10 @@ def merged_module(module: nn.Module, bundle: Bundle, tensors: dict[str, np.ndarr
         if not difference <= BUNDLE_TOLERANCE * scale:
             raise ConfigError(f"this module is not the one the bundle was exported from: with the adapter its "
                               f"logits differ from the bundle's by {difference:.3g}")
-    return merge(adapted, sample)
+    return adapted, sample
+
+
+def merged_module(module: nn.Module, bundle: Bundle, tensors: dict[str, np.ndarray]) -> nn.Module:
+    """The torch module a bundle was exported from (``export_module``), with ``tensors`` merged in, in eval mode
+    (which modules are accepted: ``adapted_module``)."""
+    return merge(*adapted_module(module, bundle, tensors))

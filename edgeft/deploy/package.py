@@ -22,8 +22,9 @@ from edgeft.deploy.inference import export_inference, export_inputs_inference
 from edgeft.deploy.merge import merged_model, merged_module, model_input_specs, sample_inputs
 from edgeft.deploy.quantise import MODES, fix_shapes, quantise
 from edgeft.deploy.report import DatasetExamples, TextExamples, measure, write_report
+from edgeft.deploy.torch_model import adapter_tensors
 from edgeft.errors import ConfigError, EdgeftError
-from edgeft.update import load_update
+from edgeft.update import UPDATE_FILE
 
 __all__ = ["MODES", "DeployConfig", "deploy", "deploy_module", "within_budget"]
 
@@ -83,12 +84,8 @@ def _trained_adapter(config: DeployConfig) -> tuple[Bundle, dict[str, np.ndarray
         bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round)
         return bundle, tensors, {"state_dir": str(config.state_dir), "job": config.job, "round": number}
     bundle = load_bundle(config.bundle)
-    adapter_file = config.adapter / "update.safetensors" if config.adapter.is_dir() else config.adapter
-    update = load_update(adapter_file)
-    if update.bundle_digest and update.bundle_digest != bundle.digest:
-        raise ConfigError(f"{adapter_file} was trained from another bundle ({update.bundle_digest[:12]}...), "
-                          f"not {bundle.digest[:12]}...")
-    return bundle, update.tensors, {"adapter": str(adapter_file)}
+    adapter_file = config.adapter / UPDATE_FILE if config.adapter.is_dir() else config.adapter
+    return bundle, adapter_tensors(bundle, adapter_file), {"adapter": str(adapter_file)}
 
 
 def within_budget(loss_points: float | None, budget_points: float) -> bool:
