@@ -227,7 +227,7 @@ def _check_onnx(bundle: Bundle, name: str) -> None:
             except BundleError:
                 raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
                                   "bundle; refused") from None
-            if location not in bundle.manifest.files:
+            if str(PurePosixPath(name).parent / location) not in bundle.manifest.files:  # beside the model
                 raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data in {location!r}, which the "
                                   "manifest does not list (its sha256 is not pinned); refused")
     try:  # from the path: external data is checked where it lies (never loaded)

@@ -168,6 +168,9 @@ class TrainConfig:
     # None: CPU. Portable bundles train on any provider the runtime offers; ort-training bundles on CPU or CUDA.
     provider: str | None = None
     progress: bool = True
+    # head-only bundles with fixed examples (arrays, images without augmentation): compute the frozen backbone's
+    # features once and train the head on them (edgeft.train.cached); the same updates, far fewer forward passes
+    cache_features: bool = True
 
     def __post_init__(self) -> None:
         check_config(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")

@@ -81,6 +81,7 @@ class ArtifactStore:
         if not target.exists():
             tmp = Path(tempfile.mkdtemp(dir=self.root / "bundles", prefix=".tmp-"))
             for name in ["manifest.json", *bundle.manifest.files]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # a head-only bundle's head/ folder
                 shutil.copyfile(bundle.file(name), tmp / name)
             os.replace(tmp, target)
         return self.bundle(bundle.digest)

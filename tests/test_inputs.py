@@ -21,22 +21,10 @@ from edgeft.data import DataConfig, batches, load_dataset
 from edgeft.errors import DataError, ExportError
 from edgeft.export import export_module
 from edgeft.testing.agents import NO_TORCH
+from small_models import SmallCNN, TabularMLP
 
 CANCER = Path(edgeft.datasets.__file__).parent / "breast_cancer"
 ENGINES = ("portable", "ort-training")
-
-
-class TabularMLP(nn.Module):
-    """Standardises its 30 features with the training split's statistics (buffers), then an MLP."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
-        self.net = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.mean) / self.std)
 
 
 class OneFeature(nn.Module):
@@ -46,18 +34,6 @@ class OneFeature(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, channels: int = 1, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(pixel_values), 1))
 
 
 def cancer_stats() -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +200,8 @@ def test_an_image_classifier_outputs_its_heads_input(tmp_path, engine):
                            ExportConfig(task="classification", labels=tuple(str(i) for i in range(10)), engine=engine,
                                         adapter=AdapterConfig(kind="head", trainable_modules=("fc",))),
                            input_kind="arrays")
-    assert bundle.manifest.pooling == {"mode": "head_input", "module": "fc", "normalize": False, "dimension": 16}
+    assert bundle.manifest.pooling == {"mode": "head_input", "module": "fc", "normalize": False, "dimension": 16,
+                                       "head_bundle": "head"}
     assert bundle.manifest.head() == ("fc.weight", "fc.bias")
     session = open_session(bundle, threads=1)
     pixels = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)

@@ -26,6 +26,7 @@ from edgeft.export.source import ModelSource, from_hf_folder, from_module
 __all__ = ["export_hf", "export_module", "export_source", "from_hf_folder", "from_module"]
 
 FORWARD_MODEL = "forward_model.onnx"
+HEAD_BUNDLE = "head"  # the folder of a head-only bundle's head bundle (cached-feature training)
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> Bundle:
@@ -54,6 +55,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
     torch.manual_seed(config.seed)
     adapted = apply_adapter(source, config.adapter, config.task)
     source = with_head_features(source, adapted, config)
+    head_only = source.pooling is not None and source.pooling.get("head_bundle") is not None
     l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
     with tempfile.TemporaryDirectory(prefix="edgeft-export-") as tmp:
         staging = Path(tmp) / "bundle"
@@ -69,6 +71,8 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
             artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
+        if head_only:
+            _export_head_bundle(adapted, source.pooling, config, staging / source.pooling["head_bundle"])
         manifest = _manifest(source, adapted, config, staging)
         write_manifest(staging, manifest)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,9 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
 def with_head_features(source: ModelSource, adapted: AdaptedModel, config: ExportConfig) -> ModelSource:
     """A classifier that does not read text, whose head is one Linear module: its graphs also output the
     head's input as ``features`` (the manifest's ``pooling`` says ``{"mode": "head_input", "module", "dimension"}``),
-    which the statistics round sums per class and a device can cache for head-only training."""
+    which the statistics round sums per class. When that head is all that trains (``adapter.kind="head"``), the
+    bundle also holds a head bundle (``pooling["head_bundle"]``: a folder) that trains the head alone on cached
+    features (``edgeft.train.cached``)."""
     if source.input_kind == "tokens" or source.pooling is not None or config.task != "classification" \
             or len(adapted.trainable_modules) != 1:
         return source
@@ -95,8 +101,46 @@ def with_head_features(source: ModelSource, adapted: AdaptedModel, config: Expor
         return source
     from dataclasses import replace
 
-    return replace(source, pooling={"mode": "head_input", "module": name, "normalize": False,
-                                    "dimension": head.in_features})
+    pooling = {"mode": "head_input", "module": name, "normalize": False, "dimension": head.in_features}
+    if config.adapter.kind == "head":
+        pooling["head_bundle"] = HEAD_BUNDLE
+    return replace(source, pooling=pooling)
+
+
+class _HeadOnFeatures(torch.nn.Module):
+    """A head module on its own, registered at ``path`` (dotted) so that its parameters keep their names."""
+
+    def __init__(self, path: str, head: torch.nn.Module):
+        super().__init__()
+        *parents, leaf = path.split(".")
+        parent: torch.nn.Module = self
+        for part in parents:
+            parent.add_module(part, torch.nn.Module())
+            parent = parent.get_submodule(part)
+        parent.add_module(leaf, head)
+        self.path = path
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.path)(features)
+
+
+def _export_head_bundle(adapted: AdaptedModel, pooling: dict, config: ExportConfig, out_dir: Path) -> None:
+    """The bundle that trains a head-only bundle's head on cached features: the head (a copy of the Linear module,
+    at the same path so that its parameters have the bundle's names) reads ``features`` [batch, dimension], with the
+    bundle's loss, optimizer, engine and FedProx term."""
+    import copy
+    from dataclasses import replace
+
+    from edgeft.config import AdapterConfig
+    from edgeft.export.graph import head_module
+
+    root = _HeadOnFeatures(pooling["module"], copy.deepcopy(head_module(adapted.model, pooling["module"])))
+    head_names = [n for n, _ in root.named_parameters()]
+    if sorted(head_names) != sorted(adapted.trainable):
+        raise ExportError(f"the head's parameters {head_names} are not the bundle's trainable ones {adapted.trainable}")
+    example = {"features": torch.zeros(2, int(pooling["dimension"]))}
+    head = from_module(root, example, base_id="head", input_kind="features")
+    export_source(head, out_dir, replace(config, adapter=AdapterConfig(kind="full")))
 
 
 def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, staging: Path) -> Manifest:
@@ -117,7 +161,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
     tokenizer = None
     if source.tokenizer_file is not None:
         tokenizer = {"file": TOKENIZER, "max_length": config.max_length, "pad_id": _pad_id(source)}
-    files = {p.name: sha256_of(p) for p in sorted(staging.iterdir()) if p.name != MANIFEST}
+    files = {p.relative_to(staging).as_posix(): sha256_of(p) for p in sorted(staging.rglob("*"))
+             if p.is_file() and p != staging / MANIFEST}
     optimizer = to_dict(config.optimizer)
     if config.optimizer.name == "sgd":
         optimizer["weight_decay_mode"] = "l2 term in the training loss"

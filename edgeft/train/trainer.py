@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -18,6 +18,7 @@ from edgeft.bundle import Bundle
 from edgeft.config import TrainConfig
 from edgeft.data import Dataset, batches
 from edgeft.errors import ConfigError, TrainingError
+from edgeft.train.cached import cached_head
 from edgeft.train.metrics import Accumulator, higher_is_better
 from edgeft.train.schedule import warmup_linear
 from edgeft.train.engines import open_session
@@ -101,6 +102,12 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
     if config.early_stopping_patience and val_data is None:
         raise ConfigError("early_stopping_patience needs a validation split (--val or --val-fraction)")
     session = session or open_session(bundle, threads=config.threads, provider=config.provider)
+    cached = cached_head(bundle, session, train_data, val_data, config)
+    if cached is not None:  # the head alone on the backbone's features, computed once
+        result = train(cached.bundle, cached.train, replace(config, cache_features=False), cached.val,
+                       cached.session, on_epoch, should_stop)
+        session.set_parameters(result.parameters, proximal_anchor=False)
+        return result
     task, pad_id = bundle.manifest.task, pad_id_of(bundle)
     per_epoch, total = plan_steps(len(train_data), config)
     warmup = int(round(total * config.warmup_ratio))

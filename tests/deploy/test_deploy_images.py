@@ -30,34 +30,12 @@ from edgeft.testing.agents import NO_TORCH
 from edgeft.train.engines import open_session
 from edgeft.train.trainer import train
 from edgeft.update import AdapterUpdate, load_update, save_update
+from small_models import SmallCNN, TabularMLP
 
 DATASETS = Path(edgeft.datasets.__file__).parent
 DIGITS, CANCER = DATASETS / "digits", DATASETS / "breast_cancer"
 SPEC = ImagePreprocessing(size=16, resize=16, channels="L", mean=(0.5,), std=(0.5,), augment=False)
 LABELS = tuple(str(i) for i in range(10))
-
-
-class SmallCNN(nn.Module):  # as in tests/test_inputs.py
-    def __init__(self, channels: int = 1, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(pixel_values), 1))
-
-
-class TabularMLP(nn.Module):  # as in tests/test_inputs.py
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
-        self.net = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.mean) / self.std)
 
 
 def pretrained_cnn() -> SmallCNN:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import edgeft.datasets
@@ -15,21 +16,9 @@ from edgeft.config import AdapterConfig, ExportConfig
 from edgeft.export import export_module
 from edgeft.images import ImagePreprocessing
 from conftest_server import enrol, run_fleet, start
+from small_models import SmallCNN
 
 DIGITS = Path(edgeft.datasets.__file__).parent / "digits" / "train"
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(pixel_values), 1))
 
 
 def image_shards(folder: Path, sizes: tuple[int, ...] = (60, 80, 100)) -> list[Path]:
@@ -45,14 +34,20 @@ def image_shards(folder: Path, sizes: tuple[int, ...] = (60, 80, 100)) -> list[P
     return shards
 
 
-def test_three_image_devices_train_one_round(tmp_path):
+ADAPTERS = {"lora": AdapterConfig(target_modules=("features.4",), trainable_modules=("fc",)),
+            # head-only: the bundle holds a head bundle in a folder (head/), which the devices download and train on
+            # cached features
+            "head": AdapterConfig(kind="head", trainable_modules=("fc",))}
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_three_image_devices_train_one_round(tmp_path, adapter):
     torch.manual_seed(0)
     spec = ImagePreprocessing(size=16, resize=16, channels="L", mean=(0.5,), std=(0.5,), augment=False)
     bundle = export_module(SmallCNN(), {"pixel_values": torch.zeros(2, 1, 16, 16)}, tmp_path / "cnn",
                            ExportConfig(task="classification", labels=tuple(str(i) for i in range(10)),
-                                        adapter=AdapterConfig(target_modules=("features.4",),
-                                                              trainable_modules=("fc",))),
-                           preprocessing=spec)
+                                        adapter=ADAPTERS[adapter]), preprocessing=spec)
+    assert ("head_bundle" in bundle.manifest.pooling) == (adapter == "head")
     server, port, coordinator = start(tmp_path, bundle, rounds=1)  # image folders: labels are folder names
     try:
         shards = image_shards(tmp_path)

@@ -13,21 +13,9 @@ from edgeft.data import DataConfig
 from edgeft.export import export_module
 from edgeft.images import ImagePreprocessing
 from edgeft.testing import SimulationConfig, run_simulation
+from small_models import SmallCNN
 
 DIGITS = Path(edgeft.datasets.__file__).parent / "digits"
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(pixel_values), 1))
 
 
 def test_simulated_fleet_on_image_folders(tmp_path):
