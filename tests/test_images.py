@@ -5,12 +5,7 @@ the shipped digits folder is complete."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -24,66 +19,20 @@ from edgeft.images import (ImagePreprocessing, center_crop_box, load_image, prep
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "edgeft" / "datasets" / "digits"
-REFERENCE_ROOT = REPO / ".venv" / "torchvision-reference"  # git-ignored, made once per checkout
 DIGITS_SHA256 = "030feb570818e4599a7ace78a81d6d9009220395c90f0db206d0b566fe4dfae9"  # digits/SOURCE.md
 TOLERANCE = 1e-5
 
 
-def _reference_pin() -> str:
-    """The torchvision requirement of pyproject.toml's image-check extra (e.g. torchvision==0.28.0)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    return next(r for r in extras["image-check"] if r.startswith("torchvision=="))
-
-
-def _torchvision_folder() -> Path:
-    """torchvision's package folder: the installed one, else the pinned wheel installed once (pip, no
-    dependencies) into a folder of its own under .venv, never into the environment (pyproject.toml, image-check)."""
-    spec = importlib.util.find_spec("torchvision")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).parent
-    pin = _reference_pin()
-    target = REFERENCE_ROOT / pin.replace("==", "-")
-    if not (target / "torchvision" / "transforms").is_dir():
-        REFERENCE_ROOT.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=REFERENCE_ROOT, prefix=".staging-"))
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                               "--quiet", "--no-deps", "--target", str(staging), pin], capture_output=True, text=True)
-        if done.returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-            pytest.skip(f"the torchvision reference ({pin}) could not be installed: {tail}")
-        if not target.exists():
-            staging.rename(target)
-        shutil.rmtree(staging, ignore_errors=True)
-    return target / "torchvision"
-
-
 @pytest.fixture(scope="module")
 def tv() -> types.SimpleNamespace:
-    """torchvision's transforms, its pure-Python package loaded on its own: torchvision/__init__.py, which
-    registers the compiled ops, is skipped (the PyPI wheel's ops need the CUDA torch; against the CPU torch the
-    full import fails), and the stand-in package is taken out of sys.modules again afterwards."""
+    """torchvision's transforms (edgeft.testing.torchvision_reference: the pinned wheel in a folder of its own)."""
     pytest.importorskip("torch")
-    if "torchvision.transforms.functional" in sys.modules:  # a working torchvision already imported
-        return types.SimpleNamespace(T=sys.modules["torchvision.transforms"],
-                                     F=sys.modules["torchvision.transforms.functional"])
-    folder = _torchvision_folder()
-    before = set(sys.modules)
-    stand_in = types.ModuleType("torchvision")
-    stand_in.__path__ = [str(folder)]
-    sys.modules["torchvision"] = stand_in
+    from edgeft.testing.torchvision_reference import ReferenceUnavailable, transforms
+
     try:
-        import torchvision.transforms as transforms
-        import torchvision.transforms.functional as functional
-    finally:
-        for name in set(sys.modules) - before:
-            if name == "torchvision" or name.startswith("torchvision."):
-                del sys.modules[name]
-    return types.SimpleNamespace(T=transforms, F=functional)
+        return transforms()
+    except ReferenceUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def _image(width: int, height: int, mode: str, seed: int = 0) -> Image.Image:

@@ -153,7 +153,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
               for n, t in source.example_inputs.items()]
     label_dtype, label_dims = LABEL_SPEC[config.loss]
     inputs.append(TensorSpec(name="labels", dtype=label_dtype,
-                             shape=_axes(len(label_dims), label_axes(config.loss), config.num_outputs)))
+                             shape=_axes(len(label_dims), label_axes(config.loss),
+                                         config.num_outputs if label_dims[-1] == "outputs" else None)))
     outputs = [TensorSpec(name="loss", dtype="float32", shape=[]),
                TensorSpec(name="logits", dtype="float32", shape=["batch", "..."])]
     if source.pooling is not None:

@@ -26,6 +26,7 @@ def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig,
 
     model = onnx.load(str(graph_path))
     trainable_set = set(trainable)
+    refuse_untrainable_operators(model, trainable_set)
     frozen = [i.name for i in model.graph.initializer if i.name not in trainable_set]
     if optimizer.name == "adamw":
         opt = optim.AdamW(betas=tuple(optimizer.betas), eps=optimizer.eps, weight_decay=optimizer.weight_decay)
@@ -43,6 +44,29 @@ def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig,
             "ONNX Runtime's gradient builder cannot differentiate this graph"
             f"{_culprit(message, model)}: {message.strip().splitlines()[0][:500]}. Use opset 14-16, avoid "
             "operators without gradients in the trainable path, or train fewer modules") from exc
+
+
+# Operators on the gradient path that onnxruntime-training 1.19.2 cannot differentiate without failing badly: it
+# kills the process (SIGFPE in AveragePoolGrad) or never returns (ConvGrad of a convolution padded with auto_pad).
+UNTRAINABLE = {"AveragePool": "its gradient (AveragePoolGrad) crashes onnxruntime-training 1.19.2; use a global "
+                              "average pool (AdaptiveAvgPool2d(1) or a mean over the spatial axes)",
+               "Conv": "ConvGrad of a convolution padded with auto_pad (padding='same') never returns in "
+                       "onnxruntime-training 1.19.2; give numeric padding"}
+
+
+def refuse_untrainable_operators(model: onnx.ModelProto, trainable: set[str]) -> None:
+    """``ExportError`` naming the operator and node when a gradient would flow through an operator of
+    ``UNTRAINABLE`` (its input depends on a trainable parameter); the portable engine trains such models."""
+    needs_grad = set(trainable)
+    for node in model.graph.node:  # topological order: what a trainable parameter reaches needs gradients
+        if any(i in needs_grad for i in node.input):
+            bad = node.op_type == "AveragePool" or (node.op_type == "Conv" and any(
+                a.name == "auto_pad" and a.s not in (b"", b"NOTSET", b"VALID") for a in node.attribute))
+            if bad:
+                raise ExportError(f"the ort-training engine cannot train through operator {node.op_type} (node "
+                                  f"{node.name or node.output[0]}): {UNTRAINABLE[node.op_type]}; or export with "
+                                  "engine='portable', or freeze the layers before it")
+            needs_grad.update(node.output)
 
 
 def _use_pytorch_adamw(path: Path) -> None:

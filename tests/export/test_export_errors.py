@@ -109,3 +109,30 @@ def test_portable_refuses_trainable_tied_weights_in_one_line(tmp_path):
     with pytest.raises(ExportError, match=r"^the portable engine cannot train tied weights: trainable parameter "
                                           r"embed\.weight is also out\.weight"):
         export_module(TiedLM(), {"x": torch.ones(2, 3, dtype=torch.long)}, tmp_path / "b", config)
+
+
+class PooledCNN(nn.Module):
+    """A convolution, a 2x2 average pool (not global), then the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def test_ort_training_refuses_a_gradient_through_average_pool_naming_it(tmp_path):
+    """onnxruntime-training 1.19.2's AveragePoolGrad kills the process (SIGFPE): export refuses it in one line when a
+    gradient would flow through the pool, and exports the model when only the head after it trains."""
+    example = {"x": torch.zeros(2, 1, 8, 8)}
+    lora = ExportConfig(task="classification", labels=("a", "b", "c"), engine="ort-training",
+                        adapter=AdapterConfig(target_modules=("conv",), trainable_modules=("fc",)))
+    with pytest.raises(ExportError, match="cannot train through operator AveragePool .*global average pool"):
+        export_module(PooledCNN(), example, tmp_path / "lora", lora)
+    head = ExportConfig(task="classification", labels=("a", "b", "c"), engine="ort-training",
+                        adapter=AdapterConfig(kind="head", trainable_modules=("fc",)))
+    assert export_module(PooledCNN(), example, tmp_path / "head", head).manifest.trainable_names == ["fc.weight",
+                                                                                                     "fc.bias"]
