@@ -119,9 +119,14 @@ class ExportConfig:
     # mean of the token states, then Normalize), ``cls`` the Hugging Face head (the [CLS] pooler);
     # ``auto`` is ``sentence`` where the folder declares a pooling, ``cls`` otherwise.
     pooling: Pooling = "auto"
+    # Image models from a Hugging Face folder: training batches get a seeded random resized crop and horizontal
+    # flip. False: they are preprocessed as evaluation batches are (so a head-only bundle trains on cached
+    # features, edgeft.train.cached). Modules given to export_module take it in their ImagePreprocessing.
+    augment: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        check_config(isinstance(self.augment, bool), "augment", self.augment, "expected true or false")
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("engine", self.engine, ENGINES)
         object.__setattr__(self, "labels", tuple(self.labels))

@@ -97,6 +97,10 @@ def with_head_features(source: ModelSource, adapted: AdaptedModel, config: Expor
     name = adapted.trainable_modules[0]
     head = head_module(adapted.model, name)
     head = getattr(head, "original_module", head)  # PEFT's modules_to_save wrapper
+    if isinstance(head, torch.nn.Sequential) and config.adapter.kind != "lora" and len(head):
+        *rest, (last_name, last) = head.named_children()  # e.g. Flatten + Linear (Hugging Face's ResNet)
+        if not any(True for _, module in rest for _ in module.parameters()):
+            name, head = f"{name}.{last_name}", last
     if not isinstance(head, torch.nn.Linear) or head.out_features != len(config.labels):
         return source
     from dataclasses import replace

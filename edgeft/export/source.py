@@ -238,7 +238,8 @@ def from_hf_image_folder(model_dir: str | Path, config: ExportConfig) -> ModelSo
         hf_config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
-    preprocessing = image_preprocessing(model_dir, int(getattr(hf_config, "num_channels", 3)))
+    preprocessing = {**image_preprocessing(model_dir, int(getattr(hf_config, "num_channels", 3))),
+                     "augment": config.augment}
     problem = {"classification": "single_label_classification", "regression": "regression",
                "multilabel": "multi_label_classification"}[config.task]
     labels = config.labels or ("value",)
