@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from memory import peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN_RUNTIME = "onnxruntime==1.32.0"
@@ -93,18 +94,6 @@ def export_config(part: str, engine: str):  # noqa: ANN201
 
 
 # ---------------------------------------------------------------- the columns, each in its own process
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
-    parent across fork + exec, so a worker started by a parent that loaded torch would report the parent's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_batches(path: Path) -> list[dict]:

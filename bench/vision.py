@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from memory import peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "edgeft" / "datasets" / "digits"
@@ -73,10 +74,6 @@ def base_model():  # noqa: ANN201
 
     torch.manual_seed(0)
     return efficientnet_lite0(num_classes=len(LABELS))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------------- edgeft column
@@ -181,9 +178,9 @@ def run_pytorch(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - started
         correct = 0
         with torch.no_grad():
-            for start in range(0, len(test_paths), 64):
-                logits = net(images(test_paths[start: start + 64]))
-                correct += int((logits.argmax(-1) == test_labels[start: start + 64]).sum())
+            for start in range(0, len(test_paths), BATCH):  # as edgeft evaluates: in training-sized batches
+                logits = net(images(test_paths[start: start + BATCH]))
+                correct += int((logits.argmax(-1) == test_labels[start: start + BATCH]).sum())
         epochs.append({"epoch": epoch, "test_accuracy": correct / len(test_paths), "train_seconds": round(seconds, 2),
                        "images_per_s": round(len(train_paths) / seconds, 1)})
     return {"epochs": epochs, "peak_rss_mb": round(peak_rss_mb(), 1)}

@@ -84,13 +84,14 @@ def read_npz(path: str | Path, specs: Sequence[TensorSpec]) -> tuple[dict[str, n
 
 
 def read_feature_table(path: str | Path, feature_columns: Sequence[str] | str, label_column: str,
-                       fmt: str | None = None) -> tuple[np.ndarray, list]:
+                       fmt: str | None = None, labelled: bool = True) -> tuple[np.ndarray, list | None]:
     """The named numeric columns of a CSV or JSONL file as float32 [N, F], in the order given, and the raw labels.
 
     ``feature_columns="all"`` means every column but ``label_column``, in the file's order (the CSV header, or the
     keys of the first JSON object). ``fmt`` is "csv" or "jsonl"; ``None`` guesses from the suffix. Rows are
     counted from 1, the CSV header not counted. Every value must be a finite number that fits float32 (numbers
-    in JSON, or text that parses as one); an empty file, a missing column or a bad value raises ``DataError``."""
+    in JSON, or text that parses as one); an empty file, a missing column or a bad value raises ``DataError``.
+    ``labelled=False`` (prediction): the label column may be absent (the labels returned are then None)."""
     config = DataConfig(Path(path), label_column=label_column, format=fmt)
     if config.resolved_format not in ("csv", "jsonl"):
         raise DataError(f"{config.path}: a feature table is read from csv or jsonl, not "
@@ -99,11 +100,12 @@ def read_feature_table(path: str | Path, feature_columns: Sequence[str] | str, l
     if not rows:
         raise DataError(f"{config.path} has no rows; a feature table needs a header and at least one example")
     columns = _feature_names(rows[0], feature_columns, label_column, config.path)
-    _check_columns(rows, [*columns, label_column], config.path)
+    has_labels = labelled or label_column in rows[0]
+    _check_columns(rows, [*columns, label_column] if has_labels else columns, config.path)
     features = np.empty((len(rows), len(columns)), dtype=np.float32)
     for i, row in enumerate(rows):
         features[i] = [_number(row[name], config.path, i + 1, name) for name in columns]
-    return features, [row[label_column] for row in rows]
+    return features, [row[label_column] for row in rows] if has_labels else None
 
 
 def _conform(array: np.ndarray, spec: TensorSpec) -> tuple[np.ndarray, str]:

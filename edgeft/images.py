@@ -9,7 +9,6 @@ torchvision). The ``ImagePreprocessing`` a bundle was exported with is recorded 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -328,21 +327,12 @@ def read_image_table(path: str | Path, image_column: str, label_column: str,
 
 
 def _read_rows(path: Path, fmt: str | None) -> list[Mapping]:
-    """The table's rows as mappings (CSV with a header, or one JSON object a line)."""
-    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
-    check_config(fmt in ("csv", "jsonl"), "format", fmt, f"{path}: an image table is csv or jsonl")
+    """The table's rows as mappings (CSV with a header, or one JSON object a line): ``edgeft.records.read_records``."""
+    from edgeft.records import DataConfig, read_records
+
+    config = DataConfig(path, format=fmt)
+    check_config(config.resolved_format in ("csv", "jsonl"), "format", config.resolved_format,
+                 f"{path}: an image table is csv or jsonl")
     if not path.is_file():
         raise DataError(f"image table {path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            if fmt == "csv":
-                return list(csv.DictReader(fh))
-            rows = [json.loads(line) for line in fh if line.strip()]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} is not valid {fmt}: {exc}") from exc
-    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise DataError(f"{path} row {bad}: expected a JSON object")
-    return rows
+    return read_records(config)

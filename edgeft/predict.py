@@ -218,24 +218,12 @@ def read_arrays(path: str | Path, specs: Sequence[TensorSpec], kind: str, featur
 
 
 def _feature_table(path: Path, columns: Sequence[str], label_column: str, spec: TensorSpec) -> np.ndarray:
-    from edgeft.arrays import check_arrays
-    from edgeft.data import DataConfig, read_records
+    """The feature columns of a table to predict on (the label column, if the table has one, is not a feature)."""
+    from edgeft.arrays import check_arrays, read_feature_table
 
-    rows = read_records(DataConfig(path, label_column=label_column))
-    if not rows:
-        raise DataError(f"{path} has no rows")
-    names = [c for c in rows[0] if c is not None and c != label_column] if list(columns) == ["all"] else list(columns)
-    missing = [c for c in names if c not in rows[0]]
-    if missing:
-        raise DataError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0]))})")
-    values = np.empty((len(rows), len(names)), dtype=np.float64)
-    for i, row in enumerate(rows):
-        for j, name in enumerate(names):
-            try:
-                values[i, j] = float(row.get(name))  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise DataError(f"{path} row {i + 1}, column {name!r}: {row.get(name)!r} is not a number") from None
-    return check_arrays({spec.name: values}, [spec], f"{path} ({len(names)} feature columns)")[spec.name]
+    features, _ = read_feature_table(path, "all" if list(columns) == ["all"] else columns, label_column,
+                                     labelled=False)
+    return check_arrays({spec.name: features}, [spec], f"{path} ({features.shape[1]} feature columns)")[spec.name]
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[str | Path], feature_columns: Sequence[str] | None = None,

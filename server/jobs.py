@@ -203,17 +203,8 @@ class JobBundles:
     def _add_rank_bundles(self, job: JobConfig, bundle: Bundle) -> dict[int, Bundle]:
         """The job's bundles at smaller LoRA ranks (mixed ranks), stored and checked against its own bundle."""
         sources = job.device_bundles or [self._export(job, rank) for rank in job.device_ranks]
-        out: dict[int, Bundle] = {}
-        for source in sources:
-            other = self.artifacts.add_bundle(source)
-            try:
-                rank = check_rank_bundle(bundle.manifest, other.manifest)
-            except ConfigError as exc:
-                raise ConfigError(f"job {job.id!r}: {source}: {exc}") from exc
-            if rank in out:
-                raise ConfigError(f"job {job.id!r}: two device bundles have LoRA rank {rank}; give one per rank")
-            out[rank] = other
-        return out
+        return self._add_bundles(job, bundle, sources, check_rank_bundle, {},
+                                 "two device bundles have LoRA rank {key}; give one per rank")
 
     def _add_engine_bundles(self, job: JobConfig, bundle: Bundle) -> dict[str, Bundle]:
         """The job's bundles at its own rank by training engine, in the order of preference its configuration
@@ -223,22 +214,29 @@ class JobBundles:
             sources = [self._export(job, engine=e) for e in job.engines if e != bundle.manifest.engine]
         else:
             sources = list(job.engine_bundles)
-        out = {bundle.manifest.engine: bundle}
-        for source in sources:
-            other = self.artifacts.add_bundle(source)
-            try:
-                engine = check_engine_bundle(bundle.manifest, other.manifest)
-            except ConfigError as exc:
-                raise ConfigError(f"job {job.id!r}: {source}: {exc}") from exc
-            if engine in out:
-                raise ConfigError(f"job {job.id!r}: two bundles are for the {engine!r} engine; give one per engine")
-            out[engine] = other
+        out = self._add_bundles(job, bundle, sources, check_engine_bundle, {bundle.manifest.engine: bundle},
+                                "two bundles are for the {key!r} engine; give one per engine")
         order = list(job.engines) or list(out)
         if set(order) != set(out):
             raise ConfigError(f"job {job.id!r}: job.engines={order}, but the job's bundles are for {list(out)} (its "
                               f"own bundle for {bundle.manifest.engine!r}): list the engines of bundle and "
                               "engine_bundles")
         return {engine: out[engine] for engine in order}
+
+    def _add_bundles(self, job: JobConfig, bundle: Bundle, sources: list, check, out: dict,  # noqa: ANN001
+                     duplicate: str) -> dict:
+        """Store each source bundle and key it by ``check(bundle.manifest, its manifest)`` (which raises ConfigError
+        when it does not fit the job's own bundle) into ``out``; two with one key are refused (``duplicate``)."""
+        for source in sources:
+            other = self.artifacts.add_bundle(source)
+            try:
+                key = check(bundle.manifest, other.manifest)
+            except ConfigError as exc:
+                raise ConfigError(f"job {job.id!r}: {source}: {exc}") from exc
+            if key in out:
+                raise ConfigError(f"job {job.id!r}: " + duplicate.format(key=key))
+            out[key] = other
+        return out
 
     def _resume_engines(self, job: JobConfig, bundle: Bundle) -> None:
         """After a restart: serve the engines the configuration lists now, when they changed (an engine only

@@ -113,17 +113,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     keep_torch_out()  # a device command: never load torch, even where it is installed
     from edgeft.config import TrainConfig
-    from edgeft.data import DataConfig
     from edgeft.run import LocalRun, run_local
 
     label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
-
-    def data(path: str | None) -> DataConfig | None:
-        features = tuple(c.strip() for c in args.feature_columns.split(",") if c.strip()) if args.feature_columns \
-            else None
-        return DataConfig(path, text_column=args.text_column, label_column=args.label_column, format=args.format,
-                          label_map=label_map, image_column=args.image_column,
-                          feature_columns=features) if path else None
 
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,
@@ -131,7 +123,8 @@ def _run_train(args: argparse.Namespace) -> int:
                         early_stopping_metric=args.early_stopping_metric, threads=args.threads, seed=args.seed,
                         provider=args.provider,
                         progress=not args.no_progress)
-    run_local(LocalRun(bundle=Path(args.bundle), train=data(args.data), val=data(args.val), test=data(args.test),
+    run_local(LocalRun(bundle=Path(args.bundle), train=_data_config(args, args.data, label_map),
+                       val=_data_config(args, args.val, label_map), test=_data_config(args, args.test, label_map),
                        val_fraction=args.val_fraction, config=train, out=Path(args.out)))
     return 0
 
@@ -183,22 +176,25 @@ def _feature_columns(value: str | None) -> tuple[str, ...] | None:
     return tuple(c.strip() for c in value.split(",") if c.strip()) if value else None
 
 
-def _run_deploy(args: argparse.Namespace) -> int:
+def _data_config(args: argparse.Namespace, path: str | None, label_map: dict | None = None):  # noqa: ANN202
+    """The DataConfig of a data path given to train or deploy (their shared column flags); None without a path."""
     from edgeft.data import DataConfig
-    from edgeft.deploy import DeployConfig, deploy
 
-    def data(path: str | None) -> DataConfig | None:
-        return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
-                          image_column=args.image_column,
-                          feature_columns=_feature_columns(args.feature_columns)) if path else None
+    return DataConfig(path, text_column=args.text_column, label_column=args.label_column,
+                      format=getattr(args, "format", None), label_map=label_map, image_column=args.image_column,
+                      feature_columns=_feature_columns(args.feature_columns)) if path else None
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from edgeft.deploy import DeployConfig, deploy
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
     report = deploy(DeployConfig(model_dir=path(args.model), out=Path(args.out), bundle=path(args.bundle),
                                  adapter=path(args.adapter), state_dir=path(args.state), job=args.job,
-                                 round=args.round, mode=args.mode, eval_data=data(args.eval_data),
-                                 calibration_data=data(args.calibration_data),
+                                 round=args.round, mode=args.mode, eval_data=_data_config(args, args.eval_data),
+                                 calibration_data=_data_config(args, args.calibration_data),
                                  fixed_shape=_fixed_shape(args.fixed_shape),
                                  accuracy_budget=args.accuracy_budget, threads=args.threads))
     print((Path(args.out) / "report.md").read_text())

@@ -60,14 +60,16 @@ def cached_head(bundle: Bundle, session, train_data: object, val_data: object | 
         return None
     head_session = open_session(head, threads=config.threads, provider=config.provider)
     head_session.set_parameters(session.get_parameters())  # FedProx: the anchor is the round's start, as in session
-    train = feature_dataset(session, train_data, config.progress)
-    val = feature_dataset(session, val_data, False) if val_data is not None and len(val_data) else None
+    train = feature_dataset(session, train_data, config.progress, config.batch_size)
+    val = (feature_dataset(session, val_data, False, config.batch_size) if val_data is not None and len(val_data)
+           else None)
     return CachedHead(head, head_session, train, val)
 
 
 def feature_dataset(session, dataset: ArrayDataset | ImageDataset, progress: bool,  # noqa: ANN001
-                    batch_size: int = 64) -> ArrayDataset:
-    """Every example's features (the head's input) from ``session``'s eval graph, in the dataset's order."""
+                    batch_size: int) -> ArrayDataset:
+    """Every example's features (the head's input) from ``session``'s eval graph, in the dataset's order, in
+    batches of the training batch size (so the pass needs no more memory than training)."""
     parts = []
     with tqdm(total=len(dataset), desc="features", unit="example", disable=not progress, dynamic_ncols=True) as bar:
         for batch in batches(dataset, batch_size, 0):

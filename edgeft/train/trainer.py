@@ -95,7 +95,8 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Fine-tune the bundle's trainable parameters on ``train_data``; evaluate on ``val_data`` each epoch.
 
-    ``should_stop`` is asked after every optimizer step: True ends training there, at that step boundary (the
+    The validation split is evaluated in batches of the training batch size, so evaluation needs no more memory
+    than training does. ``should_stop`` is asked after every optimizer step: True ends training there, at that step boundary (the
     epoch so far is recorded and evaluated; ``TrainResult.interrupted``), e.g. to meet a round's deadline."""
     if len(train_data) == 0:
         raise ConfigError("the training data is empty")
@@ -145,7 +146,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
                   "seconds": round(time.perf_counter() - started, 2)}
         if val_data is not None and len(val_data):
-            record.update({f"val_{k}": v for k, v in evaluate(session, val_data, task, pad_id).items()})
+            record.update({f"val_{k}": v for k, v in evaluate(session, val_data, task, pad_id, config.batch_size).items()})
         result.history.append(record)
         if on_epoch:
             on_epoch(record)
