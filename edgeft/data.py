@@ -7,7 +7,7 @@ grouped into the same batches (length bucketing) so little compute goes to paddi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -21,16 +21,22 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Dataset:
-    """Tokenised examples: ``ids[i]`` token ids; ``targets`` per the task (see ``_targets``)."""
+    """Tokenised examples: ``ids[i]`` token ids; ``targets`` per the task (see ``_targets``). Causal LM: no
+    targets; ``labels[i]`` (chat and prompt/completion data) are example i's per-token labels, -100 where there is
+    no loss (without them every token is a label). ``notes``: what reading the data did, for the report (e.g. how
+    many examples truncation cut or dropped)."""
 
     ids: list[np.ndarray]
     targets: np.ndarray | None  # None for causal LM (the labels are the ids)
+    labels: list[np.ndarray] | None = None
+    notes: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: np.ndarray | list[int]) -> Dataset:
-        return Dataset([self.ids[i] for i in index], None if self.targets is None else self.targets[index])
+        return Dataset([self.ids[i] for i in index], None if self.targets is None else self.targets[index],
+                       None if self.labels is None else [self.labels[i] for i in index], self.notes)
 
     @property
     def n_tokens(self) -> int:
@@ -87,8 +93,14 @@ def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = N
         return load_inputs(config, bundle)  # type: ignore[return-value]
     encoder = encoder or Encoder(bundle)
     rows = read_records(config)
-    texts = _column(rows, config.text_column, config)
     manifest = bundle.manifest
+    if manifest.task == "causal-lm" and rows and ("messages" in rows[0] or "prompt" in rows[0]):
+        from edgeft.chat import encode_rows
+
+        chat = encode_rows(rows, config.path, bundle, encoder.tokenizer, encoder.max_length)
+        return Dataset(chat.ids, None, chat.labels,
+                       {"examples": len(rows), "truncated": chat.truncated, "dropped": chat.dropped})
+    texts = _column(rows, config.text_column, config)
     if manifest.task == "causal-lm":
         if config.resolved_format == "text":
             stream = encoder.encode_stream(texts[0])
@@ -149,7 +161,11 @@ def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 def collate(dataset: Dataset, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
     """Pad the examples at ``index`` to their longest one: input_ids, attention_mask, labels."""
     input_ids, mask = pad([dataset.ids[i] for i in index], pad_id)
-    if dataset.targets is None:
+    if dataset.labels is not None:
+        labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+        for row, i in enumerate(index):
+            labels[row, : len(dataset.labels[i])] = dataset.labels[i]
+    elif dataset.targets is None:
         labels = np.where(mask == 1, input_ids, IGNORE_INDEX)
     else:
         labels = dataset.targets[index]

@@ -39,6 +39,13 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
     if val_data is None and job.val_fraction > 0:
         train_data, val_data = split(train_data, job.val_fraction, job.config.seed)
 
+    for name, dataset in (("training", train_data), ("validation", val_data)):
+        cut = getattr(dataset, "notes", {})
+        if cut.get("truncated") or cut.get("dropped"):
+            print(f"{name} data: {cut['truncated']} of {cut['examples']} examples cut to max_length "
+                  f"{bundle.manifest.tokenizer['max_length']} tokens with part of their answer lost; {cut['dropped']} "
+                  "dropped (their whole answer lay beyond it)", flush=True)
+
     def report(record: dict) -> None:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
         print(json.dumps(shown), flush=True)
@@ -49,6 +56,8 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
     result = train(bundle, train_data, job.config, val_data, session=session, on_epoch=report)
     summary = {"history": result.history, "best_epoch": result.best_epoch, "steps": result.steps,
                "n_examples": result.n_examples, "stopped_early": result.stopped_early}
+    if getattr(train_data, "notes", None):
+        summary["data"] = train_data.notes
     if job.test:
         session = open_session(bundle, threads=job.config.threads, provider=job.config.provider)
         session.set_parameters(result.parameters)

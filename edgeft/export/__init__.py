@@ -15,6 +15,7 @@ import torch
 from edgeft import __version__
 from edgeft.bundle import (FORMAT_VERSION, MANIFEST, TOKENIZER, Bundle, Manifest, TensorSpec, load_bundle, sha256_of,
                            write_manifest)
+from edgeft.chat import CHAT_TEMPLATE_FILE
 from edgeft.config import ExportConfig, to_dict
 from edgeft.errors import ExportError
 from edgeft.export import artifacts
@@ -71,6 +72,8 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
             artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
+            if config.task == "causal-lm":
+                _write_chat_template(source.tokenizer_file.parent, staging)
         if head_only:
             _export_head_bundle(adapted, source.pooling, config, staging / source.pooling["head_bundle"])
         manifest = _manifest(source, adapted, config, staging)
@@ -166,6 +169,14 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
     tokenizer = None
     if source.tokenizer_file is not None:
         tokenizer = {"file": TOKENIZER, "max_length": config.max_length, "pad_id": _pad_id(source)}
+        if (staging / CHAT_TEMPLATE_FILE).is_file():
+            tokenizer["chat_template"] = CHAT_TEMPLATE_FILE
+        if config.task == "causal-lm":  # prompt/completion examples end with it
+            from edgeft.chat import special_tokens
+
+            eos = special_tokens(source.tokenizer_file.parent).get("eos_token")
+            if eos:
+                tokenizer["eos_token"] = eos
     files = {p.relative_to(staging).as_posix(): sha256_of(p) for p in sorted(staging.rglob("*"))
              if p.is_file() and p != staging / MANIFEST}
     optimizer = to_dict(config.optimizer)
@@ -191,6 +202,15 @@ def _axes(rank: int, dynamic: dict[int, str], last: int | None = None, sizes: li
     if last is not None and rank > 1:
         dims[-1] = last
     return dims
+
+
+def _write_chat_template(model_dir: Path, staging: Path) -> None:
+    """A causal LM's chat template and special tokens (``edgeft.chat``), when its folder has one."""
+    from edgeft.chat import read_chat_template
+
+    template = read_chat_template(model_dir)
+    if template is not None:
+        (staging / CHAT_TEMPLATE_FILE).write_text(json.dumps(template, indent=2, sort_keys=True))
 
 
 def _pad_id(source: ModelSource) -> int:

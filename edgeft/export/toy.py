@@ -60,15 +60,26 @@ def tiny_distilbert(directory: str | Path, tokenizer_file: str | Path, num_label
     return directory
 
 
-def byte_level_bpe(directory: Path, text: str, vocab_size: int, special: str = "<|endoftext|>") -> int:
+# SmolLM2-Instruct's chat template (ChatML with a default system prompt): what tiny_llama(chat=True) carries
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def byte_level_bpe(directory: Path, text: str, vocab_size: int, special: str | tuple[str, ...] = "<|endoftext|>"
+                   ) -> int:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``text`` into ``directory``/tokenizer.json; returns
-    its vocabulary size. ``special`` gets id 0."""
+    its vocabulary size. The ``special`` token(s) get the first ids (0, 1, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
+    specials = [special] if isinstance(special, str) else list(special)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([text], trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -91,15 +102,23 @@ def tiny_gpt2(directory: str | Path, text: str, vocab_size: int = 512, seed: int
 
 
 def tiny_llama(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
-               num_hidden_layers: int = 2, initializer_range: float = 0.02) -> Path:
+               num_hidden_layers: int = 2, initializer_range: float = 0.02, chat: bool = False) -> Path:
     """A small Llama-architecture decoder (RMSNorm, rotary position embeddings, grouped-query attention with
     4 query heads sharing 2 key/value heads, SwiGLU MLP) with a byte-level BPE tokenizer trained on ``text``.
-    Its Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head."""
+    Its Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head. With ``chat``
+    the tokenizer has ChatML's special tokens and tokenizer_config.json SmolLM2-Instruct's chat template
+    (``CHATML_TEMPLATE``; end of sequence ``<|im_end|>``), as an instruct checkpoint's folder has."""
+    import json
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = byte_level_bpe(directory, text, vocab_size)
+    vocab = byte_level_bpe(directory, text, vocab_size, CHAT_SPECIAL_TOKENS if chat else "<|endoftext|>")
+    if chat:
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": CHATML_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+             "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
