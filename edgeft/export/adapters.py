@@ -78,12 +78,24 @@ def last_stage_layers(model: nn.Module, stages: str) -> tuple[str, ...]:
         isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)))
 
 
-def default_lora_targets(model_type: str | None, model: nn.Module | None = None) -> tuple[str, ...] | None:
-    """The default LoRA targets of a Hugging Face architecture: PEFT's (query/value for BERT-likes); query/value
-    for vision transformers; for CNNs (given ``model``) the last stage's convolutions, by full name."""
+# Causal LMs: every attention and MLP projection (QLoRA's finding: LoRA on all linear layers matches full
+# fine-tuning where query/value alone falls short), by architecture; the output layer and embeddings stay frozen.
+LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CAUSAL_LM_TARGETS = {**{t: LLAMA_LIKE for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "olmo",
+                                                "granite")},
+                     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                     "gpt2": ("c_attn", "c_proj", "c_fc")}
+
+
+def default_lora_targets(model_type: str | None, model: nn.Module | None = None,
+                         task: str | None = None) -> tuple[str, ...] | None:
+    """The default LoRA targets of a Hugging Face architecture: for causal LMs every attention and MLP projection
+    (``CAUSAL_LM_TARGETS``); else PEFT's (query/value for BERT-likes); query/value for vision transformers; for CNNs
+    (given ``model``) the last stage's convolutions, by full name."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
-    targets = mapping.get(model_type or "") or VISION_TRANSFORMER_TARGETS.get(model_type or "")
+    targets = (CAUSAL_LM_TARGETS.get(model_type or "") if task == "causal-lm" else None) \
+        or mapping.get(model_type or "") or VISION_TRANSFORMER_TARGETS.get(model_type or "")
     if not targets and model is not None and model_type in CNN_STAGES:
         targets = last_stage_layers(model, CNN_STAGES[model_type])
     return tuple(targets) if targets else None
@@ -153,7 +165,7 @@ def apply_adapter(source: ModelSource, config: AdapterConfig, task: str) -> Adap
                 p.requires_grad_(True)
         return AdaptedModel(model, _trainable_names(model), [], list(heads))
 
-    targets = config.target_modules or default_lora_targets(source.model_type, model)
+    targets = config.target_modules or default_lora_targets(source.model_type, model, task)
     if not targets:
         raise ConfigError("adapter.target_modules is required: there is no default LoRA target for "
                           f"model type {source.model_type!r}; name the modules to adapt ({adaptable_modules(model)})")

@@ -108,9 +108,27 @@ def tiny_llama(directory: str | Path, text: str, vocab_size: int = 512, seed: in
     Its Linear modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head. With ``chat``
     the tokenizer has ChatML's special tokens and tokenizer_config.json SmolLM2-Instruct's chat template
     (``CHATML_TEMPLATE``; end of sequence ``<|im_end|>``), as an instruct checkpoint's folder has."""
-    import json
-
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _decoder(directory, text, vocab_size, seed, chat, LlamaForCausalLM, LlamaConfig, tie_word_embeddings=False,
+                    hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, initializer_range=initializer_range)
+
+
+def tiny_qwen2(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
+               num_hidden_layers: int = 2, chat: bool = False) -> Path:
+    """A small Qwen2-architecture decoder: Llama's blocks with biases on the query, key and value projections,
+    and the output layer tied to the embeddings (as Qwen2.5-0.5B), with a byte-level BPE tokenizer (``chat``: as
+    ``tiny_llama``)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _decoder(directory, text, vocab_size, seed, chat, Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=True,
+                    hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_sliding_window=False)
+
+
+def _decoder(directory: str | Path, text: str, vocab_size: int, seed: int, chat: bool, model_class, config_class,
+             **overrides: object) -> Path:  # noqa: ANN001
+    """A decoder folder: tokenizer.json (and with ``chat`` a ChatML tokenizer_config.json), config and weights."""
+    import json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,10 +138,9 @@ def tiny_llama(directory: str | Path, text: str, vocab_size: int = 512, seed: in
             {"chat_template": CHATML_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
              "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                         initializer_range=initializer_range)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    hidden = int(overrides.pop("hidden_size"))
+    config = config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, hidden_act="silu", rms_norm_eps=1e-6,
+                          rope_theta=10000.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides)
+    model_class(config).save_pretrained(directory)
     return directory

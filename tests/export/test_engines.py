@@ -228,12 +228,17 @@ def test_portable_names_the_bad_input(tiny_portable_bundle):
 
 
 def test_default_lora_targets_of_the_decoder_and_distilbert(tmp_path, tiny_distilbert_dir, tiny_config):
-    """PEFT's defaults: q_proj and v_proj for Llama (test_parity names all seven linears); none for DistilBERT,
-    whose export then asks for target_modules (test_parity: q_lin, v_lin)."""
+    """PEFT's defaults for classifiers: q_proj and v_proj for Llama; every attention and MLP projection for causal
+    LMs; none for DistilBERT, whose export then asks for target_modules (test_parity: q_lin, v_lin)."""
     from edgeft.export import export_hf
     from edgeft.export.adapters import default_lora_targets
 
     assert default_lora_targets("llama") == ("q_proj", "v_proj")
+    assert default_lora_targets("llama", task="causal-lm") == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj")
+    assert default_lora_targets("qwen2", task="causal-lm") == default_lora_targets("llama", task="causal-lm")
+    assert default_lora_targets("phi3", task="causal-lm") == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert default_lora_targets("gpt2", task="causal-lm") == ("c_attn", "c_proj", "c_fc")
     assert default_lora_targets("distilbert") is None
     with pytest.raises(ConfigError, match=r"adapter.target_modules is required: there is no default LoRA target for "
                                           r"model type 'distilbert'"):

@@ -1,7 +1,8 @@
 """Both training engines against PyTorch + PEFT: from the same initial weights and batches, 20 optimizer steps
 give the same losses (1e-4 relative) and the same trained weights (updates within 0.1%), with and without
 gradient accumulation, and the engines agree with each other as closely. Models: tiny BERT, GPT-2, DistilBERT
-and Llama built from configs, all-MiniLM-L6-v2 (slow)."""
+and Llama built from configs, Llama and Qwen2 chat models on chat turns with the loss on the assistant's tokens
+(slow), all-MiniLM-L6-v2 (slow)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,34 @@ def test_engines_match_pytorch_peft_minilm(tmp_path, banking_csv):
     data = load_dataset(DataConfig(banking_csv["train"], label_column="category"), bundles["portable"])
     assert_parity(*run_engines(bundles, from_hf_folder(minilm_dir(), config), config,
                                data.subset(range(0, 10003, 10)), 3e-3))
+
+
+def chat_file(shakespeare, tmp_path, n: int = 128):  # noqa: ANN001, ANN201
+    """Tiny Shakespeare as chat turns: the user says one line, the assistant answers with the next."""
+    import json
+
+    lines = [line for line in shakespeare.read_text()[:60_000].splitlines() if line.strip()]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": lines[i]},
+                                                     {"role": "assistant", "content": lines[i + 1]}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engines_match_pytorch_peft_on_chat_data(arch, shakespeare, tmp_path):
+    """Llama- and Qwen2-architecture chat models (default targets: every attention and MLP projection; Qwen2's
+    tied output layer frozen) on chat turns with the loss on the assistant's tokens only."""
+    from edgeft.export import export_hf
+    from edgeft.export.toy import tiny_llama, tiny_qwen2
+
+    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
+    folder = build(tmp_path / arch, shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
+    config = ExportConfig(task="causal-lm", max_length=96, adapter=AdapterConfig(rank=4))
+    bundles = {engine: export_hf(folder, tmp_path / engine, replace(config, engine=engine)) for engine in ENGINES}
+    assert bundles["portable"].manifest.adapter["target_modules"] == list(LLAMA_TARGETS)
+    data = load_dataset(DataConfig(chat_file(shakespeare, tmp_path)), bundles["portable"])
+    masked = np.mean([(labels == -100).mean() for labels in data.labels])
+    assert 0.5 < masked < 0.95, masked  # the system prompt and the user's line carry no loss
+    assert_parity(*run_engines(bundles, from_hf_folder(folder, config), config, data, 3e-3))

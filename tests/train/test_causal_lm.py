@@ -44,4 +44,4 @@ def test_lm_logits_match_torch_on_padded_batches(bundle, request, tiny_gpt2_dir,
     reference = reference_for(from_hf_folder(tiny_gpt2_dir, tiny_lm_config), tiny_lm_config, tiny_lm_bundle)
     keep = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(logits[keep], reference.logits(batch)[keep], atol=1e-4, rtol=0)
-    assert tiny_lm_bundle.manifest.adapter["target_modules"] == ["c_attn"]
+    assert tiny_lm_bundle.manifest.adapter["target_modules"] == ["c_attn", "c_proj", "c_fc"]  # causal-LM default
