@@ -17,7 +17,8 @@ def round_rows(history: dict) -> list[dict]:
         losses = [c["metrics"].get("train_loss") for c in r["clients"] if "train_loss" in c["metrics"]]
         rows.append({"round": r["round"], "status": r["status"], "seconds": r.get("seconds"),
                      "test_accuracy": evaluation.get("accuracy"), "test_macro_f1": evaluation.get("macro_f1"),
-                     "test_loss": evaluation.get("loss"), "clients": len(r["clients"]),
+                     "test_loss": evaluation.get("loss"), "test_perplexity": evaluation.get("perplexity"),
+                     "clients": len(r["clients"]),
                      "mean_train_loss": float(np.mean(losses)) if losses else None,
                      "bytes_up": sum(c["bytes_up"] for c in r["clients"]),
                      "bytes_down": sum(c["bytes_down"] for c in r["clients"])})
@@ -48,17 +49,19 @@ def plot(summary: dict, rounds: list[dict], out: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rounds if r["test_accuracy"] is not None]
+    metric, scale, label = _main_metric(rounds)
+    rows = [r for r in rounds if r[f"test_{metric}"] is not None]
     files = {}
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in rows], [100 * r["test_accuracy"] for r in rows], "o-", label="federated (global adapter)")
+    ax.plot([r["round"] for r in rows], [scale * r[f"test_{metric}"] for r in rows], "o-",
+            label="federated (global adapter)")
     if summary.get("centralised"):
-        epochs = summary["centralised"]
+        epochs = [e for e in summary["centralised"] if metric in e]
         per_round = summary["config"]["local_epochs"]
-        ax.plot([e["epoch"] / per_round for e in epochs], [100 * e["accuracy"] for e in epochs], "s--",
+        ax.plot([e["epoch"] / per_round for e in epochs], [scale * e[metric] for e in epochs], "s--",
                 label=f"centralised, same passes over the data")
     ax.set_xlabel("round (centralised: epochs / local epochs per round)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(label)
     ax.set_title(f"{summary['config']['clients']} clients, partition {summary['config']['partition']}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -93,6 +96,13 @@ def plot(summary: dict, rounds: list[dict], out: Path) -> dict[str, str]:
     plt.close(fig)
     files["label_skew"] = "label_skew.png"
     return files
+
+
+def _main_metric(rounds: list[dict]) -> tuple[str, float, str]:
+    """What the report plots: test accuracy for classifiers, perplexity for causal LMs (metric, scale, axis label)."""
+    if any(r["test_accuracy"] is not None for r in rounds) or not any(r["test_perplexity"] is not None for r in rounds):
+        return "accuracy", 100.0, "test accuracy (%)"
+    return "perplexity", 1.0, "test perplexity (masked tokens only)"
 
 
 def _pct(value: float | None) -> str:
@@ -131,17 +141,23 @@ def write_outputs(out: Path, summary: dict) -> None:
              f"Federated wall time {summary['federated_seconds']:.0f} s. Job status: {history['status']}"
              f"{': ' + history['message'] if history['message'] else ''}."
              f"{_ranks_line(c.get('client_ranks'))}{_engines_line(c.get('engines'), c.get('client_pythons'))}", "",
-             "| round | test accuracy | macro-F1 | test loss | mean client train loss | wall time | MB down | MB up |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| round | test accuracy | macro-F1 | test loss | test perplexity | mean client train loss | wall time | "
+             "MB down | MB up |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rounds:
         loss = f"{r['test_loss']:.3f}" if r["test_loss"] is not None else "n/a"
+        ppl = f"{r['test_perplexity']:.2f}" if r["test_perplexity"] is not None else "n/a"
         train = f"{r['mean_train_loss']:.3f}" if r["mean_train_loss"] is not None else ""
         seconds = f"{r['seconds']:.0f} s" if r["seconds"] else ""
-        lines.append(f"| {r['round']} | {_pct(r['test_accuracy'])} | {_pct(r['test_macro_f1'])} | {loss} | {train} | "
-                     f"{seconds} | {r['bytes_down'] / 1e6:.2f} | {r['bytes_up'] / 1e6:.2f} |")
+        lines.append(f"| {r['round']} | {_pct(r['test_accuracy'])} | {_pct(r['test_macro_f1'])} | {loss} | {ppl} | "
+                     f"{train} | {seconds} | {r['bytes_down'] / 1e6:.2f} | {r['bytes_up'] / 1e6:.2f} |")
     lines += ["", f"Round 0 is the initial model. Each device also downloaded the bundle once "
               f"({summary['bundle_bytes'] / 1e6:.1f} MB)."]
-    if summary.get("centralised"):
+    if summary.get("centralised") and "perplexity" in summary["centralised"][-1]:
+        lines += ["", "Centralised baseline (all data in one place, the same number of passes):", "",
+                  "| epoch | test loss | test perplexity |", "| ---: | ---: | ---: |"]
+        lines += [f"| {e['epoch']} | {e['loss']:.3f} | {e['perplexity']:.2f} |" for e in summary["centralised"]]
+    elif summary.get("centralised"):
         lines += ["", "Centralised baseline (all data in one place, the same number of passes):", "",
                   "| epoch | test accuracy | macro-F1 |", "| ---: | ---: | ---: |"]
         lines += [f"| {e['epoch']} | {_pct(e['accuracy'])} | {_pct(e['macro_f1'])} |" for e in summary["centralised"]]
@@ -150,7 +166,7 @@ def write_outputs(out: Path, summary: dict) -> None:
             gap = 100 * (summary["centralised"][-1]["accuracy"] - last_fed)
             lines += ["", f"Gap after the same passes over the data: {gap:.1f} points (centralised minus federated)."]
     parts = summary["partition"]
-    lines += ["", f"![test accuracy per round]({files['accuracy']})", "", f"![bytes per round]({files['bytes']})", "",
+    lines += ["", f"![test {_main_metric(rounds)[0]} per round]({files['accuracy']})", "", f"![bytes per round]({files['bytes']})", "",
               "## Partition", "",
               f"Scheme {parts['scheme']}, seed {parts['seed']}. Examples per client: {parts['sizes']}. "
               f"Classes per client: {parts['classes_per_client']}. Full histogram in partition.json.", "",

@@ -139,6 +139,20 @@ def _bundle(config: SimulationConfig, labels: list[str]):  # noqa: ANN202
 
 
 def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: list[str]) -> dict:
+    if not label_names:  # a causal LM: no classes; rows keep their nested fields (chat messages) in JSONL
+        if config.partition != "iid":
+            raise ConfigError(f"partition {config.partition!r} splits by class label; a causal-LM job's examples "
+                              "have none: use --partition iid")
+        parts = partition(np.zeros(len(rows), dtype=np.int64), config.clients, "iid", config.seed)
+        folder = config.out / "clients"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, part in enumerate(parts):
+            (folder / f"client-{i:03d}.jsonl").write_text("".join(json.dumps(rows[j]) + "\n" for j in part))
+        info = {"scheme": "iid", "seed": config.seed, "clients": config.clients, "labels": [],
+                "sizes": [len(p) for p in parts], "classes_per_client": [0] * len(parts),
+                "histogram": [[len(p)] for p in parts]}
+        (config.out / "partition.json").write_text(json.dumps(info))
+        return info
     column = config.train.label_column
     if rows and column not in rows[0]:
         raise DataError(f"{config.train.path} has no column {column!r}; pass --label-column")
@@ -192,7 +206,8 @@ def _start_agents(config: SimulationConfig, port: int,
         cache = config.out / "devices" / f"client-{i:03d}"
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
-        flags = ["--server", f"127.0.0.1:{port}", "--data", str(config.out / "clients" / f"client-{i:03d}.csv"),
+        shard = next((config.out / "clients").glob(f"client-{i:03d}.*"))  # .csv, or .jsonl for a causal LM
+        flags = ["--server", f"127.0.0.1:{port}", "--data", str(shard),
                  "--cache-dir", str(cache), "--threads", str(config.threads),
                  "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
                  *transport_flags]
@@ -224,12 +239,17 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
                 bar.update(len(done) - bar.n)
             for record in history["rounds"]:
                 metrics = record.get("evaluation") or {}
-                if record["round"] > shown and "accuracy" in metrics:
+                if record["round"] > shown and ("accuracy" in metrics or "perplexity" in metrics):
                     shown = record["round"]
                     seconds = f", {record['seconds']:.0f} s" if record.get("seconds") else ""
-                    bar.write(f"round {shown}: test accuracy {metrics['accuracy']:.1%}, "
-                              f"macro-F1 {metrics['macro_f1']:.1%}{seconds}")
-                    bar.set_postfix(accuracy=f"{metrics['accuracy']:.1%}")
+                    if "accuracy" in metrics:
+                        bar.write(f"round {shown}: test accuracy {metrics['accuracy']:.1%}, "
+                                  f"macro-F1 {metrics['macro_f1']:.1%}{seconds}")
+                        bar.set_postfix(accuracy=f"{metrics['accuracy']:.1%}")
+                    else:
+                        bar.write(f"round {shown}: test loss {metrics['loss']:.3f}, perplexity "
+                                  f"{metrics['perplexity']:.2f}{seconds}")
+                        bar.set_postfix(perplexity=f"{metrics['perplexity']:.2f}")
             if history["status"] != "running":
                 coordinator.wait_until_finished(timeout=600)  # the last evaluations
                 if history["status"] == "failed":
@@ -284,12 +304,18 @@ def run_simulation(config: SimulationConfig) -> dict:
     labels = ([str(x) for x in config.export.labels] if config.export and config.export.labels
               else sorted({str(r[config.train.label_column]) for r in rows if config.train.label_column in r}))
     bundle, device_bundles, engine_bundles = _bundle(config, labels)
-    if bundle.manifest.task != "classification":
-        raise ConfigError(f"edgeft simulate partitions by class label; the bundle's task is {bundle.manifest.task}")
-    parts = _write_partitions(config, rows, list(bundle.manifest.labels))
+    causal = bundle.manifest.task == "causal-lm"
+    if bundle.manifest.task not in ("classification", "causal-lm"):
+        raise ConfigError(f"edgeft simulate runs classification and causal-LM jobs; the bundle's task is "
+                          f"{bundle.manifest.task}")
+    if causal and config.train.resolved_format == "text":
+        raise ConfigError(f"{config.train.path} is one plain-text document; a federated causal-LM job spreads rows "
+                          "over its clients: give JSONL rows (messages, prompt/completion or text)")
+    parts = _write_partitions(config, rows, [] if causal else list(bundle.manifest.labels))
+    classes = "" if causal else (f" and {min(parts['classes_per_client'])}-{max(parts['classes_per_client'])} of "
+                                 f"{len(bundle.manifest.labels)} classes each")
     print(f"partition {config.partition} (seed {config.seed}): {config.clients} clients with "
-          f"{min(parts['sizes'])}-{max(parts['sizes'])} examples and {min(parts['classes_per_client'])}-"
-          f"{max(parts['classes_per_client'])} of {len(bundle.manifest.labels)} classes each", flush=True)
+          f"{min(parts['sizes'])}-{max(parts['sizes'])} examples{classes}", flush=True)
 
     job = JobConfig(id=JOB_ID, bundle=bundle.path, rounds=config.rounds, round_deadline_s=config.round_deadline_s,
                     strategy=config.strategy, strategy_options=dict(config.strategy_options),
