@@ -10,7 +10,8 @@ from edgeft.commands.common import execute
 
 # The sub-commands, in the order `edgeft --help` lists them; each adds its parser (edgeft.commands).
 COMMANDS = (model.add_export, model.add_train, fleet.add_demo, coordinator.add_server, client.add_client,
-            coordinator.add_certs, fleet.add_simulate, model.add_deploy, model.add_predict)
+            coordinator.add_certs, fleet.add_simulate, model.add_deploy, model.add_predict,
+            model.add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,8 +101,10 @@ class Predictor:
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Logits for model inputs (examples first); a fixed-shape model runs them in slices of its batch size,
-        the last one padded with zero rows."""
-        feed = {name: feed[name] for name in self.input_names}
+        the last one padded with zero rows. A decoder with a KV cache gets an empty one (and its position ids)."""
+        feed = {name: feed[name] for name in self.input_names if name in feed}
+        if len(feed) < len(self.input_names):
+            feed.update(empty_cache(self.session, feed["attention_mask"]))
         fixed = self.fixed_shape
         if not fixed:
             return self.session.run(["logits"], feed)[0]
@@ -170,6 +172,20 @@ class Predictor:
             chunk = {k: v[start: start + batch_size] for k, v in feed.items()}
             for row, (label, score) in enumerate(self.top(self.run(chunk)), start + 1):
                 yield {"file": str(path), "row": row, "label": label, "score": score}
+
+
+def empty_cache(session, attention_mask: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """A decoder's other inputs for a first pass: an empty KV cache (``past_key_values.*``: [batch, heads, 0,
+    head_dim]) and, where it reads them, position ids counted over the attention mask."""
+    batch = attention_mask.shape[0]
+    feed = {}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values."):
+            heads, head_dim = (d if isinstance(d, int) else 1 for d in (spec.shape[1], spec.shape[3]))
+            feed[spec.name] = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+        elif spec.name == "position_ids":
+            feed[spec.name] = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
+    return feed
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:

@@ -274,3 +274,43 @@ def _run_predict(args: argparse.Namespace) -> int:
         for text, (label, score) in zip(texts, predictions):
             print(f"{label}\t{score:.3f}\t{text}")
     return 0
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with a causal-LM deployment package (onnxruntime only, no "
+                                        "torch)")
+    p.add_argument("model", help="deployment package folder from `edgeft deploy` of a causal-LM bundle")
+    p.add_argument("prompt", nargs="?", help="the prompt (a chat package: the user's message); default: read stdin")
+    p.add_argument("--messages", help="a JSON file holding a conversation ([{'role', 'content'}, ...]) to continue")
+    p.add_argument("--no-chat", action="store_true", help="give the prompt to the model as it is, without the chat "
+                                                          "template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
+                                                             "probability (default 1: all)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--provider", help="execution provider (cpu, cuda, qnn, openvino, coreml); default cpu")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from edgeft.train.session import keep_torch_out
+
+    keep_torch_out()
+    from edgeft.generate import Generator
+
+    generator = Generator(args.model, threads=args.threads, provider=args.provider)
+    if args.messages:
+        prompt = json.loads(Path(args.messages).read_text())
+    else:
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    result = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, stop=args.stop, seed=args.seed,
+                                chat=False if args.no_chat else None)
+    print(result.text)
+    print(f"{len(result.tokens)} tokens ({result.stopped_by}) after a {result.prompt_tokens}-token prompt: "
+          f"{result.tokens_per_s:.1f} tokens/s, first token after {result.prefill_seconds * 1000:.0f} ms "
+          f"({'KV cache' if generator.kv_cache else 'no KV cache'})", file=sys.stderr)
+    return 0

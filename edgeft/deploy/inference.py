@@ -20,6 +20,7 @@ from edgeft.export.source import causal_lm_inputs
 INFERENCE_OPSET = 17
 INPUTS = ("input_ids", "attention_mask")  # what edgeft.predict.Predictor feeds
 OPTIMUM, TORCH_ONNX = "optimum", "torch.onnx"
+OPTIMUM_KV_CACHE = "optimum (KV cache)"  # a causal LM's decoder with past_key_values.* inputs, present.* outputs
 _AXIS_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}  # optimum's names -> torch.onnx path's
 
 
@@ -33,9 +34,11 @@ class _Inference(torch.nn.Module):
         return logits_of(self.model(**(causal_lm_inputs(inputs) if self.causal else inputs)))
 
 
-def _optimum_config(model: torch.nn.Module, causal: bool):  # -> optimum OnnxConfig | None
-    """optimum's ONNX config for ``model`` and the task, cut down to INPUTS -> logits (no past key values);
-    None where optimum is not installed or does not support the architecture for the task."""
+def _optimum_config(model: torch.nn.Module, causal: bool, past: bool = False):  # -> optimum OnnxConfig | None
+    """optimum's ONNX config for ``model`` and the task, cut down to INPUTS -> logits (no past key values); with
+    ``past`` (causal LMs) its text-generation-with-past config as it is (the KV cache in and out, and position ids
+    where the architecture reads them). None where optimum is not installed or does not support the architecture
+    for the task."""
     try:
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the architectures)
         from optimum.exporters.tasks import TasksManager
@@ -53,6 +56,10 @@ def _optimum_config(model: torch.nn.Module, causal: bool):  # -> optimum OnnxCon
             break
         except KeyError:
             continue
+    if past:
+        if not supported or "text-generation-with-past" not in supported:
+            return None
+        return supported["text-generation-with-past"](model.config, task=task, use_past=True, use_past_in_inputs=True)
     if not supported or task not in supported:
         return None
     base = type(supported[task](model.config))
@@ -106,6 +113,14 @@ def export_inference(model: torch.nn.Module, path: Path, causal: bool) -> str:
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if causal:  # a decoder with its KV cache (past_key_values.* in, present.* out), for edgeft.generate
+            config = _optimum_config(model, causal, past=True)
+            if config is not None:
+                try:
+                    _export_with_optimum(model, config, path)
+                    return OPTIMUM_KV_CACHE
+                except Exception:  # noqa: BLE001  (then without the cache, below)
+                    pass
         config = _optimum_config(model, causal)
         if config is not None:
             try:

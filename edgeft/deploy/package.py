@@ -169,12 +169,16 @@ def _package(bundle: Bundle, export, source: dict, config: DeployConfig) -> dict
         notes = _notes(fp32, config.mode)
         if text:
             shutil.copyfile(bundle.file(TOKENIZER), out / TOKENIZER)
+        chat = (manifest.tokenizer or {}).get("chat_template")
+        if chat:  # a chat model's template, for edgeft generate
+            shutil.copyfile(bundle.file(chat), out / chat)
         package = {"format": PACKAGE_FORMAT, "task": manifest.task, "labels": manifest.labels,
                    "mode": config.mode, "input_kind": manifest.input_kind,
                    "inputs": [{k: v for k, v in asdict(s).items() if k != "peft_key"} for s in model_input_specs(bundle)],
                    "preprocessing": manifest.preprocessing,
                    "max_length": manifest.tokenizer["max_length"] if manifest.tokenizer else None,
                    "pad_id": manifest.tokenizer["pad_id"] if manifest.tokenizer else None,
+                   "chat_template": chat, "eos_token": (manifest.tokenizer or {}).get("eos_token"),
                    "base_model": manifest.base_model, "bundle_digest": bundle.digest, "adapter_source": source,
                    "exporter": exporter, "fixed_shape": list(config.fixed_shape) if config.fixed_shape else None,
                    "good": False}

@@ -1,5 +1,7 @@
 """The inference export: optimum's exporter for the architectures it supports, torch.onnx otherwise; both
-give one opset-17 file of input_ids, attention_mask -> logits that matches PyTorch at any batch and length."""
+give one opset-17 file of input_ids, attention_mask -> logits that matches PyTorch at any batch and length. A causal
+LM that optimum supports is exported with its KV cache (past_key_values.* in, present.* out); fed an empty cache,
+it gives the same logits."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from edgeft.deploy import inference
-from edgeft.deploy.inference import INFERENCE_OPSET, OPTIMUM, TORCH_ONNX, export_inference
+from edgeft.deploy.inference import INFERENCE_OPSET, OPTIMUM, OPTIMUM_KV_CACHE, TORCH_ONNX, export_inference
+from edgeft.predict import empty_cache
 
 
 def _load(kind, tiny_bert_dir, tiny_gpt2_dir):
@@ -27,19 +30,27 @@ def test_export_matches_torch(tmp_path, monkeypatch, tiny_bert_dir, tiny_gpt2_di
     model = _load(kind, tiny_bert_dir, tiny_gpt2_dir)
     use_cache = model.config.use_cache
     if exporter == TORCH_ONNX:
-        monkeypatch.setattr(inference, "_optimum_config", lambda *a: None)
+        monkeypatch.setattr(inference, "_optimum_config", lambda *a, **k: None)
     path = tmp_path / "model.onnx"
-    assert export_inference(model, path, causal=kind == "gpt2") == exporter
+    kv_cache = kind == "gpt2" and exporter == OPTIMUM
+    assert export_inference(model, path, causal=kind == "gpt2") == (OPTIMUM_KV_CACHE if kv_cache else exporter)
     assert model.config.use_cache == use_cache  # optimum's overrides are undone
 
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # one file, no external data
     graph = onnx.load(str(path))
     assert graph.ir_version <= 10  # what ORT 1.19 accepts
     assert {o.domain: o.version for o in graph.opset_import}[""] == INFERENCE_OPSET
-    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
-    assert [o.name for o in graph.graph.output] == ["logits"]
-    for i in graph.graph.input:
-        assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    inputs = [i.name for i in graph.graph.input]
+    assert {"input_ids", "attention_mask"} <= set(inputs)
+    assert [o.name for o in graph.graph.output][0] == "logits"
+    if kv_cache:
+        layers = model.config.n_layer
+        assert {n for n in inputs if n.startswith("past_key_values.")} == {
+            f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")}
+    else:
+        assert inputs == ["input_ids", "attention_mask"] and [o.name for o in graph.graph.output] == ["logits"]
+        for i in graph.graph.input:
+            assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"]
 
     vocab = model.config.vocab_size
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -49,10 +60,13 @@ def test_export_matches_torch(tmp_path, monkeypatch, tiny_bert_dir, tiny_gpt2_di
         mask = torch.ones_like(ids)
         if batch > 1:
             mask[-1, length // 2:] = 0  # right padding, as edgeft.data.pad does
-        got = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        got = session.run(["logits"], {**feed, **empty_cache(session, feed["attention_mask"])})[0]
         with torch.no_grad():
             expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
         assert got.shape == expected.shape
+        if kind == "gpt2":  # padding positions' logits mean nothing (the cache's position ids differ there)
+            got, expected = got[mask.numpy() == 1], expected[mask.numpy() == 1]
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
