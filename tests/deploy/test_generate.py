@@ -104,3 +104,20 @@ def test_the_cli_generates_with_an_int4_package_and_torch_unimportable(chat_pack
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tokens/s" in done.stderr and "KV cache" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_plain_onnxruntime_generates_the_same_text(chat_package, device_venv, tmp_path):
+    """The package on a device: the plain onnxruntime (pyproject's runtime-check pin) in a virtualenv without torch
+    generates what the training build generates (greedy, fp32)."""
+    from test_plain_runtime import plain_version
+
+    python = device_venv(sys.executable, f"onnxruntime=={plain_version()}")
+    package = chat_package[3]["none"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    done = subprocess.run([str(python), "-m", "edgeft.cli", "generate", str(package), "Who art thou?",
+                           "--max-new-tokens", "24", "--threads", "1"], env={**env, "PYTHONNOUSERSITE": "1"},
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = Generator(package, threads=1).generate("Who art thou?", max_new_tokens=24).text
+    assert done.stdout.rstrip("\n") == expected
