@@ -84,6 +84,8 @@ class Manifest:
     # numeric feature columns of a table, or arrays by model input name (.npz files).
     input_kind: str = "tokens"
     preprocessing: dict | None = None
+    # loss="dpo": {"beta"}. Absent otherwise.
+    loss_options: dict | None = None
 
     def head(self) -> tuple[str, str]:
         """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
@@ -100,8 +102,8 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for optional in ("proximal", "pooling", "preprocessing"):  # bundles without them keep their manifest
-            if data[optional] is None:                                  # (and digest) as before
+        for optional in ("proximal", "pooling", "preprocessing", "loss_options"):  # bundles without them keep their
+            if data[optional] is None:                                  # manifest (and digest) as before
                 del data[optional]
         if data["input_kind"] == "tokens":
             del data["input_kind"]

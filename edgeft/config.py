@@ -36,7 +36,8 @@ LOSS_FOR_TASK = {
     "regression": "mse",
     "multilabel": "bce",
 }
-LOSSES: tuple[str, ...] = tuple(LOSS_FOR_TASK.values())
+# dpo: Direct Preference Optimization (Rafailov et al., 2023) for causal LMs on prompt/chosen/rejected pairs
+LOSSES: tuple[str, ...] = (*LOSS_FOR_TASK.values(), "dpo")
 
 
 def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -123,6 +124,8 @@ class ExportConfig:
     # flip. False: they are preprocessed as evaluation batches are (so a head-only bundle trains on cached
     # features, edgeft.train.cached). Modules given to export_module take it in their ImagePreprocessing.
     augment: bool = True
+    # loss="dpo": beta, how far the policy may move from the reference (the frozen base) per unit of reward
+    dpo_beta: float = 0.1
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -133,6 +136,10 @@ class ExportConfig:
         if self.loss is None:
             object.__setattr__(self, "loss", LOSS_FOR_TASK[self.task])
         _check_choice("loss", self.loss, LOSSES)
+        check_config(self.loss != "dpo" or self.task == "causal-lm", "loss", self.loss,
+                     "dpo tunes a causal LM on preferences: use it with task='causal-lm'")
+        check_config(isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < float("inf"), "dpo_beta",
+                     self.dpo_beta, "must be a positive number (0.1 is the usual choice)")
         low, high = OPSETS[self.engine]
         check_config(self.opset is None or low <= self.opset <= high, "opset", self.opset,
                "ONNX Runtime's gradient builder needs opset 14-16 (17+ breaks LayerNormalization gradients)"

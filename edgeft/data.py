@@ -94,6 +94,10 @@ def load_dataset(config: DataConfig, bundle: Bundle, encoder: Encoder | None = N
     encoder = encoder or Encoder(bundle)
     rows = read_records(config)
     manifest = bundle.manifest
+    if manifest.loss == "dpo":
+        from edgeft.preference import load_preferences
+
+        return load_preferences(rows, config.path, bundle, encoder.tokenizer, encoder.max_length)  # type: ignore
     if manifest.task == "causal-lm" and rows and ("messages" in rows[0] or "prompt" in rows[0]):
         from edgeft.chat import encode_rows
 

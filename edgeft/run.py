@@ -61,7 +61,8 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
     if job.test:
         session = open_session(bundle, threads=job.config.threads, provider=job.config.provider)
         session.set_parameters(result.parameters)
-        test = evaluate(session, load_dataset(job.test, bundle, encoder), bundle.manifest.task, pad_id_of(bundle))
+        test = evaluate(session, load_dataset(job.test, bundle, encoder), bundle.manifest.task, pad_id_of(bundle),
+                        bundle=bundle)
         summary["test"] = test
         print(json.dumps({"test": {k: round(v, 4) for k, v in test.items()}}), flush=True)
     out = Path(job.out)

@@ -50,7 +50,7 @@ class Evaluator:
             session = open_session(bundle, threads=job.train.threads)
             session.set_parameters(self.adapter(job.id, version))
             started = time.perf_counter()
-            metrics = evaluate(session, self._eval_sets[job.id], bundle.manifest.task, pad_id_of(bundle))
+            metrics = evaluate(session, self._eval_sets[job.id], bundle.manifest.task, pad_id_of(bundle), bundle=bundle)
             metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
         except Exception as exc:  # an evaluation failure is recorded, never fatal to the job
             log.error("evaluation of job %s after round %d failed: %s", job.id, version, exc)

@@ -43,6 +43,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", default="auto", choices=["auto", "sentence", "cls"],
                    help="what the task head reads: the model's own sentence pooling (sentence-transformers "
                         "folders), the Hugging Face [CLS] head, or auto (sentence where declared; default)")
+    p.add_argument("--loss", choices=["dpo"], help="causal LMs: dpo trains on prompt/chosen/rejected preference rows "
+                                                    "instead of next-token loss (default: the task's loss)")
+    p.add_argument("--dpo-beta", type=float, default=0.1, help="--loss dpo: beta (default 0.1)")
     p.add_argument("--no-augment", action="store_true",
                    help="image models: no training augmentation (random resized crop, flip); head-only bundles then "
                         "train on cached features")
@@ -60,7 +63,8 @@ def _run_export(args: argparse.Namespace) -> int:
                               trainable_modules=csv_list(args.trainable_modules)),
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
         opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
-        pooling=args.pooling, engine=args.engine, augment=not args.no_augment)
+        pooling=args.pooling, engine=args.engine, augment=not args.no_augment, loss=args.loss,
+        dpo_beta=args.dpo_beta)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20

@@ -68,7 +68,8 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
             portable.generate(source, adapted, config, staging)
         else:
             export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
-                         config.onnx_opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu)
+                         config.onnx_opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu,
+                         dpo_beta=config.dpo_beta)
             artifacts.generate(graph_path, adapted.trainable, config.optimizer, staging)
         if source.tokenizer_file is not None:
             shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
@@ -192,7 +193,7 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         peft_config=adapted.peft_config,
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
         pooling=source.pooling, engine=config.engine, input_kind=source.input_kind,
-        preprocessing=source.preprocessing)
+        preprocessing=source.preprocessing, loss_options={"beta": config.dpo_beta} if config.loss == "dpo" else None)
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None, sizes: list[int] | None = None

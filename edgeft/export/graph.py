@@ -10,6 +10,7 @@ and its true value is written back by name afterwards.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +52,8 @@ class TrainingGraph(nn.Module):
 
     def __init__(self, model: nn.Module, input_names: list[str], loss: str, l2: float = 0.0,
                  prepare_inputs: Callable[[dict], dict] | None = None, proximal_mu: float = 0.0,
-                 trainable: list[str] | None = None, features: bool = False, features_from: str | None = None):
+                 trainable: list[str] | None = None, features: bool = False, features_from: str | None = None,
+                 dpo_beta: float = 0.1):
         super().__init__()
         self.features = features
         # a head module whose input is the ``features`` output (models that do not return them themselves)
@@ -61,7 +63,7 @@ class TrainingGraph(nn.Module):
                 lambda _module, args: self._head_input.append(args[0]))
         self.model = model
         self.input_names = list(input_names)
-        self.loss_fn = LOSS_FUNCTIONS[loss]
+        self.loss_fn = partial(LOSS_FUNCTIONS[loss], beta=dpo_beta) if loss == "dpo" else LOSS_FUNCTIONS[loss]
         self.l2 = l2
         self.prepare_inputs = prepare_inputs
         self.proximal_mu = proximal_mu
@@ -109,6 +111,8 @@ def example_labels(loss: str, source: ModelSource, num_outputs: int) -> torch.Te
         return torch.zeros(batch, dtype=torch.long)
     if loss == "causal-lm-cross-entropy":
         return torch.zeros(batch, first.shape[1], dtype=torch.long)
+    if loss == "dpo":  # token labels, then the reference log-probability
+        return torch.zeros(batch, first.shape[1] + 1, dtype=torch.float32)
     return torch.zeros(batch, num_outputs, dtype=torch.float32)
 
 
@@ -117,12 +121,13 @@ def label_axes(loss: str) -> dict[int, str]:
 
 
 def export_graph(model: nn.Module, source: ModelSource, trainable: list[str], loss: str, num_outputs: int,
-                 path: Path, opset: int, l2: float = 0.0, seed: int = 0, proximal_mu: float = 0.0) -> None:
+                 path: Path, opset: int, l2: float = 0.0, seed: int = 0, proximal_mu: float = 0.0,
+                 dpo_beta: float = 0.1) -> None:
     """Write the (loss, logits[, features]) graph of ``model`` to ``path``; trainable parameters keep their names
     (with ``proximal_mu``, their FedProx anchors are frozen parameters named ``proximal_anchor.<name>``)."""
     features = source.pooling is not None
     wrapper = TrainingGraph(model, source.input_names, loss, l2, source.prepare_inputs, proximal_mu, trainable,
-                            features, (source.pooling or {}).get("module")).eval()
+                            features, (source.pooling or {}).get("module"), dpo_beta).eval()
     labels = example_labels(loss, source, num_outputs)
     args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)
     # every parameter by its name in the final graph: the model's, then the proximal anchors

@@ -124,7 +124,8 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
     features = source.pooling is not None
     graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs,
-                          config.proximal_mu, adapted.trainable, features, (source.pooling or {}).get("module")).eval()
+                          config.proximal_mu, adapted.trainable, features, (source.pooling or {}).get("module"),
+                          config.dpo_beta).eval()
     wrapper = _DetachedOutputs(graph)
     labels = example_labels(config.loss, source, config.num_outputs)
     user_args = tuple(source.example_inputs[n] for n in source.input_names) + (labels,)

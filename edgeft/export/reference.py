@@ -62,7 +62,7 @@ def reference_for(source: ModelSource, config: ExportConfig, bundle: Bundle, dro
     l2 = opt.weight_decay if opt.name == "sgd" else 0.0
     # FedProx: the anchors start at the initial parameters, as the bundle's do
     graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs,
-                          config.proximal_mu, adapted.trainable)
+                          config.proximal_mu, adapted.trainable, dpo_beta=config.dpo_beta)
     graph.train(dropout)
     trainable = {n: params[n] for n in adapted.trainable}
     if opt.name == "adamw":

@@ -50,3 +50,23 @@ def open_session(bundle: Bundle, threads: int | None = None, provider: str | Non
     from edgeft.train.session import TrainingSession
 
     return TrainingSession(bundle, threads=threads, provider=provider)
+
+
+def initial_parameters(bundle: Bundle) -> dict:
+    """The trainable parameters as the bundle was exported (LoRA's B matrices at zero: the base model), read from
+    its files without opening a training session."""
+    import numpy as np
+
+    if bundle.manifest.engine == "portable":
+        from safetensors.numpy import load_file
+
+        from edgeft.bundle import PORTABLE_PARAMETERS
+
+        values = load_file(str(bundle.file(PORTABLE_PARAMETERS)))
+    else:
+        from edgeft.bundle import CHECKPOINT
+        from edgeft.train.session import training_api
+
+        state = training_api().CheckpointState.load_checkpoint(str(bundle.file(CHECKPOINT)))
+        values = {name: np.array(state.parameters[name].data, copy=True) for name in bundle.manifest.trainable_names}
+    return {name: values[name] for name in bundle.manifest.trainable_names}

@@ -21,7 +21,7 @@ from edgeft.errors import ConfigError, TrainingError
 from edgeft.train.cached import cached_head
 from edgeft.train.metrics import Accumulator, higher_is_better
 from edgeft.train.schedule import warmup_linear
-from edgeft.train.engines import open_session
+from edgeft.train.engines import initial_parameters, open_session
 
 EVAL_BATCH_SIZE = 64
 
@@ -52,10 +52,17 @@ def pad_id_of(bundle: Bundle) -> int:
 
 
 def evaluate(session, dataset: Dataset, task: str, pad_id: int,
-             batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
-    """The task's metrics of the session's current parameters on ``dataset``."""
+             batch_size: int = EVAL_BATCH_SIZE, bundle: Bundle | None = None) -> dict[str, float]:
+    """The task's metrics of the session's current parameters on ``dataset`` (a DPO ``bundle``'s preference pairs:
+    DPO loss, preference accuracy and reward margin, against the frozen base)."""
     order = np.argsort(dataset.lengths, kind="stable")
     acc = Accumulator(task)
+    if bundle is not None and bundle.manifest.loss == "dpo":
+        from edgeft.preference import PreferenceAccumulator, ensure_reference
+
+        if dataset.reference is None:  # type: ignore[attr-defined]  (computed once per dataset)
+            ensure_reference(session, dataset, batch_size, pad_id, initial_parameters(bundle))  # type: ignore
+        acc = PreferenceAccumulator(float((bundle.manifest.loss_options or {}).get("beta", 0.1)))
     for batch in batches(dataset.subset(order), batch_size, pad_id):
         _, logits = session.eval_step(batch)
         acc.add(logits, batch["labels"])
@@ -110,6 +117,12 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         session.set_parameters(result.parameters, proximal_anchor=False)
         return result
     task, pad_id = bundle.manifest.task, pad_id_of(bundle)
+    if bundle.manifest.loss == "dpo":  # the frozen base's log-probabilities, before any step moves the adapter
+        from edgeft.preference import ensure_reference
+
+        if train_data.reference is None:  # type: ignore[attr-defined]  (computed once per dataset)
+            ensure_reference(session, train_data, config.batch_size, pad_id,  # type: ignore[arg-type]
+                             initial_parameters(bundle))
     per_epoch, total = plan_steps(len(train_data), config)
     warmup = int(round(total * config.warmup_ratio))
     # ORT sums accumulated gradients; AdamW is invariant to that scale, SGD is not.
@@ -146,7 +159,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
                   "seconds": round(time.perf_counter() - started, 2)}
         if val_data is not None and len(val_data):
-            record.update({f"val_{k}": v for k, v in evaluate(session, val_data, task, pad_id, config.batch_size).items()})
+            record.update({f"val_{k}": v for k, v in evaluate(session, val_data, task, pad_id, config.batch_size, bundle).items()})
         result.history.append(record)
         if on_epoch:
             on_epoch(record)
