@@ -18,6 +18,7 @@ def round_rows(history: dict) -> list[dict]:
         rows.append({"round": r["round"], "status": r["status"], "seconds": r.get("seconds"),
                      "test_accuracy": evaluation.get("accuracy"), "test_macro_f1": evaluation.get("macro_f1"),
                      "test_loss": evaluation.get("loss"), "test_perplexity": evaluation.get("perplexity"),
+                     "test_preference_accuracy": evaluation.get("preference_accuracy"),
                      "clients": len(r["clients"]),
                      "mean_train_loss": float(np.mean(losses)) if losses else None,
                      "bytes_up": sum(c["bytes_up"] for c in r["clients"]),
@@ -100,9 +101,11 @@ def plot(summary: dict, rounds: list[dict], out: Path) -> dict[str, str]:
 
 def _main_metric(rounds: list[dict]) -> tuple[str, float, str]:
     """What the report plots: test accuracy for classifiers, perplexity for causal LMs (metric, scale, axis label)."""
-    if any(r["test_accuracy"] is not None for r in rounds) or not any(r["test_perplexity"] is not None for r in rounds):
-        return "accuracy", 100.0, "test accuracy (%)"
-    return "perplexity", 1.0, "test perplexity (masked tokens only)"
+    if any(r["test_perplexity"] is not None for r in rounds):
+        return "perplexity", 1.0, "test perplexity (masked tokens only)"
+    if any(r["test_preference_accuracy"] is not None for r in rounds):  # DPO
+        return "preference_accuracy", 100.0, "test preference accuracy (%)"
+    return "accuracy", 100.0, "test accuracy (%)"
 
 
 def _pct(value: float | None) -> str:
@@ -157,7 +160,7 @@ def write_outputs(out: Path, summary: dict) -> None:
         lines += ["", "Centralised baseline (all data in one place, the same number of passes):", "",
                   "| epoch | test loss | test perplexity |", "| ---: | ---: | ---: |"]
         lines += [f"| {e['epoch']} | {e['loss']:.3f} | {e['perplexity']:.2f} |" for e in summary["centralised"]]
-    elif summary.get("centralised"):
+    elif summary.get("centralised") and "accuracy" in summary["centralised"][-1]:
         lines += ["", "Centralised baseline (all data in one place, the same number of passes):", "",
                   "| epoch | test accuracy | macro-F1 |", "| ---: | ---: | ---: |"]
         lines += [f"| {e['epoch']} | {_pct(e['accuracy'])} | {_pct(e['macro_f1'])} |" for e in summary["centralised"]]

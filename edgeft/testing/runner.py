@@ -239,17 +239,21 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
                 bar.update(len(done) - bar.n)
             for record in history["rounds"]:
                 metrics = record.get("evaluation") or {}
-                if record["round"] > shown and ("accuracy" in metrics or "perplexity" in metrics):
+                if record["round"] > shown and metrics:
                     shown = record["round"]
                     seconds = f", {record['seconds']:.0f} s" if record.get("seconds") else ""
                     if "accuracy" in metrics:
                         bar.write(f"round {shown}: test accuracy {metrics['accuracy']:.1%}, "
                                   f"macro-F1 {metrics['macro_f1']:.1%}{seconds}")
                         bar.set_postfix(accuracy=f"{metrics['accuracy']:.1%}")
-                    else:
+                    elif "perplexity" in metrics:
                         bar.write(f"round {shown}: test loss {metrics['loss']:.3f}, perplexity "
                                   f"{metrics['perplexity']:.2f}{seconds}")
                         bar.set_postfix(perplexity=f"{metrics['perplexity']:.2f}")
+                    elif "preference_accuracy" in metrics:  # DPO
+                        bar.write(f"round {shown}: test DPO loss {metrics['loss']:.3f}, preference accuracy "
+                                  f"{metrics['preference_accuracy']:.1%}, reward margin "
+                                  f"{metrics['reward_margin']:.3f}{seconds}")
             if history["status"] != "running":
                 coordinator.wait_until_finished(timeout=600)  # the last evaluations
                 if history["status"] == "failed":

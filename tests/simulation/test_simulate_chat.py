@@ -51,3 +51,20 @@ def test_a_causal_lm_job_refuses_label_partitions_and_one_document(tmp_path, sha
             run_simulation(SimulationConfig(out=tmp_path / "sim", train=train, bundle=tiny_lm_bundle.path, clients=2,
                                             rounds=1, partition=partition, head_init="none", baseline=False,
                                             local=TrainConfig(progress=False)))
+
+
+def test_a_dpo_job_reports_preference_accuracy_per_round(tmp_path, shakespeare):
+    folder = tiny_llama(tmp_path / "chat-llama", shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
+    bundle = export_hf(folder, tmp_path / "bundle", ExportConfig(task="causal-lm", loss="dpo", max_length=192,
+                                                                adapter=AdapterConfig(rank=4), engine="ort-training"))
+    lines = [line for line in shakespeare.read_text()[:20_000].splitlines() if line.strip()]
+    rows = [{"prompt": lines[i], "chosen": lines[i + 1], "rejected": "no no no no"} for i in range(40)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_simulation(SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(tmp_path / "prefs.jsonl"), test=DataConfig(tmp_path / "prefs.jsonl"),
+        bundle=bundle.path, clients=2, rounds=2, partition="iid", head_init="none", baseline=False,
+        local=TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2, progress=False)))
+    evaluations = [r["evaluation"] for r in summary["history"]["rounds"]]
+    assert evaluations[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # round 0: the base is the reference
+    assert evaluations[-1]["preference_accuracy"] > 0.5 and evaluations[-1]["reward_margin"] > 0, evaluations
+    assert "![test preference_accuracy per round]" in (tmp_path / "sim" / "report.md").read_text()
