@@ -126,6 +126,9 @@ class ExportConfig:
     augment: bool = True
     # loss="dpo": beta, how far the policy may move from the reference (the frozen base) per unit of reward
     dpo_beta: float = 0.1
+    # The frozen base's weight matrices stored as int8 or int4 and dequantised in the training graph (portable engine;
+    # edgeft.export.lowbit): the device holds a quarter or an eighth of their fp32 bytes. None: fp32.
+    base_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -138,6 +141,10 @@ class ExportConfig:
         _check_choice("loss", self.loss, LOSSES)
         check_config(self.loss != "dpo" or self.task == "causal-lm", "loss", self.loss,
                      "dpo tunes a causal LM on preferences: use it with task='causal-lm'")
+        check_config(self.base_bits in (None, 8, 4), "base_bits", self.base_bits, "expected 8, 4 or None (fp32)")
+        check_config(self.base_bits is None or self.engine == "portable", "base_bits", self.base_bits,
+                     "a low-bit frozen base needs the portable engine (ONNX Runtime's training build cannot "
+                     "differentiate through dequantised weights): export with engine='portable'")
         check_config(isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < float("inf"), "dpo_beta",
                      self.dpo_beta, "must be a positive number (0.1 is the usual choice)")
         low, high = OPSETS[self.engine]

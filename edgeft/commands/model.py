@@ -46,6 +46,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=["dpo"], help="causal LMs: dpo trains on prompt/chosen/rejected preference rows "
                                                     "instead of next-token loss (default: the task's loss)")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="--loss dpo: beta (default 0.1)")
+    p.add_argument("--base-bits", type=int, choices=[8, 4], help="portable engine: store the frozen base's weight "
+                                                                 "matrices in 8 or 4 bits, dequantised in the training "
+                                                                 "graph (default: fp32)")
     p.add_argument("--no-augment", action="store_true",
                    help="image models: no training augmentation (random resized crop, flip); head-only bundles then "
                         "train on cached features")
@@ -64,7 +67,7 @@ def _run_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
         opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
         pooling=args.pooling, engine=args.engine, augment=not args.no_augment, loss=args.loss,
-        dpo_beta=args.dpo_beta)
+        dpo_beta=args.dpo_beta, base_bits=args.base_bits)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20

@@ -185,7 +185,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         optimizer["weight_decay_mode"] = "l2 term in the training loss"
     return Manifest(
         format_version=FORMAT_VERSION, edgeft_version=__version__,
-        base_model={"id": source.base_id, "digest": source.base_digest, "model_type": source.model_type},
+        base_model={"id": source.base_id, "digest": source.base_digest, "model_type": source.model_type,
+                    **({"bits": config.base_bits} if config.base_bits else {})},
         task=config.task, labels=list(config.labels), inputs=inputs, outputs=outputs, trainable=trainable,
         adapter={**to_dict(config.adapter), "target_modules": adapted.target_modules,
                  "trainable_modules": adapted.trainable_modules, "scale": config.adapter.scale},

@@ -166,6 +166,10 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                             [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)])
         evaluation = _to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
                               user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs)
+    if config.base_bits:
+        from edgeft.export.lowbit import quantise_frozen
+
+        quantise_frozen({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, config.base_bits)
     _write_with_shared_weights({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, out_dir)
     onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
                               config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
@@ -342,7 +346,8 @@ def _write_with_shared_weights(models: dict[str, onnx.ModelProto], out_dir: Path
     with open(out_dir / FROZEN_WEIGHTS, "wb") as fh:
         for model in models.values():
             for tensor in model.graph.initializer:
-                data = numpy_helper.to_array(tensor).tobytes()
+                # int4 tensors keep their packed bytes (two values a byte); numpy would unpack them
+                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
                 if len(data) < SHARED_MIN_BYTES:
                     continue
                 key = hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + data).hexdigest()

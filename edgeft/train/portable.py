@@ -45,9 +45,8 @@ def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, n
             files[location] = np.fromfile(path.parent / location, dtype=np.uint8)
         offset, length = int(info.get("offset", 0)), int(info["length"])
         dtype = ONNX_DTYPES.get(tensor.data_type)
-        if dtype is None:
-            raise BundleError(f"{path.name}: frozen tensor {tensor.name} has ONNX data type {tensor.data_type}, "
-                              "which this edgeft cannot load")
+        if dtype is None:  # e.g. int4 (a low-bit frozen base): ONNX Runtime reads it from the file itself
+            continue
         raw = files[location][offset: offset + length]
         tensors[tensor.name] = raw.view(dtype).reshape(tuple(tensor.dims))
     return tensors
@@ -81,6 +80,7 @@ class PortableSession:
         proximal = manifest.proximal
         self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
         self.optimizer = manifest.optimizer.get("name", "adamw")
+        self._base_bits = manifest.base_model.get("bits")
         self._keep: list = []
         try:
             files: dict[str, np.ndarray] = {}  # the shared weights file, read once
@@ -125,8 +125,13 @@ class PortableSession:
         # decoder of bench/train_step.py peaks at 7.1 GB on 1.32.0 with them, 5.1 GB without (3% slower). On 1.19.2
         # turning them off raises the peak (4.4 -> 4.8 GB), so they stay on there. docs/performance.md has the runs.
         options.enable_mem_pattern = version_tuple(ort.__version__) < (1, 20)
-        return ort.InferenceSession(str(path), options, providers=[self.provider],
-                                    disabled_optimizers=["ConstantFolding"])
+        # ConstantFolding would dequantise a low-bit frozen base into fp32 copies (edgeft.export.lowbit) and fold
+        # every frozen transpose; QDQ propagation would add quantise/dequantise pairs around its transposes
+        disabled = ["ConstantFolding", "QDQPropagationTransformer"]
+        if self._base_bits == 4:  # the transpose optimizer mishandles blocked scales (edgeft.export.lowbit)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            disabled.append("TransposeOptimizer")
+        return ort.InferenceSession(str(path), options, providers=[self.provider], disabled_optimizers=disabled)
 
     def _value(self, array: np.ndarray):  # noqa: ANN202
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32), self._device, 0)
