@@ -13,10 +13,14 @@ generate  The folder is exported into an ort-training bundle (LoRA r=8 on every 
           (fp32, KV cache, eager attention, the same threads). Reported: decode tokens/s (after the first token),
           time to the first token, package size, and how many of the int4 package's tokens equal fp32's.
 
-The training side of the issue's table (tokens/s and peak RSS of LoRA training against PyTorch + PEFT, fp32 base) is
-bench/train_step.py's decoder part; an int8 / int4 frozen base during training is not built yet.
+train     (--parts train) LoRA r=8 training with an fp32, int8 and int4 frozen base (portable engine,
+          edgeft.export.lowbit) against PyTorch + PEFT (fp32), on SmolLM2-135M's widths with --layers layers
+          (default 6: a full-depth portable export takes minutes per bundle), batches of 4 x 256 Tiny Shakespeare
+          tokens, --steps steps (median after the first), each column in its own process: peak RSS (VmHWM),
+          tokens/s and the frozen weights' size. The full-depth fp32 comparison is bench/train_step.py's decoder part.
 
     python bench/llm.py [--new-tokens 64] [--threads 2] [--repeats 3] [--json-out bench/results/llm.json]
+    python bench/llm.py --parts train [--layers 6] [--steps 5] [--json-out bench/results/llm_train.json]
 """
 
 from __future__ import annotations
@@ -101,6 +105,109 @@ def pytorch_generation(model_dir: Path, prompt_ids: list[int], new_tokens: int, 
             "all_tokens_per_s": [round(r, 1) for r in rates]}
 
 
+def train_folder(work: Path, layers: int) -> Path:
+    """A Llama folder of SmolLM2-135M's widths with ``layers`` layers (random weights, the decoder's tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train_step import DECODER_SHAPE, decoder_folder
+
+    folder = work / "llm" / f"train-{layers}-layers"
+    if not (folder / "model.safetensors").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(decoder_folder(work, fresh=False) / "tokenizer.json", folder / "tokenizer.json")
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**{**DECODER_SHAPE, "num_hidden_layers": layers},
+                                     attn_implementation="eager")).save_pretrained(folder)
+    return folder
+
+
+def train_column(column: str, folder: Path, bundle_dir: Path, steps: int, threads: int) -> dict:
+    """One training column in this process: ``steps`` LoRA steps on batches of 4 x 256 Tiny Shakespeare tokens;
+    (median step seconds after the first, tokens/s, peak RSS)."""
+    import numpy as np
+
+    from memory import peak_rss_mb
+
+    if column == "pytorch":
+        import torch
+
+        from edgeft.config import AdapterConfig, ExportConfig
+        from edgeft.export.adapters import apply_adapter
+        from edgeft.export.graph import TrainingGraph
+        from edgeft.export.source import from_hf_folder
+
+        torch.set_num_threads(threads)
+        config = ExportConfig(task="causal-lm", max_length=256, adapter=AdapterConfig(rank=8))
+        source = from_hf_folder(folder, config)
+        adapted = apply_adapter(source, config.adapter, config.task)
+        graph = TrainingGraph(adapted.model, source.input_names, config.loss, 0.0, source.prepare_inputs)
+        params = [p for p in adapted.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(batch: dict) -> None:
+            loss, _ = graph(*[torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask", "labels")])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        from edgeft.train.session import keep_torch_out
+
+        keep_torch_out()
+        from edgeft.bundle import load_bundle
+        from edgeft.train.engines import open_session
+
+        session = open_session(load_bundle(bundle_dir, verify=False), threads=threads)
+
+        def step(batch: dict) -> None:
+            session.train_step(batch)
+            session.optimizer_step(1e-4)
+    from edgeft.bundle import load_bundle
+    from edgeft.data import DataConfig, batches, load_dataset
+    from edgeft.datasets import TINYSHAKESPEARE
+
+    data = load_dataset(DataConfig(TINYSHAKESPEARE), load_bundle(bundle_dir, verify=False))
+    pool = list(batches(data.subset(np.arange(4 * steps)), 4, 0))
+    seconds = []
+    for batch in pool[:steps]:
+        started = time.perf_counter()
+        step(batch)
+        seconds.append(time.perf_counter() - started)
+    median = float(np.median(seconds[1:]))
+    return {"step_s": round(median, 3), "tokens_per_s": round(4 * 256 / median, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def train_part(args: argparse.Namespace) -> dict:
+    """Peak RSS and speed of LoRA training with an fp32, int8 and int4 frozen base (portable engine) against
+    PyTorch + PEFT (fp32), each column in its own process."""
+    import subprocess
+
+    from edgeft.config import AdapterConfig, ExportConfig
+    from edgeft.export import export_hf
+
+    folder = train_folder(args.work, args.layers)
+    out = {}
+    for column, bits in (("fp32", None), ("int8", 8), ("int4", 4), ("pytorch", None)):
+        bundle_dir = args.work / "llm" / f"train-{args.layers}-bundle-{bits or 'fp32'}"
+        if not (bundle_dir / "manifest.json").is_file():
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+            print(f"exporting the {bits or 'fp32'} training bundle ...", file=sys.stderr, flush=True)
+            export_hf(folder, bundle_dir, ExportConfig(task="causal-lm", max_length=256, adapter=AdapterConfig(rank=8),
+                                                       engine="portable", base_bits=bits))
+        done = subprocess.run([sys.executable, __file__, "--column", column, str(folder), str(bundle_dir),
+                               str(args.steps), str(args.threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the {column} column failed: {done.stderr[-3000:]}")
+        out[column] = json.loads(done.stdout.strip().splitlines()[-1])
+        if column != "pytorch":
+            out[column]["frozen_mb"] = round((bundle_dir / "portable_frozen.bin").stat().st_size / 2**20, 1)
+    for column in ("fp32", "int8", "int4"):
+        out[column]["rss_vs_pytorch"] = round(out[column]["peak_rss_mb"] / out["pytorch"]["peak_rss_mb"], 3)
+        out[column]["tokens_per_s_vs_pytorch"] = round(out[column]["tokens_per_s"] / out["pytorch"]["tokens_per_s"],
+                                                       2)
+    return {"layers": args.layers, "steps": args.steps, "batch": "4 x 256 tokens", **out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -108,7 +215,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("runs/bench"))
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--parts", default="generate", help="comma-separated: generate, train")
+    parser.add_argument("--layers", type=int, default=6, help="train: layers of the SmolLM2-135M-wide model")
+    parser.add_argument("--steps", type=int, default=5, help="train: steps per column")
+    parser.add_argument("--column", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.column:
+        column, folder, bundle_dir, steps, threads = args.column
+        print(json.dumps(train_column(column, Path(folder), Path(bundle_dir), int(steps), int(threads))))
+        return
+    if args.parts == "train":
+        result = train_part(args)
+        if args.json_out:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+        emit(result, f"llm train ({args.layers} layers of SmolLM2-135M's shape, LoRA r=8, 4x256 tokens): peak RSS "
+                     + ", ".join(f"{c} {result[c]['peak_rss_mb']:.0f} MB (x{result[c]['rss_vs_pytorch']})"
+                                 for c in ("fp32", "int8", "int4"))
+                     + f" vs PyTorch {result['pytorch']['peak_rss_mb']:.0f} MB; tokens/s "
+                     + ", ".join(f"{c} {result[c]['tokens_per_s']}" for c in ("fp32", "int8", "int4"))
+                     + f" vs PyTorch {result['pytorch']['tokens_per_s']}")
+        return
     from train_step import DECODER_SHAPE, decoder_folder
 
     model_dir = decoder_folder(args.work, fresh=False)
