@@ -222,11 +222,11 @@ class Agent:
         bundle = self.fetch_bundle(task.bundle_digest)
         if task.bundle_digest not in self._data:
             self._data[task.bundle_digest] = load_dataset(self.data_config(task.data), bundle)
-            cut = getattr(self._data[task.bundle_digest], "notes", {})
-            if cut.get("truncated") or cut.get("dropped"):
-                log.warning("job %s: %d of %d examples cut to the bundle's max_length with part of their answer lost, "
-                            "%d dropped (their whole answer lay beyond it)", task.job_id, cut["truncated"],
-                            cut["examples"], cut["dropped"])
+            from edgeft.chat import truncation_note  # jinja2 only loads for datasets that need it
+
+            note = truncation_note(getattr(self._data[task.bundle_digest], "notes", {}))
+            if note:
+                log.warning("job %s: %s", task.job_id, note)
         session = open_session(bundle, threads=self.config.threads, provider=self.config.provider)
         if bundle.digest not in self._announced:
             self._announced.add(bundle.digest)

@@ -178,17 +178,28 @@ def encode_examples(tokenizer, examples: Sequence[tuple[str, list[tuple[int, int
     costs)."""
     out = ChatEncoding()
     for text, spans in examples:
-        ids, labels = label_tokens(tokenizer, text, spans)
-        if len(ids) > max_length:
-            lost = int((labels[max_length:] != IGNORE_INDEX).sum())
-            ids, labels = ids[:max_length], labels[:max_length]
-            if not (labels != IGNORE_INDEX).any():
-                out.dropped += 1
-                continue
-            out.truncated += int(lost > 0)
+        ids, labels, lost = cut_to(*label_tokens(tokenizer, text, spans), max_length)
+        if not (labels != IGNORE_INDEX).any():
+            out.dropped += 1
+            continue
+        out.truncated += int(lost)
         out.ids.append(ids)
         out.labels.append(labels)
     return out
+
+
+def cut_to(ids: np.ndarray, labels: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The first ``max_length`` tokens and labels, and whether the cut lost labelled (answer) tokens."""
+    lost = len(ids) > max_length and bool((labels[max_length:] != IGNORE_INDEX).any())
+    return ids[:max_length], labels[:max_length], lost
+
+
+def truncation_note(notes: Mapping) -> str | None:
+    """One line on what ``max_length`` cost a dataset (its ``notes``: examples, truncated, dropped), or None."""
+    if not notes.get("truncated") and not notes.get("dropped"):
+        return None
+    return (f"{notes['truncated']} of {notes['examples']} examples cut to the bundle's max_length with part of their "
+            f"answer lost; {notes['dropped']} dropped (their whole answer lay beyond it)")
 
 
 def bundle_template(bundle) -> ChatTemplate | None:  # noqa: ANN001  (edgeft.bundle.Bundle)

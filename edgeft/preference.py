@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgeft.chat import IGNORE_INDEX, bundle_template, label_tokens
+from edgeft.chat import IGNORE_INDEX, bundle_template, cut_to, label_tokens
 from edgeft.errors import DataError
 from edgeft.train.metrics import log_softmax
 
@@ -88,9 +88,7 @@ def load_preferences(rows: Sequence[Mapping], source: object, bundle, tokenizer,
             else:
                 text = prompt + answer + eos
                 spans = [(len(prompt), len(text))]
-            ids, labels = label_tokens(tokenizer, text, spans)
-            cut = len(ids) > max_length and (labels[max_length:] != IGNORE_INDEX).any()
-            pair.append((ids[:max_length], labels[:max_length], cut))
+            pair.append(cut_to(*label_tokens(tokenizer, text, spans), max_length))
         if any(not (labels != IGNORE_INDEX).any() for _, labels, _ in pair):
             dropped += 1
             continue

@@ -39,12 +39,12 @@ def run_local(job: LocalRun) -> tuple[TrainResult, dict]:
     if val_data is None and job.val_fraction > 0:
         train_data, val_data = split(train_data, job.val_fraction, job.config.seed)
 
+    from edgeft.chat import truncation_note  # jinja2 only loads when training runs
+
     for name, dataset in (("training", train_data), ("validation", val_data)):
-        cut = getattr(dataset, "notes", {})
-        if cut.get("truncated") or cut.get("dropped"):
-            print(f"{name} data: {cut['truncated']} of {cut['examples']} examples cut to max_length "
-                  f"{bundle.manifest.tokenizer['max_length']} tokens with part of their answer lost; {cut['dropped']} "
-                  "dropped (their whole answer lay beyond it)", flush=True)
+        note = truncation_note(getattr(dataset, "notes", {}))
+        if note:
+            print(f"{name} data: {note}", flush=True)
 
     def report(record: dict) -> None:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}

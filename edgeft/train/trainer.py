@@ -56,13 +56,14 @@ def evaluate(session, dataset: Dataset, task: str, pad_id: int,
     """The task's metrics of the session's current parameters on ``dataset`` (a DPO ``bundle``'s preference pairs:
     DPO loss, preference accuracy and reward margin, against the frozen base)."""
     order = np.argsort(dataset.lengths, kind="stable")
-    acc = Accumulator(task)
     if bundle is not None and bundle.manifest.loss == "dpo":
         from edgeft.preference import PreferenceAccumulator, ensure_reference
 
         if dataset.reference is None:  # type: ignore[attr-defined]  (computed once per dataset)
             ensure_reference(session, dataset, batch_size, pad_id, initial_parameters(bundle))  # type: ignore
         acc = PreferenceAccumulator(float((bundle.manifest.loss_options or {}).get("beta", 0.1)))
+    else:
+        acc = Accumulator(task)
     for batch in batches(dataset.subset(order), batch_size, pad_id):
         _, logits = session.eval_step(batch)
         acc.add(logits, batch["labels"])
