@@ -125,6 +125,18 @@ def tiny_qwen2(directory: str | Path, text: str, vocab_size: int = 512, seed: in
                     hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_sliding_window=False)
 
 
+def tiny_phi3(directory: str | Path, text: str, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
+              num_hidden_layers: int = 2, chat: bool = False) -> Path:
+    """A small Phi-3-architecture decoder: Llama's blocks with the query, key and value projections fused into one
+    ``qkv_proj`` and the gate and up projections into one ``gate_up_proj`` (as Phi-3-mini; untied output layer),
+    with a byte-level BPE tokenizer (``chat``: as ``tiny_llama``). Its Linear modules: qkv_proj, o_proj,
+    gate_up_proj, down_proj, lm_head."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return _decoder(directory, text, vocab_size, seed, chat, Phi3ForCausalLM, Phi3Config, tie_word_embeddings=False,
+                    hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+
+
 def _decoder(directory: str | Path, text: str, vocab_size: int, seed: int, chat: bool, model_class, config_class,
              **overrides: object) -> Path:  # noqa: ANN001
     """A decoder folder: tokenizer.json (and with ``chat`` a ChatML tokenizer_config.json), config and weights."""

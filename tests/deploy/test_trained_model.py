@@ -1,7 +1,7 @@
 """``edgeft.deploy.trained_model``: the model a bundle trained, rebuilt in PyTorch, computes the bundle's eval-graph
 logits (within 1e-4) for every kind of head: a sentence-pooled text head, the plain Hugging Face classifier head, a
-causal LM, a Hugging Face image classifier, a CNN, a feature MLP and a two-input array model given to
-export_module; merged and unmerged; wrong base models and adapters are refused by name."""
+causal LM (GPT-2; Phi-3 with fused projections), a Hugging Face image classifier, a CNN, a feature MLP and a two-input
+array model given to export_module; merged and unmerged; wrong base models and adapters are refused by name."""
 
 from __future__ import annotations
 
@@ -128,6 +128,25 @@ def test_causal_lm_matches_the_bundle_on_a_padded_batch(tiny_lm_bundle, tiny_gpt
     assert logits.shape[:2] == (2, 6) and logits.shape[2] > 300
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     np.testing.assert_allclose(peft_logits(base, tensors, tiny_lm_bundle, tmp_path / "peft", batch), logits,
+                               atol=TOLERANCE, rtol=0)
+
+
+def test_phi3_causal_lm_with_fused_projections(shakespeare, tmp_path):
+    """A tiny Phi-3 (LoRA on its fused qkv_proj and gate_up_proj, o_proj, down_proj): merged and unmerged, and the
+    PEFT folder on AutoModelForCausalLM, compute the bundle's logits on a padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.export.toy import tiny_phi3
+
+    folder = tiny_phi3(tmp_path / "phi3", shakespeare.read_text()[:50_000], vocab_size=320)
+    config = ExportConfig(task="causal-lm", max_length=32, adapter=AdapterConfig(rank=4), engine="ort-training")
+    bundle = export_hf(folder, tmp_path / "bundle", config)  # the portable engine's export takes 30-50 s
+    ids = np.array([[5, 17, 42, 8, 99, 3], [7, 11, 13, 0, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": np.array([[1] * 6, [1, 1, 1, 0, 0, 0]])}
+    tensors = moved(bundle)
+    logits = assert_same_as_bundle(bundle, tensors, folder, batch)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    np.testing.assert_allclose(peft_logits(base, tensors, bundle, tmp_path / "peft", batch), logits,
                                atol=TOLERANCE, rtol=0)
 
 
