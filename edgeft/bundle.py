@@ -86,6 +86,9 @@ class Manifest:
     preprocessing: dict | None = None
     # loss="dpo": {"beta"}. Absent otherwise.
     loss_options: dict | None = None
+    # Causal-LM bundles whose graphs read the attention mask as segment ids (1, 2, ...; 0 padding), so that several
+    # examples packed into one row (``TrainConfig.pack``) never attend to each other. False (and absent) otherwise.
+    packing: bool = False
 
     def head(self) -> tuple[str, str]:
         """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
@@ -107,6 +110,8 @@ class Manifest:
                 del data[optional]
         if data["input_kind"] == "tokens":
             del data["input_kind"]
+        if not data["packing"]:
+            del data["packing"]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod

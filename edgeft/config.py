@@ -190,6 +190,9 @@ class TrainConfig:
     # head-only bundles with fixed examples (arrays, images without augmentation): compute the frozen backbone's
     # features once and train the head on them (edgeft.train.cached); the same updates, far fewer forward passes
     cache_features: bool = True
+    # causal LM: pack short training examples into rows of the bundle's max_length (edgeft.data.pack); each example
+    # still attends only to itself, and far fewer padding tokens are computed. Bundles with ``manifest.packing``.
+    pack: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")

@@ -7,6 +7,7 @@ grouped into the same batches (length bucketing) so little compute goes to paddi
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,13 +31,16 @@ class Dataset:
     targets: np.ndarray | None  # None for causal LM (the labels are the ids)
     labels: list[np.ndarray] | None = None
     notes: dict = field(default_factory=dict)
+    # packed causal-LM rows (``pack``): each token's segment, 1, 2, ... (the attention mask the row is batched with)
+    segments: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: np.ndarray | list[int]) -> Dataset:
         return Dataset([self.ids[i] for i in index], None if self.targets is None else self.targets[index],
-                       None if self.labels is None else [self.labels[i] for i in index], self.notes)
+                       None if self.labels is None else [self.labels[i] for i in index], self.notes,
+                       None if self.segments is None else [self.segments[i] for i in index])
 
     @property
     def n_tokens(self) -> int:
@@ -151,6 +155,36 @@ def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool = F
         yield dataset.collate(group, pad_id, train=train, rng=rng)
 
 
+def pack(dataset: Dataset, max_length: int) -> Dataset:
+    """Causal-LM examples packed into rows of at most ``max_length`` tokens (best fit, longest first), so that
+    batches of short examples carry little padding. Each row's attention mask numbers its examples 1, 2, ...:
+    the bundle's graph (``manifest.packing``) lets a token attend only within its own example and restarts the
+    positions there, and the first token of every example gets no label (nothing before it in its example
+    predicts it), so a packed example's loss is the loss it has in a row of its own. Deterministic."""
+    if dataset.targets is not None or dataset.segments is not None:
+        raise ConfigError("only causal-LM examples can be packed, and only once")
+    order = sorted(range(len(dataset)), key=lambda i: (-len(dataset.ids[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens still free, row), sorted: the best fit is the first with enough room
+    for i in order:
+        n = len(dataset.ids[i])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (max_length - n, len(rows) - 1))
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (room - n, row))
+    ids, labels, segments = [], [], []
+    for row in rows:
+        parts = [dataset.labels[i] if dataset.labels is not None else dataset.ids[i] for i in row]
+        ids.append(np.concatenate([dataset.ids[i] for i in row]))
+        labels.append(np.concatenate([np.concatenate([[IGNORE_INDEX], p[1:]]).astype(np.int64) for p in parts]))
+        segments.append(np.concatenate([np.full(len(dataset.ids[i]), k, dtype=np.int64) for k, i in enumerate(row, 1)]))
+    return Dataset(ids, None, labels, {**dataset.notes, "packed_rows": len(rows)}, segments)
+
+
 def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) of token sequences padded on the right to the longest one."""
     width = max(len(s) for s in seqs)
@@ -165,6 +199,9 @@ def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 def collate(dataset: Dataset, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
     """Pad the examples at ``index`` to their longest one: input_ids, attention_mask, labels."""
     input_ids, mask = pad([dataset.ids[i] for i in index], pad_id)
+    if dataset.segments is not None:
+        for row, i in enumerate(index):
+            mask[row, : len(dataset.segments[i])] = dataset.segments[i]
     if dataset.labels is not None:
         labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
         for row, i in enumerate(index):

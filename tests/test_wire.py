@@ -79,10 +79,10 @@ def test_upload_without_header_or_with_bad_count_is_refused():
 
 
 def test_train_spec_round_trip():
-    config = TrainConfig(epochs=2, max_steps=None, batch_size=16, learning_rate=1e-3, grad_accum_steps=2)
+    config = TrainConfig(epochs=2, max_steps=None, batch_size=16, learning_rate=1e-3, grad_accum_steps=2, pack=True)
     back = train_config(train_spec(config), threads=1, progress=False)
     assert (back.epochs, back.max_steps, back.batch_size, back.learning_rate, back.grad_accum_steps) == (2, None, 16, 1e-3, 2)
-    assert back.threads == 1
+    assert back.threads == 1 and back.pack
 
 
 def test_bytes_that_do_not_parse_and_absurd_shapes_are_wire_errors():

@@ -53,6 +53,7 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--pack", action="store_true", help="causal LM: each device packs short examples into full rows")
     p.add_argument("--concurrency", type=int, help="agents training at once (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per agent (default 1)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -115,7 +116,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
         head_init=args.head_init, client_ranks=ranks, engines=csv_list(args.engines) or (),
         client_pythons=tuple(Path(p) for p in csv_list(args.client_pythons) or ()),
-        local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, progress=False)))
+        local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack,
+                          progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
     print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "
           f"report: {Path(args.out) / 'report.md'}")

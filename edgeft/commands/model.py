@@ -104,6 +104,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--pack", action="store_true", help="causal LM: pack short examples into rows of the bundle's "
+                                                       "max length (each still attends only to itself)")
     p.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
     p.add_argument("--early-stopping-metric", default="loss", help="validation metric to watch (default loss)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -128,8 +130,7 @@ def _run_train(args: argparse.Namespace) -> int:
                         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum,
                         early_stopping_patience=args.early_stopping_patience,
                         early_stopping_metric=args.early_stopping_metric, threads=args.threads, seed=args.seed,
-                        provider=args.provider,
-                        progress=not args.no_progress)
+                        provider=args.provider, pack=args.pack, progress=not args.no_progress)
     run_local(LocalRun(bundle=Path(args.bundle), train=_data_config(args, args.data, label_map),
                        val=_data_config(args, args.val, label_map), test=_data_config(args, args.test, label_map),
                        val_fraction=args.val_fraction, config=train, out=Path(args.out)))

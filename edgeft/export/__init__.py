@@ -194,7 +194,8 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         peft_config=adapted.peft_config,
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
         pooling=source.pooling, engine=config.engine, input_kind=source.input_kind,
-        preprocessing=source.preprocessing, loss_options={"beta": config.dpo_beta} if config.loss == "dpo" else None)
+        preprocessing=source.preprocessing, loss_options={"beta": config.dpo_beta} if config.loss == "dpo" else None,
+        packing=config.task == "causal-lm" and config.loss != "dpo")
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None, sizes: list[int] | None = None

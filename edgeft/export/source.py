@@ -113,17 +113,25 @@ class SentenceClassifier(nn.Module):
 
 
 def causal_lm_inputs(inputs: dict[str, torch.Tensor]) -> dict:
-    """Turn a 2-D padding mask into the additive 4-D causal mask a decoder accepts as is.
+    """Turn the 2-D attention mask into the additive 4-D causal mask a decoder accepts as is, and position ids.
 
-    transformers builds that mask with torch.vmap, which the TorchScript exporter cannot trace; built
-    here from plain tensor ops it stays dynamic in batch and sequence length.
+    The mask may hold segment ids (``edgeft.data.pack``: examples packed into one row, numbered 1, 2, ...; 0 is
+    padding): a token attends to the tokens before it in its own segment only, and positions restart at 0 in
+    each segment, so packed examples train exactly as if each had its own row. A 0/1 mask is one segment per row
+    (padding on the right), the usual padding mask. transformers builds its mask with torch.vmap, which the
+    TorchScript exporter cannot trace; built here from plain tensor ops it stays dynamic in batch and length.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     length = ids.shape[1]
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=ids.device))
-    allowed = causal[None, None] & mask[:, None, None, :].bool()
-    additive = (~allowed).to(torch.float32) * torch.finfo(torch.float32).min
-    return {**inputs, "attention_mask": additive, "use_cache": False}
+    same = (mask[:, :, None] == mask[:, None, :]) & causal[None]  # [B, query, key]: earlier tokens, same segment
+    valid = mask > 0
+    # padding rows keep attending to every real token before them (their outputs are never used; no empty rows)
+    allowed = (same | ~valid[:, :, None]) & valid[:, None, :] & causal[None]
+    additive = (~allowed[:, None]).to(torch.float32) * torch.finfo(torch.float32).min
+    arange = torch.cumsum(torch.ones_like(mask), dim=1) - 1
+    positions = torch.where(valid, same.to(torch.int64).sum(dim=-1) - 1, arange)
+    return {**inputs, "attention_mask": additive, "position_ids": positions, "use_cache": False}
 
 
 def _weights_digest(files: list[Path]) -> str:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from edgeft.bundle import Bundle
 from edgeft.config import TrainConfig
-from edgeft.data import Dataset, batches
+from edgeft.data import Dataset, batches, pack
 from edgeft.errors import ConfigError, TrainingError
 from edgeft.train.cached import cached_head
 from edgeft.train.metrics import Accumulator, higher_is_better
@@ -89,6 +89,19 @@ def class_statistics(session, dataset: Dataset, num_classes: int, pad_id: int,
     return acc.tensors(), len(dataset)
 
 
+def packed(bundle: Bundle, dataset: Dataset) -> Dataset:
+    """``dataset`` packed into rows of the bundle's max_length (``TrainConfig.pack``), or a ConfigError saying why
+    this bundle cannot pack."""
+    manifest = bundle.manifest
+    if manifest.task != "causal-lm" or manifest.loss == "dpo":
+        raise ConfigError("pack: packing is for causal-LM training examples (not classification data or DPO's "
+                          "preference pairs); train without --pack")
+    if not manifest.packing:
+        raise ConfigError("pack: this causal-LM bundle was exported before edgeft could pack examples (its graphs "
+                          "would let packed examples attend to each other); export it again, or train without --pack")
+    return pack(dataset, int(manifest.tokenizer["max_length"]))
+
+
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
     micro = math.ceil(n_examples / config.batch_size)
@@ -118,6 +131,9 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
         session.set_parameters(result.parameters, proximal_anchor=False)
         return result
     task, pad_id = bundle.manifest.task, pad_id_of(bundle)
+    n_examples = len(train_data)
+    if config.pack:
+        train_data = packed(bundle, train_data)
     if bundle.manifest.loss == "dpo":  # the frozen base's log-probabilities, before any step moves the adapter
         from edgeft.preference import ensure_reference
 
@@ -129,7 +145,7 @@ def train(bundle: Bundle, train_data: Dataset, config: TrainConfig, val_data: Da
     # ORT sums accumulated gradients; AdamW is invariant to that scale, SGD is not.
     lr_scale = 1.0 / config.grad_accum_steps if bundle.manifest.optimizer.get("name") == "sgd" else 1.0
     metric = config.early_stopping_metric
-    result = TrainResult(parameters={}, n_examples=len(train_data))
+    result = TrainResult(parameters={}, n_examples=n_examples)
     best_value, bad_epochs, step, epoch = None, 0, 0, 0
     bar = tqdm(total=total, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
     started = time.perf_counter()

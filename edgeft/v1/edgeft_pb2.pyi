@@ -88,20 +88,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("epochs", "max_steps", "batch_size", "learning_rate", "warmup_ratio", "grad_accum_steps")
+    __slots__ = ("epochs", "max_steps", "batch_size", "learning_rate", "warmup_ratio", "grad_accum_steps", "pack")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PACK_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     max_steps: int
     batch_size: int
     learning_rate: float
     warmup_ratio: float
     grad_accum_steps: int
-    def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., grad_accum_steps: _Optional[int] = ...) -> None: ...
+    pack: bool
+    def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., grad_accum_steps: _Optional[int] = ..., pack: _Optional[bool] = ...) -> None: ...
 
 class DataSchema(_message.Message):
     __slots__ = ("text_column", "label_column", "format", "image_column", "feature_columns")

@@ -79,14 +79,14 @@ def upload_receipt_from_pb(message: pb.UploadResponse) -> UploadReceipt:
 def train_spec(config: TrainConfig) -> pb.TrainSpec:
     return pb.TrainSpec(epochs=config.epochs, max_steps=config.max_steps or 0, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
-                        grad_accum_steps=config.grad_accum_steps)
+                        grad_accum_steps=config.grad_accum_steps, pack=config.pack)
 
 
 def train_config(spec: pb.TrainSpec, **device_settings: object) -> TrainConfig:
     """The TrainConfig a Task asks for, plus the device's own settings (threads, progress)."""
     return TrainConfig(epochs=spec.epochs or 1, max_steps=spec.max_steps or None, batch_size=spec.batch_size or 32,
                        learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio,
-                       grad_accum_steps=spec.grad_accum_steps or 1, **device_settings)  # type: ignore[arg-type]
+                       grad_accum_steps=spec.grad_accum_steps or 1, pack=spec.pack, **device_settings)  # type: ignore[arg-type]
 
 
 # -- registration, polling, tasks ---------------------------------------------------------------------------
