@@ -34,7 +34,7 @@ def main() -> None:
     from edgeft.datasets import TINYSHAKESPEARE
     from edgeft.export import export_hf
     from edgeft.export.toy import tiny_gpt2
-    from edgeft.train.session import TrainingSession
+    from edgeft.train.engines import open_session
     from edgeft.train.trainer import evaluate, train
 
     shutil.rmtree(args.work, ignore_errors=True)
@@ -45,7 +45,7 @@ def main() -> None:
                           adapter=AdapterConfig(rank=args.rank, alpha=2 * args.rank, target_modules=targets))
     bundle = export_hf(model_dir, args.work / "bundle", config)
     train_data, val_data = split(load_dataset(DataConfig(TINYSHAKESPEARE), bundle), 0.05, seed=0)
-    before = evaluate(TrainingSession(bundle), val_data, "causal-lm", 0)
+    before = evaluate(open_session(bundle), val_data, "causal-lm", 0)
     result = train(bundle, train_data, TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=args.lr,
                                                    progress=False), val_data)
     ppl = [round(h["val_perplexity"], 2) for h in result.history]
