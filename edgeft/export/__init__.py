@@ -53,6 +53,8 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"output folder {out_dir} is not empty; choose a new folder for the bundle")
+    if config.engine == "ort-training":
+        artifacts.refuse_oversized(source.model)
     torch.manual_seed(config.seed)
     adapted = apply_adapter(source, config.adapter, config.task)
     source = with_head_features(source, adapted, config)

@@ -19,6 +19,25 @@ from edgeft.config import OptimizerConfig
 from edgeft.errors import ExportError
 
 
+# An ort-training bundle holds every weight twice over in formats that stop at 2 GiB: the exported graph is one
+# protobuf message (ONNX) and ORT's checkpoint one flatbuffer. Weights within GRAPH_ROOM of the limit already fail.
+ARTIFACT_LIMIT = 2**31
+GRAPH_ROOM = 2**26
+
+
+def refuse_oversized(model: object) -> None:
+    """``ExportError`` before any work when ``model``'s (a torch module's) parameters and buffers, stored as fp32,
+    are too large for ONNX Runtime training artifacts; the portable engine keeps frozen weights in ONNX external data
+    and exports such models."""
+    tensors = [*model.parameters(), *model.buffers()]  # type: ignore[attr-defined]  # each shared tensor once
+    size = sum(4 * t.numel() for t in tensors)
+    if size > ARTIFACT_LIMIT - GRAPH_ROOM:
+        raise ExportError(f"this model's weights are {size / 2**30:.2f} GiB in fp32; the ort-training engine cannot "
+                          f"export over {(ARTIFACT_LIMIT - GRAPH_ROOM) / 2**30:.2f} GiB (its graph is one ONNX "
+                          "protobuf and its checkpoint one flatbuffer, both limited to 2 GiB): export with "
+                          "engine='portable' (--engine portable), which keeps the frozen weights in ONNX external data")
+
+
 def generate(graph_path: Path, trainable: list[str], optimizer: OptimizerConfig, out_dir: Path) -> None:
     """Write training, eval and optimizer models plus the checkpoint for ``trainable`` into ``out_dir``."""
     from onnxruntime.training import artifacts

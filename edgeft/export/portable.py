@@ -89,7 +89,7 @@ class _Step(nn.Module):
                 name = graph_names[spec.target]
                 if name not in state and name not in self.frozen:
                     buffer = f"frozen_{len(self.frozen)}"
-                    self.register_buffer(buffer, values[name].detach().clone())
+                    self.register_buffer(buffer, values[name].detach())  # the model's memory, not a copy
                     self.frozen[name] = buffer
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -147,7 +147,9 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level  # "torchvision is not installed. Skipping torchvision::nms", four lines a graph
     registration.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), _restored(registration, level):
+    # Each graph's frozen weights go to the shared file as soon as it is made: a model over 2 GB (ONNX's protobuf
+    # limit) exports, and the coordinator holds the model's weights and one graph's copy of them at a time.
+    with warnings.catch_warnings(), _restored(registration, level), _SharedWeights(out_dir, config.base_bits) as shared:
         warnings.simplefilter("ignore")
         forward = _export(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
                                                       strict=False), "torch.export")
@@ -155,22 +157,22 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                        **{f"g.anchors.{i}": a for i, a in enumerate(anchors)}}
         from torch.export.experimental import _export_forward_backward
 
-        joint = _export(lambda: _export_forward_backward(copy.deepcopy(forward), 0), "the backward pass")
+        # the backward pass rewrites the program it is given: a copy of it, sharing its weights (not copying them)
+        weights = {id(t): t for t in [*forward.state_dict.values(), *forward.constants.values()]
+                   if isinstance(t, torch.Tensor)}
+        joint = _export(lambda: _export_forward_backward(copy.deepcopy(forward, weights), 0), "the backward pass")
         _translatable(joint.graph_module)
         trainable_values = tuple(values[n].detach().clone() for n in adapted.trainable)
         state_values = tuple(values[n].detach().clone() for n in state)
         zeros = tuple(torch.zeros_like(v) for v in trainable_values)
-        gradient = _to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
-                            user_args + state_values + zeros, user_shapes, config.onnx_opset,
-                            [*user_names, *state, *(GRAD_PREFIX + n for n in adapted.trainable)],
-                            [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)])
-        evaluation = _to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
-                              user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs)
-    if config.base_bits:
-        from edgeft.export.lowbit import quantise_frozen
-
-        quantise_frozen({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, config.base_bits)
-    _write_with_shared_weights({GRADIENT_MODEL: gradient, EVAL_MODEL: evaluation}, out_dir)
+        shared.save(_to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
+                             user_args + state_values + zeros, user_shapes, config.onnx_opset,
+                             [*user_names, *state, *(GRAD_PREFIX + n for n in adapted.trainable)],
+                             [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)]), GRADIENT_MODEL)
+        del joint
+        shared.save(_to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
+                             user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs),
+                    EVAL_MODEL)
     onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
                               config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
     save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
@@ -336,33 +338,51 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def _write_with_shared_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
-    """Save ``models`` with every initializer of SHARED_MIN_BYTES or more in FROZEN_WEIGHTS, as ONNX external
-    data: a tensor that several graphs hold (the same weight, or the same constant-folded transpose of it, under
-    any name) is stored once and each graph points at the same bytes."""
-    import hashlib
+class _SharedWeights:
+    """FROZEN_WEIGHTS being written. ``save(model, name)`` moves every initializer of ``model`` of SHARED_MIN_BYTES or
+    more into it, as ONNX external data (after quantising the frozen weights to ``bits``, when given), and saves the
+    graph as ``name``: a tensor that several graphs hold (the same weight, or the same constant-folded transpose of
+    it, under any name) is stored once and each graph points at the same bytes."""
 
-    placed: dict[str, tuple[int, int]] = {}
-    with open(out_dir / FROZEN_WEIGHTS, "wb") as fh:
-        for model in models.values():
-            for tensor in model.graph.initializer:
-                # int4 tensors keep their packed bytes (two values a byte); numpy would unpack them
-                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-                if len(data) < SHARED_MIN_BYTES:
-                    continue
-                key = hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + data).hexdigest()
-                if key not in placed:
-                    offset = -fh.tell() % ALIGNMENT + fh.tell()
-                    fh.seek(offset)
-                    fh.write(data)
-                    placed[key] = (offset, len(data))
-                offset, length = placed[key]
-                for field in ("raw_data", "float_data", "int64_data", "int32_data", "double_data"):
-                    tensor.ClearField(field)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for k, value in (("location", FROZEN_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = k, value
-    for name, model in models.items():
-        onnx.save(model, str(out_dir / name))
+    def __init__(self, out_dir: Path, bits: int | None = None):
+        self.out_dir, self.bits = out_dir, bits
+        self.placed: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> _SharedWeights:
+        self.fh = open(self.out_dir / FROZEN_WEIGHTS, "wb")  # noqa: SIM115
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def save(self, model: onnx.ModelProto, name: str) -> None:
+        import hashlib
+
+        if self.bits:
+            from edgeft.export.lowbit import quantise_frozen
+
+            quantise_frozen({name: model}, self.bits)
+        fh = self.fh
+        for tensor in model.graph.initializer:
+            # int4 tensors keep their packed bytes (two values a byte); numpy would unpack them
+            data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            if len(data) < SHARED_MIN_BYTES:
+                continue
+            digest = hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode())
+            digest.update(data)  # not hashed as header + data: that would be another copy of a large tensor
+            key = digest.hexdigest()
+            if key not in self.placed:
+                offset = -fh.tell() % ALIGNMENT + fh.tell()
+                fh.seek(offset)
+                fh.write(data)
+                self.placed[key] = (offset, len(data))
+            offset, length = self.placed[key]
+            del data
+            for field in ("raw_data", "float_data", "int64_data", "int32_data", "double_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for k, value in (("location", FROZEN_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = k, value
+        onnx.save(model, str(self.out_dir / name))

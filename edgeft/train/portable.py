@@ -3,7 +3,8 @@
 Three graphs (``edgeft.export.portable``): gradient (forward + backward, accumulating), optimizer, eval. The
 trainable parameters, their gradient accumulators and the optimizer state stay ONNX Runtime values on the
 execution provider's device between steps (IOBinding); they are read back only to save or upload. The frozen
-weights are read once and handed to both the gradient and the eval session as the same initializer values.
+weights are mapped from their file once (memory-mapped, not read into a copy) and handed to both the gradient and
+the eval session as the same initializer values.
 Never imports torch or ``onnxruntime.training``.
 """
 
@@ -31,7 +32,9 @@ ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32,
 
 def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The external (frozen) initializers of the ONNX model at ``path``, as views into ``files`` (file name ->
-    its bytes; a file not read yet is read and added): graphs that point into the same file share its memory."""
+    its bytes; a file not mapped yet is memory-mapped and added): graphs that point into the same file share its
+    memory, and the process holds no copy of it beside the operating system's file cache (the pages are the
+    file's; copy-on-write, so nothing written through a view reaches the file)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -42,7 +45,7 @@ def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, n
         info = {e.key: e.value for e in tensor.external_data}
         location = info["location"]
         if location not in files:
-            files[location] = np.fromfile(path.parent / location, dtype=np.uint8)
+            files[location] = np.memmap(path.parent / location, dtype=np.uint8, mode="c")
         offset, length = int(info.get("offset", 0)), int(info["length"])
         dtype = ONNX_DTYPES.get(tensor.data_type)
         if dtype is None:  # e.g. int4 (a low-bit frozen base): ONNX Runtime reads it from the file itself
