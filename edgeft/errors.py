@@ -53,6 +53,13 @@ class StateError(EdgeftError):
     grpc_code = "DATA_LOSS"
 
 
+class Unavailable(EdgeftError):
+    """A service the coordinator needs (its database) cannot be reached or did not answer now; nothing was
+    applied, and the same call later may succeed (agents retry it)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class TrainingError(EdgeftError):
     """On-device training failed (for example, the loss became NaN)."""
 

@@ -16,6 +16,17 @@ if [ -z "$py" ]; then
   echo "edgeft needs Python 3.10, 3.11 or 3.12 (set PYTHON=/path/to/python)" >&2
   exit 1
 fi
+# PostgreSQL for the coordinator's database tests (tests/server, marker postgres: each run starts a throwaway
+# cluster of its own on a free loopback port, so whether the package's own cluster started does not matter).
+# Installed only where it is missing, we are root and apt-get exists (CI: a clean Debian machine as root); elsewhere
+# those tests skip and say why.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+           postgresql; } >/tmp/edgeft-apt.log 2>&1; then
+    echo "warning: could not install PostgreSQL (see /tmp/edgeft-apt.log); its tests will be skipped" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[all]"

@@ -19,7 +19,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from edgeft.errors import ConfigError, NotFound, Unauthenticated
-from edgeft.server.store import tokens
+from edgeft.server.store import tokens, transaction
 
 TOKEN_PREFIX = "eft_"  # makes a leaked token easy to recognise (secret scanners, logs)
 METADATA_KEY = "authorization"
@@ -99,7 +99,7 @@ class TokenStore:
         created = time.time()
         info = TokenInfo(id="tok_" + secrets.token_hex(6), job_id=job_id, note=note, created_at=created,
                          expires_at=None if expires_in_s is None else created + expires_in_s, revoked_at=None)
-        with self.engine.begin() as conn:
+        with transaction(self.engine) as conn:
             conn.execute(insert(tokens).values(id=info.id, job_id=job_id, sha256=hash_token(token), note=note,
                                                created_at=created, expires_at=info.expires_at, revoked_at=None))
         return info, token
@@ -108,23 +108,24 @@ class TokenStore:
         query = select(tokens).order_by(tokens.c.created_at)
         if job_id is not None:
             query = query.where(tokens.c.job_id == job_id)
-        with self.engine.begin() as conn:
+        with transaction(self.engine) as conn:
             return [_info(row) for row in conn.execute(query).all()]
 
     def revoke(self, token_id: str) -> TokenInfo:
         """Revoke a token by its id; the next call made with it is refused (UNAUTHENTICATED)."""
-        with self.engine.begin() as conn:
+        with transaction(self.engine) as conn:
             row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
             if row is None:
                 raise NotFound(f"no token {token_id!r}; `edgeft server token list` shows the ids")
-            if row.revoked_at is None:
-                conn.execute(update(tokens).where(tokens.c.id == token_id).values(revoked_at=time.time()))
+            if row.revoked_at is None:  # the first revocation's time stays
+                conn.execute(update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+                             .values(revoked_at=time.time()))
                 row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
         return _info(row)
 
     def authenticate(self, token: str) -> Principal:
         """The principal of a valid token; Unauthenticated for an unknown, revoked or expired one."""
-        with self.engine.begin() as conn:
+        with transaction(self.engine) as conn:
             row = conn.execute(select(tokens).where(tokens.c.sha256 == hash_token(token))).first()
         if row is None:
             raise Unauthenticated("unknown enrolment token; ask the coordinator's operator for a token of your job")

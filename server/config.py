@@ -2,7 +2,8 @@
 
     [server]
     address = "127.0.0.1:50051"   # where to listen
-    state_dir = "coordinator"     # SQLite database and artifact store
+    state_dir = "coordinator"     # artifact store, and the SQLite database state.db unless database is given
+    # database = "postgresql+psycopg://edgeft@db.example/edgeft"  # any SQLAlchemy URL (password: PGPASSWORD)
     # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
     [server.tls]
     cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
@@ -133,6 +134,7 @@ class ServerConfig:
 
     address: str = "127.0.0.1:50051"
     state_dir: Path = Path("coordinator")
+    database: str | None = None  # a SQLAlchemy URL; None: the SQLite file state_dir/state.db
     jobs: tuple[JobConfig, ...] = ()
     poll_wait_s: float = 5.0
     tls: TlsConfig | None = None
@@ -141,6 +143,13 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.database is not None:
+            from edgeft.server.store import database_url
+
+            if not isinstance(self.database, str) or "://" not in self.database:
+                raise ConfigError("invalid server.database: must be a SQLAlchemy URL such as "
+                                  "postgresql+psycopg://user@host/db or sqlite:////path/to/state.db")
+            database_url(self.database)  # ConfigError when it does not parse (neither echoes a password)
         ids = [j.id for j in self.jobs]
         check_config(len(ids) == len(set(ids)), "job.id", ids, "job ids must be unique")
         check_config(isinstance(self.insecure, bool), "server.insecure", self.insecure, "must be true or false")
@@ -152,7 +161,13 @@ class ServerConfig:
                "give either [server.tls] or insecure = true, not both")
 
 
-SERVER_KEYS = ("address", "state_dir", "poll_wait_s", "insecure", "tls", "limits")
+    @property
+    def database_url(self) -> str:
+        """The coordinator's database: ``database``, or the SQLite file ``state.db`` in ``state_dir``."""
+        return self.database if self.database is not None else f"sqlite:///{self.state_dir / 'state.db'}"
+
+
+SERVER_KEYS = ("address", "state_dir", "database", "poll_wait_s", "insecure", "tls", "limits")
 
 
 def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
@@ -201,12 +216,25 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
         if tls is not None:
             tls = TlsConfig(**{k: base / v for k, v in tls.items()})
         return ServerConfig(address=server.get("address", "127.0.0.1:50051"),
-                            state_dir=base / server.get("state_dir", "coordinator"), jobs=tuple(jobs),
+                            state_dir=base / server.get("state_dir", "coordinator"),
+                            database=_database(server.get("database"), base), jobs=tuple(jobs),
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
                             limits=ServerLimits(**server.get("limits", {})))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
+
+
+def _database(url: object, base: Path) -> object:
+    """[server] database with a relative SQLite file path taken from the config file's folder."""
+    if not isinstance(url, str) or not url.startswith("sqlite"):
+        return url
+    from edgeft.server.store import database_url
+
+    parsed = database_url(url)
+    if parsed.database and parsed.database != ":memory:" and not Path(parsed.database).is_absolute():
+        return parsed.set(database=str(base / parsed.database)).render_as_string(hide_password=False)
+    return url
 
 
 def _export_config(export: dict, adapter: dict, optimizer: dict, base: Path) -> ExportConfig | None:

@@ -25,7 +25,7 @@ import numpy as np
 from edgeft.aggregate import STRATEGIES, Strategy, build_strategy
 from edgeft.aggregate.lora_ranks import HeteroRankFedAvg
 from edgeft.bundle import Bundle
-from edgeft.errors import NotFound, Rejected
+from edgeft.errors import NotFound, Rejected, Unavailable
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
@@ -46,15 +46,16 @@ CLOCK_S = 0.25  # how often the clock closes rounds whose deadline passed
 LIVENESS_S = 1.0  # a device's polls within this long of its last liveness write read only (long-polls repeat)
 
 
-def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None
+def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None, database: str | None = None
                    ) -> tuple[Bundle, dict[str, np.ndarray], int]:
     """Read-only: a job's global adapter after ``round_number`` (default: the latest), its bundle and the
-    round, from a coordinator's state folder (for ``edgeft deploy --state``; the coordinator may be running)."""
+    round, from a coordinator's state folder and its ``database`` (default: the folder's SQLite file) (for
+    ``edgeft deploy --state``; the coordinator may be running)."""
     state_dir = Path(state_dir)
-    if not (state_dir / "state.db").is_file():
+    if database is None and not (state_dir / "state.db").is_file():
         raise NotFound(f"{state_dir} is not a coordinator state folder (no state.db); pass the server's "
-                       "state_dir")
-    state = State(open_database(state_dir / "state.db"))
+                       "state_dir (and --database when its [server] database is not the folder's file)")
+    state = State(open_database(database or state_dir / "state.db", upgrade=False))
     try:
         row = state.adapter(job_id, round_number)
         digest = state.job(job_id).bundle_digest
@@ -79,7 +80,7 @@ class Coordinator:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
-        self.state = open_state(config.state_dir, self.artifacts)
+        self.state = open_state(config.database_url, self.artifacts)
         self.engine = self.state.engine
         self.artifacts.remove_partial()  # blobs and bundles whose writing a crash cut short
         self.jobs = {job.id: job for job in config.jobs}
@@ -127,11 +128,20 @@ class Coordinator:
             self._clock = None
 
     def _run_clock(self, interval_s: float) -> None:
+        waiting = False  # for the database: said once per outage, not every turn
         while not self._stop.wait(interval_s):
             try:
                 self.tick()
+            except Unavailable as exc:
+                if not waiting:
+                    log.warning("the round clock waits for the database: %s", exc)
+                waiting = True
+                continue
             except Exception:  # noqa: BLE001 - the clock outlives one failed turn; the next one retries
                 log.exception("the round clock's turn failed")
+            if waiting:
+                log.warning("the database answers again; the round clock goes on")
+            waiting = False
 
     def tick(self) -> None:
         """Close rounds whose deadline passed (or fail them below the minimum); move secure phases on."""

@@ -103,9 +103,10 @@ class JobBundles:
         # with a head init, round 0 is the statistics round: the exported adapter is version -1 and the
         # statistics-built head makes version 0, which round 1 trains from
         first = 0 if method != "none" else 1
-        self.state.create_job(job.id, bundle.digest, job.rounds, first, blob,
-                              {rank: b.digest for rank, b in smaller.items()},
-                              {engine: b.digest for engine, b in engines.items()})
+        if not self.state.create_job(job.id, bundle.digest, job.rounds, first, blob,
+                                     {rank: b.digest for rank, b in smaller.items()},
+                                     {engine: b.digest for engine, b in engines.items()}):
+            return self._resume(job, self.state.job(job.id))  # another coordinator process created it meanwhile
         self.rank_bundles[job.id] = {adapter_rank(bundle.manifest): bundle, **smaller}
         self.engine_bundles[job.id] = engines
         return Started(evaluate=[0] if first == 1 else [])

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeft.aggregate import RoundContext, Strategy
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
-from edgeft.errors import DataError, EdgeftError, NotFound, Rejected
+from edgeft.errors import DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.secagg.updates import SecAggSettings
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.config import JobConfig, ServerConfig
@@ -91,7 +91,7 @@ class CollectedRound(RoundKind):
         except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
             rounds.fail(job, row.number, f"round {row.number} {self.failure(job)}: {exc}")
             return
-        rounds.store(job, row.number, blob, state, report, started)
+        rounds.store(job, row.number, blob, state, report, started, updates_aggregated=count)
 
     def aggregate(self, rounds: "Rounds", job: JobConfig, row) -> tuple[dict, dict | None, dict]:  # noqa: ANN001
         raise NotImplementedError
@@ -158,7 +158,9 @@ class StatisticsRound(CollectedRound):
 
 
 class Rounds:
-    """The round rules over the stored state. One writer at a time (``lock``): rounds close exactly once."""
+    """The round rules over the stored state. The database keeps them with any number of writers (a round
+    closes once, a device counts once per round: ``State``); ``lock`` only spares this process duplicate work
+    (two threads aggregating the same round)."""
 
     def __init__(self, config: ServerConfig, jobs: dict[str, JobConfig], bundles: JobBundles, state: State,
                  artifacts: ArtifactStore, strategies: dict[str, Strategy], secure: RoundKind,
@@ -167,7 +169,6 @@ class Rounds:
         self.artifacts, self.strategies, self.secure, self.on_closed = artifacts, strategies, secure, on_closed
         self.plain, self.statistics = PlainRound(), StatisticsRound()
         self.lock = threading.RLock()
-        self._count_lock = threading.Lock()  # rejection counters
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
@@ -257,6 +258,8 @@ class Rounds:
                                "single update, so it is refused; the device takes part in SecureAggregate instead",
                                reason="secure_aggregation")
             return self._submit(job, header, update, size)
+        except Unavailable:  # the database did not answer: nothing to count it in, and not the device's fault
+            raise
         except EdgeftError as exc:
             self.count_rejection(job.id, exc)
             raise
@@ -270,10 +273,12 @@ class Rounds:
         except DataError as exc:
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.artifacts.put_tensors(update.tensors)
-        with self.lock:  # the round may have closed while the update was checked
-            if not self._open_for(job, header) or not self.state.add_update(
-                    job.id, header.round, header.device_id, header.upload_id, update.n_examples, update.metrics,
-                    blob, size):
+        with self.lock:
+            if not self.state.add_update(job.id, header.round, header.device_id, header.upload_id,
+                                         update.n_examples, update.metrics, blob, size):
+                # the round closed while the update was checked, or this device's update came in meanwhile (a
+                # replay on another connection or coordinator): Rejected saying which, or False for a replay
+                self._open_for(job, header)
                 return False
             self.close_if_done(job, header.round)
         return True
@@ -311,8 +316,7 @@ class Rounds:
             reason, message = error.reason or type(error).__name__, str(error)
         else:
             reason = error
-        with self._count_lock:
-            self.state.count_rejection(job_id, reason, message)
+        self.state.count_rejection(job_id, reason, message)
 
     # -- closing ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -333,13 +337,17 @@ class Rounds:
             self.kind(job, number).close(self, job, row, count, deadline_passed)
 
     def fail(self, job: JobConfig, number: int, message: str) -> None:
-        """Record that round ``number`` failed and why; the job stops (nothing else is written)."""
-        log.error("job %s: %s", job.id, message)
-        self.state.fail_round(job.id, number, message)
+        """Record that open round ``number`` failed and why; the job stops (nothing else is written)."""
+        if self.state.fail_round(job.id, number, message):
+            log.error("job %s: %s", job.id, message)
 
-    def store(self, job: JobConfig, number: int, blob: str, state: dict | None, report: dict, started: float) -> None:
-        """Write a closed round: the new global adapter, the strategy's state and report, the job's progress."""
+    def store(self, job: JobConfig, number: int, blob: str, state: dict | None, report: dict, started: float,
+              updates_aggregated: int | None = None) -> None:
+        """Write a closed round: the new global adapter, the strategy's state and report, the job's progress.
+        Nothing when the round is closed already, or stores more updates than the ``updates_aggregated`` the
+        aggregation read (another process stored one meanwhile: the round closes on a later turn)."""
         state_blob = self.artifacts.put_tensors(state) if state else None
         self.last_close_seconds = time.perf_counter() - started
-        self.state.close_round(job.id, number, blob, state_blob, report, finished=number >= job.rounds)
-        self.on_closed(job, number)
+        if self.state.close_round(job.id, number, blob, state_blob, report, finished=number >= job.rounds,
+                                  updates_aggregated=updates_aggregated):
+            self.on_closed(job, number)

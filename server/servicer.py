@@ -323,7 +323,8 @@ def serve(config: ServerConfig) -> None:
     server.start()
     wire = ("PLAINTEXT" if config.insecure else
             "mutual TLS" if config.tls.client_ca is not None else "TLS")
-    log.warning("edgeft coordinator listening on port %d (%s)", port, wire)
+    log.warning("edgeft coordinator listening on port %d (%s); state database %s, artifacts in %s", port, wire,
+                coordinator.engine.url.render_as_string(hide_password=True), coordinator.artifacts.root)
     try:
         coordinator.wait_until_finished(timeout=float("inf"))
         log.warning("all jobs are over; serving final answers for 10 s")

@@ -2,32 +2,55 @@
 
 The one module of the coordinator that speaks SQL (enrolment tokens keep theirs in ``edgeft.server.auth``). Every
 method is one transaction; the round, job and device rules live in ``rounds``, ``jobs`` and ``coordinator``.
+Several coordinator processes may write one database: what must happen once (one update per device and round, one
+global adapter per round, a round closed or failed once, one row per device, enrolment, job) is decided by the
+database's unique keys and by claiming the round's row (an UPDATE ... WHERE status = 'open', which PostgreSQL
+locks and SQLite serialises), never by a lock in this process. A database that cannot be reached raises
+Unavailable (``store.transaction``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 from typing import Iterable
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, inspect, insert, select, update
+from sqlalchemy.engine import Connection
 
 from edgeft.errors import NotFound, PermissionDenied, StateError
 from edgeft.server.artifacts import ArtifactStore
-from edgeft.server.store import (adapters, aggregations, devices, downloads, enrolments, evaluations, job_bundles,
-                                 job_engines, jobs, now, open_database, rejections, rounds, updates, upsert_device)
+from edgeft.server.schema import upgrade
+from edgeft.server.store import (adapters, aggregations, connect, devices, downloads, enrolments, evaluations,
+                                 insert_ignore, job_bundles, job_engines, jobs, label, now, rejections, rounds,
+                                 transaction, updates, upsert, upsert_device)
+
+log = logging.getLogger("edgeft.server")
 
 
-def open_state(state_dir: Path, artifacts: ArtifactStore) -> "State":
-    """The coordinator's database; a missing or empty database beside an artifact store that holds blobs is a
-    lost state (StateError), never a fresh start."""
-    path = state_dir / "state.db"
-    had_state = any(p.is_file() and p.stat().st_size > 0 for p in (path, path.with_name("state.db-wal")))
-    if not had_state and artifacts.has_blobs():
-        raise StateError(f"{path} is missing or empty, but {artifacts.root} holds the artifacts of a coordinator "
-                         "state: the database was lost. Restore the state folder from a backup, or start over with "
-                         "a new state_dir")
-    return State(open_database(path))
+class _Changed(Exception):
+    """A round's updates changed between its aggregation and its closing (another process stored one)."""
+
+
+def open_state(database: str, artifacts: ArtifactStore) -> "State":
+    """The coordinator's database (a SQLAlchemy URL), its schema brought to this edgeft's (``schema.upgrade``).
+    A database without the coordinator's tables beside an artifact store that holds blobs is a lost state
+    (StateError), never a fresh start."""
+    engine = connect(database)
+    try:
+        with engine.connect() as conn:
+            had_state = inspect(conn).has_table("jobs")
+        if not had_state and artifacts.has_blobs():
+            where = engine.url.database if engine.url.get_backend_name() == "sqlite" else label(engine.url)
+            raise StateError(f"{where} is missing or empty, but {artifacts.root} holds the artifacts of a "
+                             "coordinator state: the database was lost. Restore the state folder (or the database) "
+                             "from a backup, or start over with a new state_dir")
+        before, after = upgrade(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    log.info("state database %s (schema revision %s%s)", label(engine.url), after,
+             "" if before in (None, after) else f", upgraded from {before}")
+    return State(engine)
 
 
 def adapter_row(conn, job_id: str, version: int | None):  # noqa: ANN001, ANN202
@@ -52,53 +75,61 @@ class State:
     def __init__(self, engine):  # noqa: ANN001
         self.engine = engine
 
+    def _tx(self):  # noqa: ANN202
+        return transaction(self.engine)
+
     # -- jobs ---------------------------------------------------------------------------------------
     def job(self, job_id: str):  # noqa: ANN201
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
 
     def any_running_job(self) -> bool:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(jobs.c.id).where(jobs.c.status == "running")).first() is not None
 
     def create_job(self, job_id: str, digest: str, rounds_total: int, first: int, blob: str,
-                   rank_digests: dict[int, str], engine_digests: dict[str, str]) -> None:
-        """A new job: its bundle, the initial global adapter (version ``first - 1``), its other bundles."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(jobs).values(id=job_id, bundle_digest=digest, rounds=rounds_total,
-                                             current_round=first, status="running", message=""))
+                   rank_digests: dict[int, str], engine_digests: dict[str, str]) -> bool:
+        """A new job: its bundle, the initial global adapter (version ``first - 1``), its other bundles. False
+        (nothing written) when the job is stored already (another coordinator process created it meanwhile)."""
+        with self._tx() as conn:
+            if not insert_ignore(conn, jobs, ("id",), id=job_id, bundle_digest=digest, rounds=rounds_total,
+                                 current_round=first, status="running", message=""):
+                return False
             conn.execute(insert(adapters).values(job_id=job_id, version=first - 1, blob=blob, created_at=now()))
             for rank, other in rank_digests.items():
                 conn.execute(insert(job_bundles).values(job_id=job_id, rank=rank, digest=other))
             self._set_engines(conn, job_id, engine_digests)
+        return True
 
     def rank_bundles(self, job_id: str) -> dict[int, str]:
         """The digests of a job's bundles at smaller LoRA ranks, by rank."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return {r.rank: r.digest for r in conn.execute(select(job_bundles).where(job_bundles.c.job_id == job_id))}
 
     def engines(self, job_id: str) -> dict[str, str]:
         """The digests of the bundles a job serves by engine, in its order of preference (empty: one engine)."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return {r.engine: r.digest for r in conn.execute(
                 select(job_engines).where(job_engines.c.job_id == job_id).order_by(job_engines.c.position))}
 
     def set_engines(self, job_id: str, engine_digests: dict[str, str]) -> None:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             self._set_engines(conn, job_id, engine_digests)
 
     @staticmethod
-    def _set_engines(conn, job_id: str, engine_digests: dict[str, str]) -> None:  # noqa: ANN001
+    def _set_engines(conn: Connection, job_id: str, engine_digests: dict[str, str]) -> None:
         """Record the engines a job serves (no rows for one engine: its own bundle's)."""
-        conn.execute(job_engines.delete().where(job_engines.c.job_id == job_id))
-        if len(engine_digests) > 1:
-            for position, (engine, digest) in enumerate(engine_digests.items()):
-                conn.execute(insert(job_engines).values(job_id=job_id, engine=engine, position=position,
-                                                        digest=digest))
+        served = engine_digests if len(engine_digests) > 1 else {}
+        conn.execute(job_engines.delete().where(job_engines.c.job_id == job_id,
+                                                job_engines.c.engine.not_in(list(served))))
+        for position, (engine, digest) in enumerate(served.items()):
+            upsert(conn, job_engines, ("job_id", "engine"),
+                   dict(job_id=job_id, engine=engine, position=position, digest=digest),
+                   dict(position=position, digest=digest))
 
     def resume_blobs(self, job_id: str) -> list[str]:
         """The blobs a resumed job goes on from: its open rounds' updates and its latest global adapter."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             blobs = [r.blob for r in conn.execute(select(updates.c.blob).join(
                 rounds, (rounds.c.job_id == updates.c.job_id) & (rounds.c.number == updates.c.round))
                 .where(updates.c.job_id == job_id, rounds.c.status == "open"))]
@@ -108,45 +139,42 @@ class State:
     # -- global adapters, evaluations, strategy state ---------------------------------------------------
     def adapter(self, job_id: str, version: int | None):  # noqa: ANN201
         """The global adapter row after round ``version`` (default: the latest); NotFound naming what exists."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return adapter_row(conn, job_id, version)
 
     def adapter_versions(self, job_id: str) -> list[int]:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(adapters.c.version).where(adapters.c.job_id == job_id)).scalars().all()
 
     def evaluated(self, job_id: str) -> set[int]:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job_id)).scalars())
 
     def add_evaluation(self, job_id: str, version: int, metrics: dict) -> None:
         """Store the evaluation of global adapter ``version`` (the first one stored counts)."""
-        with self.engine.begin() as conn:
-            if conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job_id,
-                                                              evaluations.c.round == version)).first() is None:
-                conn.execute(insert(evaluations).values(job_id=job_id, round=version, metrics=metrics,
-                                                        created_at=now()))
+        with self._tx() as conn:
+            insert_ignore(conn, evaluations, ("job_id", "round"), job_id=job_id, round=version, metrics=metrics,
+                          created_at=now())
 
     def strategy_blob(self, job_id: str, round_number: int) -> str | None:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(aggregations.c.state_blob).where(
                 aggregations.c.job_id == job_id, aggregations.c.round == round_number)).scalar()
 
     # -- devices ------------------------------------------------------------------------------------
     def enrol(self, device_id: str, capabilities: dict, job_id: str, token_id: str) -> None:
         """Record a device and (re-)enrol it in a job with an enrolment token."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             upsert_device(conn, device_id, capabilities)
-            conn.execute(enrolments.delete().where(enrolments.c.device_id == device_id,
-                                                   enrolments.c.job_id == job_id))
-            conn.execute(insert(enrolments).values(device_id=device_id, job_id=job_id, token_id=token_id,
-                                                   enrolled_at=now()))
+            upsert(conn, enrolments, ("device_id", "job_id"),
+                   dict(device_id=device_id, job_id=job_id, token_id=token_id, enrolled_at=now()),
+                   dict(token_id=token_id, enrolled_at=now()))
 
     def seen(self, device_id: str, job_id: str, metrics: dict | None = None) -> dict:
         """The liveness write of a poll, heartbeat or upload: the device is registered and enrolled in the job
         (NotFound / PermissionDenied otherwise); it was seen now (with its latest ``metrics`` when given).
         Returns its capabilities."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             row = conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).first()
             if row is None:
                 raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
@@ -159,7 +187,7 @@ class State:
         return row.capabilities
 
     def device(self, device_id: str) -> dict:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             row = conn.execute(select(devices).where(devices.c.id == device_id)).first()
         if row is None:
             raise NotFound(f"unknown device {device_id!r}")
@@ -167,14 +195,14 @@ class State:
 
     def available_devices(self, job_id: str, since: float) -> list[str]:
         """The devices enrolled in a job and seen since ``since``, by id."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return [r.id for r in conn.execute(
                 select(devices.c.id).join(enrolments, enrolments.c.device_id == devices.c.id)
                 .where(enrolments.c.job_id == job_id, devices.c.last_seen >= since).order_by(devices.c.id)).all()]
 
     # -- rounds and updates -------------------------------------------------------------------------
     def round(self, job_id: str, number: int):  # noqa: ANN201
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
 
     def open_rounds(self, job_id: str | None = None, due_by: float | None = None) -> list:
@@ -184,20 +212,21 @@ class State:
             query = query.where(rounds.c.job_id == job_id)
         if due_by is not None:
             query = query.where(rounds.c.deadline < due_by)
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(query.order_by(rounds.c.job_id, rounds.c.number)).all()
 
     def open_round(self, job_id: str, number: int, selected: list[str], deadline_s: float):  # noqa: ANN201
-        """Open round ``number`` of a job for ``selected`` devices; returns its row."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(rounds).values(job_id=job_id, number=number, status="open", selected=selected,
-                                               opened_at=now(), deadline=now() + deadline_s, message=""))
+        """Open round ``number`` of a job for ``selected`` devices; returns its row (the row stored first when
+        another process opened the round meanwhile)."""
+        with self._tx() as conn:
+            insert_ignore(conn, rounds, ("job_id", "number"), job_id=job_id, number=number, status="open",
+                          selected=selected, opened_at=now(), deadline=now() + deadline_s, message="")
             return conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
 
     def round_state(self, job_id: str, number: int | None, device_id: str) -> tuple:
         """In one transaction: the job's row, the row of its round ``number`` (default: the current one; None when
         not opened) and the id of the upload ``device_id`` delivered for it (None: none)."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
             if job is None:
                 return None, None, None
@@ -209,7 +238,7 @@ class State:
 
     def round_and_count(self, job_id: str, number: int) -> tuple:
         """A round's row (None: not opened) and how many updates it stored, in one transaction."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
             count = conn.execute(select(func.count()).select_from(updates).where(
                 updates.c.job_id == job_id, updates.c.round == number)).scalar_one()
@@ -217,63 +246,77 @@ class State:
 
     def add_update(self, job_id: str, number: int, device_id: str, upload_id: str, n_examples: int, metrics: dict,
                    blob: str, size: int) -> bool:
-        """Store an accepted update; False when the device's update for the round is already stored."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(updates).values(
-                    job_id=job_id, round=number, device_id=device_id, upload_id=upload_id, n_examples=n_examples,
-                    metrics=metrics, blob=blob, received_at=now(), bytes=size))
-        except IntegrityError:
-            return False
-        return True
+        """Store an accepted update while its round is open; False (nothing stored) when the round is no longer
+        open or the device's update for it is stored already. The round's row is claimed first, so no update
+        slips in beside a closing (``close_round``)."""
+        with self._tx() as conn:
+            return self._claim(conn, job_id, number) and insert_ignore(
+                conn, updates, ("job_id", "round", "device_id"), job_id=job_id, round=number, device_id=device_id,
+                upload_id=upload_id, n_examples=n_examples, metrics=metrics, blob=blob, received_at=now(),
+                bytes=size)
+
+    @staticmethod
+    def _claim(conn: Connection, job_id: str, number: int, **changes: object) -> bool:
+        """Lock open round ``number``'s row for this transaction (with ``changes``: apply them); False when it is
+        not open. Writers that claim the same round wait for each other, in any number of processes."""
+        return conn.execute(update(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number,
+                                                 rounds.c.status == "open")
+                            .values(**(changes or {"status": "open"}))).rowcount == 1
 
     def update_rows(self, job_id: str, number: int) -> list:
         """The stored updates of a round, by device id."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return conn.execute(select(updates).where(updates.c.job_id == job_id, updates.c.round == number)
                                 .order_by(updates.c.device_id)).all()
 
-    def fail_round(self, job_id: str, number: int, message: str) -> None:
-        """Round ``number`` failed: the round and the job record why (nothing else is written)."""
-        with self.engine.begin() as conn:
-            conn.execute(update(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)
-                         .values(status="failed", closed_at=now(), message=message[:2000]))
+    def fail_round(self, job_id: str, number: int, message: str) -> bool:
+        """Open round ``number`` failed: the round and the job record why (nothing else is written). False
+        (nothing written) when the round is no longer open."""
+        with self._tx() as conn:
+            if not self._claim(conn, job_id, number, status="failed", closed_at=now(), message=message[:2000]):
+                return False
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(status="failed", message=message[:2000]))
+        return True
 
     def close_round(self, job_id: str, number: int, blob: str, state_blob: str | None, report: dict,
-                    finished: bool) -> None:
-        """A closed round, in one transaction: the new global adapter, the strategy's state and report, the
-        job's progress."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(adapters).values(job_id=job_id, version=number, blob=blob, created_at=now()))
-            conn.execute(insert(aggregations).values(job_id=job_id, round=number, state_blob=state_blob,
-                                                     report=report, created_at=now()))
-            conn.execute(update(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)
-                         .values(status="closed", closed_at=now()))
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                current_round=number + 1, status="finished" if finished else "running"))
+                    finished: bool, updates_aggregated: int | None = None) -> bool:
+        """Close open round ``number``, in one transaction: the new global adapter, the strategy's state and
+        report, the job's progress. False (nothing written) when the round is no longer open (it closed or failed
+        once already) or, with ``updates_aggregated``, when it stores another number of updates than that now
+        (one came in after the aggregation read them: aggregate again)."""
+        try:
+            with self._tx() as conn:
+                if not self._claim(conn, job_id, number, status="closed", closed_at=now()):
+                    return False
+                if updates_aggregated is not None and updates_aggregated != conn.execute(
+                        select(func.count()).select_from(updates).where(
+                            updates.c.job_id == job_id, updates.c.round == number)).scalar_one():
+                    raise _Changed
+                conn.execute(insert(adapters).values(job_id=job_id, version=number, blob=blob, created_at=now()))
+                conn.execute(insert(aggregations).values(job_id=job_id, round=number, state_blob=state_blob,
+                                                         report=report, created_at=now()))
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    current_round=number + 1, status="finished" if finished else "running"))
+        except _Changed:
+            return False
+        return True
 
     def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
         """Count a task's bytes sent to a device (once per device and round)."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(downloads).values(job_id=job_id, round=number, device_id=device_id, bytes=size,
-                                                      sent_at=now()))
-        except IntegrityError:
-            pass
+        with self._tx() as conn:
+            insert_ignore(conn, downloads, ("job_id", "round", "device_id"), job_id=job_id, round=number,
+                          device_id=device_id, bytes=size, sent_at=now())
 
     # -- refused uploads ----------------------------------------------------------------------------
     def count_rejection(self, job_id: str, reason: str, message: str) -> None:
-        with self.engine.begin() as conn:
-            counted = conn.execute(update(rejections)
-                                   .where(rejections.c.job_id == job_id, rejections.c.reason == reason)
-                                   .values(count=rejections.c.count + 1, last_message=message[:500], last_at=now()))
-            if counted.rowcount == 0:
-                conn.execute(insert(rejections).values(job_id=job_id, reason=reason, count=1,
-                                                       last_message=message[:500], last_at=now()))
+        """Count a refused upload of ``job_id`` under ``reason`` (atomic with any number of writers)."""
+        with self._tx() as conn:
+            upsert(conn, rejections, ("job_id", "reason"),
+                   dict(job_id=job_id, reason=reason, count=1, last_message=message[:500], last_at=now()),
+                   dict(count=rejections.c.count + 1, last_message=message[:500], last_at=now()))
 
     def rejections(self, job_id: str) -> dict[str, int]:
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             rows = conn.execute(select(rejections.c.reason, rejections.c.count)
                                 .where(rejections.c.job_id == job_id)).all()
         return {r.reason: r.count for r in sorted(rows)}
@@ -282,7 +325,7 @@ class State:
     def job_record(self, job_id: str) -> dict[str, Iterable]:
         """Everything stored about a job's rounds: round rows, evaluations, updates (without blobs), downloads
         and strategy reports."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             return {
                 "rounds": conn.execute(select(rounds).where(rounds.c.job_id == job_id).order_by(rounds.c.number)).all(),
                 "evaluations": {r.round: r.metrics for r in conn.execute(

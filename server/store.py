@@ -1,22 +1,31 @@
-"""The coordinator's state in SQL (SQLite with WAL by default) through SQLAlchemy Core.
+"""The coordinator's state in SQL through SQLAlchemy Core: a SQLite file with WAL by default, or any database
+SQLAlchemy reaches (``[server] database``, e.g. PostgreSQL through psycopg).
 
-Every state change is one transaction, so a crash at any point leaves either the old or the new state:
-an accepted update is a row (unique per job, round and device), a closed round and the global adapter it
-produced are written together.
+Every state change is one transaction, so a crash at any point leaves either the old or the new state: an accepted
+update is a row (unique per job, round and device), a closed round and the global adapter it produced are written
+together. Nothing here relies on a single writer: rows that must exist once are kept once by unique keys
+(``insert_ignore``, ``upsert``), never by a lock in this process, so several coordinator processes may share one
+database. The schema's versions are ``edgeft.server.schema``'s (Alembic).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
-                        event, insert, select, update)
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy import (JSON, Column, Float, Index, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
+                        event, insert, select)
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import (ArgumentError, DatabaseError, IntegrityError, InterfaceError, NoSuchModuleError,
+                            OperationalError)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from edgeft.errors import StateError
+from edgeft.errors import ConfigError, StateError, Unavailable
 
+log = logging.getLogger("edgeft.server")
 metadata = MetaData()
 
 devices = Table(
@@ -133,6 +142,7 @@ enrolments = Table(
     Column("token_id", String, nullable=False),
     Column("enrolled_at", Float, nullable=False),
 )
+Index("ix_enrolments_job_id", enrolments.c.job_id)  # a job's devices (round selection); schema revision 0002
 
 
 rejections = Table(
@@ -145,18 +155,48 @@ rejections = Table(
 )
 
 
-def open_database(url_or_path: str | Path) -> Engine:
-    """An engine for a database URL, or a SQLite file path (WAL journal, foreign writers serialised).
+def database_url(url_or_path: URL | str | Path) -> URL:
+    """A database URL from a SQLAlchemy URL or a SQLite file path (ConfigError naming what is wrong)."""
+    if isinstance(url_or_path, URL):
+        return url_or_path
+    text = str(url_or_path)
+    if "://" not in text:
+        return URL.create("sqlite", database=text)
+    try:
+        return make_url(text)
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise ConfigError("invalid server.database: not a SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db "
+                          "or sqlite:////path/to/state.db)") from exc
 
-    A SQLite file that is not a database or fails SQLite's ``quick_check`` (truncated, garbled) raises
-    ``StateError``: a corrupt state is never used."""
-    url = str(url_or_path)
-    if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{url}"
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if url.startswith("sqlite")
-                           else {})
-    if url.startswith("sqlite"):
+
+def label(url: URL | str | Path) -> str:
+    """A database URL as it may be logged and shown: the password masked (``***``)."""
+    return database_url(url).render_as_string(hide_password=True)
+
+
+def connect(url_or_path: URL | str | Path) -> Engine:
+    """An engine for a database URL or a SQLite file path, with its first connection made.
+
+    SQLite: the file's folder is made, WAL journal; a file that is not a database or fails ``quick_check``
+    (truncated, garbled) raises StateError: a corrupt state is never used. A database server that cannot be
+    reached raises Unavailable naming the URL (password masked) and what to do."""
+    url = database_url(url_or_path)
+    sqlite = url.get_backend_name() == "sqlite"
+    if sqlite:
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        options = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    else:  # connections a dead server left in the pool are tested before use; a bounded wait for a dead host
+        options = {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 24, "pool_timeout": 10,
+                   **({"connect_args": {"connect_timeout": 10}} if url.get_backend_name() == "postgresql"
+                      and "connect_timeout" not in url.query else {})}
+    try:
+        engine = create_engine(url, **options)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise ConfigError(f"invalid server.database={label(url)!r}: SQLAlchemy has no driver {url.drivername!r} "
+                          f"here ({exc}); PostgreSQL is postgresql+psycopg://..., installed by "
+                          "pip install 'edgeft[server]'") from exc
+    if sqlite:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
             cursor = dbapi_connection.cursor()
@@ -164,24 +204,112 @@ def open_database(url_or_path: str | Path) -> Engine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
     try:
-        if url.startswith("sqlite"):
-            with engine.connect() as conn:
-                problems = [" ".join(p.split()) for p in conn.exec_driver_sql("PRAGMA quick_check").scalars()
-                            if p != "ok"]
-            if problems:
-                raise StateError(f"the state database {url.removeprefix('sqlite:///')} is corrupt "
-                                 f"({'; '.join(problems[:3])}); restore the state folder from a backup, or start "
-                                 "over with a new state_dir")
-        metadata.create_all(engine)
-    except DatabaseError as exc:
+        with engine.connect() as conn:
+            problems = [" ".join(p.split()) for p in conn.exec_driver_sql("PRAGMA quick_check").scalars()
+                        if p != "ok"] if sqlite else []
+        if problems:
+            raise StateError(f"the state database {url.database} is corrupt ({'; '.join(problems[:3])}); restore "
+                             "the state folder from a backup, or start over with a new state_dir")
+    except (DatabaseError, InterfaceError) as exc:
         engine.dispose()
-        raise StateError(f"the state database {url.removeprefix('sqlite:///')} is corrupt or not a database "
-                         f"({exc.orig}); restore the state folder from a backup, or start over with a new "
-                         "state_dir") from exc
+        raise _open_error(url, exc) from exc
     except StateError:
         engine.dispose()
         raise
     return engine
+
+
+def open_database(url_or_path: URL | str | Path, upgrade: bool = True) -> Engine:
+    """``connect``, then bring the schema to this edgeft's version (``edgeft.server.schema.upgrade``; StateError for
+    a schema a newer edgeft made). ``upgrade=False``: read as it is (a reader beside a running coordinator)."""
+    from edgeft.server.schema import upgrade as upgrade_schema
+
+    engine = connect(url_or_path)
+    if upgrade:
+        try:
+            upgrade_schema(engine)
+        except (DatabaseError, InterfaceError) as exc:
+            engine.dispose()
+            raise _open_error(engine.url, exc) from exc
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
+
+
+def _open_error(url: URL, exc: Exception) -> StateError | Unavailable:
+    """What a database error while opening the state means: a server that cannot be reached (Unavailable), or
+    a SQLite file that is not a database (StateError), each naming the database and what to do."""
+    if url.get_backend_name() != "sqlite" and isinstance(exc, (OperationalError, InterfaceError)):
+        return Unavailable(f"cannot reach the coordinator's database {label(url)} ({_cause(exc)}): start the "
+                           "database server (or make it reachable from here), or fix [server] database, then start "
+                           "again")
+    where = url.database if url.get_backend_name() == "sqlite" else label(url)
+    return StateError(f"the state database {where} is corrupt or not a database ({_cause(exc)}); restore the "
+                      "state folder from a backup, or start over with a new state_dir")
+
+
+def _cause(exc: Exception) -> str:
+    """The first line of a database driver's error."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction (committed at the end, rolled back on any error). A database that cannot be reached or
+    did not answer (a SQLite file locked past its timeout) raises Unavailable (UNAVAILABLE on the wire: nothing was
+    applied, retry later); its details are logged here, never sent to devices."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+        if engine.dialect.name == "sqlite" and not any(w in str(exc) for w in ("locked", "busy")):
+            raise  # SQLite's OperationalError is also "no such table" and the like: not a matter of waiting
+        log.warning("the state database %s failed a transaction: %s", label(engine.url), _cause(exc))
+        raise Unavailable("the coordinator's database is unavailable; retry later") from exc
+
+
+def _dialect_insert(conn: Connection):  # noqa: ANN202
+    """The INSERT with ON CONFLICT of the connection's dialect (PostgreSQL, SQLite), or None."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        return None
+    return dialect_insert
+
+
+def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **values: object) -> bool:
+    """Insert a row unless one with the same ``keys`` (a unique key of ``table``) is stored; True when inserted.
+    Atomic with any number of writers: the database's unique key decides."""
+    dialect_insert = _dialect_insert(conn)
+    if dialect_insert is not None:
+        statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=list(keys))
+        if conn.dialect.name == "sqlite":  # its rowcount counts the row inserted (RETURNING needs SQLite 3.35)
+            return conn.execute(statement).rowcount == 1
+        return conn.execute(statement.returning(table.c[keys[0]])).first() is not None
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+    except IntegrityError:
+        return False
+    return True
+
+
+def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict, changes: dict) -> None:
+    """Insert ``values``, or when a row with the same ``keys`` is stored apply ``changes`` to it (column values
+    or expressions over its columns), atomically."""
+    dialect_insert = _dialect_insert(conn)
+    if dialect_insert is not None:
+        conn.execute(dialect_insert(table).values(**values).on_conflict_do_update(index_elements=list(keys),
+                                                                                  set_=changes))
+        return
+    where = [table.c[k] == values[k] for k in keys]
+    if conn.execute(table.update().where(*where).values(**changes)).rowcount == 0 and not insert_ignore(
+            conn, table, keys, **values):
+        conn.execute(table.update().where(*where).values(**changes))
 
 
 def now() -> float:
@@ -189,10 +317,6 @@ def now() -> float:
 
 
 def upsert_device(conn: Connection, device_id: str, capabilities: dict) -> None:
-    row = conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first()
-    if row is None:
-        conn.execute(insert(devices).values(id=device_id, capabilities=capabilities, registered_at=now(),
-                                            last_seen=now(), metrics={}))
-    else:
-        conn.execute(update(devices).where(devices.c.id == device_id).values(capabilities=capabilities,
-                                                                               last_seen=now()))
+    upsert(conn, devices, ("id",), dict(id=device_id, capabilities=capabilities, registered_at=now(),
+                                        last_seen=now(), metrics={}),
+           dict(capabilities=capabilities, last_seen=now()))

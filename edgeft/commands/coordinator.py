@@ -56,7 +56,7 @@ def _token_store(config_path: str):  # noqa: ANN202
     from edgeft.server.store import open_database
 
     config = load_server_config(config_path)
-    return TokenStore(open_database(config.state_dir / "state.db"), [job.id for job in config.jobs])
+    return TokenStore(open_database(config.database_url), [job.id for job in config.jobs])
 
 
 def _when(seconds: float | None) -> str:

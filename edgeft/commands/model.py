@@ -144,6 +144,8 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", help="an adapter folder from `edgeft train` (or its update.safetensors)")
     p.add_argument("--bundle", help="the bundle the --adapter was trained from")
     p.add_argument("--state", help="instead of --adapter: a coordinator's state folder (its state_dir)")
+    p.add_argument("--database", help="with --state: the coordinator's [server] database URL (e.g. "
+                                      "postgresql+psycopg://user@host/db) when it keeps its state in one")
     p.add_argument("--job", help="with --state: the job whose global adapter to deploy")
     p.add_argument("--round", type=int, help="with --state: the round (default: the latest)")
     p.add_argument("--out", required=True, help="deployment package folder to write")
@@ -200,7 +202,8 @@ def _run_deploy(args: argparse.Namespace) -> int:
         return Path(value) if value else None
 
     report = deploy(DeployConfig(model_dir=path(args.model), out=Path(args.out), bundle=path(args.bundle),
-                                 adapter=path(args.adapter), state_dir=path(args.state), job=args.job,
+                                 adapter=path(args.adapter), state_dir=path(args.state), database=args.database,
+                                 job=args.job,
                                  round=args.round, mode=args.mode, eval_data=_data_config(args, args.eval_data),
                                  calibration_data=_data_config(args, args.calibration_data),
                                  fixed_shape=_fixed_shape(args.fixed_shape),

@@ -51,6 +51,7 @@ class DeployConfig:
     bundle: Path | None = None
     adapter: Path | None = None  # an update.safetensors file or a folder holding one
     state_dir: Path | None = None
+    database: str | None = None  # with state_dir: the coordinator's [server] database URL, if not the folder's file
     job: str | None = None
     round: int | None = None
     mode: str = "int8"
@@ -81,7 +82,7 @@ def _trained_adapter(config: DeployConfig) -> tuple[Bundle, dict[str, np.ndarray
     if config.state_dir is not None:
         from edgeft.server.coordinator import stored_adapter
 
-        bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round)
+        bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round, config.database)
         return bundle, tensors, {"state_dir": str(config.state_dir), "job": config.job, "round": number}
     bundle = load_bundle(config.bundle)
     adapter_file = config.adapter / UPDATE_FILE if config.adapter.is_dir() else config.adapter

@@ -186,9 +186,11 @@ def test_a_restart_adds_the_engines_the_configuration_lists_now_and_old_states_o
     first = Coordinator(one)
     assert list(first.engine_bundles["j"]) == ["ort-training"]
     first.engine.dispose()
-    # a state from before engines has no job_engines table: it opens, the job serves its bundle's engine
+    # a state from before engines (and schema versions) has no job_engines table: it opens, the job serves its
+    # bundle's engine
     with sqlite3.connect(tmp_path / "state" / "state.db") as db:
         db.execute("DROP TABLE job_engines")
+        db.execute("DROP TABLE alembic_version")
     assert list(Coordinator(one).engine_bundles["j"]) == ["ort-training"]
     # the operator adds the portable engine: the restarted job serves both, and keeps doing so
     both = replace(one, jobs=(two_engine_job(tiny_bundle, portable_bundle),))

@@ -24,8 +24,8 @@ from conftest_server import agent, enrol, five_intents, run_fleet, start, stub, 
 
 
 
-def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards):
-    server, port, coordinator = start(tmp_path, tiny_bundle)
+def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards, database):
+    server, port, coordinator = start(tmp_path, tiny_bundle, database=database)
     try:
         token = enrol(coordinator, tmp_path)
         outputs = run_fleet(coordinator, port, shards, tmp_path, token)
@@ -59,7 +59,7 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
         from edgeft.predict import Predictor
 
         deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "pkg", state_dir=tmp_path / "state",
-                            job="banking", mode="none"))
+                            database=database, job="banking", mode="none"))
         assert json.loads((tmp_path / "pkg" / "package.json").read_text())["adapter_source"]["round"] == 2
         session = TrainingSession(tiny_bundle)
         session.set_parameters(coordinator.global_adapter("banking", 2))
@@ -68,15 +68,16 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
                                    session.eval_step(batch)[1], atol=1e-4, rtol=0)
         with pytest.raises(NotFound, match="has no round 7"):
             deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state",
-                                job="banking", round=7))
+                                database=database, job="banking", round=7))
         with pytest.raises(NotFound, match="no job 'nope'"):
-            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state", job="nope"))
+            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state",
+                                database=database, job="nope"))
     finally:
         server.stop(grace=None)
 
 
-def test_malformed_and_forged_uploads_get_the_right_status(tmp_path, tiny_bundle, shards):
-    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1)
+def test_malformed_and_forged_uploads_get_the_right_status(tmp_path, tiny_bundle, shards, database):
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1, database=database)
     try:
         coordinator_stub = stub(port, enrol(coordinator, tmp_path))
         device = coordinator_stub.Register(pb.RegisterRequest()).device_id

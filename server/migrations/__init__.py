@@ -1,0 +1,1 @@
+"""The coordinator's schema revisions (Alembic), run by ``edgeft.server.schema.upgrade``."""
