@@ -45,6 +45,7 @@ from edgeft.export.adapters import AdaptedModel
 from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes, rename_tensors
 from edgeft.export.optimizer import optimizer_model
 from edgeft.export.source import ModelSource
+from edgeft.export.translate import export_step, to_onnx
 
 ALIGNMENT = 4096  # external tensors start on page boundaries (ONNX Runtime can map them)
 # Initializers of at least this many bytes go to the shared weights file (smaller ones stay in their graph).
@@ -151,7 +152,7 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     # limit) exports, and the coordinator holds the model's weights and one graph's copy of them at a time.
     with warnings.catch_warnings(), _restored(registration, level), _SharedWeights(out_dir, config.base_bits) as shared:
         warnings.simplefilter("ignore")
-        forward = _export(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
+        forward = export_step(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
                                                       strict=False), "torch.export")
         graph_names = {**{f"g.model.{n}": n for n in values}, **{f"g.model.{a}": n for a, n in aliases.items()},
                        **{f"g.anchors.{i}": a for i, a in enumerate(anchors)}}
@@ -160,17 +161,17 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
         # the backward pass rewrites the program it is given: a copy of it, sharing its weights (not copying them)
         weights = {id(t): t for t in [*forward.state_dict.values(), *forward.constants.values()]
                    if isinstance(t, torch.Tensor)}
-        joint = _export(lambda: _export_forward_backward(copy.deepcopy(forward, weights), 0), "the backward pass")
+        joint = export_step(lambda: _export_forward_backward(copy.deepcopy(forward, weights), 0), "the backward pass")
         _translatable(joint.graph_module)
         trainable_values = tuple(values[n].detach().clone() for n in adapted.trainable)
         state_values = tuple(values[n].detach().clone() for n in state)
         zeros = tuple(torch.zeros_like(v) for v in trainable_values)
-        shared.save(_to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
+        shared.save(to_onnx(_Step(joint, graph_names, state, values, len(user_names), accumulate=True),
                              user_args + state_values + zeros, user_shapes, config.onnx_opset,
                              [*user_names, *state, *(GRAD_PREFIX + n for n in adapted.trainable)],
                              [*outputs, *(GRAD_PREFIX + n + OUT_SUFFIX for n in adapted.trainable)]), GRADIENT_MODEL)
         del joint
-        shared.save(_to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
+        shared.save(to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
                              user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs),
                     EVAL_MODEL)
     onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
@@ -247,95 +248,6 @@ def _aliases(model: nn.Module) -> dict[str, str]:
         if canonical != name:
             aliases[name] = canonical
     return aliases
-
-
-def _export(fn, what: str):  # noqa: ANN001, ANN202
-    try:
-        return fn()
-    except ExportError:
-        raise
-    except Exception as exc:  # torch raises many types here; name the cause in one line
-        raise ExportError(f"the portable engine cannot export this model ({what} failed): "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in _strip_ansi(str(exc)).strip().splitlines() if line.strip()]
-    return lines[0][:400] if lines else ""
-
-
-def _to_onnx(module: _Step, args: tuple, user_shapes: tuple, opset: int, input_names: list[str],
-             output_names: list[str]) -> onnx.ModelProto:
-    """Export ``module`` (dynamic axes on the user inputs only) to an ONNX model in memory; its frozen buffers
-    become initializers named by their parameter names."""
-    shapes = (tuple(user_shapes) + (None,) * (len(args) - len(user_shapes)),)
-    program = _export(lambda: torch.export.export(module, args, dynamic_shapes=shapes, strict=False),
-                      "re-exporting the training step")
-    try:
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=input_names,
-                                         output_names=output_names, optimize=False, verbose=False)
-    except Exception as exc:
-        raise ExportError(f"the portable engine cannot translate this model to ONNX: {_operator(exc)}") from exc
-    _simplify(onnx_program.model)
-    model = onnx_program.model_proto
-    renames = {buffer: name for name, buffer in module.frozen.items()}
-    rename_tensors(model.graph, renames)
-    return model
-
-
-def _simplify(model) -> None:  # noqa: ANN001
-    """torch.onnx's optimiser without its pattern rewriter: fold constants (a frozen weight's transpose becomes
-    one initializer), drop unused nodes, lift and deduplicate constants, eliminate common subexpressions. The
-    rewriter's pattern matching grows faster than the graph: on a 4-layer SmolLM2-shaped decoder it took 100 s
-    of a 205 s export (47 s without it), on the 30-layer one most of 38 minutes, for graphs ONNX Runtime then
-    fuses itself."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common
-    from onnxscript.optimizer import _constant_folding as folding
-
-    ir.passes.Sequential(
-        common.InlinePass(),
-        folding.FoldConstantsPass(shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                                  output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-                                  should_fold=lambda node: None),
-        common.RemoveUnusedNodesPass(),
-        common.RemoveUnusedFunctionsPass(),
-        common.RemoveUnusedOpsetsPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.LiftSubgraphInitializersToMainGraphPass(),
-        common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(),
-        common.OutputFixPass(),
-        common.NameFixPass(),
-    )(model)
-
-
-def _operator(exc: Exception) -> str:
-    """One line naming the operator torch.onnx could not translate (its message says so deep in the cause chain,
-    after a multi-line banner) and the node that uses it; otherwise the innermost cause's first line."""
-    import re
-
-    chain: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    text = "\n".join(_strip_ansi(str(c)) for c in chain)
-    found = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
-    node = re.search(r"Error when translating node %(\w+)", text)
-    if found:
-        where = f" (node {node.group(1)})" if node else ""
-        return (f"operator {found.group(1)}.{found.group(2)}{where} has no ONNX translation in torch "
-                f"{torch.__version__}'s ONNX exporter: replace it in the model, or export with engine='ort-training'")
-    if node:
-        return f"translating node {node.group(1)} failed: {type(chain[-1]).__name__}: {_first_line(chain[-1])}"
-    return f"{type(chain[-1]).__name__}: {_first_line(chain[-1])}"
-
-
-def _strip_ansi(text: str) -> str:
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 class _SharedWeights:
