@@ -14,13 +14,15 @@ generate  The folder is exported into an ort-training bundle (LoRA r=8 on every 
           time to the first token, package size, and how many of the int4 package's tokens equal fp32's.
 
 train     (--parts train) LoRA r=8 training with an fp32, int8 and int4 frozen base (portable engine,
-          edgeft.export.lowbit) against PyTorch + PEFT (fp32), on SmolLM2-135M's widths with --layers layers
-          (default 6: a full-depth portable export takes minutes per bundle), batches of 4 x 256 Tiny Shakespeare
-          tokens, --steps steps (median after the first), each column in its own process: peak RSS (VmHWM),
-          tokens/s and the frozen weights' size. The full-depth fp32 comparison is bench/train_step.py's decoder part.
+          edgeft.export.lowbit) against PyTorch + PEFT (fp32), on --shape's widths (smollm2-135m: the Llama above;
+          qwen2.5-0.5b: Qwen2, 24 layers, hidden 896, 14 heads, 2 KV heads, intermediate 4864, vocabulary 151936,
+          tied embeddings) with --layers layers (default: 6; 0: the shape's full depth; a full-depth portable export
+          takes minutes per bundle), batches of 4 x 256 Tiny Shakespeare tokens, --steps steps (median after the
+          first), each column in its own process: peak RSS (VmHWM), tokens/s and the frozen weights' size.
 
     python bench/llm.py [--new-tokens 64] [--threads 2] [--repeats 3] [--json-out bench/results/llm.json]
-    python bench/llm.py --parts train [--layers 6] [--steps 5] [--json-out bench/results/llm_train.json]
+    python bench/llm.py --parts train [--shape smollm2-135m|qwen2.5-0.5b] [--layers 6] [--bases fp32,int8,int4]
+                        [--steps 5] [--json-out bench/results/llm_train.json]
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
 PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak."
+QWEN25_05B_SHAPE = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                    "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_act": "silu",
+                    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True, "initializer_range": 0.02, "use_sliding_window": False,
+                    "bos_token_id": 0, "eos_token_id": 0}
+BASES = {"fp32": None, "int8": 8, "int4": 4}
 
 
 def packages(work: Path, model_dir: Path) -> dict[str, Path]:
@@ -105,20 +113,23 @@ def pytorch_generation(model_dir: Path, prompt_ids: list[int], new_tokens: int, 
             "all_tokens_per_s": [round(r, 1) for r in rates]}
 
 
-def train_folder(work: Path, layers: int) -> Path:
-    """A Llama folder of SmolLM2-135M's widths with ``layers`` layers (random weights, the decoder's tokenizer)."""
+def train_folder(work: Path, shape: str, layers: int) -> Path:
+    """A model folder of ``shape``'s widths with ``layers`` layers (0: all; random weights, the decoder's tokenizer)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from train_step import DECODER_SHAPE, decoder_folder
 
-    folder = work / "llm" / f"train-{layers}-layers"
+    config_class, model_class, widths = ((LlamaConfig, LlamaForCausalLM, DECODER_SHAPE) if shape == "smollm2-135m"
+                                         else (Qwen2Config, Qwen2ForCausalLM, QWEN25_05B_SHAPE))
+    layers = layers or widths["num_hidden_layers"]
+    folder = work / "llm" / (f"train-{layers}-layers" if shape == "smollm2-135m" else f"train-{shape}-{layers}-layers")
     if not (folder / "model.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(decoder_folder(work, fresh=False) / "tokenizer.json", folder / "tokenizer.json")
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**{**DECODER_SHAPE, "num_hidden_layers": layers},
-                                     attn_implementation="eager")).save_pretrained(folder)
+        model_class(config_class(**{**widths, "num_hidden_layers": layers}, attn_implementation="eager")
+                    ).save_pretrained(folder)
     return folder
 
 
@@ -185,27 +196,33 @@ def train_part(args: argparse.Namespace) -> dict:
     from edgeft.config import AdapterConfig, ExportConfig
     from edgeft.export import export_hf
 
-    folder = train_folder(args.work, args.layers)
+    folder = train_folder(args.work, args.shape, args.layers)
+    bases = [b for b in args.bases.split(",") if b]
     out = {}
-    for column, bits in (("fp32", None), ("int8", 8), ("int4", 4), ("pytorch", None)):
-        bundle_dir = args.work / "llm" / f"train-{args.layers}-bundle-{bits or 'fp32'}"
+    for column in (*bases, "pytorch"):
+        bits = BASES.get(column)
+        bundle_dir = folder.parent / f"{folder.name.replace('-layers', '')}-bundle-{bits or 'fp32'}"
         if not (bundle_dir / "manifest.json").is_file():
             shutil.rmtree(bundle_dir, ignore_errors=True)
             print(f"exporting the {bits or 'fp32'} training bundle ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
             export_hf(folder, bundle_dir, ExportConfig(task="causal-lm", max_length=256, adapter=AdapterConfig(rank=8),
                                                        engine="portable", base_bits=bits))
+            print(f"  exported in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--column", column, str(folder), str(bundle_dir),
                                str(args.steps), str(args.threads)], capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the {column} column failed: {done.stderr[-3000:]}")
         out[column] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {column}: {out[column]}", file=sys.stderr, flush=True)
         if column != "pytorch":
             out[column]["frozen_mb"] = round((bundle_dir / "portable_frozen.bin").stat().st_size / 2**20, 1)
-    for column in ("fp32", "int8", "int4"):
+    for column in bases:
         out[column]["rss_vs_pytorch"] = round(out[column]["peak_rss_mb"] / out["pytorch"]["peak_rss_mb"], 3)
         out[column]["tokens_per_s_vs_pytorch"] = round(out[column]["tokens_per_s"] / out["pytorch"]["tokens_per_s"],
                                                        2)
-    return {"layers": args.layers, "steps": args.steps, "batch": "4 x 256 tokens", **out}
+    return {"shape": args.shape, "layers": args.layers or "all", "steps": args.steps, "batch": "4 x 256 tokens",
+            **out}
 
 
 def main() -> None:
@@ -216,7 +233,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--parts", default="generate", help="comma-separated: generate, train")
-    parser.add_argument("--layers", type=int, default=6, help="train: layers of the SmolLM2-135M-wide model")
+    parser.add_argument("--shape", default="smollm2-135m", choices=("smollm2-135m", "qwen2.5-0.5b"),
+                        help="train: the model's widths")
+    parser.add_argument("--layers", type=int, default=6, help="train: layers (0: the shape's full depth)")
+    parser.add_argument("--bases", default="fp32,int8,int4", help="train: the frozen bases to measure")
     parser.add_argument("--steps", type=int, default=5, help="train: steps per column")
     parser.add_argument("--column", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,11 +249,11 @@ def main() -> None:
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-        emit(result, f"llm train ({args.layers} layers of SmolLM2-135M's shape, LoRA r=8, 4x256 tokens): peak RSS "
-                     + ", ".join(f"{c} {result[c]['peak_rss_mb']:.0f} MB (x{result[c]['rss_vs_pytorch']})"
-                                 for c in ("fp32", "int8", "int4"))
+        bases = [b for b in args.bases.split(",") if b]
+        emit(result, f"llm train ({result['layers']} layers of {args.shape}'s shape, LoRA r=8, 4x256 tokens): peak RSS "
+                     + ", ".join(f"{c} {result[c]['peak_rss_mb']:.0f} MB (x{result[c]['rss_vs_pytorch']})" for c in bases)
                      + f" vs PyTorch {result['pytorch']['peak_rss_mb']:.0f} MB; tokens/s "
-                     + ", ".join(f"{c} {result[c]['tokens_per_s']}" for c in ("fp32", "int8", "int4"))
+                     + ", ".join(f"{c} {result[c]['tokens_per_s']}" for c in bases)
                      + f" vs PyTorch {result['pytorch']['tokens_per_s']}")
         return
     from train_step import DECODER_SHAPE, decoder_folder
