@@ -15,6 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICE_PYTHON, DEVICE_RUNTIME = "python3.13", "onnxruntime==1.32.0"
 
 
+@pytest.fixture(autouse=True)
+def _device_commands_leave_torch_importable():  # noqa: ANN202
+    """A device command run in-process (``edgeft train`` in test_cli) blocks torch, transformers, peft and optimum
+    for the rest of the process (``edgeft.train.session.keep_torch_out``); later tests that export or deploy need
+    them, so the blocks are lifted after each test."""
+    yield
+    import sys
+
+    from edgeft.train.session import HOST_ONLY_PACKAGES
+
+    for name in HOST_ONLY_PACKAGES:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
 def minilm_tokenizer() -> Path:
     from edgeft.demo import minilm_dir
 
