@@ -7,7 +7,9 @@ gRPC does the TLS itself; this module only picks the credentials and channel arg
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +98,59 @@ def channel_options(transport: Transport) -> list[tuple[str, int | str]]:
     return options
 
 
+def channel_target(address: str) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(gRPC target, extra channel arguments, the host a TLS certificate must name) for ``--server``.
+
+    One ``HOST:PORT``: that address, as before. Several, comma-separated (coordinator replicas): each host resolved
+    to its addresses, and gRPC's round-robin policy spreads calls over those that answer and moves on from one that
+    fails. A ``dns:///NAME:PORT`` target (one name with several records) also gets round robin. The certificate
+    name is the first host's (``--server-name`` overrides it), so replicas share a certificate naming it."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if address.startswith("dns:"):
+        return address, [("grpc.lb_policy_name", "round_robin")], None
+    if len(parts) < 2:
+        return address, [], None
+    resolved: list[str] = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or not host:
+            raise ConfigError(f"invalid --server entry {part!r}: expected HOST:PORT")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot resolve the coordinator host {host!r} in --server: {exc.strerror}") from exc
+        for info in infos:
+            ip = info[4][0]
+            entry = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if entry not in resolved:
+                resolved.append(entry)
+    families = {"ipv6" if entry.startswith("[") else "ipv4" for entry in resolved}
+    family = "ipv4" if "ipv4" in families else "ipv6"  # gRPC's static target holds one family
+    target = f"{family}:" + ",".join(e for e in resolved if (e.startswith("[")) == (family == "ipv6"))
+    first = parts[0].rpartition(":")[0].strip("[]")
+    return target, [("grpc.lb_policy_name", "round_robin")], None if _is_ip(first) else first
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def open_channel(address: str, transport: Transport) -> grpc.Channel:
-    """A channel to the coordinator at ``address`` that sends the enrolment token with every call."""
-    options = channel_options(transport)
+    """A channel to the coordinator at ``address`` (one ``HOST:PORT`` or several replicas, ``channel_target``) that
+    sends the enrolment token with every call."""
+    target, extra, name = channel_target(address)
+    options = channel_options(transport) + extra
+    if name and not transport.server_name:
+        options.append(("grpc.ssl_target_name_override", name))
     if transport.insecure:
         log.warning("PLAINTEXT (--insecure): the enrolment token and this device's model updates travel to %s "
                     "unencrypted and unauthenticated; use this on a trusted development network only.", address)
-        channel = grpc.insecure_channel(address, options=options)
+        channel = grpc.insecure_channel(target, options=options)
     else:
         def read(path: Path | None) -> bytes | None:
             return path.read_bytes() if path is not None else None
@@ -110,7 +158,7 @@ def open_channel(address: str, transport: Transport) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(root_certificates=read(transport.ca_cert),
                                                    private_key=read(transport.client_key),
                                                    certificate_chain=read(transport.client_cert))
-        channel = grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.secure_channel(target, credentials, options=options)
     return grpc.intercept_channel(channel, BearerToken(transport.token))
 
 

@@ -24,7 +24,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The agent's flags (``edgeft client``, ``python -m edgeft.client``, and test tooling's agents)."""
-    p.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    p.add_argument("--server", required=True, help="coordinator address HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or "
+                                                    "dns:///NAME:PORT (calls spread over them, and move on from one "
+                                                    "that fails)")
     p.add_argument("--data", required=True, help="the device's data: .csv, .jsonl or .txt (text); an image folder "
                                                  "or table (image jobs); a table or .npz (feature and array jobs)")
     p.add_argument("--text-column", help="override the job's text column")
