@@ -1,5 +1,10 @@
-"""A content-addressed artifact store on disk: blobs named by their sha256, written atomically,
-verified when read; bundles stored as folders named by their digest, checked before they are added."""
+"""Content-addressed artifact stores: blobs named by their sha256, written atomically, verified when read; bundles
+named by their digest, checked before they are added and served from a local folder.
+
+One interface (``Artifacts``), two implementations: ``FolderStore`` (a folder on the coordinator's disk, the
+default) and ``edgeft.server.s3.S3Store`` (an S3-compatible bucket); ``edgeft.server.coordinator.open_artifacts``
+picks one from the config.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +23,90 @@ from edgeft.bundle import Bundle, check_bundle, load_bundle
 from edgeft.errors import BundleError
 
 
-class ArtifactStore:
+def check_digest(data: bytes, digest: str, where: str) -> bytes:
+    """``data`` when its sha256 is ``digest`` (BundleError naming ``where`` otherwise)."""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise BundleError(f"artifact {digest[:12]}... in {where} is corrupt (sha256 mismatch); it is not used")
+    return data
+
+
+class Artifacts(ABC):
+    """Where the coordinator keeps blobs (global adapters, stored updates, strategy state) and bundles.
+
+    ``get`` verifies what it returns against its digest (BundleError when missing or corrupt); a store that cannot
+    be reached raises ``edgeft.errors.Unavailable``. Bundles are always served from a local folder
+    (``bundles_root``), which ``add_bundle`` and ``bundle`` keep."""
+
+    bundles_root: Path
+
+    @abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store ``data``; returns its sha256. Storing the same bytes twice is a no-op."""
+
+    @abstractmethod
+    def get(self, digest: str) -> bytes:
+        """The blob's bytes, checked against its name (BundleError when missing or corrupt)."""
+
+    @abstractmethod
+    def has_blobs(self) -> bool:
+        """The store holds at least one blob (a coordinator's state was here)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for logs and errors (never a secret)."""
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` when the store cannot be reached now (the health check's probe)."""
+
+    def put_tensors(self, tensors: dict[str, np.ndarray]) -> str:
+        """Store named tensors (safetensors) as a blob; returns its digest."""
+        return self.put(save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+
+    def get_tensors(self, digest: str) -> dict[str, np.ndarray]:
+        """The named tensors of a blob ``put_tensors`` stored (BundleError when missing or corrupt)."""
+        return load_tensors(self.get(digest))
+
+    def remove_partial(self) -> int:
+        """Delete what writes cut short left behind in the local folders (``.tmp-*``); returns how many. Only the
+        store's one writer (the coordinator, at start) may call it."""
+        stale = list(self.bundles_root.glob(".tmp-*"))
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return len(stale)
+
+    def add_bundle(self, source: str | Path) -> Bundle:
+        """Verify a bundle folder (files against the manifest, no symbolic links, ONNX files through
+        ``check_bundle``) and keep a copy named by its digest; returns the stored bundle."""
+        bundle = load_bundle(source)
+        check_bundle(bundle)
+        target = self.bundles_root / bundle.digest
+        if not target.exists():
+            tmp = Path(tempfile.mkdtemp(dir=self.bundles_root, prefix=".tmp-"))
+            for name in ["manifest.json", *bundle.manifest.files]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # a head-only bundle's head/ folder
+                shutil.copyfile(bundle.file(name), tmp / name)
+            os.replace(tmp, target)
+        return self.bundle(bundle.digest)
+
+    def bundle(self, digest: str, verify: bool = False) -> Bundle:
+        """A stored bundle; ``verify``: check its files' sha256 again (a corrupt one raises BundleError)."""
+        path = self.bundles_root / digest
+        if not path.is_dir() or "/" in digest or digest.startswith("."):
+            raise BundleError(f"no bundle with digest {digest[:12]}... on this coordinator")
+        return load_bundle(path, verify=verify)
+
+
+class FolderStore(Artifacts):
     """Blobs under ``root/blobs/ab/abcdef...``, bundles under ``root/bundles/<digest>/``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.bundles_root = self.root / "bundles"
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
-        (self.root / "bundles").mkdir(parents=True, exist_ok=True)
+        self.bundles_root.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"the folder {self.root}"
 
     def _blob_path(self, digest: str) -> Path:
         return self.root / "blobs" / digest[:2] / digest
@@ -49,46 +132,16 @@ class ArtifactStore:
             data = path.read_bytes()
         except FileNotFoundError as exc:
             raise BundleError(f"artifact {digest[:12]}... is missing from {self.root}") from exc
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise BundleError(f"artifact {digest[:12]}... in {self.root} is corrupt (sha256 mismatch)")
-        return data
-
-    def put_tensors(self, tensors: dict[str, np.ndarray]) -> str:
-        """Store named tensors (safetensors) as a blob; returns its digest."""
-        return self.put(save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
-
-    def get_tensors(self, digest: str) -> dict[str, np.ndarray]:
-        """The named tensors of a blob ``put_tensors`` stored (BundleError when missing or corrupt)."""
-        return load_tensors(self.get(digest))
+        return check_digest(data, digest, str(self.root))
 
     def remove_partial(self) -> int:
-        """Delete what writes cut short left behind (``.tmp-*`` files and folders); returns how many. Only the
-        store's one writer (the coordinator, at start) may call it."""
-        stale = [*self.root.glob("blobs/*/.tmp-*"), *self.root.glob("bundles/.tmp-*")]
+        stale = list(self.root.glob("blobs/*/.tmp-*"))
         for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        return len(stale)
+            path.unlink(missing_ok=True)
+        return len(stale) + super().remove_partial()
 
     def has_blobs(self) -> bool:
         return any(p.is_file() for d in (self.root / "blobs").iterdir() if d.is_dir() for p in d.iterdir())
 
-    def add_bundle(self, source: str | Path) -> Bundle:
-        """Verify a bundle folder (files against the manifest, no symbolic links, ONNX files through
-        ``check_bundle``) and keep a copy named by its digest; returns the stored bundle."""
-        bundle = load_bundle(source)
-        check_bundle(bundle)
-        target = self.root / "bundles" / bundle.digest
-        if not target.exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.root / "bundles", prefix=".tmp-"))
-            for name in ["manifest.json", *bundle.manifest.files]:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # a head-only bundle's head/ folder
-                shutil.copyfile(bundle.file(name), tmp / name)
-            os.replace(tmp, target)
-        return self.bundle(bundle.digest)
 
-    def bundle(self, digest: str, verify: bool = False) -> Bundle:
-        """A stored bundle; ``verify``: check its files' sha256 again (a corrupt one raises BundleError)."""
-        path = self.root / "bundles" / digest
-        if not path.is_dir() or "/" in digest or digest.startswith("."):
-            raise BundleError(f"no bundle with digest {digest[:12]}... on this coordinator")
-        return load_bundle(path, verify=verify)
+ArtifactStore = FolderStore  # its name before the S3 store came (callers that open a state folder's store)

@@ -4,6 +4,8 @@
     address = "127.0.0.1:50051"   # where to listen
     state_dir = "coordinator"     # artifact store, and the SQLite database state.db unless database is given
     # database = "postgresql+psycopg://edgeft@db.example/edgeft"  # any SQLAlchemy URL (password: PGPASSWORD)
+    # artifacts = "s3://bucket/prefix"  # an S3-compatible bucket instead of the folder state_dir/artifacts, with
+    # [server.s3] endpoint_url = "http://minio:9000", region = "eu-west-1" (each optional: AWS_* variables)
     # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
     [server.tls]
     cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
@@ -127,6 +129,32 @@ class ServerLimits:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """How the coordinator reaches an S3-compatible store (``[server.s3]``). Every field is optional: unset, boto3
+    takes it from the standard variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY) or its other usual sources (~/.aws, an instance role)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("endpoint_url", "region", "access_key_id", "secret_access_key"):
+            value = getattr(self, name)
+            check_config(value is None or (isinstance(value, str) and value != ""), f"server.s3.{name}",
+                         "***" if "secret" in name else value, "must be a non-empty string")
+        check_config(self.endpoint_url is None or "://" in self.endpoint_url, "server.s3.endpoint_url",
+                     self.endpoint_url, "must be a URL such as http://127.0.0.1:8333")
+        check_config((self.access_key_id is None) == (self.secret_access_key is None), "server.s3.access_key_id",
+                     self.access_key_id, "give access_key_id and secret_access_key together (or neither)")
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            check_config(getattr(self, name) > 0, f"server.s3.{name}", getattr(self, name), "must be positive")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Where the coordinator listens and keeps its state, how it secures the wire, and its jobs.
 
@@ -135,6 +163,8 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     state_dir: Path = Path("coordinator")
     database: str | None = None  # a SQLAlchemy URL; None: the SQLite file state_dir/state.db
+    artifacts: str | None = None  # "s3://bucket/prefix"; None: the folder state_dir/artifacts
+    s3: S3Settings = field(default_factory=S3Settings)
     jobs: tuple[JobConfig, ...] = ()
     poll_wait_s: float = 5.0
     tls: TlsConfig | None = None
@@ -150,6 +180,9 @@ class ServerConfig:
                 raise ConfigError("invalid server.database: must be a SQLAlchemy URL such as "
                                   "postgresql+psycopg://user@host/db or sqlite:////path/to/state.db")
             database_url(self.database)  # ConfigError when it does not parse (neither echoes a password)
+        check_config(self.artifacts is None or (isinstance(self.artifacts, str) and self.artifacts.startswith("s3://")
+                     and len(self.artifacts) > 5 and not self.artifacts[5:].startswith("/")), "server.artifacts",
+                     self.artifacts, 'must be "s3://bucket/prefix" (leave it out for the folder state_dir/artifacts)')
         ids = [j.id for j in self.jobs]
         check_config(len(ids) == len(set(ids)), "job.id", ids, "job ids must be unique")
         check_config(isinstance(self.insecure, bool), "server.insecure", self.insecure, "must be true or false")
@@ -167,7 +200,7 @@ class ServerConfig:
         return self.database if self.database is not None else f"sqlite:///{self.state_dir / 'state.db'}"
 
 
-SERVER_KEYS = ("address", "state_dir", "database", "poll_wait_s", "insecure", "tls", "limits")
+SERVER_KEYS = ("address", "state_dir", "database", "artifacts", "s3", "poll_wait_s", "insecure", "tls", "limits")
 
 
 def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
@@ -217,7 +250,8 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
             tls = TlsConfig(**{k: base / v for k, v in tls.items()})
         return ServerConfig(address=server.get("address", "127.0.0.1:50051"),
                             state_dir=base / server.get("state_dir", "coordinator"),
-                            database=_database(server.get("database"), base), jobs=tuple(jobs),
+                            database=_database(server.get("database"), base), artifacts=server.get("artifacts"),
+                            s3=S3Settings(**server.get("s3", {})), jobs=tuple(jobs),
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
                             limits=ServerLimits(**server.get("limits", {})))

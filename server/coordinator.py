@@ -26,13 +26,14 @@ from edgeft.aggregate import STRATEGIES, Strategy, build_strategy
 from edgeft.aggregate.lora_ranks import HeteroRankFedAvg
 from edgeft.bundle import Bundle
 from edgeft.errors import NotFound, Rejected, Unavailable
-from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.artifacts import Artifacts, FolderStore
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.evaluation import Evaluator
 from edgeft.server.history import job_history, job_status
 from edgeft.server.jobs import JobBundles, engine_refusal
 from edgeft.server.rounds import Rounds, TaskAssignment
+from edgeft.server.s3 import S3Store
 from edgeft.server.secure import SecureRounds
 from edgeft.server.state import State, open_state
 from edgeft.server.store import open_database
@@ -55,14 +56,26 @@ def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None 
     if database is None and not (state_dir / "state.db").is_file():
         raise NotFound(f"{state_dir} is not a coordinator state folder (no state.db); pass the server's "
                        "state_dir (and --database when its [server] database is not the folder's file)")
+    if not (state_dir / "artifacts").is_dir() and (state_dir / "bundle-cache").is_dir():
+        raise NotFound(f"the coordinator of {state_dir} keeps its artifacts in an S3 bucket ([server] artifacts); "
+                       "reading a global adapter from there is not supported yet: export it through the "
+                       "coordinator instead")
     state = State(open_database(database or state_dir / "state.db", upgrade=False))
     try:
         row = state.adapter(job_id, round_number)
         digest = state.job(job_id).bundle_digest
     finally:
         state.engine.dispose()
-    store = ArtifactStore(state_dir / "artifacts")
+    store = FolderStore(state_dir / "artifacts")
     return store.bundle(digest), store.get_tensors(row.blob), row.version
+
+
+def open_artifacts(config: ServerConfig) -> Artifacts:
+    """The coordinator's artifact store: the folder ``state_dir/artifacts`` (default), or the bucket of ``[server]
+    artifacts = "s3://bucket/prefix"`` with its bundles also kept in the local folder ``state_dir/bundle-cache``."""
+    if config.artifacts is None:
+        return FolderStore(config.state_dir / "artifacts")
+    return S3Store(config.artifacts, config.s3, cache=config.state_dir / "bundle-cache")
 
 
 def job_strategy(configured: Strategy, job: JobConfig, bundles: JobBundles) -> Strategy:
@@ -79,10 +92,11 @@ class Coordinator:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.artifacts = ArtifactStore(config.state_dir / "artifacts")
+        self.artifacts = open_artifacts(config)  # the folder state_dir/artifacts, or [server] artifacts (S3)
         self.state = open_state(config.database_url, self.artifacts)
         self.engine = self.state.engine
         self.artifacts.remove_partial()  # blobs and bundles whose writing a crash cut short
+        log.info("artifacts in %s", self.artifacts.describe())
         self.jobs = {job.id: job for job in config.jobs}
         self.tokens = TokenStore(self.engine, self.jobs)  # device enrolment tokens, per job
         self.bundle_sets = JobBundles(config, self.artifacts, self.state)
@@ -134,13 +148,13 @@ class Coordinator:
                 self.tick()
             except Unavailable as exc:
                 if not waiting:
-                    log.warning("the round clock waits for the database: %s", exc)
+                    log.warning("the round clock waits for the database or the artifact store: %s", exc)
                 waiting = True
                 continue
             except Exception:  # noqa: BLE001 - the clock outlives one failed turn; the next one retries
                 log.exception("the round clock's turn failed")
             if waiting:
-                log.warning("the database answers again; the round clock goes on")
+                log.warning("the database and the artifact store answer again; the round clock goes on")
             waiting = False
 
     def tick(self) -> None:

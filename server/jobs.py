@@ -19,7 +19,7 @@ from edgeft.aggregate.lora_ranks import adapter_rank, check_engine_bundle, check
 from edgeft.bundle import Bundle, Manifest, load_bundle
 from edgeft.config import ENGINES
 from edgeft.errors import BundleError, ConfigError, DataError, Rejected, StateError
-from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.artifacts import Artifacts
 from edgeft.server.config import DEFAULT_HEAD_INIT, JobConfig, ServerConfig
 from edgeft.server.state import State
 from edgeft.train.engines import open_session
@@ -58,7 +58,7 @@ class Started:
 class JobBundles:
     """Every job's bundles by LoRA rank and by training engine, and its statistics round's head method."""
 
-    def __init__(self, config: ServerConfig, artifacts: ArtifactStore, state: State):
+    def __init__(self, config: ServerConfig, artifacts: Artifacts, state: State):
         self.config, self.artifacts, self.state = config, artifacts, state
         # every job's bundles by LoRA rank, its own (the largest) included; more than one: mixed ranks (the key
         # of a bundle whose adapter is not LoRA is 0)

@@ -22,7 +22,7 @@ from edgeft.aggregate import RoundContext, Strategy
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.errors import DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.secagg.updates import SecAggSettings
-from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.artifacts import Artifacts
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.jobs import JobBundles
 from edgeft.server.state import State
@@ -88,6 +88,8 @@ class CollectedRound(RoundKind):
         try:
             result, state, report = self.aggregate(rounds, job, row)
             blob = rounds.artifacts.put_tensors(result)
+        except Unavailable:  # the database or the artifact store did not answer: the clock tries again
+            raise
         except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
             rounds.fail(job, row.number, f"round {row.number} {self.failure(job)}: {exc}")
             return
@@ -163,7 +165,7 @@ class Rounds:
     (two threads aggregating the same round)."""
 
     def __init__(self, config: ServerConfig, jobs: dict[str, JobConfig], bundles: JobBundles, state: State,
-                 artifacts: ArtifactStore, strategies: dict[str, Strategy], secure: RoundKind,
+                 artifacts: Artifacts, strategies: dict[str, Strategy], secure: RoundKind,
                  on_closed: Callable[[JobConfig, int], None]):
         self.config, self.job_configs, self.jobs, self.state = config, jobs, bundles, state
         self.artifacts, self.strategies, self.secure, self.on_closed = artifacts, strategies, secure, on_closed
@@ -172,6 +174,7 @@ class Rounds:
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
+        self._unfinished_closes: set[tuple[str, int]] = set()  # complete rounds a store outage kept open
 
     def kind(self, job: JobConfig, number: int) -> RoundKind:
         if job.secure_aggregation is not None:
@@ -280,7 +283,10 @@ class Rounds:
                 # replay on another connection or coordinator): Rejected saying which, or False for a replay
                 self._open_for(job, header)
                 return False
-            self.close_if_done(job, header.round)
+            try:
+                self.close_if_done(job, header.round)
+            except Unavailable as exc:  # the update is stored; the clock closes the round when the store answers
+                log.warning("job %s: round %d waits to close: %s", job.id, header.round, exc)
         return True
 
     def _open_for(self, job: JobConfig, header: UploadHeader) -> bool:
@@ -322,6 +328,9 @@ class Rounds:
     def tick(self) -> None:
         """The clock: close (or fail) rounds whose deadline passed, and move secure rounds' phases on."""
         with self.lock:
+            for job_id, number in sorted(self._unfinished_closes):  # complete, but a store did not answer then
+                if job_id in self.job_configs:
+                    self.close_if_done(self.job_configs[job_id], number)
             for row in self.state.open_rounds(due_by=now()):
                 job = self.job_configs.get(row.job_id)
                 if job is not None:
@@ -333,8 +342,14 @@ class Rounds:
         with self.lock:
             row, count = self.state.round_and_count(job.id, number)
             if row is None or row.status != "open":
+                self._unfinished_closes.discard((job.id, number))
                 return
-            self.kind(job, number).close(self, job, row, count, deadline_passed)
+            try:
+                self.kind(job, number).close(self, job, row, count, deadline_passed)
+            except Unavailable:
+                self._unfinished_closes.add((job.id, number))
+                raise
+            self._unfinished_closes.discard((job.id, number))
 
     def fail(self, job: JobConfig, number: int, message: str) -> None:
         """Record that open round ``number`` failed and why; the job stops (nothing else is written)."""

@@ -30,6 +30,7 @@ from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo,
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
+from edgeft.server.health import HealthProbe
 
 log = logging.getLogger("edgeft.server")
 CHUNK_BYTES = ServerLimits.chunk_bytes  # defaults; [server.limits] sets them per coordinator
@@ -259,7 +260,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     """A started-not-yet gRPC server bound to ``config.address`` (port 0 picks one): (server, port, coordinator).
 
     TLS from ``config.tls`` (mutual with ``client_ca``), or plaintext when ``config.insecure`` (logged loudly)."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
     credentials = None
@@ -275,8 +276,8 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    probe = HealthProbe(health_servicer, {"database": coordinator.state.ping,
+                                          "artifact store": coordinator.artifacts.check})
     names = (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     try:
@@ -291,9 +292,11 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
                     "model updates cross the network readable and forgeable by anyone on the path; use this on a "
                     "trusted development network only, never in production.", config.address)
     coordinator.start_clock()  # rounds close at their deadlines on the coordinator's clock, never inside a poll
+    probe.start()  # NOT_SERVING while the database or the artifact store does not answer
     stop = server.stop
 
     def stop_server_and_clock(grace: float | None):  # noqa: ANN202
+        probe.stop()
         coordinator.stop_clock()
         return stop(grace)
 
@@ -324,7 +327,7 @@ def serve(config: ServerConfig) -> None:
     wire = ("PLAINTEXT" if config.insecure else
             "mutual TLS" if config.tls.client_ca is not None else "TLS")
     log.warning("edgeft coordinator listening on port %d (%s); state database %s, artifacts in %s", port, wire,
-                coordinator.engine.url.render_as_string(hide_password=True), coordinator.artifacts.root)
+                coordinator.engine.url.render_as_string(hide_password=True), coordinator.artifacts.describe())
     try:
         coordinator.wait_until_finished(timeout=float("inf"))
         log.warning("all jobs are over; serving final answers for 10 s")

@@ -18,7 +18,7 @@ from sqlalchemy import func, inspect, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.errors import NotFound, PermissionDenied, StateError
-from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.artifacts import Artifacts
 from edgeft.server.schema import upgrade
 from edgeft.server.store import (adapters, aggregations, connect, devices, downloads, enrolments, evaluations,
                                  insert_ignore, job_bundles, job_engines, jobs, label, now, rejections, rounds,
@@ -31,7 +31,7 @@ class _Changed(Exception):
     """A round's updates changed between its aggregation and its closing (another process stored one)."""
 
 
-def open_state(database: str, artifacts: ArtifactStore) -> "State":
+def open_state(database: str, artifacts: Artifacts) -> "State":
     """The coordinator's database (a SQLAlchemy URL), its schema brought to this edgeft's (``schema.upgrade``).
     A database without the coordinator's tables beside an artifact store that holds blobs is a lost state
     (StateError), never a fresh start."""
@@ -41,7 +41,7 @@ def open_state(database: str, artifacts: ArtifactStore) -> "State":
             had_state = inspect(conn).has_table("jobs")
         if not had_state and artifacts.has_blobs():
             where = engine.url.database if engine.url.get_backend_name() == "sqlite" else label(engine.url)
-            raise StateError(f"{where} is missing or empty, but {artifacts.root} holds the artifacts of a "
+            raise StateError(f"{where} is missing or empty, but {artifacts.describe()} holds the artifacts of a "
                              "coordinator state: the database was lost. Restore the state folder (or the database) "
                              "from a backup, or start over with a new state_dir")
         before, after = upgrade(engine)
@@ -77,6 +77,11 @@ class State:
 
     def _tx(self):  # noqa: ANN202
         return transaction(self.engine)
+
+    def ping(self) -> None:
+        """Raise Unavailable when the database does not answer now (the health check's probe)."""
+        with self._tx() as conn:
+            conn.execute(select(1))
 
     # -- jobs ---------------------------------------------------------------------------------------
     def job(self, job_id: str):  # noqa: ANN201

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from edgeft.config import TrainConfig
@@ -106,3 +108,20 @@ def run_fleet(coordinator, port: int, shards: list[Path], folder: Path, token: P
     assert all(p.returncode == 0 for p in procs), outputs
     assert coordinator.job_status("banking")["status"] == "finished"
     return outputs
+
+
+def health_status(port: int, timeout_s: float = 10.0) -> int:
+    """The coordinator's gRPC health status (grpc.health.v1, service edgeft.v1.Coordinator)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="edgeft.v1.Coordinator"), timeout=timeout_s).status
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:  # noqa: ANN001
+    """Poll ``condition()`` until it is true (AssertionError after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

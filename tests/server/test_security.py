@@ -118,8 +118,8 @@ def _calls(coordinator_stub, digest: str, device: str = "d", metadata=None):  # 
     }
 
 
-def test_calls_without_a_valid_token_are_unauthenticated(tmp_path, tiny_bundle, database):
-    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1, database=database)
+def test_calls_without_a_valid_token_are_unauthenticated(tmp_path, tiny_bundle, backend):
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1, **backend)
     digest = coordinator.bundles["banking"].digest
     try:
         revoked_info, revoked = coordinator.tokens.create("banking")

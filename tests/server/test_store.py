@@ -11,6 +11,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1.health_pb2 import HealthCheckResponse
 from sqlalchemy import func, select
 
 from edgeft.cli import main
@@ -24,7 +25,7 @@ from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
 
-from conftest_server import enrol, start, stub
+from conftest_server import enrol, health_status, start, stub, wait_for
 
 THREADS = 16
 
@@ -33,6 +34,9 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
 def test_the_database_setting_is_read_and_checked_without_echoing_its_password(tmp_path):
@@ -146,7 +150,9 @@ def test_a_database_outage_is_unavailable_and_the_round_finishes_afterwards(tmp_
             task = device.PollTask(pb.PollTaskRequest(device_id=device_id, wait_seconds=1)).task
             assert task.round == 1
             update = AdapterUpdate(coordinator.global_adapter("banking", 0), 10)
+            assert health_status(port) == SERVING
             cluster.stop()
+            wait_for(lambda: health_status(port) == NOT_SERVING)
             calls = {"Heartbeat": lambda: device.Heartbeat(pb.HeartbeatRequest(device_id=device_id), timeout=30),
                      "UploadUpdate": lambda: device.UploadUpdate(
                          update_to_parts(UploadHeader("banking", 1, device_id, "u1"), update), timeout=30)}
@@ -156,6 +162,7 @@ def test_a_database_outage_is_unavailable_and_the_round_finishes_afterwards(tmp_
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (name, info.value.details())
                 assert info.value.details() == "the coordinator's database is unavailable; retry later"
             cluster.start()
+            wait_for(lambda: health_status(port) == SERVING)
             receipt = device.UploadUpdate(update_to_parts(UploadHeader("banking", 1, device_id, "u1"), update),
                                           timeout=30)
             assert not receipt.duplicate
