@@ -13,11 +13,12 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from edgeft.testing.ports import free_port
 
 USER = "edgeft"  # the cluster's superuser; trust authentication, no password
 
@@ -47,12 +48,6 @@ def missing() -> str | None:
         if shutil.which("runuser") is None:
             return "running as root without runuser to run PostgreSQL as the 'postgres' user"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -105,7 +100,7 @@ class PostgresCluster:
     def start(self) -> None:
         """Start the server (on a free loopback port the first time; the same port after a ``stop``)."""
         for attempt in range(3):  # another process may take the free port between the probe and the bind
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             # fsync off: committed data survives a stop (even -m immediate), not a crash of the machine
             options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
                        "-c full_page_writes=off -c max_connections=200")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgeft.testing.ports import free_ports
+
 ACCESS_KEY = "edgeft-test"
 SECRET_KEY = "edgeft-test-secret"
 REGION = "us-east-1"
@@ -45,19 +47,6 @@ def missing() -> str | None:
     except ImportError:
         return "boto3 is not installed (the server extra)"
     return None
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _answers(port: int) -> bool:
@@ -105,7 +94,7 @@ class SeaweedS3:
         until its S3 gateway answers requests."""
         if not self.ports:
             names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
-            self.ports = dict(zip(names, _free_ports(len(names))))
+            self.ports = dict(zip(names, free_ports(len(names))))
         self._log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(self._argv(), cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)

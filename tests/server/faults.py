@@ -100,12 +100,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(condition, timeout: float, what: str, interval: float = 0.2) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

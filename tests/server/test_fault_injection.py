@@ -30,13 +30,14 @@ from edgeft.client.transport import Transport, open_channel
 from edgeft.errors import StateError
 from edgeft.server.config import load_server_config
 from edgeft.server.coordinator import Coordinator
+from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate, update_norm
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
 
 from conftest_server import enrol, five_intents, start, stub, write_csv
-from faults import (CoordinatorProcess, agent_process, check_consistent, committed, free_port, make_token, output,
-                    record, rejection_counts, wait_for, write_config)
+from faults import (CoordinatorProcess, agent_process, check_consistent, committed, make_token, output, record,
+                    rejection_counts, wait_for, write_config)
 
 Code = grpc.StatusCode
 

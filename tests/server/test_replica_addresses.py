@@ -7,8 +7,9 @@ import pytest
 
 from edgeft.client.transport import channel_target
 from edgeft.errors import ConfigError
+from edgeft.testing.ports import free_port
+
 from conftest_server import agent, enrol, start
-from faults import free_port
 
 
 def test_one_address_is_used_as_given_and_several_are_resolved_for_round_robin():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import time
 
 import grpc
@@ -17,6 +16,7 @@ from edgeft.errors import BundleError, ConfigError, Unavailable
 from edgeft.server.config import S3Settings, ServerConfig
 from edgeft.server.s3 import S3Store, parse_location
 from edgeft.testing import seaweedfs
+from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
@@ -70,9 +70,7 @@ def test_blobs_and_bundles_are_verified_on_read(s3_artifacts, seaweed, tmp_path,
 
 
 def test_a_store_that_is_not_there_is_refused_at_start(s3_artifacts, tmp_path, tiny_bundle, capsys):
-    with socket.socket() as sock:  # a loopback port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     settings = S3Settings(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", access_key_id="k",
                           secret_access_key="s", connect_timeout_s=1)
     with pytest.raises(Unavailable, match=f"s3://{BUCKET}/x/ at http://127.0.0.1:{port}.*Start the object store"):

@@ -5,7 +5,6 @@ stops during calls."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 
 import grpc
@@ -21,6 +20,7 @@ from edgeft.server.coordinator import Coordinator
 from edgeft.server.state import State
 from edgeft.server.store import adapters, open_database, updates
 from edgeft.testing import postgres
+from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
@@ -28,12 +28,6 @@ from edgeft.wire import UploadHeader, update_to_parts
 from conftest_server import enrol, health_status, start, stub, wait_for
 
 THREADS = 16
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
@@ -57,7 +51,7 @@ def test_the_database_setting_is_read_and_checked_without_echoing_its_password(t
 
 
 def test_an_unreachable_database_is_named_at_start_with_what_to_do(tmp_path, tiny_bundle, capsys):
-    url = f"postgresql+psycopg://edgeft:s3cret@127.0.0.1:{closed_port()}/fl"
+    url = f"postgresql+psycopg://edgeft:s3cret@127.0.0.1:{free_port()}/fl"
     (tmp_path / "jobs.toml").write_text(f'[server]\naddress = "127.0.0.1:0"\ninsecure = true\ndatabase = "{url}"\n'
                                         f'[[job]]\nid = "banking"\nbundle = "{tiny_bundle.path}"\n')
     assert main(["server", "--config", str(tmp_path / "jobs.toml")]) == 2
