@@ -140,7 +140,8 @@ def _respell(module: torch.fx.GraphModule, translated: set) -> bool:
     same = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor}
     respelled = {*same, aten.to.dtype, aten.squeeze.dims, aten._assert_tensor_metadata.default}
     nodes = [n for n in module.graph.nodes if n.op == "call_function"]
-    if not all(_plain(n.target, translated | respelled) for n in nodes):
+    allowed = translated | respelled
+    if not all(_plain(n.target, allowed) for n in nodes):
         return False
     for node in nodes:
         if node.target in same:
