@@ -6,6 +6,8 @@
     # database = "postgresql+psycopg://edgeft@db.example/edgeft"  # any SQLAlchemy URL (password: PGPASSWORD)
     # artifacts = "s3://bucket/prefix"  # an S3-compatible bucket instead of the folder state_dir/artifacts, with
     # [server.s3] endpoint_url = "http://minio:9000", region = "eu-west-1" (each optional: AWS_* variables)
+    # lease_s = 30                 # replicas on one database: a dead replica's round closing or evaluation is
+    #                             # taken over after this long (docs/replicas.md)
     # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
     [server.tls]
     cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
@@ -170,9 +172,12 @@ class ServerConfig:
     tls: TlsConfig | None = None
     insecure: bool = False
     limits: ServerLimits = field(default_factory=ServerLimits)
+    lease_s: float = 30.0  # replicas: how long a replica's claim on closing a round or evaluating lasts unrenewed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        check_config(isinstance(self.lease_s, (int, float)) and self.lease_s >= 1, "server.lease_s", self.lease_s,
+                     "must be at least 1 (seconds)")
         if self.database is not None:
             from edgeft.server.store import database_url
 
@@ -200,7 +205,8 @@ class ServerConfig:
         return self.database if self.database is not None else f"sqlite:///{self.state_dir / 'state.db'}"
 
 
-SERVER_KEYS = ("address", "state_dir", "database", "artifacts", "s3", "poll_wait_s", "insecure", "tls", "limits")
+SERVER_KEYS = ("address", "state_dir", "database", "artifacts", "s3", "poll_wait_s", "insecure", "tls", "limits",
+               "lease_s")
 
 
 def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
@@ -254,7 +260,8 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                             s3=S3Settings(**server.get("s3", {})), jobs=tuple(jobs),
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
-                            limits=ServerLimits(**server.get("limits", {})))
+                            limits=ServerLimits(**server.get("limits", {})),
+                            lease_s=float(server.get("lease_s", 30.0)))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
 

@@ -28,10 +28,11 @@ from edgeft.bundle import Bundle
 from edgeft.errors import NotFound, Rejected, Unavailable
 from edgeft.server.artifacts import Artifacts, FolderStore
 from edgeft.server.auth import TokenStore
-from edgeft.server.config import JobConfig, ServerConfig
+from edgeft.server.config import JobConfig, S3Settings, ServerConfig
 from edgeft.server.evaluation import Evaluator
 from edgeft.server.history import job_history, job_status
 from edgeft.server.jobs import JobBundles, engine_refusal
+from edgeft.server.lease import Leases
 from edgeft.server.rounds import Rounds, TaskAssignment
 from edgeft.server.s3 import S3Store
 from edgeft.server.secure import SecureRounds
@@ -44,38 +45,47 @@ log = logging.getLogger("edgeft.server")
 
 __all__ = ["STRATEGIES", "Coordinator", "TaskAssignment", "engine_refusal", "stored_adapter"]
 CLOCK_S = 0.25  # how often the clock closes rounds whose deadline passed
+SWEEP_S = 2.0  # how often the clock looks for global adapters no replica evaluated yet
 LIVENESS_S = 1.0  # a device's polls within this long of its last liveness write read only (long-polls repeat)
 
 
-def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None, database: str | None = None
+def stored_adapter(state_dir: str | Path, job_id: str, round_number: int | None = None, database: str | None = None,
+                   artifacts: str | None = None, s3: S3Settings | None = None
                    ) -> tuple[Bundle, dict[str, np.ndarray], int]:
     """Read-only: a job's global adapter after ``round_number`` (default: the latest), its bundle and the
-    round, from a coordinator's state folder and its ``database`` (default: the folder's SQLite file) (for
-    ``edgeft deploy --state``; the coordinator may be running)."""
+    round, from a coordinator's state folder, its ``database`` (default: the folder's SQLite file) and its
+    ``artifacts`` bucket with ``s3`` settings (default: the folder's artifacts; with a bucket the state folder only
+    keeps a copy of the bundle) (for ``edgeft deploy --state``; the coordinator may be running)."""
     state_dir = Path(state_dir)
     if database is None and not (state_dir / "state.db").is_file():
         raise NotFound(f"{state_dir} is not a coordinator state folder (no state.db); pass the server's "
                        "state_dir (and --database when its [server] database is not the folder's file)")
-    if not (state_dir / "artifacts").is_dir() and (state_dir / "bundle-cache").is_dir():
-        raise NotFound(f"the coordinator of {state_dir} keeps its artifacts in an S3 bucket ([server] artifacts); "
-                       "reading a global adapter from there is not supported yet: export it through the "
-                       "coordinator instead")
+    if artifacts is None and not (state_dir / "artifacts").is_dir() and (state_dir / "bundle-cache").is_dir():
+        raise NotFound(f"the coordinator of {state_dir} keeps its artifacts in an S3 bucket ([server] artifacts): "
+                       "pass it with --artifacts s3://bucket/prefix, the store's endpoint with --s3-endpoint (or "
+                       "AWS_ENDPOINT_URL_S3) and its credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     state = State(open_database(database or state_dir / "state.db", upgrade=False))
     try:
         row = state.adapter(job_id, round_number)
         digest = state.job(job_id).bundle_digest
     finally:
         state.engine.dispose()
-    store = FolderStore(state_dir / "artifacts")
-    return store.bundle(digest), store.get_tensors(row.blob), row.version
+    store = artifact_store(state_dir, artifacts, s3 or S3Settings())
+    return store.bundle(digest, verify=True), store.get_tensors(row.blob), row.version
+
+
+def artifact_store(state_dir: Path, artifacts: str | None, s3: S3Settings) -> Artifacts:
+    """The folder ``state_dir/artifacts`` (``artifacts`` None), or the bucket ``artifacts`` ("s3://bucket/prefix")
+    reached with ``s3``, its bundles also kept in the local folder ``state_dir/bundle-cache``."""
+    if artifacts is None:
+        return FolderStore(state_dir / "artifacts")
+    return S3Store(artifacts, s3, cache=state_dir / "bundle-cache")
 
 
 def open_artifacts(config: ServerConfig) -> Artifacts:
     """The coordinator's artifact store: the folder ``state_dir/artifacts`` (default), or the bucket of ``[server]
     artifacts = "s3://bucket/prefix"`` with its bundles also kept in the local folder ``state_dir/bundle-cache``."""
-    if config.artifacts is None:
-        return FolderStore(config.state_dir / "artifacts")
-    return S3Store(config.artifacts, config.s3, cache=config.state_dir / "bundle-cache")
+    return artifact_store(config.state_dir, config.artifacts, config.s3)
 
 
 def job_strategy(configured: Strategy, job: JobConfig, bundles: JobBundles) -> Strategy:
@@ -102,9 +112,11 @@ class Coordinator:
         self.bundle_sets = JobBundles(config, self.artifacts, self.state)
         self.strategies: dict[str, Strategy] = {}
         self.secure_rounds = SecureRounds()
-        self.evaluator = Evaluator(self.state, lambda: self.bundles, self.global_adapter)
+        self.leases = Leases(self.engine, config.lease_s)  # work one replica does at a time (edgeft.server.lease)
+        self.evaluator = Evaluator(self.state, lambda: self.bundles, self.global_adapter, self.leases)
         self.rounds = Rounds(config, self.jobs, self.bundle_sets, self.state, self.artifacts, self.strategies,
-                             self.secure_rounds, on_closed=self.evaluator.schedule)
+                             self.secure_rounds, on_closed=self.evaluator.schedule, leases=self.leases)
+        self._swept = 0.0  # when the clock last looked for global adapters without an evaluation
         self._clock: threading.Thread | None = None
         self._seen: dict[tuple[str, str], tuple[float, dict]] = {}  # (device, job): last liveness write, capabilities
         self._stop = threading.Event()
@@ -158,8 +170,13 @@ class Coordinator:
             waiting = False
 
     def tick(self) -> None:
-        """Close rounds whose deadline passed (or fail them below the minimum); move secure phases on."""
+        """Close rounds that are done (their deadline passed, or a closing that did not happen: see
+        ``Rounds.tick``), or fail them below the minimum; move secure phases on; every SWEEP_S, schedule the
+        evaluations no replica stored yet."""
         self.rounds.tick()
+        if time.monotonic() - self._swept >= SWEEP_S:
+            self._swept = time.monotonic()
+            self.evaluator.sweep(list(self.jobs.values()))
 
     # -- jobs and their bundles -----------------------------------------------------------------------
     @property
@@ -280,7 +297,8 @@ class Coordinator:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self.tick()
-            if not self.state.any_running_job() and self.evaluator.idle():
+            if not self.state.any_running_job() and self.evaluator.idle() and not any(
+                    self.state.unevaluated(job.id) for job in self.jobs.values() if job.eval_data is not None):
                 return
             time.sleep(0.2)
         raise TimeoutError("jobs still running")

@@ -25,6 +25,7 @@ from edgeft.secagg.updates import SecAggSettings
 from edgeft.server.artifacts import Artifacts
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.jobs import JobBundles
+from edgeft.server.lease import Leases
 from edgeft.server.state import State
 from edgeft.server.store import now
 from edgeft.update import AdapterUpdate, check_update, update_norm
@@ -78,8 +79,17 @@ class CollectedRound(RoundKind):
     job's minimum; ``aggregate`` makes the new global adapter from the stored uploads."""
 
     def close(self, rounds: "Rounds", job: JobConfig, row, count: int, deadline_passed: bool) -> None:  # noqa: ANN001
+        """Closed by the replica that holds the round's lease (``edgeft.server.lease``): the others leave it be."""
         if count < len(row.selected) and not deadline_passed:
             return
+        with rounds.leases.hold(f"close/{job.id}/{row.number}") as lease:
+            if lease is None:  # another replica closes it; should it die, its lease expires and a clock turn here
+                return  # takes the round over
+            row, count = rounds.state.round_and_count(job.id, row.number)  # as it is now that the lease is ours
+            if row.status == "open":
+                self._close(rounds, job, row, count, lease.guard)
+
+    def _close(self, rounds: "Rounds", job: JobConfig, row, count: int, guard) -> None:  # noqa: ANN001
         if count < job.clients.min:
             rounds.fail(job, row.number, f"round {row.number} got {count} updates by its deadline, fewer than the "
                         f"minimum {job.clients.min}")
@@ -93,7 +103,7 @@ class CollectedRound(RoundKind):
         except EdgeftError as exc:  # e.g. too few updates for Krum: the round fails, the job stops, nothing leaks
             rounds.fail(job, row.number, f"round {row.number} {self.failure(job)}: {exc}")
             return
-        rounds.store(job, row.number, blob, state, report, started, updates_aggregated=count)
+        rounds.store(job, row.number, blob, state, report, started, updates_aggregated=count, guard=guard)
 
     def aggregate(self, rounds: "Rounds", job: JobConfig, row) -> tuple[dict, dict | None, dict]:  # noqa: ANN001
         raise NotImplementedError
@@ -166,15 +176,14 @@ class Rounds:
 
     def __init__(self, config: ServerConfig, jobs: dict[str, JobConfig], bundles: JobBundles, state: State,
                  artifacts: Artifacts, strategies: dict[str, Strategy], secure: RoundKind,
-                 on_closed: Callable[[JobConfig, int], None]):
-        self.config, self.job_configs, self.jobs, self.state = config, jobs, bundles, state
+                 on_closed: Callable[[JobConfig, int], None], leases: Leases):
+        self.config, self.job_configs, self.jobs, self.state, self.leases = config, jobs, bundles, state, leases
         self.artifacts, self.strategies, self.secure, self.on_closed = artifacts, strategies, secure, on_closed
         self.plain, self.statistics = PlainRound(), StatisticsRound()
         self.lock = threading.RLock()
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
-        self._unfinished_closes: set[tuple[str, int]] = set()  # complete rounds a store outage kept open
 
     def kind(self, job: JobConfig, number: int) -> RoundKind:
         if job.secure_aggregation is not None:
@@ -326,30 +335,22 @@ class Rounds:
 
     # -- closing ------------------------------------------------------------------------------------
     def tick(self) -> None:
-        """The clock: close (or fail) rounds whose deadline passed, and move secure rounds' phases on."""
+        """The clock: close every open round that is done (its deadline passed, or every update is in but its
+        closing did not happen: a store that did not answer, a replica that died closing it; or fail it below
+        the minimum), and move secure rounds' phases on."""
         with self.lock:
-            for job_id, number in sorted(self._unfinished_closes):  # complete, but a store did not answer then
-                if job_id in self.job_configs:
-                    self.close_if_done(self.job_configs[job_id], number)
-            for row in self.state.open_rounds(due_by=now()):
-                job = self.job_configs.get(row.job_id)
+            for job_id, number, deadline in self.state.open_round_keys():
+                job = self.job_configs.get(job_id)
                 if job is not None:
-                    self.close_if_done(job, row.number, deadline_passed=True)
+                    self.close_if_done(job, number, deadline_passed=deadline < now())
             self.secure.tick(self)
 
     def close_if_done(self, job: JobConfig, number: int, deadline_passed: bool = False) -> None:
         """Close round ``number`` when its kind says it is done (every upload in, or the deadline passed)."""
         with self.lock:
             row, count = self.state.round_and_count(job.id, number)
-            if row is None or row.status != "open":
-                self._unfinished_closes.discard((job.id, number))
-                return
-            try:
+            if row is not None and row.status == "open":
                 self.kind(job, number).close(self, job, row, count, deadline_passed)
-            except Unavailable:
-                self._unfinished_closes.add((job.id, number))
-                raise
-            self._unfinished_closes.discard((job.id, number))
 
     def fail(self, job: JobConfig, number: int, message: str) -> None:
         """Record that open round ``number`` failed and why; the job stops (nothing else is written)."""
@@ -357,12 +358,14 @@ class Rounds:
             log.error("job %s: %s", job.id, message)
 
     def store(self, job: JobConfig, number: int, blob: str, state: dict | None, report: dict, started: float,
-              updates_aggregated: int | None = None) -> None:
+              updates_aggregated: int | None = None, guard: Callable | None = None) -> None:
         """Write a closed round: the new global adapter, the strategy's state and report, the job's progress.
         Nothing when the round is closed already, or stores more updates than the ``updates_aggregated`` the
-        aggregation read (another process stored one meanwhile: the round closes on a later turn)."""
+        aggregation read (another process stored one meanwhile: the round closes on a later turn), or ``guard``
+        (the closing lease's) says another replica took the closing over."""
         state_blob = self.artifacts.put_tensors(state) if state else None
         self.last_close_seconds = time.perf_counter() - started
         if self.state.close_round(job.id, number, blob, state_blob, report, finished=number >= job.rounds,
-                                  updates_aggregated=updates_aggregated):
+                                  updates_aggregated=updates_aggregated, guard=guard):
+            log.info("job %s: round %d closed by replica %s", job.id, number, self.leases.holder)
             self.on_closed(job, number)

@@ -1,6 +1,7 @@
 """The coordinator's stored state: named queries over the tables of ``edgeft.server.store``.
 
-The one module of the coordinator that speaks SQL (enrolment tokens keep theirs in ``edgeft.server.auth``). Every
+The one module of the coordinator that speaks SQL (enrolment tokens keep theirs in ``edgeft.server.auth``, the
+replicas' leases in ``edgeft.server.lease``). Every
 method is one transaction; the round, job and device rules live in ``rounds``, ``jobs`` and ``coordinator``.
 Several coordinator processes may write one database: what must happen once (one update per device and round, one
 global adapter per round, a round closed or failed once, one row per device, enrolment, job) is decided by the
@@ -12,7 +13,7 @@ Unavailable (``store.transaction``).
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import func, inspect, insert, select, update
 from sqlalchemy.engine import Connection
@@ -28,7 +29,8 @@ log = logging.getLogger("edgeft.server")
 
 
 class _Changed(Exception):
-    """A round's updates changed between its aggregation and its closing (another process stored one)."""
+    """A round's updates changed between its aggregation and its closing (another process stored one), or its
+    closing lease passed to another replica: the closing transaction is rolled back."""
 
 
 def open_state(database: str, artifacts: Artifacts) -> "State":
@@ -155,6 +157,15 @@ class State:
         with self._tx() as conn:
             return set(conn.execute(select(evaluations.c.round).where(evaluations.c.job_id == job_id)).scalars())
 
+    def unevaluated(self, job_id: str) -> list[int]:
+        """The versions of a job's global adapters that have no evaluation stored (-1, an exported head a
+        statistics round replaced, is never evaluated)."""
+        with self._tx() as conn:
+            done = select(evaluations.c.round).where(evaluations.c.job_id == job_id)
+            return conn.execute(select(adapters.c.version).where(
+                adapters.c.job_id == job_id, adapters.c.version != -1, adapters.c.version.not_in(done))
+                .order_by(adapters.c.version)).scalars().all()
+
     def add_evaluation(self, job_id: str, version: int, metrics: dict) -> None:
         """Store the evaluation of global adapter ``version`` (the first one stored counts)."""
         with self._tx() as conn:
@@ -210,15 +221,18 @@ class State:
         with self._tx() as conn:
             return conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
 
-    def open_rounds(self, job_id: str | None = None, due_by: float | None = None) -> list:
-        """Open rounds (of ``job_id``; whose deadline passed before ``due_by``)."""
-        query = select(rounds).where(rounds.c.status == "open")
-        if job_id is not None:
-            query = query.where(rounds.c.job_id == job_id)
-        if due_by is not None:
-            query = query.where(rounds.c.deadline < due_by)
+    def open_rounds(self, job_id: str) -> list:
+        """A job's open rounds."""
         with self._tx() as conn:
-            return conn.execute(query.order_by(rounds.c.job_id, rounds.c.number)).all()
+            return conn.execute(select(rounds).where(rounds.c.status == "open", rounds.c.job_id == job_id)
+                                .order_by(rounds.c.number)).all()
+
+    def open_round_keys(self) -> list[tuple[str, int, float]]:
+        """(job id, round number, deadline) of every open round (the clock's turn: without the selected devices)."""
+        with self._tx() as conn:
+            return [tuple(r) for r in conn.execute(select(rounds.c.job_id, rounds.c.number, rounds.c.deadline)
+                                                   .where(rounds.c.status == "open")
+                                                   .order_by(rounds.c.job_id, rounds.c.number))]
 
     def open_round(self, job_id: str, number: int, selected: list[str], deadline_s: float):  # noqa: ANN201
         """Open round ``number`` of a job for ``selected`` devices; returns its row (the row stored first when
@@ -284,15 +298,19 @@ class State:
         return True
 
     def close_round(self, job_id: str, number: int, blob: str, state_blob: str | None, report: dict,
-                    finished: bool, updates_aggregated: int | None = None) -> bool:
+                    finished: bool, updates_aggregated: int | None = None,
+                    guard: Callable[[Connection], bool] | None = None) -> bool:
         """Close open round ``number``, in one transaction: the new global adapter, the strategy's state and
         report, the job's progress. False (nothing written) when the round is no longer open (it closed or failed
-        once already) or, with ``updates_aggregated``, when it stores another number of updates than that now
-        (one came in after the aggregation read them: aggregate again)."""
+        once already), with ``updates_aggregated`` when it stores another number of updates than that now
+        (one came in after the aggregation read them: aggregate again), or when ``guard(conn)`` (the closing
+        replica's lease, renewed in this transaction) is False."""
         try:
             with self._tx() as conn:
                 if not self._claim(conn, job_id, number, status="closed", closed_at=now()):
                     return False
+                if guard is not None and not guard(conn):
+                    raise _Changed
                 if updates_aggregated is not None and updates_aggregated != conn.execute(
                         select(func.count()).select_from(updates).where(
                             updates.c.job_id == job_id, updates.c.round == number)).scalar_one():

@@ -155,6 +155,15 @@ rejections = Table(
 )
 
 
+leases = Table(
+    "leases", metadata,  # work one coordinator replica does at a time (edgeft.server.lease); schema revision 0003
+    Column("name", String, primary_key=True),  # e.g. close/<job>/<round>, evaluate/<job>/<version>
+    Column("holder", String, nullable=False),  # the coordinator process holding it
+    Column("expires_at", Float, nullable=False),  # seconds since the epoch, by the database's clock
+    Column("taken_at", Float, nullable=False),
+)
+
+
 def database_url(url_or_path: URL | str | Path) -> URL:
     """A database URL from a SQLAlchemy URL or a SQLite file path (ConfigError naming what is wrong)."""
     if isinstance(url_or_path, URL):

@@ -49,6 +49,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-bits", type=int, choices=[8, 4], help="portable engine: store the frozen base's weight "
                                                                  "matrices in 8 or 4 bits, dequantised in the training "
                                                                  "graph (default: fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="causal LMs of the Llama family (Llama, SmolLM2, Qwen2, Phi-3, Mistral), portable engine: train "
+                        "layer by layer, keeping each layer's input only and recomputing the rest in the backward pass "
+                        "(far less memory on the device, about the same speed)")
     p.add_argument("--no-augment", action="store_true",
                    help="image models: no training augmentation (random resized crop, flip); head-only bundles then "
                         "train on cached features")
@@ -67,7 +71,7 @@ def _run_export(args: argparse.Namespace) -> int:
         optimizer=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
         opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
         pooling=args.pooling, engine=args.engine, augment=not args.no_augment, loss=args.loss,
-        dpo_beta=args.dpo_beta, base_bits=args.base_bits)
+        dpo_beta=args.dpo_beta, base_bits=args.base_bits, gradient_checkpointing=args.gradient_checkpointing)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20
@@ -146,6 +150,11 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", help="instead of --adapter: a coordinator's state folder (its state_dir)")
     p.add_argument("--database", help="with --state: the coordinator's [server] database URL (e.g. "
                                       "postgresql+psycopg://user@host/db) when it keeps its state in one")
+    p.add_argument("--artifacts", help="with --state: the coordinator's [server] artifacts bucket (s3://bucket/prefix) "
+                                       "when it keeps them in one; its credentials and region come from "
+                                       "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION")
+    p.add_argument("--s3-endpoint", help="with --artifacts: the S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or "
+                                         "AWS S3)")
     p.add_argument("--job", help="with --state: the job whose global adapter to deploy")
     p.add_argument("--round", type=int, help="with --state: the round (default: the latest)")
     p.add_argument("--out", required=True, help="deployment package folder to write")
@@ -203,7 +212,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
 
     report = deploy(DeployConfig(model_dir=path(args.model), out=Path(args.out), bundle=path(args.bundle),
                                  adapter=path(args.adapter), state_dir=path(args.state), database=args.database,
-                                 job=args.job,
+                                 artifacts=args.artifacts, s3_endpoint=args.s3_endpoint, job=args.job,
                                  round=args.round, mode=args.mode, eval_data=_data_config(args, args.eval_data),
                                  calibration_data=_data_config(args, args.calibration_data),
                                  fixed_shape=_fixed_shape(args.fixed_shape),

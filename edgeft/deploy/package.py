@@ -52,6 +52,8 @@ class DeployConfig:
     adapter: Path | None = None  # an update.safetensors file or a folder holding one
     state_dir: Path | None = None
     database: str | None = None  # with state_dir: the coordinator's [server] database URL, if not the folder's file
+    artifacts: str | None = None  # with state_dir: the coordinator's [server] artifacts bucket (s3://bucket/prefix)
+    s3_endpoint: str | None = None  # ... its S3 endpoint (default: AWS_ENDPOINT_URL_S3; credentials: AWS_* variables)
     job: str | None = None
     round: int | None = None
     mode: str = "int8"
@@ -72,6 +74,9 @@ class DeployConfig:
             raise ConfigError("an adapter folder needs the bundle it was trained from (--bundle)")
         if self.state_dir is not None and not self.job:
             raise ConfigError("deploying from a coordinator state folder needs the job id (--job)")
+        if self.state_dir is None and (self.database or self.artifacts or self.s3_endpoint):
+            raise ConfigError("database, artifacts and s3_endpoint (--database, --artifacts, --s3-endpoint) say where "
+                              "a coordinator keeps its state: give them with its state folder (--state) and --job")
         if self.fixed_shape is not None and (len(self.fixed_shape) not in (1, 2) or min(self.fixed_shape) < 1):
             raise ConfigError(f"invalid fixed_shape={self.fixed_shape!r}: expected (batch, sequence) for a text model "
                               "or (batch,) for the others, each >= 1")
@@ -80,9 +85,11 @@ class DeployConfig:
 def _trained_adapter(config: DeployConfig) -> tuple[Bundle, dict[str, np.ndarray], dict]:
     """The bundle, the trained adapter tensors and where they came from (for the package's metadata)."""
     if config.state_dir is not None:
+        from edgeft.server.config import S3Settings
         from edgeft.server.coordinator import stored_adapter
 
-        bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round, config.database)
+        bundle, tensors, number = stored_adapter(config.state_dir, config.job, config.round, config.database,
+                                                 config.artifacts, S3Settings(endpoint_url=config.s3_endpoint))
         return bundle, tensors, {"state_dir": str(config.state_dir), "job": config.job, "round": number}
     bundle = load_bundle(config.bundle)
     adapter_file = config.adapter / UPDATE_FILE if config.adapter.is_dir() else config.adapter

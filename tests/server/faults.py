@@ -26,15 +26,21 @@ from conftest_server import NO_TORCH
 
 # Runs `edgeft server` with an optional self-inflicted crash (environment EDGEFT_FAULT):
 #   commit:K  SIGKILL inside the K-th database commit (statements executed, transaction not committed)
-#   put:K     SIGKILL halfway through writing the K-th artifact blob (half its bytes in a temporary file)
+#   put:K     SIGKILL halfway through writing the K-th artifact blob (half its bytes in a temporary file); with an
+#             S3 bucket ([server] artifacts), right after the K-th blob was stored, before the database knows it
+# With EDGEFT_FAULT_ARM=PATH, only commits and blobs written while the file PATH exists count (replicas: the test
+# arms one replica's fault while the other serves).
 COORDINATOR = '''
 import hashlib, os, signal, sys
 fault = os.environ.get("EDGEFT_FAULT", "")
+arm = os.environ.get("EDGEFT_FAULT_ARM", "")
 if fault:
     kind, limit = fault.split(":")
     limit, seen = int(limit), [0]
 
     def due():
+        if arm and not os.path.exists(arm):
+            return False
         seen[0] += 1
         return seen[0] >= limit
 
@@ -64,6 +70,16 @@ if fault:
             return put(self, data)
 
         artifacts.ArtifactStore.put = dying_put
+        from edgeft.server import s3
+        s3_put = s3.S3Store.put
+
+        def dying_s3_put(self, data):
+            digest = s3_put(self, data)
+            if due():
+                die()
+            return digest
+
+        s3.S3Store.put = dying_s3_put
 from edgeft.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -110,15 +126,18 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2) -> Non
 
 
 def write_config(folder: Path, bundle_path: Path, port: int, *, rounds: int, minimum: int, deadline: float,
-                 available: int | None = None, poll_wait_s: float = 1, extra: str = "") -> Path:
-    """A plaintext coordinator configuration for job "banking" in ``folder`` (state in folder/state)."""
-    path = folder / "jobs.toml"
+                 available: int | None = None, poll_wait_s: float = 1, extra: str = "", state: str = "state",
+                 server_extra: str = "", name: str = "jobs.toml") -> Path:
+    """A plaintext coordinator configuration ``folder/name`` for job "banking" (state in folder/``state``);
+    ``server_extra``: more [server] lines, ``extra``: more [[job]] lines."""
+    path = folder / name
     path.write_text(f"""
 [server]
 address = "127.0.0.1:{port}"
-state_dir = "state"
+state_dir = "{state}"
 poll_wait_s = {poll_wait_s}
 insecure = true
+{server_extra}
 
 [[job]]
 id = "banking"
@@ -138,11 +157,12 @@ label_column = "category"
     return path
 
 
-def make_token(state_dir: Path, job: str = "banking") -> str:
-    """An enrolment token made before the coordinator first starts, as an operator may."""
+def make_token(state_dir: Path, job: str = "banking", database: str | None = None) -> str:
+    """An enrolment token made before the coordinator first starts, as an operator may (in ``database``, default:
+    the state folder's SQLite file)."""
     from edgeft.server.auth import TokenStore
 
-    engine = open_database(state_dir / "state.db")
+    engine = open_database(database or state_dir / "state.db")
     try:
         return TokenStore(engine, [job]).create(job)[1]
     finally:
@@ -156,8 +176,8 @@ class CoordinatorProcess:
         self.config, self.port, self.log = config, port, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, fault: str = "") -> CoordinatorProcess:
-        env = {**os.environ, "EDGEFT_FAULT": fault}
+    def start(self, fault: str = "", arm: Path | None = None) -> CoordinatorProcess:
+        env = {**os.environ, "EDGEFT_FAULT": fault, "EDGEFT_FAULT_ARM": str(arm or "")}
         with open(self.log, "a") as out:
             out.write(f"\n=== start (fault: {fault or 'none'}) ===\n")
             out.flush()
@@ -185,12 +205,14 @@ class CoordinatorProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
-def agent_process(port: int, data: Path, cache: Path, token: str, fault: str = "",
+def agent_process(port: int | str, data: Path, cache: Path, token: str, fault: str = "",
                   give_up_after: float = 120) -> subprocess.Popen:
-    """An agent process (no torch importable) with the token in EDGEFT_TOKEN; ``fault="mid_upload"`` makes it
-    die halfway through its first upload. Its output goes to ``cache``/agent.log (through coordinator restarts
-    an agent logs every retry: a pipe read only at the end would fill up and block it); ``output`` reads it."""
-    argv = ["client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--cache-dir", str(cache),
+    """An agent process (no torch importable) with the token in EDGEFT_TOKEN, for the coordinator on loopback
+    ``port`` (or at the addresses ``port`` names: replicas); ``fault="mid_upload"`` makes it die halfway through
+    its first upload. Its output goes to ``cache``/agent.log (through coordinator restarts an agent logs every
+    retry: a pipe read only at the end would fill up and block it); ``output`` reads it."""
+    server = f"127.0.0.1:{port}" if isinstance(port, int) else port
+    argv = ["client", "--server", server, "--data", str(data), "--cache-dir", str(cache),
             "--threads", "1", "--give-up-after", str(give_up_after), "--insecure"]
     env = {**os.environ, "EDGEFT_TOKEN": token, "EDGEFT_FAULT": fault}
     cache.mkdir(parents=True, exist_ok=True)
@@ -205,16 +227,18 @@ def output(proc: subprocess.Popen, timeout: float) -> str:
     return (cache / "agent.log").read_text()
 
 
-def committed(state_dir: Path, snapshot: Path) -> dict:
+def committed(state_dir: Path, snapshot: Path, database: str | None = None) -> dict:
     """What a stopped coordinator's database holds (read from a copy in ``snapshot``, so the coordinator itself
-    recovers the original): {(round, device): blob} of the updates, round statuses, adapter versions."""
+    recovers the original; a ``database`` server is read as it is): {(round, device): blob} of the updates, round
+    statuses, adapter versions."""
     import shutil
 
-    shutil.rmtree(snapshot, ignore_errors=True)
-    snapshot.mkdir(parents=True)
-    for path in state_dir.glob("state.db*"):
-        shutil.copyfile(path, snapshot / path.name)
-    engine = open_database(snapshot / "state.db")
+    if database is None:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir(parents=True)
+        for path in state_dir.glob("state.db*"):
+            shutil.copyfile(path, snapshot / path.name)
+    engine = open_database(database or snapshot / "state.db")
     try:
         with engine.begin() as conn:
             ups = {(r.round, r.device_id): r.blob for r in conn.execute(select(updates))}
@@ -225,17 +249,19 @@ def committed(state_dir: Path, snapshot: Path) -> dict:
     return {"updates": ups, "rounds": closed, "adapters": versions}
 
 
-def check_consistent(state_dir: Path, job: str = "banking") -> dict:
+def check_consistent(state_dir: Path, job: str = "banking", database: str | None = None, store=None) -> dict:  # noqa: ANN001
     """Every closed round's global adapter equals the example-weighted mean (FedAvg) of the updates stored for it,
     recomputed here from the stored blobs; a device has at most one update per round; SQLite's integrity check
-    passes. Returns the job's status, rounds and updates per round."""
+    passes. ``database`` and ``store``: the coordinator's when not the state folder's. Returns the job's status,
+    rounds and updates per round."""
     from safetensors.numpy import load as load_tensors
 
-    engine = open_database(state_dir / "state.db")
-    store = ArtifactStore(state_dir / "artifacts")
+    engine = open_database(database or state_dir / "state.db")
+    store = store or ArtifactStore(state_dir / "artifacts")
     try:
         with engine.begin() as conn:
-            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            if database is None:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
             status = conn.execute(select(jobs).where(jobs.c.id == job)).first()
             round_rows = conn.execute(select(rounds).where(rounds.c.job_id == job).order_by(rounds.c.number)).all()
             update_rows = conn.execute(select(updates).where(updates.c.job_id == job)).all()
@@ -262,8 +288,8 @@ def check_consistent(state_dir: Path, job: str = "banking") -> dict:
             "updates_per_round": {n: len(rows) for n, rows in sorted(per_round.items())}}
 
 
-def rejection_counts(state_dir: Path, job: str = "banking") -> dict[str, int]:
-    engine = open_database(state_dir / "state.db")
+def rejection_counts(state_dir: Path, job: str = "banking", database: str | None = None) -> dict[str, int]:
+    engine = open_database(database or state_dir / "state.db")
     try:
         with engine.begin() as conn:
             return {r.reason: r.count for r in conn.execute(select(rejections).where(rejections.c.job_id == job))}

@@ -24,7 +24,7 @@ from conftest_server import agent, enrol, five_intents, run_fleet, start, stub, 
 
 
 
-def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards, backend):
+def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, shards, backend, monkeypatch):
     server, port, coordinator = start(tmp_path, tiny_bundle, **backend)
     try:
         token = enrol(coordinator, tmp_path)
@@ -58,14 +58,19 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
         from edgeft.deploy import DeployConfig, deploy
         from edgeft.predict import Predictor
 
-        database = backend.get("database")
-        if "artifacts" in backend:  # not from a bucket (yet): refused, saying so
-            with pytest.raises(NotFound, match="artifacts in an S3 bucket"):
+        database, where, state = backend.get("database"), {}, tmp_path / "state"
+        if "artifacts" in backend:  # the bucket, named as [server] artifacts, its credentials from AWS_* variables
+            with pytest.raises(NotFound, match="artifacts in an S3 bucket.*--artifacts s3://bucket/prefix"):
                 deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "pkg", state_dir=tmp_path / "state",
                                     database=database, job="banking", mode="none"))
-            return
-        deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "pkg", state_dir=tmp_path / "state",
-                            database=database, job="banking", mode="none"))
+            s3 = backend["s3"]
+            for name, value in (("AWS_ACCESS_KEY_ID", s3.access_key_id), ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key),
+                                ("AWS_REGION", s3.region)):
+                monkeypatch.setenv(name, value)
+            where = {"artifacts": backend["artifacts"], "s3_endpoint": s3.endpoint_url}
+            state = tmp_path / "deployer"  # another machine: the bundle comes from the bucket, verified
+        deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "pkg", state_dir=state,
+                            database=database, job="banking", mode="none", **where))
         assert json.loads((tmp_path / "pkg" / "package.json").read_text())["adapter_source"]["round"] == 2
         session = TrainingSession(tiny_bundle)
         session.set_parameters(coordinator.global_adapter("banking", 2))
@@ -73,11 +78,11 @@ def test_three_clients_two_rounds_fedavg(tmp_path, tiny_bundle, tiny_bert_dir, s
         np.testing.assert_allclose(Predictor(tmp_path / "pkg").run({k: batch[k] for k in ("input_ids", "attention_mask")}),
                                    session.eval_step(batch)[1], atol=1e-4, rtol=0)
         with pytest.raises(NotFound, match="has no round 7"):
-            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state",
-                                database=database, job="banking", round=7))
+            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=state,
+                                database=database, job="banking", round=7, **where))
         with pytest.raises(NotFound, match="no job 'nope'"):
-            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path / "state",
-                                database=database, job="nope"))
+            deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=state,
+                                database=database, job="nope", **where))
     finally:
         server.stop(grace=None)
 

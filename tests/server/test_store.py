@@ -5,7 +5,6 @@ stops during calls."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import grpc
 import numpy as np
@@ -25,7 +24,7 @@ from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.wire import UploadHeader, update_to_parts
 
-from conftest_server import enrol, health_status, start, stub, wait_for
+from conftest_server import enrol, health_status, race, start, stub, wait_for
 
 THREADS = 16
 
@@ -70,26 +69,6 @@ def test_the_coordinator_logs_its_database_without_the_password(postgres_cluster
     assert "unused-password" not in caplog.text
 
 
-def _race(calls) -> list:
-    """Run ``calls`` (functions) at once from threads; their results, or the exceptions they raised."""
-    barrier = threading.Barrier(len(calls))
-    results: list = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = calls[i]()
-        except Exception as exc:  # noqa: BLE001 - what leaked is the finding
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
-
-
 def test_two_writers_on_one_database_store_one_update_per_device_and_one_global_adapter_per_round(database, tmp_path):
     url = database or f"sqlite:///{tmp_path / 'state.db'}"
     replicas = [State(open_database(url)) for _ in range(2)]  # two engines: two coordinator processes
@@ -97,17 +76,17 @@ def test_two_writers_on_one_database_store_one_update_per_device_and_one_global_
     try:
         one.create_job("job", "digest", 2, 1, "blob0", {}, {})
         assert not other.create_job("job", "digest", 2, 1, "blob0", {}, {})  # created once
-        opened = _race([lambda s=replicas[i % 2]: s.open_round("job", 1, [f"d{i}"], 60) for i in range(THREADS)])
+        opened = race([lambda s=replicas[i % 2]: s.open_round("job", 1, [f"d{i}"], 60) for i in range(THREADS)])
         assert len({tuple(row.selected) for row in opened}) == 1  # every writer got the one row stored
         for i in range(THREADS):
             replicas[i % 2].enrol("d", {"os": "test"}, "job", f"tok{i}")  # re-enrolments upsert
-        stored = _race([lambda i=i: replicas[i % 2].add_update("job", 1, "d", f"upload{i}", 10, {}, f"b{i}", 1)
+        stored = race([lambda i=i: replicas[i % 2].add_update("job", 1, "d", f"upload{i}", 10, {}, f"b{i}", 1)
                         for i in range(THREADS)])
         assert sorted(map(str, stored)) == ["False"] * (THREADS - 1) + ["True"], stored
-        counted = _race([lambda i=i: replicas[i % 2].count_rejection("job", "duplicate", "again")
+        counted = race([lambda i=i: replicas[i % 2].count_rejection("job", "duplicate", "again")
                          for i in range(THREADS)])
         assert counted == [None] * THREADS and one.rejections("job") == {"duplicate": THREADS}
-        closed = _race([lambda i=i: replicas[i % 2].close_round("job", 1, f"adapter{i}", None, {}, False, 1)
+        closed = race([lambda i=i: replicas[i % 2].close_round("job", 1, f"adapter{i}", None, {}, False, 1)
                         for i in range(THREADS)])
         assert sorted(map(str, closed)) == ["False"] * (THREADS - 1) + ["True"], closed
         with one.engine.connect() as conn:
@@ -123,7 +102,7 @@ def test_two_writers_on_one_database_store_one_update_per_device_and_one_global_
         assert other.add_update("job", 2, "e", "u", 10, {}, "b", 1)  # came in after "aggregating" one update
         assert not one.close_round("job", 2, "stale", None, {}, True, updates_aggregated=1)
         assert one.round("job", 2).status == "open"
-        outcomes = _race([lambda: one.close_round("job", 2, "fresh", None, {}, True, 2),
+        outcomes = race([lambda: one.close_round("job", 2, "fresh", None, {}, True, 2),
                           lambda: other.fail_round("job", 2, "deadline")])
         assert sorted(outcomes) == [False, True]  # closed or failed, once
     finally:
