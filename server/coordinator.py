@@ -9,7 +9,9 @@ tests. Transport-free: its methods take and return edgeft's own types.
 All state lives in the database and the artifact store, so a restarted coordinator (even after SIGKILL) carries on
 where it was. Rounds close when their last update arrives or on the coordinator's clock (``start_clock``: a thread
 that calls ``tick``), never inside a poll; a poll or heartbeat reads, plus one liveness write (``State.seen``), plus
-opening the job's current round the first time a device asks for it.
+opening the job's current round the first time a device asks for it. Several coordinator processes (replicas) may
+serve one database and one bucket: a round is closed, and a global adapter evaluated, by the replica that holds its
+lease (``lease``), and every replica's clock takes over what a dead one left (docs/replicas.md).
 """
 
 from __future__ import annotations

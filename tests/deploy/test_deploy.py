@@ -131,6 +131,9 @@ def test_bad_input(tmp_path, tiny_bert_dir, tiny_bundle, adapter, small_banking)
         DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x")
     with pytest.raises(NotFound, match="not a coordinator state folder"):
         deploy(DeployConfig(model_dir=tiny_bert_dir, out=tmp_path / "x", state_dir=tmp_path, job="j"))
+    with pytest.raises(ConfigError, match="give them with its state folder"):  # a bucket belongs to a state
+        DeployConfig(model_dir=tiny_bert_dir, bundle=tiny_bundle.path, adapter=adapter, out=tmp_path / "x",
+                     artifacts="s3://bucket/prefix")
     from edgeft.update import load_update, save_update
 
     wrong = load_update(adapter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,9 @@ def backend(request) -> dict:
     if request.param == "sqlite+folder":
         return {}
     return {"database": request.getfixturevalue("postgres_url"), **request.getfixturevalue("s3_artifacts")}
+
+
+@pytest.fixture(scope="session")
+def fault_report(tmp_path_factory) -> Path:
+    """The fault-injection scenarios' JSON report (``faults.record``), in pytest's base temporary folder."""
+    return tmp_path_factory.getbasetemp() / "fault_report.json"

@@ -42,11 +42,6 @@ from faults import (CoordinatorProcess, agent_process, check_consistent, committ
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="session")
-def fault_report(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "fault_report.json"
-
-
 def partitions(folder: Path, n: int) -> list[Path]:
     rows = five_intents("train")
     return [write_csv(folder / f"part{i}.csv", rows[i::n][:120]) for i in range(n)]

@@ -37,8 +37,9 @@ from faults import (CoordinatorProcess, agent_process, check_consistent, committ
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 
 
-def test_a_lease_is_held_by_one_replica_at_a_time_and_taken_over_once_it_expires(postgres_url):
-    engines = [open_database(postgres_url) for _ in range(2)]  # two coordinator processes
+def test_a_lease_is_held_by_one_replica_at_a_time_and_taken_over_once_it_expires(database, tmp_path):
+    url = database or f"sqlite:///{tmp_path / 'state.db'}"
+    engines = [open_database(url) for _ in range(2)]  # two coordinator processes
     try:
         one, other = (Leases(engine, duration_s=1.0) for engine in engines)
         taken = race([lambda i=i: (one, other)[i % 2].take("close/job/1") for i in range(16)])
@@ -250,8 +251,3 @@ def test_a_replica_sigkilled_twenty_times_at_random_points_while_the_other_carri
     figures = kill_replicas(tmp_path, tiny_bundle, shards, postgres_url, s3_artifacts, kills=kills,
                             rounds=2 * kills, seed=kills)
     record(fault_report, f"replicas_killed_{kills}", figures)
-
-
-@pytest.fixture(scope="session")
-def fault_report(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "fault_report.json"
