@@ -176,8 +176,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
-        check_config(isinstance(self.lease_s, (int, float)) and self.lease_s >= 1, "server.lease_s", self.lease_s,
-                     "must be at least 1 (seconds)")
+        check_config(isinstance(self.lease_s, (int, float)) and not isinstance(self.lease_s, bool)
+                     and self.lease_s >= 1, "server.lease_s", self.lease_s, "must be a number of seconds, at least 1")
         if self.database is not None:
             from edgeft.server.store import database_url
 
@@ -261,7 +261,7 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
                             limits=ServerLimits(**server.get("limits", {})),
-                            lease_s=float(server.get("lease_s", 30.0)))
+                            lease_s=server.get("lease_s", 30.0))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
 

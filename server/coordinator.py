@@ -131,6 +131,10 @@ class Coordinator:
         self.strategies[job.id] = job_strategy(configured, job, self.bundle_sets)
         for version in started.evaluate:
             self.evaluator.schedule(job, version)
+        if job.secure_aggregation is not None and self.engine.dialect.name != "sqlite":
+            log.warning("job %s aggregates securely: its rounds' protocol state lives in this process only, so with "
+                        "several coordinator replicas on %s list the job in one replica's configuration alone "
+                        "(docs/replicas.md)", job.id, self.engine.url.render_as_string(hide_password=True))
         with self.rounds.lock:
             for number in started.open_rounds:
                 if job.secure_aggregation is not None:  # its protocol state was in the old process's memory only

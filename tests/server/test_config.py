@@ -79,6 +79,8 @@ label_column = "intent"
     ('[server]\ninsecure = true\n[server.tls]\ncert = "c"\n', "key"),
     ("[server]\ninsecure = true\n[server.limits]\nchunk_bytes = 9000000\n", "limits.chunk_bytes=9000000"),
     ("[server]\ninsecure = true\n[server.limits]\nmax_concurrent_rpcs = 0\n", "limits.max_concurrent_rpcs=0"),
+    ("[server]\ninsecure = true\nlease_s = 0.5\n", "server.lease_s=0.5: must be a number of seconds, at least 1"),
+    ('[server]\ninsecure = true\nlease_s = "30"\n', "server.lease_s='30'"),
     ('[[job]]\nid = "x"\nbundle = "b"\ndevice_ranks = [4]\n', "device_ranks.*list bundles of the smaller ranks"),
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_bundles = ["b4"]\n[job.export]\nlabels = ["a", "b"]\n', "device_bundles.*with job.model use device_ranks"),
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [8]\n[job.export]\nlabels = ["a", "b"]\n', "each must be below the job's rank 8"),
