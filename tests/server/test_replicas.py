@@ -101,7 +101,8 @@ def test_two_replicas_close_each_round_once_with_the_fedavg_of_the_stored_update
             both = f"127.0.0.1:{port_a},127.0.0.1:{port_b}"
             servers = [["--server", f"127.0.0.1:{port_a}"]] * 2 + [["--server", f"127.0.0.1:{port_b}"]] * 2 + [
                 ["--server", both]] * 2  # two devices on each replica, two spread over both
-            procs = [agent(port_a, shard, tmp_path / f"device{i}", token, *servers[i]) for i, shard in enumerate(shards)]
+            procs = [agent(port_a, shard, tmp_path / f"device{i}", token, *servers[i])
+                     for i, shard in enumerate(shards)]
             for coordinator in (first, second):
                 coordinator.wait_until_finished(timeout=300)
             outputs = [p.communicate(timeout=60)[0] for p in procs]
@@ -172,7 +173,8 @@ def test_at_the_deadline_one_of_two_replicas_closes_or_fails_the_round(tmp_path,
             on_a.PollTask(pb.PollTaskRequest(device_id=ids[0], wait_seconds=0))  # seen: two devices available
             task = on_b.PollTask(pb.PollTaskRequest(device_id=ids[1], wait_seconds=2)).task
             assert task.round == 1
-            update = AdapterUpdate({k: v + np.float32(0.01) for k, v in second.global_adapter("banking", 0).items()}, 50)
+            initial = second.global_adapter("banking", 0)
+            update = AdapterUpdate({k: v + np.float32(0.01) for k, v in initial.items()}, 50)
             on_b.UploadUpdate(update_to_parts(UploadHeader("banking", 1, ids[1], "u1"), update), timeout=30)
             wait_for(lambda: first.job_status("banking")["current_round"] == 2, timeout_s=30)  # one of two by 3 s
             for replica, who in ((on_a, ids[0]), (on_b, ids[1])):  # round 2 opens; nobody uploads
