@@ -18,7 +18,9 @@ train     (--parts train) LoRA r=8 training with an fp32, int8 and int4 frozen b
           qwen2.5-0.5b: Qwen2, 24 layers, hidden 896, 14 heads, 2 KV heads, intermediate 4864, vocabulary 151936,
           tied embeddings) with --layers layers (default: 6; 0: the shape's full depth; a full-depth portable export
           takes minutes per bundle), batches of 4 x 256 Tiny Shakespeare tokens, --steps steps (median after the
-          first), each column in its own process: peak RSS (VmHWM), tokens/s and the frozen weights' size.
+          first), each column in its own process: peak RSS (VmHWM), tokens/s and the frozen weights' size. A base
+          named BASE+checkpointing (e.g. int4+checkpointing) is exported with gradient checkpointing
+          (edgeft.export.segmented: the step layer by layer, each layer recomputed in the backward pass).
 
     python bench/llm.py [--new-tokens 64] [--threads 2] [--repeats 3] [--json-out bench/results/llm.json]
     python bench/llm.py --parts train [--shape smollm2-135m|qwen2.5-0.5b] [--layers 6] [--bases fp32,int8,int4]
@@ -45,6 +47,7 @@ QWEN25_05B_SHAPE = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size
                     "tie_word_embeddings": True, "initializer_range": 0.02, "use_sliding_window": False,
                     "bos_token_id": 0, "eos_token_id": 0}
 BASES = {"fp32": None, "int8": 8, "int4": 4}
+CHECKPOINTING = "+checkpointing"  # a base's column with gradient checkpointing (edgeft.export.segmented)
 
 
 def packages(work: Path, model_dir: Path) -> dict[str, Path]:
@@ -200,14 +203,17 @@ def train_part(args: argparse.Namespace) -> dict:
     bases = [b for b in args.bases.split(",") if b]
     out = {}
     for column in (*bases, "pytorch"):
-        bits = BASES.get(column)
-        bundle_dir = folder.parent / f"{folder.name.replace('-layers', '')}-bundle-{bits or 'fp32'}"
+        bits = BASES.get(column.removesuffix(CHECKPOINTING))
+        checkpointing = column.endswith(CHECKPOINTING)
+        bundle_dir = folder.parent / (f"{folder.name.replace('-layers', '')}-bundle-{bits or 'fp32'}"
+                                      + ("-checkpointing" if checkpointing else ""))
         if not (bundle_dir / "manifest.json").is_file():
             shutil.rmtree(bundle_dir, ignore_errors=True)
-            print(f"exporting the {bits or 'fp32'} training bundle ...", file=sys.stderr, flush=True)
+            print(f"exporting the {column} training bundle ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             export_hf(folder, bundle_dir, ExportConfig(task="causal-lm", max_length=256, adapter=AdapterConfig(rank=8),
-                                                       engine="portable", base_bits=bits))
+                                                       engine="portable", base_bits=bits,
+                                                       gradient_checkpointing=checkpointing))
             print(f"  exported in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--column", column, str(folder), str(bundle_dir),
                                str(args.steps), str(args.threads)], capture_output=True, text=True)
@@ -216,7 +222,8 @@ def train_part(args: argparse.Namespace) -> dict:
         out[column] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  {column}: {out[column]}", file=sys.stderr, flush=True)
         if column != "pytorch":
-            out[column]["frozen_mb"] = round((bundle_dir / "portable_frozen.bin").stat().st_size / 2**20, 1)
+            frozen = [bundle_dir / n for n in ("portable_frozen.bin", "segmented_layers.safetensors")]
+            out[column]["frozen_mb"] = round(sum(f.stat().st_size for f in frozen if f.is_file()) / 2**20, 1)
     for column in bases:
         out[column]["rss_vs_pytorch"] = round(out[column]["peak_rss_mb"] / out["pytorch"]["peak_rss_mb"], 3)
         out[column]["tokens_per_s_vs_pytorch"] = round(out[column]["tokens_per_s"] / out["pytorch"]["tokens_per_s"],
@@ -236,7 +243,8 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m", choices=("smollm2-135m", "qwen2.5-0.5b"),
                         help="train: the model's widths")
     parser.add_argument("--layers", type=int, default=6, help="train: layers (0: the shape's full depth)")
-    parser.add_argument("--bases", default="fp32,int8,int4", help="train: the frozen bases to measure")
+    parser.add_argument("--bases", default="fp32,int8,int4",
+                        help="train: the frozen bases to measure; BASE+checkpointing: with gradient checkpointing")
     parser.add_argument("--steps", type=int, default=5, help="train: steps per column")
     parser.add_argument("--column", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()

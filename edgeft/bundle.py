@@ -32,6 +32,14 @@ PORTABLE_EVAL = "portable_eval.onnx"
 PORTABLE_OPTIMIZER = "portable_optimizer.onnx"
 PORTABLE_FROZEN = "portable_frozen.bin"
 PORTABLE_PARAMETERS = "portable_parameters.safetensors"
+# A portable bundle exported with gradient checkpointing (edgeft.export.segmented) trains with these graphs instead of
+# the gradient and eval graphs: its manifest's ``segmented`` entry says how.
+SEGMENTED_PROLOGUE = "segmented_prologue.onnx"
+SEGMENTED_LAYER = "segmented_layer.onnx"
+SEGMENTED_LAYER_GRAD = "segmented_layer_grad.onnx"
+SEGMENTED_HEAD = "segmented_head.onnx"
+SEGMENTED_HEAD_GRAD = "segmented_head_grad.onnx"
+SEGMENTED_LAYERS = "segmented_layers.safetensors"
 GRAD_PREFIX, OUT_SUFFIX = "grad.", ".out"
 OPTIMIZER_STATE = {"adamw": ("exp_avg.", "exp_avg_sq."), "sgd": ()}
 # Operators ONNX Runtime registers itself in the standard ONNX domain from version 1 (kept from its contrib
@@ -89,6 +97,11 @@ class Manifest:
     # Causal-LM bundles whose graphs read the attention mask as segment ids (1, 2, ...; 0 padding), so that several
     # examples packed into one row (``TrainConfig.pack``) never attend to each other. False (and absent) otherwise.
     packing: bool = False
+    # Portable causal-LM bundles exported with gradient checkpointing (``edgeft.export.segmented``): {"layers": the
+    # number of decoder layers, "prefix": their trainable names' prefix (``<prefix>.<layer>.<local name>``),
+    # "weights": a layer's local weight names in its graphs' input order, "trainable": those that train,
+    # "quantised": the frozen ones stored in base_bits}. Absent otherwise.
+    segmented: dict | None = None
 
     def head(self) -> tuple[str, str]:
         """The trainable names of a sentence-pooled head's weight [labels, dimension] and bias [labels]."""
@@ -105,8 +118,9 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for optional in ("proximal", "pooling", "preprocessing", "loss_options"):  # bundles without them keep their
-            if data[optional] is None:                                  # manifest (and digest) as before
+        # bundles without them keep their manifest (and digest) as before
+        for optional in ("proximal", "pooling", "preprocessing", "loss_options", "segmented"):
+            if data[optional] is None:
                 del data[optional]
         if data["input_kind"] == "tokens":
             del data["input_kind"]

@@ -129,6 +129,10 @@ class ExportConfig:
     # The frozen base's weight matrices stored as int8 or int4 and dequantised in the training graph (portable engine;
     # edgeft.export.lowbit): the device holds a quarter or an eighth of their fp32 bytes. None: fp32.
     base_bits: int | None = None
+    # Causal LMs of the Llama family (Llama, SmolLM2, Qwen2, Phi-3, Mistral) on the portable engine: the training
+    # step as one graph per decoder layer (edgeft.export.segmented), so that a device keeps each layer's input only
+    # between the forward and the backward pass and recomputes the rest, as PyTorch's gradient checkpointing does.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -145,6 +149,11 @@ class ExportConfig:
         check_config(self.base_bits is None or self.engine == "portable", "base_bits", self.base_bits,
                      "a low-bit frozen base needs the portable engine (ONNX Runtime's training build cannot "
                      "differentiate through dequantised weights): export with engine='portable'")
+        if self.gradient_checkpointing:
+            check_config(self.engine == "portable" and self.task == "causal-lm" and self.loss != "dpo"
+                         and not self.proximal_mu, "gradient_checkpointing", True,
+                         "gradient checkpointing is for causal-LM training (next-token loss, no FedProx term) on the "
+                         "portable engine; export without it")
         check_config(isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < float("inf"), "dpo_beta",
                      self.dpo_beta, "must be a positive number (0.1 is the usual choice)")
         low, high = OPSETS[self.engine]

@@ -64,10 +64,11 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         graph_path = Path(tmp) / FORWARD_MODEL
+        segmented = None
         if config.engine == "portable":
             from edgeft.export import portable
 
-            portable.generate(source, adapted, config, staging)
+            segmented = portable.generate(source, adapted, config, staging)
         else:
             export_graph(adapted.model, source, adapted.trainable, config.loss, config.num_outputs, graph_path,
                          config.onnx_opset, l2=l2, seed=config.seed, proximal_mu=config.proximal_mu,
@@ -79,7 +80,7 @@ def export_source(source: ModelSource, out_dir: str | Path, config: ExportConfig
                 _write_chat_template(source.tokenizer_file.parent, staging)
         if head_only:
             _export_head_bundle(adapted, source.pooling, config, staging / source.pooling["head_bundle"])
-        manifest = _manifest(source, adapted, config, staging)
+        manifest = _manifest(source, adapted, config, staging, segmented)
         write_manifest(staging, manifest)
         out_dir.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
@@ -153,7 +154,8 @@ def _export_head_bundle(adapted: AdaptedModel, pooling: dict, config: ExportConf
     export_source(head, out_dir, replace(config, adapter=AdapterConfig(kind="full")))
 
 
-def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, staging: Path) -> Manifest:
+def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, staging: Path,
+              segmented: dict | None = None) -> Manifest:
     params = dict(adapted.model.named_parameters())
     trainable = [TensorSpec(name=n, dtype="float32", shape=list(params[n].shape),
                             peft_key=(adapted.peft_keys or {}).get(n)) for n in adapted.trainable]
@@ -197,7 +199,7 @@ def _manifest(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, 
         proximal={"mu": config.proximal_mu, "anchor_prefix": ANCHOR_PREFIX} if config.proximal_mu else None,
         pooling=source.pooling, engine=config.engine, input_kind=source.input_kind,
         preprocessing=source.preprocessing, loss_options={"beta": config.dpo_beta} if config.loss == "dpo" else None,
-        packing=config.task == "causal-lm" and config.loss != "dpo")
+        packing=config.task == "causal-lm" and config.loss != "dpo", segmented=segmented)
 
 
 def _axes(rank: int, dynamic: dict[int, str], last: int | None = None, sizes: list[int] | None = None

@@ -70,8 +70,10 @@ def quantise_frozen(models: dict[str, onnx.ModelProto], bits: int, min_elements:
             "stored_bytes": sum(v[2] for v in done.values())}
 
 
-def _quantise(name: str, weight: np.ndarray, bits: int) -> tuple[list[onnx.TensorProto], int, int, dict]:
-    """(the quantised value and scale initializers, fp32 bytes, stored bytes, DequantizeLinear attributes)."""
+def quantise_array(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D weight as (values, scale), symmetric: int4 (when the rows split into blocks of ``BLOCK``) as uint8
+    bytes holding two values each (row-major; the first in the low nibble) with one scale per block
+    [rows, cols / BLOCK]; otherwise int8 [rows, cols] with one scale per row [rows]."""
     rows, cols = weight.shape
     w = weight.astype(np.float32)
     if bits == 4 and cols % BLOCK == 0:
@@ -80,15 +82,23 @@ def _quantise(name: str, weight: np.ndarray, bits: int) -> tuple[list[onnx.Tenso
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int8).reshape(rows, cols)
         nibbles = (q.reshape(-1) & 0x0F).astype(np.uint8)
-        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-        values = helper.make_tensor(f"{name}.int4", TensorProto.INT4, [rows, cols], packed.tobytes(), raw=True)
+        return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).reshape(rows, cols // 2), scale
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def _quantise(name: str, weight: np.ndarray, bits: int) -> tuple[list[onnx.TensorProto], int, int, dict]:
+    """(the quantised value and scale initializers, fp32 bytes, stored bytes, DequantizeLinear attributes)."""
+    rows, cols = weight.shape
+    w = weight.astype(np.float32)
+    q, scale = quantise_array(w, bits)
+    if q.dtype == np.uint8:
+        values = helper.make_tensor(f"{name}.int4", TensorProto.INT4, [rows, cols], q.tobytes(), raw=True)
         zero = helper.make_tensor(f"{name}.zero", TensorProto.INT4, list(scale.shape),
                                   bytes((scale.size + 1) // 2), raw=True)
         attributes = {"axis": 1, "block_size": BLOCK}
     else:
-        scale = np.abs(w).max(axis=1) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
         values = numpy_helper.from_array(q, f"{name}.int8")
         zero = numpy_helper.from_array(np.zeros(rows, dtype=np.int8), f"{name}.zero")
         attributes = {"axis": 0}
@@ -97,3 +107,63 @@ def _quantise(name: str, weight: np.ndarray, bits: int) -> tuple[list[onnx.Tenso
     # an explicit zero point (0) fixes the signed type: ONNX Runtime's QDQ rewrites (a DequantizeLinear moved across
     # a Transpose gets a QuantizeLinear) would otherwise assume uint8
     return [values, scales, zero], w.nbytes, stored, attributes
+
+
+def dequantised_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], bits: int) -> dict[str, str]:
+    """Rewrite ``model`` in place so that each float graph input named in ``shapes`` (2-D weights fed at run time, as
+    the segmented step's layer graphs take them) is fed quantised (``quantise_array``) as two inputs,
+    ``<name>.q`` and ``<name>.scale``, and dequantised at the top of the graph with standard operators only (the
+    bytes unpacked with BitwiseAnd/BitShift: ONNX Runtime's Python API cannot feed an int4 tensor); returns each
+    name's storage kind ("int4" or "int8")."""
+    graph = model.graph
+    kinds, nodes, inputs = {}, [], []
+    for value in graph.input:
+        if value.name not in shapes:
+            inputs.append(value)
+            continue
+        name, (rows, cols) = value.name, shapes[value.name]
+        int4 = bits == 4 and cols % BLOCK == 0
+        kinds[name] = "int4" if int4 else "int8"
+        scale_shape = [rows, cols // BLOCK] if int4 else [rows]
+        inputs += [helper.make_tensor_value_info(f"{name}.q", TensorProto.UINT8 if int4 else TensorProto.INT8,
+                                                 [rows, cols // 2] if int4 else [rows, cols]),
+                   helper.make_tensor_value_info(f"{name}.scale", TensorProto.FLOAT, scale_shape)]
+        nodes += _dequantise_nodes(graph, name, rows, cols, int4)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + body)
+    return kinds
+
+
+def _dequantise_nodes(graph: onnx.GraphProto, name: str, rows: int, cols: int, int4: bool) -> list[onnx.NodeProto]:
+    """Nodes computing float ``name`` [rows, cols] from ``name.q`` and ``name.scale`` (``quantise_array``'s)."""
+    def const(suffix: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, f"{name}.{suffix}"))
+        return f"{name}.{suffix}"
+
+    def node(op: str, inputs: list[str], suffix: str, **attributes: object) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{name}.{suffix}"], name=f"{name}.{suffix}.node", **attributes)
+
+    if not int4:  # int8 [rows, cols] * scale [rows, 1]
+        axes = const("axes", np.array([1], dtype=np.int64))
+        return [node("Cast", [f"{name}.q"], "float", to=TensorProto.FLOAT),
+                node("Unsqueeze", [f"{name}.scale", axes], "scale2"),
+                helper.make_node("Mul", [f"{name}.float", f"{name}.scale2"], [name], name=f"{name}.node")]
+    last = const("last", np.array([-1], dtype=np.int64))
+    return [node("BitwiseAnd", [f"{name}.q", const("low_mask", np.array(15, dtype=np.uint8))], "low"),
+            node("BitShift", [f"{name}.q", const("shift", np.array(4, dtype=np.uint8))], "high", direction="RIGHT"),
+            node("Unsqueeze", [f"{name}.low", last], "low3"),
+            node("Unsqueeze", [f"{name}.high", last], "high3"),
+            node("Concat", [f"{name}.low3", f"{name}.high3"], "nibbles", axis=-1),
+            # a nibble n in 0..15 holds the signed value (n XOR 8) - 8
+            node("BitwiseXor", [f"{name}.nibbles", const("sign", np.array(8, dtype=np.uint8))], "offset"),
+            node("Cast", [f"{name}.offset"], "offset_float", to=TensorProto.FLOAT),
+            node("Sub", [f"{name}.offset_float", const("eight", np.array(8.0, dtype=np.float32))], "values"),
+            node("Reshape", [f"{name}.values", const("blocks", np.array([rows, cols // BLOCK, BLOCK], np.int64))],
+                 "blocked"),
+            node("Unsqueeze", [f"{name}.scale", last], "scale3"),
+            node("Mul", [f"{name}.blocked", f"{name}.scale3"], "scaled"),
+            helper.make_node("Reshape", [f"{name}.scaled", const("shape", np.array([rows, cols], np.int64))], [name],
+                             name=f"{name}.node")]

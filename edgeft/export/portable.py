@@ -45,7 +45,7 @@ from edgeft.export.adapters import AdaptedModel
 from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes, rename_tensors
 from edgeft.export.optimizer import optimizer_model
 from edgeft.export.source import ModelSource
-from edgeft.export.translate import export_step, to_onnx
+from edgeft.export.translate import export_step, to_onnx, translatable
 
 ALIGNMENT = 4096  # external tensors start on page boundaries (ONNX Runtime can map them)
 # Initializers of at least this many bytes go to the shared weights file (smaller ones stay in their graph).
@@ -118,10 +118,19 @@ class _Step(nn.Module):
         return (*user_outs, *(acc + grads[name] for acc, name in zip(accumulators, trainable)))
 
 
-def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, out_dir: Path) -> None:
-    """Write the portable engine's graphs, frozen weights and initial parameters into ``out_dir``."""
-    from safetensors.numpy import save_file
+def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, out_dir: Path) -> dict | None:
+    """Write the portable engine's graphs, frozen weights and initial parameters into ``out_dir``; with gradient
+    checkpointing the segmented graphs instead of the gradient and eval graphs (returns the manifest's ``segmented``
+    entry then, None otherwise)."""
+    if config.gradient_checkpointing:
+        from edgeft.export import segmented
 
+        # base_bits applies to the layers' weights only: the embeddings and output layer stay fp32, as each head
+        # call reads the output layer whole (a dequantised copy would be as large, and slow to make every call)
+        with _quiet_exporter(), _SharedWeights(out_dir) as shared:
+            entry = segmented.generate(source, adapted, config, out_dir, shared)
+        _write_optimizer(adapted, config, out_dir)
+        return entry
     l2 = config.optimizer.weight_decay if config.optimizer.name == "sgd" else 0.0
     features = source.pooling is not None
     graph = TrainingGraph(adapted.model, source.input_names, config.loss, l2, source.prepare_inputs,
@@ -145,12 +154,9 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                           f"also {tied[0][0]} (torch.export's backward pass gives a shared parameter no gradient); "
                           "freeze it (LoRA or a head adapter) or export with engine='ort-training'")
     outputs = ["loss", "logits", *(["features"] if features else [])]
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level  # "torchvision is not installed. Skipping torchvision::nms", four lines a graph
-    registration.setLevel(logging.ERROR)
     # Each graph's frozen weights go to the shared file as soon as it is made: a model over 2 GB (ONNX's protobuf
     # limit) exports, and the coordinator holds the model's weights and one graph's copy of them at a time.
-    with warnings.catch_warnings(), _restored(registration, level), _SharedWeights(out_dir, config.base_bits) as shared:
+    with warnings.catch_warnings(), _quiet_exporter(), _SharedWeights(out_dir, config.base_bits) as shared:
         warnings.simplefilter("ignore")
         forward = export_step(lambda: torch.export.export(wrapper, user_args, dynamic_shapes=(user_shapes,),
                                                       strict=False), "torch.export")
@@ -162,7 +168,7 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
         weights = {id(t): t for t in [*forward.state_dict.values(), *forward.constants.values()]
                    if isinstance(t, torch.Tensor)}
         joint = export_step(lambda: _export_forward_backward(copy.deepcopy(forward, weights), 0), "the backward pass")
-        _translatable(joint.graph_module)
+        translatable(joint.graph_module)
         trainable_values = tuple(values[n].detach().clone() for n in adapted.trainable)
         state_values = tuple(values[n].detach().clone() for n in state)
         zeros = tuple(torch.zeros_like(v) for v in trainable_values)
@@ -174,6 +180,16 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
         shared.save(to_onnx(_Step(forward, graph_names, state, values, len(user_names), accumulate=False),
                              user_args + state_values, user_shapes, config.onnx_opset, [*user_names, *state], outputs),
                     EVAL_MODEL)
+    _write_optimizer(adapted, config, out_dir)
+    return None
+
+
+def _write_optimizer(adapted: AdaptedModel, config: ExportConfig, out_dir: Path) -> None:
+    """The optimizer graph and the initial trainable parameters."""
+    from safetensors.numpy import save_file
+
+    values = dict(adapted.model.named_parameters())
+    trainable_values = [values[n].detach() for n in adapted.trainable]
     onnx.save(optimizer_model(adapted.trainable, [tuple(v.shape) for v in trainable_values], config.optimizer,
                               config.onnx_opset), str(out_dir / OPTIMIZER_MODEL))
     save_file({n: v.numpy().astype(np.float32) for n, v in zip(adapted.trainable, trainable_values)},
@@ -181,60 +197,15 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
 
 
 @contextlib.contextmanager
-def _restored(logger: logging.Logger, level: int) -> Iterator[None]:
+def _quiet_exporter() -> Iterator[None]:
+    """Within: torch.onnx does not log "torchvision is not installed. Skipping torchvision::nms", four lines a graph."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
-
-
-def _translatable(module: torch.fx.GraphModule) -> None:
-    """Rewrite what the backward decompositions emit and torch.onnx cannot translate into equivalents it can.
-
-    ``empty_permuted`` (``empty_like`` decomposed, seen under the SiLU gradient of Llama's MLP) is an
-    uninitialised tensor of a given logical shape whatever its memory layout: ``empty.memory_format``."""
-    aten = torch.ops.aten
-    changed = False
-    for node in module.graph.nodes:
-        if node.op == "call_function" and node.target == aten.empty_permuted.default:
-            node.target = aten.empty.memory_format
-            node.args = node.args[:1]
-            changed = True
-        elif node.op == "call_function" and node.target == aten.convolution_backward.default:
-            node.target = _convolution_backward  # traced into forward convolutions when the step is re-exported
-            changed = True
-    if changed:
-        module.recompile()
-
-
-def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002
-                          bias_sizes: object, stride: list[int], padding: list[int], dilation: list[int],
-                          transposed: bool, output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple:
-    """``aten.convolution_backward`` (no ONNX translation) as forward convolutions, which have one: the input's
-    gradient is the transposed convolution of the output's gradient with the weight; the weight's is the
-    input correlated with the output's gradient (stride and dilation swap roles), cut to the kernel's size."""
-    if transposed:
-        raise ExportError("the portable engine cannot train through a transposed convolution yet; freeze it or "
-                          "export with engine='ort-training'")
-    aten = torch.ops.aten
-    dims = weight.dim() - 2
-    grad_input = grad_weight = grad_bias = None
-    if output_mask[0]:
-        extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                       + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
-        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
-    if output_mask[1]:
-        if groups != 1:
-            raise ExportError(f"the portable engine cannot train the weights of a grouped convolution ({groups} "
-                              "groups) yet: freeze it (LoRA on other layers, or a head adapter) or export with "
-                              "engine='ort-training'")
-        grad_weight = aten.convolution(input.transpose(0, 1), grad_output.transpose(0, 1), None, dilation, padding,
-                                       stride, False, [0] * dims, 1).transpose(0, 1)
-        for i in range(dims):
-            grad_weight = grad_weight.narrow(2 + i, 0, weight.shape[2 + i])
-    if output_mask[2]:
-        grad_bias = grad_output.sum(dim=[0, *range(2, 2 + dims)])
-    return grad_input, grad_weight, grad_bias
+        registration.setLevel(level)
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

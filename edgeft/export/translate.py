@@ -6,7 +6,8 @@ re-traces the whole program (about a third of a portable export's time). The pro
 translates are already decomposed, but for a handful of operators that torch.export spells differently (``to``,
 ``&``, ``|``, ``squeeze`` over several dims, metadata asserts): ``_decomposed_once`` respells those in place and,
 when every operator left is one torch.onnx translates directly, skips that second decomposition. Any other program
-goes through torch.onnx's own decomposition as before.
+goes through torch.onnx's own decomposition as before. ``translatable`` rewrites the operators that the backward
+decompositions emit and torch.onnx cannot translate.
 """
 
 from __future__ import annotations
@@ -169,3 +170,52 @@ def _plain(target: object, operators: set) -> bool:
         return target in operators
     module, name = getattr(target, "__module__", None), getattr(target, "__name__", "")
     return module in ("_operator", "operator") or (module == "torch" and name.startswith("sym_"))
+
+
+def translatable(module: torch.fx.GraphModule) -> None:
+    """Rewrite what the backward decompositions emit and torch.onnx cannot translate into equivalents it can.
+
+    ``empty_permuted`` (``empty_like`` decomposed, seen under the SiLU gradient of Llama's MLP) is an
+    uninitialised tensor of a given logical shape whatever its memory layout: ``empty.memory_format``."""
+    aten = torch.ops.aten
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target == aten.empty_permuted.default:
+            node.target = aten.empty.memory_format
+            node.args = node.args[:1]
+            changed = True
+        elif node.op == "call_function" and node.target == aten.convolution_backward.default:
+            node.target = _convolution_backward  # traced into forward convolutions when the step is re-exported
+            changed = True
+    if changed:
+        module.recompile()
+
+
+def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002
+                          bias_sizes: object, stride: list[int], padding: list[int], dilation: list[int],
+                          transposed: bool, output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple:
+    """``aten.convolution_backward`` (no ONNX translation) as forward convolutions, which have one: the input's
+    gradient is the transposed convolution of the output's gradient with the weight; the weight's is the
+    input correlated with the output's gradient (stride and dilation swap roles), cut to the kernel's size."""
+    if transposed:
+        raise ExportError("the portable engine cannot train through a transposed convolution yet; freeze it or "
+                          "export with engine='ort-training'")
+    aten = torch.ops.aten
+    dims = weight.dim() - 2
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                       + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+    if output_mask[1]:
+        if groups != 1:
+            raise ExportError(f"the portable engine cannot train the weights of a grouped convolution ({groups} "
+                              "groups) yet: freeze it (LoRA on other layers, or a head adapter) or export with "
+                              "engine='ort-training'")
+        grad_weight = aten.convolution(input.transpose(0, 1), grad_output.transpose(0, 1), None, dilation, padding,
+                                       stride, False, [0] * dims, 1).transpose(0, 1)
+        for i in range(dims):
+            grad_weight = grad_weight.narrow(2 + i, 0, weight.shape[2 + i])
+    if output_mask[2]:
+        grad_bias = grad_output.sum(dim=[0, *range(2, 2 + dims)])
+    return grad_input, grad_weight, grad_bias

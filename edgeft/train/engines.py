@@ -43,6 +43,10 @@ def open_session(bundle: Bundle, threads: int | None = None, provider: str | Non
                           f"device has {have} and runs {', '.join(engines) or 'no engine'}: export the bundle "
                           f"with --engine {'portable' if engine == 'ort-training' else 'ort-training'} or install "
                           "that runtime")
+    if engine == "portable" and bundle.manifest.segmented:
+        from edgeft.train.segmented import SegmentedSession
+
+        return SegmentedSession(bundle, threads=threads, provider=provider)
     if engine == "portable":
         from edgeft.train.portable import PortableSession
 

@@ -70,9 +70,7 @@ class Accumulator:
 
     def add(self, logits: np.ndarray, labels: np.ndarray) -> None:
         if self.task == "causal-lm":
-            total, n = causal_lm_loss_sum(logits, labels)
-            self.loss_sum += total
-            self.count += n
+            self.add_sums(*causal_lm_loss_sum(logits, labels))
             return
         if self.task == "classification":
             total, n = cross_entropy_sum(logits, labels)
@@ -82,6 +80,11 @@ class Accumulator:
         else:
             self.preds.append(logits)
         self.labels.append(labels)
+
+    def add_sums(self, loss_sum: float, count: int) -> None:
+        """A causal LM's batch as its summed next-token loss and labelled-token count."""
+        self.loss_sum += loss_sum
+        self.count += count
 
     def result(self) -> dict[str, float]:
         if self.task == "causal-lm":

@@ -87,8 +87,7 @@ class PortableSession:
         self._keep: list = []
         try:
             files: dict[str, np.ndarray] = {}  # the shared weights file, read once
-            self._gradient = self._session(bundle.file(GRADIENT_MODEL), threads, files)
-            self._eval = self._session(bundle.file(EVAL_MODEL), threads, files)
+            self._open_graphs(bundle, threads, files)
             self._optimizer = self._session(bundle.file(OPTIMIZER_MODEL), threads, files)
             initial = load_file(str(bundle.file(PARAMETERS)))
         except (BundleError, TrainingError):
@@ -109,10 +108,19 @@ class PortableSession:
                        for n in self.names for prefix in OPTIMIZER_STATE[self.optimizer]}
         self._step = 0
 
-    def _session(self, path: Path, threads: int | None, files: dict[str, np.ndarray]):  # noqa: ANN202
-        """An InferenceSession of ``path`` whose external initializers are this process's one copy of them."""
+    def _open_graphs(self, bundle: Bundle, threads: int | None, files: dict[str, np.ndarray]) -> None:
+        """The sessions of the training step's graphs (``edgeft.train.segmented`` opens its own)."""
+        self._gradient = self._session(bundle.file(GRADIENT_MODEL), threads, files)
+        self._eval = self._session(bundle.file(EVAL_MODEL), threads, files)
+
+    def _session(self, path: Path, threads: int | None, files: dict[str, np.ndarray], arena: bool = True,
+                 fed_weights: bool = False):  # noqa: ANN202
+        """An InferenceSession of ``path`` whose external initializers are this process's one copy of them.
+        ``fed_weights``: a graph whose frozen weights are inputs, not initializers (``edgeft.train.segmented``'s
+        layer graphs), keeps all of ONNX Runtime's graph optimisations: none of them can copy a weight there."""
         ort = self._ort
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = arena
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -130,8 +138,8 @@ class PortableSession:
         options.enable_mem_pattern = version_tuple(ort.__version__) < (1, 20)
         # ConstantFolding would dequantise a low-bit frozen base into fp32 copies (edgeft.export.lowbit) and fold
         # every frozen transpose; QDQ propagation would add quantise/dequantise pairs around its transposes
-        disabled = ["ConstantFolding", "QDQPropagationTransformer"]
-        if self._base_bits == 4:  # the transpose optimizer mishandles blocked scales (edgeft.export.lowbit)
+        disabled = [] if fed_weights else ["ConstantFolding", "QDQPropagationTransformer"]
+        if self._base_bits == 4 and not fed_weights:  # the transpose optimizer mishandles blocked scales (edgeft.export.lowbit)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             disabled.append("TransposeOptimizer")
         return ort.InferenceSession(str(path), options, providers=[self.provider], disabled_optimizers=disabled)

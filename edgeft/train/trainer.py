@@ -65,6 +65,9 @@ def evaluate(session, dataset: Dataset, task: str, pad_id: int,
     else:
         acc = Accumulator(task)
     for batch in batches(dataset.subset(order), batch_size, pad_id):
+        if hasattr(session, "loss_sums"):  # gradient checkpointing: no vocabulary-sized logits of a whole batch
+            acc.add_sums(*session.loss_sums(batch))
+            continue
         _, logits = session.eval_step(batch)
         acc.add(logits, batch["labels"])
     return acc.result()

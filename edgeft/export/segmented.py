@@ -1,0 +1,208 @@
+"""Gradient checkpointing for decoders on the portable engine: the training step as one small graph per part of
+the model instead of one graph for the whole step, so that between the forward and the backward pass a device
+keeps each decoder layer's input only (a [batch, sequence, hidden] tensor per layer) and recomputes the rest of a
+layer while differentiating it, as PyTorch's ``gradient_checkpointing_enable()`` does.
+
+``ExportConfig.gradient_checkpointing`` (``edgeft export --gradient-checkpointing``) writes, beside the portable
+engine's optimizer graph and initial parameters:
+
+- ``segmented_prologue.onnx``: (input_ids, attention_mask) -> the token embeddings ``hidden``, the additive
+  attention ``mask`` (segment ids, as packing needs: ``causal_lm_inputs``), the rotary ``cos`` and ``sin``;
+- ``segmented_layer.onnx``: one decoder layer, (hidden, mask, cos, sin, the layer's weights) -> ``hidden.out``;
+  the weights are graph inputs, so one graph serves every layer;
+- ``segmented_layer_grad.onnx``: the same layer recomputed and differentiated: (hidden, mask, cos, sin,
+  ``grad.hidden.out``, weights) -> ``grad.hidden`` and the gradients ``grad.<local name>`` of its trainable weights;
+- ``segmented_head.onnx`` / ``segmented_head_grad.onnx``: the final norm, the output layer and the next-token loss
+  of some rows, (hidden, labels) -> ``loss_sum`` and ``count`` (the labelled tokens), and ``grad.hidden`` (of the
+  summed loss): the device runs them a row at a time, so vocabulary-sized logits exist for one row only;
+- ``segmented_layers.safetensors``: every layer's frozen weights, ``<layer>.<local name>``; with ``base_bits``
+  the 2-D ones as ``<layer>.<local name>.q`` and ``.scale`` (``edgeft.export.lowbit.quantise_array``), which the
+  layer graphs dequantise (``dequantised_inputs``).
+
+The prologue's and the head's frozen weights (embeddings, final norm, output layer) live in ``portable_frozen.bin``
+as the portable engine's do, in fp32 whatever ``base_bits`` says: each head call reads the output layer whole, and a
+copy dequantised at every call would be as large as the fp32 table and slow to make (measured at Qwen2.5-0.5B's
+shape: the int4 table made the head 2.5x slower for no lower peak). The device side is ``edgeft.train.segmented``. The layer graphs are traced with
+``make_fx`` through ``torch.autograd.grad`` (core ATen), then exported and translated as the portable graphs are.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgeft.bundle import (GRAD_PREFIX, OUT_SUFFIX, SEGMENTED_HEAD, SEGMENTED_HEAD_GRAD, SEGMENTED_LAYER,
+                           SEGMENTED_LAYER_GRAD, SEGMENTED_LAYERS, SEGMENTED_PROLOGUE)
+from edgeft.config import ExportConfig
+from edgeft.errors import ExportError
+from edgeft.export.adapters import AdaptedModel
+from edgeft.export.losses import IGNORE_INDEX
+from edgeft.export.source import ModelSource, causal_lm_inputs
+from edgeft.export.translate import export_step, to_onnx, translatable
+
+# The decoder families whose layers take (hidden, attention_mask=, position_embeddings=(cos, sin)).
+FAMILIES = ("llama", "qwen2", "phi3", "mistral", "smollm3", "qwen3")
+
+
+class _Functional(nn.Module):
+    """Calls a traced graph module (its frozen weights are constants in it, which become initializers)."""
+
+    def __init__(self, fn: torch.fx.GraphModule):
+        super().__init__()
+        self.fn = fn
+        self.frozen: dict[str, str] = {}
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fn(*args)
+
+
+def decoder_parts(adapted: AdaptedModel, model_type: str | None) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(the Hugging Face causal LM, the name of its layer list in the adapted model, the layer list), or an
+    ExportError naming what gradient checkpointing cannot split."""
+    if model_type not in FAMILIES:
+        raise ExportError(f"gradient checkpointing splits decoders of the {', '.join(FAMILIES)} families; this model "
+                          f"is {model_type!r}: export it without --gradient-checkpointing")
+    model = adapted.model
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [n for n, m in model.named_modules() if m is lm.model.layers]
+    prefix = names[0]
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    outside = [n for n in adapted.trainable if not pattern.match(n)]
+    if outside:
+        raise ExportError(f"gradient checkpointing trains weights inside the decoder layers only; {outside[0]} is "
+                          "outside them: leave it frozen (LoRA on the layers' projections) or export without "
+                          "--gradient-checkpointing")
+    return lm, prefix, lm.model.layers
+
+
+def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, out_dir: Path,
+             shared) -> dict:  # noqa: ANN001  (edgeft.export.portable._SharedWeights)
+    """Write the segmented graphs and layer weights into ``out_dir`` (the prologue's and head's frozen weights
+    through ``shared``); returns the manifest's ``segmented`` entry."""
+    from safetensors.numpy import save_file
+
+    from edgeft.export.lowbit import MIN_ELEMENTS, dequantised_inputs, quantise_array
+
+    lm, prefix, layers = decoder_parts(adapted, source.model_type)
+    layer = layers[0]
+    local = [n for n, _ in layer.named_parameters()]
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    for i, other in enumerate(layers):
+        if [n for n, _ in other.named_parameters()] != local:
+            raise ExportError(f"gradient checkpointing needs decoder layers of one structure; layer {i} differs")
+    hidden = lm.config.hidden_size
+    batch, seq = 2, 8
+    ids = torch.ones(batch, seq, dtype=torch.long)
+    prepared = causal_lm_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    h, g = torch.randn(batch, seq, hidden), torch.randn(batch, seq, hidden)
+    cos, sin = lm.model.rotary_emb(h, prepared["position_ids"])
+    mask = prepared["attention_mask"]
+    weights = [p.detach() for p in layer.parameters()]
+    dynamic = torch.export.Dim.DYNAMIC
+    tokens = {0: dynamic, 1: dynamic}
+    activations = (tokens, {0: dynamic, 2: dynamic, 3: dynamic}, tokens, tokens)
+
+    def layer_out(state: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  params: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(layer, dict(zip(local, params)), (state,),
+                                         {"attention_mask": mask, "position_embeddings": (cos, sin)})
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(state, mask, cos, sin, *params):  # noqa: ANN001, ANN202
+        return layer_out(state, mask, cos, sin, list(params))
+
+    def backward(state, mask, cos, sin, grad_out, *params):  # noqa: ANN001, ANN202
+        params = [p.detach().requires_grad_(n in trainable) for n, p in zip(local, params)]
+        state = state.detach().requires_grad_(True)
+        out = layer_out(state, mask, cos, sin, params)
+        grads = torch.autograd.grad(out, [state, *(p for n, p in zip(local, params) if n in trainable)], grad_out)
+        return tuple(grads)
+
+    def head(state: torch.Tensor, labels: torch.Tensor, with_grad: bool):  # noqa: ANN202
+        state = state.detach().requires_grad_(with_grad)
+        logits = lm.lm_head(lm.model.norm(state))
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        loss_sum = -(picked * keep).sum()
+        count = keep.sum()
+        if not with_grad:
+            return loss_sum, count
+        (grad,) = torch.autograd.grad(loss_sum, [state])
+        return loss_sum.detach(), count, grad
+
+    def prologue(input_ids, attention_mask):  # noqa: ANN001, ANN202
+        inputs = causal_lm_inputs({"input_ids": input_ids, "attention_mask": attention_mask})
+        embeds = lm.model.embed_tokens(input_ids)
+        cos, sin = lm.model.rotary_emb(embeds, inputs["position_ids"])
+        return embeds, inputs["attention_mask"], cos, sin
+
+    opset = config.onnx_opset
+    grad_names = [GRAD_PREFIX + n for n in trainable]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shared.save(to_onnx(_Functional(_traced(prologue, (ids, torch.ones_like(ids)))), (ids, torch.ones_like(ids)),
+                            (tokens, tokens), opset, ["input_ids", "attention_mask"], ["hidden", "mask", "cos", "sin"]),
+                    SEGMENTED_PROLOGUE)
+        labels = torch.randint(0, 4, (batch, seq))
+        shared.save(to_onnx(_Functional(_traced(lambda s, y: head(s, y, False), (h, labels))), (h, labels),
+                            (tokens, tokens), opset, ["hidden", "labels"], ["loss_sum", "count"]), SEGMENTED_HEAD)
+        shared.save(to_onnx(_Functional(_traced(lambda s, y: head(s, y, True), (h, labels))), (h, labels),
+                            (tokens, tokens), opset, ["hidden", "labels"], ["loss_sum", "count", GRAD_PREFIX + "hidden"]),
+                    SEGMENTED_HEAD_GRAD)
+        graphs = {
+            SEGMENTED_LAYER: to_onnx(_Functional(_traced(forward, (h, mask, cos, sin, *weights))),
+                                     (h, mask, cos, sin, *weights), activations, opset,
+                                     ["hidden", "mask", "cos", "sin", *local], ["hidden" + OUT_SUFFIX]),
+            # the output gradient a tensor of its own: make_fx traces one tensor passed twice as one input
+            SEGMENTED_LAYER_GRAD: to_onnx(_Functional(_traced(backward, (h, mask, cos, sin, g, *weights))),
+                                          (h, mask, cos, sin, g, *weights), (*activations, tokens), opset,
+                                          ["hidden", "mask", "cos", "sin", GRAD_PREFIX + "hidden" + OUT_SUFFIX,
+                                           *local], [GRAD_PREFIX + "hidden", *grad_names])}
+    frozen = [n for n in local if n not in trainable]
+    params = dict(layer.named_parameters())
+    quantised = {n: tuple(params[n].shape) for n in frozen
+                 if config.base_bits and params[n].dim() == 2 and params[n].numel() >= MIN_ELEMENTS}
+    for name, graph in graphs.items():
+        if quantised:
+            dequantised_inputs(graph, quantised, config.base_bits)
+            _raise_opset(graph, 18)  # BitwiseAnd, BitwiseXor
+        onnx.save(graph, str(out_dir / name))
+    arrays: dict[str, np.ndarray] = {}
+    for i, block in enumerate(layers):
+        for name, value in block.named_parameters():
+            if name in trainable:
+                continue
+            if name in quantised:
+                q, scale = quantise_array(value.detach().numpy(), config.base_bits)
+                arrays[f"{i}.{name}.q"], arrays[f"{i}.{name}.scale"] = q, scale.astype(np.float32)
+            else:
+                arrays[f"{i}.{name}"] = value.detach().numpy().astype(np.float32)
+    save_file(arrays, str(out_dir / SEGMENTED_LAYERS))
+    return {"layers": len(layers), "prefix": prefix, "weights": local, "trainable": trainable,
+            "quantised": sorted(quantised)}
+
+
+def _traced(fn, args: tuple) -> torch.fx.GraphModule:  # noqa: ANN001
+    """``fn`` traced into core ATen operators with symbolic shapes (``torch.autograd.grad`` inside it becomes
+    the backward operators), in the spellings torch.onnx translates."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = export_step(lambda: make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
+                                         _allow_non_fake_inputs=True)(*args), "tracing a decoder layer")
+    translatable(module)
+    return module
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> None:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < version:
+            opset.version = version
