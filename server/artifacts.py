@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
@@ -65,6 +66,11 @@ class Artifacts(ABC):
     def get_tensors(self, digest: str) -> dict[str, np.ndarray]:
         """The named tensors of a blob ``put_tensors`` stored (BundleError when missing or corrupt)."""
         return load_tensors(self.get(digest))
+
+    def iter_tensors(self, digests: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+        """``get_tensors`` of each digest, in order, one at a time (a store may read ahead a bounded few)."""
+        for digest in digests:
+            yield self.get_tensors(digest)
 
     def remove_partial(self) -> int:
         """Delete what writes cut short left behind in the local folders (``.tmp-*``); returns how many. Only the

@@ -251,21 +251,19 @@ class Coordinator:
         return self.state.device(device_id)
 
     def poll(self, device_id: str, job_id: str) -> TaskAssignment | str | None:
-        """A task of job ``job_id`` for the device, the string reason when the job is over, or None (ask later)."""
-        job = self._job(job_id)
-        return self.rounds.task(device_id, job, self._liveness(device_id, job_id))
+        """A task of job ``job_id`` for the device, the string reason when the job is over, or None (ask later).
 
-    def _liveness(self, device_id: str, job_id: str) -> dict:
-        """The liveness write of a poll (``State.seen``: registered, enrolled, seen now), at most once per device
-        and job every LIVENESS_S: a long-poll asks every 0.2 s, and 1,000 devices would otherwise queue 5,000
-        database writes a second. Returns the device's capabilities."""
+        The poll's liveness write (``State.seen``: registered, enrolled, seen now) goes with its reads of the round
+        in one transaction, at most once per device and job every LIVENESS_S: a long-poll asks every 0.2 s, and
+        1,000 devices would otherwise queue 5,000 database writes a second."""
+        job = self._job(job_id)
         key, at = (device_id, job_id), time.monotonic()
         last = self._seen.get(key)
         if last is not None and at - last[0] < LIVENESS_S:
-            return last[1]
-        capabilities = self.state.seen(device_id, job_id)
+            return self.rounds.task(device_id, job, last[1])
+        capabilities, *state = self.state.seen_round_state(job_id, None, device_id)  # with the round's reads
         self._seen[key] = (at, capabilities)
-        return capabilities
+        return self.rounds.task(device_id, job, capabilities, tuple(state))
 
     def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
         """Count a task's bytes sent to a device (once per device and round)."""

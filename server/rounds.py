@@ -206,9 +206,11 @@ class Rounds:
 
     def iter_updates(self, job_id: str, number: int, with_device: bool = False) -> Iterator:
         """The stored updates of a round one at a time (by device id), so aggregation holds one update in
-        memory; with ``with_device``, (device id, update) pairs."""
-        for r in self.state.update_rows(job_id, number):
-            stored = AdapterUpdate(self.artifacts.get_tensors(r.blob), r.n_examples, r.metrics)
+        memory (and the store reads a bounded few ahead: ``Artifacts.iter_tensors``); with ``with_device``,
+        (device id, update) pairs."""
+        rows = self.state.update_rows(job_id, number)
+        for r, tensors in zip(rows, self.artifacts.iter_tensors(r.blob for r in rows)):
+            stored = AdapterUpdate(tensors, r.n_examples, r.metrics)
             yield (r.device_id, stored) if with_device else stored
 
     def strategy_state(self, job_id: str, round_number: int) -> dict[str, np.ndarray] | None:
@@ -226,10 +228,12 @@ class Rounds:
         return job.max_update_norm_ratio * self._norms[key]
 
     # -- a device asks for work -----------------------------------------------------------------------
-    def task(self, device_id: str, job: JobConfig, capabilities: dict) -> TaskAssignment | str | None:
+    def task(self, device_id: str, job: JobConfig, capabilities: dict, state: tuple | None = None
+             ) -> TaskAssignment | str | None:
         """A task of ``job`` for the device, the string reason when the job is over, or None (ask later).
-        Reads, and opens the job's current round when none is open yet (``open_when_ready``)."""
-        job_row, row, uploaded = self.state.round_state(job.id, None, device_id)
+        Reads (``state``: ``State.round_state``'s answer for the current round when read already), and opens the
+        job's current round when none is open yet (``open_when_ready``)."""
+        job_row, row, uploaded = state or self.state.round_state(job.id, None, device_id)
         if job_row is None:
             raise NotFound(f"unknown job {job.id!r}")
         if job_row.status != "running":
@@ -277,36 +281,40 @@ class Rounds:
             raise
 
     def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
-        capabilities = self.state.seen(header.device_id, job.id)
-        if not self._open_for(job, header):
+        capabilities, *state = self.state.seen_round_state(job.id, header.round, header.device_id)  # one transaction
+        round_row = self._open_for(job, header, tuple(state))
+        if round_row is None:
             return False
+        kind = self.kind(job, header.round)
         try:
-            self.kind(job, header.round).check(self, job, header, update, capabilities)
+            kind.check(self, job, header, update, capabilities)
         except DataError as exc:
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.artifacts.put_tensors(update.tensors)
         with self.lock:
-            if not self.state.add_update(job.id, header.round, header.device_id, header.upload_id,
-                                         update.n_examples, update.metrics, blob, size):
+            stored = self.state.add_update(job.id, header.round, header.device_id, header.upload_id,
+                                           update.n_examples, update.metrics, blob, size)
+            if not stored:
                 # the round closed while the update was checked, or this device's update came in meanwhile (a
                 # replay on another connection or coordinator): Rejected saying which, or False for a replay
                 self._open_for(job, header)
                 return False
-            try:
-                self.close_if_done(job, header.round)
+            try:  # the round was open when the update was stored, with ``stored`` updates (close_if_done's reads)
+                kind.close(self, job, round_row, stored, deadline_passed=False)
             except Unavailable as exc:  # the update is stored; the clock closes the round when the store answers
                 log.warning("job %s: round %d waits to close: %s", job.id, header.round, exc)
         return True
 
-    def _open_for(self, job: JobConfig, header: UploadHeader) -> bool:
-        """The upload's round is open and waits for the device's update (Rejected saying why not); False for a
-        replay of the upload already received."""
-        job_row, round_row, received = self.state.round_state(job.id, header.round, header.device_id)
+    def _open_for(self, job: JobConfig, header: UploadHeader, state: tuple | None = None):  # noqa: ANN201
+        """The upload's round row when it is open and waits for the device's update (Rejected saying why not);
+        None for a replay of the upload already received. ``state``: ``State.round_state``'s answer when read
+        already."""
+        job_row, round_row, received = state or self.state.round_state(job.id, header.round, header.device_id)
         if received is not None:
             if received == header.upload_id:
                 self.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
                                      f"for round {header.round} again; counted once")
-                return False
+                return None
             raise Rejected(f"device {header.device_id} already delivered upload {received!r} for round "
                            f"{header.round} of job {job.id!r}; a device counts once per round, so upload "
                            f"{header.upload_id!r} is refused", reason="second_update")
@@ -322,7 +330,7 @@ class Rounds:
         if now() > round_row.deadline:
             raise Rejected(f"round {header.round} of job {job.id!r} passed its deadline; the update came late",
                            reason="late")
-        return True
+        return round_row
 
     def count_rejection(self, job_id: str, error: EdgeftError | str, message: str = "") -> None:
         """Count a refused upload of ``job_id`` under its reason (an EdgeftError's ``reason``, else its class;

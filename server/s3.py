@@ -17,7 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
 
 from edgeft.bundle import Bundle, load_bundle
 from edgeft.errors import BundleError, ConfigError, Unavailable
@@ -26,6 +32,10 @@ from edgeft.server.config import S3Settings
 
 log = logging.getLogger("edgeft.server")
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+READ_AHEAD = 8  # GETs in flight while aggregation streams the stored updates (iter_tensors)
+# HTTP connections kept to the store: one per gRPC worker thread uploading (limits.max_workers, 64 by default) and
+# per read-ahead GET; beyond the pool urllib3 opens and drops a connection for each request
+POOL_CONNECTIONS = 64 + READ_AHEAD
 UNREACHABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
 
 
@@ -53,6 +63,7 @@ class S3Store(Artifacts):
             aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key,
             config=Config(connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
                           retries={"max_attempts": 2, "mode": "standard"}, s3={"addressing_style": "path"},
+                          max_pool_connections=POOL_CONNECTIONS,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required"))
         self.endpoint = self.client.meta.endpoint_url
@@ -139,6 +150,24 @@ class S3Store(Artifacts):
         except KeyError as exc:
             raise BundleError(f"artifact {digest[:12]}... is missing from {self.describe()}") from exc
         return check_digest(data, digest, self.describe())
+
+    def iter_tensors(self, digests: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+        """``get_tensors`` of each digest in order, READ_AHEAD GETs in flight at once (each object checked against
+        its digest as ``get`` does): aggregation waits for the bucket once per READ_AHEAD objects, not per object,
+        and holds at most 2 x READ_AHEAD of them. The first error is raised where its object comes in order."""
+        digests = iter(digests)
+        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="edgeft-s3-get") as pool:
+            pending = deque(pool.submit(self.get_tensors, d) for d in islice(digests, 2 * READ_AHEAD))
+            try:
+                while pending:
+                    tensors = pending.popleft().result()
+                    following = next(digests, None)
+                    if following is not None:
+                        pending.append(pool.submit(self.get_tensors, following))
+                    yield tensors
+            finally:  # an error or a consumer that stopped early: nothing more is fetched
+                for future in pending:
+                    future.cancel()
 
     def has_blobs(self) -> bool:
         listed = self._call("LIST blobs", self.client.list_objects_v2, Bucket=self.bucket,

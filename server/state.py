@@ -191,15 +191,19 @@ class State:
         (NotFound / PermissionDenied otherwise); it was seen now (with its latest ``metrics`` when given).
         Returns its capabilities."""
         with self._tx() as conn:
-            row = conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).first()
-            if row is None:
-                raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
-            if conn.execute(select(enrolments.c.device_id).where(enrolments.c.device_id == device_id,
-                                                                 enrolments.c.job_id == job_id)).first() is None:
-                raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a "
-                                       "token of that job first")
-            values = {"last_seen": now(), **({"metrics": metrics} if metrics is not None else {})}
-            conn.execute(update(devices).where(devices.c.id == device_id).values(**values))
+            return self._seen(conn, device_id, job_id, metrics)
+
+    @staticmethod
+    def _seen(conn: Connection, device_id: str, job_id: str, metrics: dict | None = None) -> dict:
+        row = conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).first()
+        if row is None:
+            raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
+        if conn.execute(select(enrolments.c.device_id).where(enrolments.c.device_id == device_id,
+                                                             enrolments.c.job_id == job_id)).first() is None:
+            raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a "
+                                   "token of that job first")
+        values = {"last_seen": now(), **({"metrics": metrics} if metrics is not None else {})}
+        conn.execute(update(devices).where(devices.c.id == device_id).values(**values))
         return row.capabilities
 
     def device(self, device_id: str) -> dict:
@@ -246,13 +250,24 @@ class State:
         """In one transaction: the job's row, the row of its round ``number`` (default: the current one; None when
         not opened) and the id of the upload ``device_id`` delivered for it (None: none)."""
         with self._tx() as conn:
-            job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-            if job is None:
-                return None, None, None
-            number = job.current_round if number is None else number
-            row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
-            upload = conn.execute(select(updates.c.upload_id).where(
-                updates.c.job_id == job_id, updates.c.round == number, updates.c.device_id == device_id)).scalar()
+            return self._round_state(conn, job_id, number, device_id)
+
+    def seen_round_state(self, job_id: str, number: int, device_id: str) -> tuple:
+        """A poll's or an upload's reads in one transaction: the liveness write (``seen``: NotFound /
+        PermissionDenied for a device that is not registered or not enrolled), then ``round_state``. Returns
+        (capabilities, job row, round row, upload id)."""
+        with self._tx() as conn:
+            return (self._seen(conn, device_id, job_id), *self._round_state(conn, job_id, number, device_id))
+
+    @staticmethod
+    def _round_state(conn: Connection, job_id: str, number: int | None, device_id: str) -> tuple:
+        job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if job is None:
+            return None, None, None
+        number = job.current_round if number is None else number
+        row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
+        upload = conn.execute(select(updates.c.upload_id).where(
+            updates.c.job_id == job_id, updates.c.round == number, updates.c.device_id == device_id)).scalar()
         return job, row, upload
 
     def round_and_count(self, job_id: str, number: int) -> tuple:
@@ -264,15 +279,19 @@ class State:
         return row, count
 
     def add_update(self, job_id: str, number: int, device_id: str, upload_id: str, n_examples: int, metrics: dict,
-                   blob: str, size: int) -> bool:
-        """Store an accepted update while its round is open; False (nothing stored) when the round is no longer
-        open or the device's update for it is stored already. The round's row is claimed first, so no update
-        slips in beside a closing (``close_round``)."""
+                   blob: str, size: int) -> int:
+        """Store an accepted update while its round is open; returns how many updates the round stores with it
+        (read in the same transaction), or 0 (nothing stored) when the round is no longer open or the device's
+        update for it is stored already. The round's row is claimed first, so no update slips in beside a
+        closing (``close_round``)."""
         with self._tx() as conn:
-            return self._claim(conn, job_id, number) and insert_ignore(
-                conn, updates, ("job_id", "round", "device_id"), job_id=job_id, round=number, device_id=device_id,
-                upload_id=upload_id, n_examples=n_examples, metrics=metrics, blob=blob, received_at=now(),
-                bytes=size)
+            if not (self._claim(conn, job_id, number) and insert_ignore(
+                    conn, updates, ("job_id", "round", "device_id"), job_id=job_id, round=number,
+                    device_id=device_id, upload_id=upload_id, n_examples=n_examples, metrics=metrics, blob=blob,
+                    received_at=now(), bytes=size)):
+                return 0
+            return conn.execute(select(func.count()).select_from(updates).where(
+                updates.c.job_id == job_id, updates.c.round == number)).scalar_one()
 
     @staticmethod
     def _claim(conn: Connection, job_id: str, number: int, **changes: object) -> bool:
