@@ -1,21 +1,26 @@
 """Coordinator overhead per round: N lightweight clients over real gRPC uploading real-size updates (the
-MiniLM LoRA adapter), no training. Reports round wall time, server peak RSS, bytes per client and the
-time FedAvg takes for the round.
+MiniLM LoRA adapter), no training. Reports round wall time, uploads per second, p50/p99 upload latency, peak RSS
+of each coordinator process, bytes per client and the time FedAvg takes for the round.
 
-    python bench/round_overhead.py [--clients 10 100 1000] [--backend sqlite|postgres|both] [--work runs/round]
+    python bench/round_overhead.py [--clients 10 100 1000] [--backend sqlite|postgres|replicas|both|all]
+                                   [--replicas 2] [--work runs/round]
 
-Each N runs in a fresh coordinator process (so its peak RSS is its own); clients are threads of this
+Each N runs in fresh coordinator processes (so their peak RSS is their own); clients are threads of this
 process sharing a few channels, each registering, polling, and uploading the global adapter perturbed.
 --backend postgres keeps the coordinator's state in a throwaway PostgreSQL database and its artifacts in a
-SeaweedFS bucket (edgeft.testing.postgres / seaweedfs, both on loopback, started and stopped here); sqlite is the
-default embedded state (SQLite file and artifact folder); both runs each N on both, one after the other.
+SeaweedFS bucket (edgeft.testing.postgres / seaweedfs, both on loopback, started and stopped here); replicas runs
+--replicas coordinator processes on that database and bucket, the clients spread over their addresses; sqlite is
+the default embedded state (SQLite file and artifact folder); both runs each N on sqlite and postgres, all on the
+three, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,16 +46,9 @@ server.stop(grace=1)
 """
 
 
-def run(n: int, bundle: Path, work: Path, backend: dict | None = None) -> dict:
+def run(n: int, bundle: Path, work: Path, backend: dict | None = None, replicas: int = 1) -> dict:
     """One round of ``n`` clients; ``backend``: {"database": URL, "s3": (endpoint, key, secret, region), "bucket"}
-    for PostgreSQL + S3, None for the embedded default."""
-    import grpc
-    import numpy as np
-
-    from edgeft.update import AdapterUpdate
-    from edgeft.wire import (Capabilities, PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
-                             poll_response_from_pb, registered_from_pb, registration_to_pb, update_to_parts)
-
+    for PostgreSQL + S3, None for the embedded default; ``replicas`` coordinator processes share it."""
     state = work / f"n{n}"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -66,19 +64,46 @@ def run(n: int, bundle: Path, work: Path, backend: dict | None = None) -> dict:
               f'secret_access_key = "{secret}"\n')
         text = config.read_text().replace("insecure = true\n", "insecure = true\n" + extra + s3, 1)
         config.write_text(text)
-    from edgeft.client.transport import Transport, open_channel
+    for i in range(1, replicas):  # each replica with its own state folder (its bundle cache), on the same backend
+        (state / f"jobs{i}.toml").write_text(config.read_text().replace('state_dir = "state"', f'state_dir = "state{i}"'))
     from edgeft.server.auth import TokenStore
     from edgeft.server.store import open_database
 
-    _, token = TokenStore(open_database(backend["database"] if backend else state / "state" / "state.db")).create("bench")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdout=subprocess.PIPE, text=True)
-    port = json.loads(server.stdout.readline())["port"]
-    channels = [open_channel(f"127.0.0.1:{port}", Transport(token=token, insecure=True)) for _ in range(4)]
+    database = backend["database"] if backend else state / "state" / "state.db"
+    _, token = TokenStore(open_database(database)).create("bench")
+    servers = []
+    try:
+        for i in range(replicas):  # one at a time: the first creates the job, the others find it
+            servers.append(subprocess.Popen([sys.executable, "-c", SERVER, str(state / f"jobs{i or ''}.toml")],
+                                            stdout=subprocess.PIPE, text=True, start_new_session=True))
+            servers[-1].port = json.loads(servers[-1].stdout.readline())["port"]
+        return _round(n, token, servers, backend, replicas, database)
+    finally:
+        for server in servers:  # a round that failed leaves its coordinators waiting: stop them
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def _round(n: int, token: str, servers: list, backend: dict | None, replicas: int, database) -> dict:  # noqa: ANN001
+    """The clients' round against running coordinators (4 channels, spread over their ports), then their reports.
+    The round's wall time ends when it closed (its row's closed_at, whichever replica closed it)."""
+    import grpc
+    import numpy as np
+
+    from edgeft.client.transport import Transport, open_channel
+    from edgeft.update import AdapterUpdate
+    from edgeft.wire import (Capabilities, PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
+                             poll_response_from_pb, registered_from_pb, registration_to_pb, update_to_parts)
+
+    channels = [open_channel(f"127.0.0.1:{servers[i % len(servers)].port}", Transport(token=token, insecure=True))
+                for i in range(4)]
     stubs = [coordinator_stub(c) for c in channels]
     device = Registration("", Capabilities(engines=("portable", "ort-training")))  # runs either engine's bundle
     devices = [registered_from_pb(stubs[i % 4].Register(registration_to_pb(device))) for i in range(n)]
-    started = time.perf_counter()
+    started_at = time.time()
     down, up, retries = [0] * n, [0] * n, [0] * n
+    upload_at = [(0.0, 0.0)] * n  # (start, end) of each client's upload, retries included
 
     def client(i: int) -> None:
         stub = stubs[i % 4]
@@ -94,9 +119,11 @@ def run(n: int, bundle: Path, work: Path, backend: dict | None = None) -> dict:
         parts = list(update_to_parts(UploadHeader(task.job_id, task.round, devices[i], f"u{i}"),
                                      AdapterUpdate(tensors, 100 + i)))
         up[i] = sum(p.ByteSize() for p in parts)
+        begun = time.perf_counter()
         for attempt in range(5):  # as an agent does: UNAVAILABLE (the store or database busy) is retried
             try:
                 stub.UploadUpdate(iter(parts))
+                upload_at[i] = (begun, time.perf_counter())
                 break
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
@@ -106,54 +133,80 @@ def run(n: int, bundle: Path, work: Path, backend: dict | None = None) -> dict:
 
     with ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
         list(pool.map(client, range(n)))
-    round_s = time.perf_counter() - started
-    result = json.loads(server.stdout.readline())
-    server.wait(timeout=60)
-    return {"clients": n, "backend": "postgres+s3" if backend else "sqlite+folder", "round_s": round(round_s, 2), "server_peak_rss_mb": round(result["peak_rss_mb"], 1),
-            "aggregate_s": round(result["aggregate_s"], 3), "bytes_down_per_client": int(np.mean(down)),
-            "bytes_up_per_client": int(np.mean(up)), "upload_retries": sum(retries)}
+    reports = [json.loads(server.stdout.readline()) for server in servers]  # each: once every job finished
+    from edgeft.server.state import State
+    from edgeft.server.store import open_database
+
+    state = State(open_database(database, upgrade=False))
+    round_s = state.round("bench", 1).closed_at - started_at
+    state.engine.dispose()
+    for server in servers:
+        server.wait(timeout=60)
+    latency = np.array([end - begun for begun, end in upload_at])
+    uploading = max(end for _, end in upload_at) - min(begun for begun, _ in upload_at)
+    return {"clients": n, "backend": ("postgres+s3" if backend else "sqlite+folder"), "replicas": replicas,
+            "round_s": round(round_s, 2), "uploads_per_s": round(n / uploading, 1),
+            "upload_p50_s": round(float(np.percentile(latency, 50)), 3),
+            "upload_p99_s": round(float(np.percentile(latency, 99)), 3),
+            "server_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in reports],
+            # the time the closing replica took to aggregate (a replica that closed nothing reports 0)
+            "aggregate_s": round(max(r["aggregate_s"] for r in reports), 3),
+            "bytes_down_per_client": int(np.mean(down)), "bytes_up_per_client": int(np.mean(up)),
+            "upload_retries": sum(retries)}
+
+
+BACKENDS = {"sqlite": ["sqlite"], "postgres": ["postgres"], "replicas": ["replicas"], "both": ["sqlite", "postgres"],
+            "all": ["sqlite", "postgres", "replicas"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="sqlite")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="sqlite")
+    parser.add_argument("--replicas", type=int, default=2, help="coordinator processes of --backend replicas")
+    parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
     parser.add_argument("--work", type=Path, default=Path("runs/round"))
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     from common import emit, minilm_bundle
 
-    bundle = minilm_bundle(args.work)
-    rows = []
+    bundle = args.bundle or minilm_bundle(args.work)
+    kinds = BACKENDS[args.backend]
+    result = {"bench": "round_overhead", "adapter": "all-MiniLM-L6-v2 LoRA r=8 (query, value) + classifier", "rows": []}
     servers = []
     try:
-        backends: list[dict | None] = [None] if args.backend == "sqlite" else []
-        if args.backend in ("postgres", "both"):
+        if kinds != ["sqlite"]:
             from edgeft.testing import postgres, seaweedfs
 
-            cluster, store = postgres.PostgresCluster(), seaweedfs.SeaweedS3()
+            # room for every update of the run (416 kB each) in 1 GB volumes; the tests' default holds 1.28 GB
+            volumes = 4 + int(sum(args.clients) * 0.5e6 * len(kinds) / 1e9)
+            cluster, store = postgres.PostgresCluster(), seaweedfs.SeaweedS3(volume_size_mb=1024, volumes=volumes)
             servers += [cluster, store]
             cluster.start()
             store.start()
             store.create_bucket("bench")
             s3 = (store.endpoint, seaweedfs.ACCESS_KEY, seaweedfs.SECRET_KEY, seaweedfs.REGION)
-            backends = ([None] if args.backend == "both" else []) + [{"s3": s3, "bucket": "bench", "cluster": cluster}]
         for n in args.clients:
-            for backend in backends:
-                if backend is not None:
-                    backend["database"] = backend["cluster"].create_database()
-                rows.append(run(n, bundle, args.work, backend))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for kind in kinds:
+                backend = None if kind == "sqlite" else {"s3": s3, "bucket": "bench",
+                                                         "database": cluster.create_database()}
+                replicas = args.replicas if kind == "replicas" else 1
+                try:
+                    row = run(n, bundle, args.work, backend, replicas)
+                except Exception as exc:  # noqa: BLE001 - a round that did not complete is a result too
+                    row = {"clients": n, "backend": "sqlite+folder" if backend is None else "postgres+s3",
+                           "replicas": replicas, "completed": False, "why": f"{type(exc).__name__}: {exc}"}
+                result["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.json_out:  # after every row: a long run that stops keeps what it measured
+                    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+                    args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         for server in servers:
             server.close()
-    result = {"bench": "round_overhead", "adapter": "all-MiniLM-L6-v2 LoRA r=8 (query, value) + classifier", "rows": rows}
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     emit(result, "round_overhead: " + "; ".join(
-        f"N={r['clients']} {r['backend']}: round {r['round_s']} s, FedAvg {r['aggregate_s']} s, "
-        f"server RSS {r['server_peak_rss_mb']:.0f} MB" for r in rows))
+        f"N={r['clients']} {r['backend']} x{r['replicas']}: round {r.get('round_s', 'not completed')} s, "
+        f"FedAvg {r.get('aggregate_s')} s, server RSS {r.get('server_peak_rss_mb')} MB" for r in result["rows"]))
 
 
 if __name__ == "__main__":

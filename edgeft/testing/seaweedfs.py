@@ -58,13 +58,17 @@ def _answers(port: int) -> bool:
 
 
 class SeaweedS3:
-    """One SeaweedFS server with its S3 gateway (``start``, ``stop``, ``start`` again: the same data and ports)."""
+    """One SeaweedFS server with its S3 gateway (``start``, ``stop``, ``start`` again: the same data and ports).
 
-    def __init__(self) -> None:
+    It holds at most ``volumes`` volumes of ``volume_size_mb`` each (a full store answers PUTs with InternalError);
+    the default, 1.28 GB, suits tests; a benchmark storing thousands of updates asks for more."""
+
+    def __init__(self, volume_size_mb: int = 64, volumes: int = 20) -> None:
         reason = missing()
         if reason is not None:
             raise RuntimeError(reason)
         self.bin = binary()
+        self.volume_size_mb, self.volumes = volume_size_mb, volumes
         self.root = Path(tempfile.mkdtemp(prefix="edgeft-s3-"))
         (self.root / "data").mkdir()
         (self.root / "s3.json").write_text(json.dumps({"identities": [{
@@ -86,7 +90,8 @@ class SeaweedS3:
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
                 f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={self.root / 's3.json'}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.volumeSizeLimitMB={self.volume_size_mb}",
+                f"-volume.max={self.volumes}",
                 "-volume.minFreeSpace=1MiB", "-master.electionTimeout=1s"]
 
     def start(self, timeout_s: float = 60.0) -> None:
