@@ -20,7 +20,8 @@ train     (--parts train) LoRA r=8 training with an fp32, int8 and int4 frozen b
           takes minutes per bundle), batches of 4 x 256 Tiny Shakespeare tokens, --steps steps (median after the
           first), each column in its own process: peak RSS (VmHWM), tokens/s and the frozen weights' size. A base
           named BASE+checkpointing (e.g. int4+checkpointing) is exported with gradient checkpointing
-          (edgeft.export.segmented: the step layer by layer, each layer recomputed in the backward pass).
+          (edgeft.export.segmented: the step layer by layer, each layer recomputed in the backward pass);
+          --pytorch-checkpointing adds PyTorch + PEFT with transformers' gradient checkpointing as a second peer.
 
     python bench/llm.py [--new-tokens 64] [--threads 2] [--repeats 3] [--json-out bench/results/llm.json]
     python bench/llm.py --parts train [--shape smollm2-135m|qwen2.5-0.5b] [--layers 6] [--bases fp32,int8,int4]
@@ -143,7 +144,7 @@ def train_column(column: str, folder: Path, bundle_dir: Path, steps: int, thread
 
     from memory import peak_rss_mb
 
-    if column == "pytorch":
+    if column.startswith("pytorch"):
         import torch
 
         from edgeft.config import AdapterConfig, ExportConfig
@@ -156,6 +157,9 @@ def train_column(column: str, folder: Path, bundle_dir: Path, steps: int, thread
         source = from_hf_folder(folder, config)
         adapted = apply_adapter(source, config.adapter, config.task)
         graph = TrainingGraph(adapted.model, source.input_names, config.loss, 0.0, source.prepare_inputs)
+        if column.endswith(CHECKPOINTING):  # transformers' own, non-reentrant (the LoRA weights get gradients)
+            adapted.model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+            adapted.model.train()  # transformers checkpoints in training mode only (no dropout in these models)
         params = [p for p in adapted.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -202,7 +206,8 @@ def train_part(args: argparse.Namespace) -> dict:
     folder = train_folder(args.work, args.shape, args.layers)
     bases = [b for b in args.bases.split(",") if b]
     out = {}
-    for column in (*bases, "pytorch"):
+    peers = ["pytorch", *(["pytorch" + CHECKPOINTING] if args.pytorch_checkpointing else [])]
+    for column in (*bases, *peers):
         bits = BASES.get(column.removesuffix(CHECKPOINTING))
         checkpointing = column.endswith(CHECKPOINTING)
         bundle_dir = folder.parent / (f"{folder.name.replace('-layers', '')}-bundle-{bits or 'fp32'}"
@@ -221,10 +226,10 @@ def train_part(args: argparse.Namespace) -> dict:
             raise SystemExit(f"the {column} column failed: {done.stderr[-3000:]}")
         out[column] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  {column}: {out[column]}", file=sys.stderr, flush=True)
-        if column != "pytorch":
+        if not column.startswith("pytorch"):
             frozen = [bundle_dir / n for n in ("portable_frozen.bin", "segmented_layers.safetensors")]
             out[column]["frozen_mb"] = round(sum(f.stat().st_size for f in frozen if f.is_file()) / 2**20, 1)
-    for column in bases:
+    for column in [*bases, *peers[1:]]:
         out[column]["rss_vs_pytorch"] = round(out[column]["peak_rss_mb"] / out["pytorch"]["peak_rss_mb"], 3)
         out[column]["tokens_per_s_vs_pytorch"] = round(out[column]["tokens_per_s"] / out["pytorch"]["tokens_per_s"],
                                                        2)
@@ -246,6 +251,8 @@ def main() -> None:
     parser.add_argument("--bases", default="fp32,int8,int4",
                         help="train: the frozen bases to measure; BASE+checkpointing: with gradient checkpointing")
     parser.add_argument("--steps", type=int, default=5, help="train: steps per column")
+    parser.add_argument("--pytorch-checkpointing", action="store_true",
+                        help="train: also PyTorch + PEFT with transformers' gradient checkpointing")
     parser.add_argument("--column", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.column:

@@ -112,9 +112,9 @@ def _quantise(name: str, weight: np.ndarray, bits: int) -> tuple[list[onnx.Tenso
 def dequantised_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], bits: int) -> dict[str, str]:
     """Rewrite ``model`` in place so that each float graph input named in ``shapes`` (2-D weights fed at run time, as
     the segmented step's layer graphs take them) is fed quantised (``quantise_array``) as two inputs,
-    ``<name>.q`` and ``<name>.scale``, and dequantised at the top of the graph with standard operators only (the
-    bytes unpacked with BitwiseAnd/BitShift: ONNX Runtime's Python API cannot feed an int4 tensor); returns each
-    name's storage kind ("int4" or "int8")."""
+    ``<name>.q`` and ``<name>.scale``, and dequantised at the top of the graph with standard operators only (int4
+    bytes unpacked by a table lookup: ONNX Runtime's Python API cannot feed an int4 tensor); returns each name's
+    storage kind ("int4" or "int8")."""
     graph = model.graph
     kinds, nodes, inputs = {}, [], []
     for value in graph.input:
@@ -151,19 +151,15 @@ def _dequantise_nodes(graph: onnx.GraphProto, name: str, rows: int, cols: int, i
         return [node("Cast", [f"{name}.q"], "float", to=TensorProto.FLOAT),
                 node("Unsqueeze", [f"{name}.scale", axes], "scale2"),
                 helper.make_node("Mul", [f"{name}.float", f"{name}.scale2"], [name], name=f"{name}.node")]
-    last = const("last", np.array([-1], dtype=np.int64))
-    return [node("BitwiseAnd", [f"{name}.q", const("low_mask", np.array(15, dtype=np.uint8))], "low"),
-            node("BitShift", [f"{name}.q", const("shift", np.array(4, dtype=np.uint8))], "high", direction="RIGHT"),
-            node("Unsqueeze", [f"{name}.low", last], "low3"),
-            node("Unsqueeze", [f"{name}.high", last], "high3"),
-            node("Concat", [f"{name}.low3", f"{name}.high3"], "nibbles", axis=-1),
-            # a nibble n in 0..15 holds the signed value (n XOR 8) - 8
-            node("BitwiseXor", [f"{name}.nibbles", const("sign", np.array(8, dtype=np.uint8))], "offset"),
-            node("Cast", [f"{name}.offset"], "offset_float", to=TensorProto.FLOAT),
-            node("Sub", [f"{name}.offset_float", const("eight", np.array(8.0, dtype=np.float32))], "values"),
+    # each byte holds two signed nibbles, the first low: one Gather from a table of the 256 bytes' value pairs
+    # unpacks a byte in one step (three passes over the weight in all, against nine with bitwise operators)
+    nibbles = np.arange(256)[:, None] >> np.array([0, 4]) & 15
+    pairs = const("pairs", np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.float32))
+    return [node("Cast", [f"{name}.q"], "index", to=TensorProto.INT32),
+            node("Gather", [pairs, f"{name}.index"], "values"),
             node("Reshape", [f"{name}.values", const("blocks", np.array([rows, cols // BLOCK, BLOCK], np.int64))],
                  "blocked"),
-            node("Unsqueeze", [f"{name}.scale", last], "scale3"),
+            node("Unsqueeze", [f"{name}.scale", const("last", np.array([-1], dtype=np.int64))], "scale3"),
             node("Mul", [f"{name}.blocked", f"{name}.scale3"], "scaled"),
             helper.make_node("Reshape", [f"{name}.scaled", const("shape", np.array([rows, cols], np.int64))], [name],
                              name=f"{name}.node")]

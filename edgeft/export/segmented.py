@@ -173,7 +173,6 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     for name, graph in graphs.items():
         if quantised:
             dequantised_inputs(graph, quantised, config.base_bits)
-            _raise_opset(graph, 18)  # BitwiseAnd, BitwiseXor
         onnx.save(graph, str(out_dir / name))
     arrays: dict[str, np.ndarray] = {}
     for i, block in enumerate(layers):
@@ -201,8 +200,3 @@ def _traced(fn, args: tuple) -> torch.fx.GraphModule:  # noqa: ANN001
     translatable(module)
     return module
 
-
-def _raise_opset(model: onnx.ModelProto, version: int) -> None:
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version < version:
-            opset.version = version
