@@ -91,3 +91,27 @@ def test_train_reads_a_label_map(tmp_path, tiny_bundle, small_banking):
                  "--label-map", str(mapping), "--max-steps", "1", "--val-fraction", "0", "--out",
                  str(tmp_path / "out"), "--no-progress"])
     assert code == 0 and (tmp_path / "out" / "update.safetensors").is_file()
+
+
+def test_gradient_checkpointing_from_export_to_a_federated_simulation(tmp_path, shakespeare, capsys):
+    """`edgeft export --gradient-checkpointing` then `edgeft simulate`: the devices train the layer-by-layer bundle,
+    the coordinator evaluates it each round, and the summary names the test perplexity (not an accuracy)."""
+    from edgeft.export.toy import tiny_llama
+
+    folder = tiny_llama(tmp_path / "llama", shakespeare.read_text()[:30_000], vocab_size=300)
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(folder), "--task", "causal-lm", "--out", str(bundle), "--rank", "4",
+                 "--max-length", "48", "--gradient-checkpointing"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["segmented"]["layers"] == 2
+    paragraphs = [p for p in shakespeare.read_text()[:40_000].split("\n\n") if p.strip()]
+    for name, rows in (("train.jsonl", paragraphs[:48]), ("test.jsonl", paragraphs[48:64])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in rows))
+    capsys.readouterr()
+    assert main(["simulate", "--bundle", str(bundle), "--data", str(tmp_path / "train.jsonl"), "--test-data",
+                 str(tmp_path / "test.jsonl"), "--clients", "2", "--rounds", "2", "--no-baseline", "--batch-size", "8",
+                 "--lr", "1e-2", "--out", str(tmp_path / "sim")]) == 0
+    assert "final test perplexity" in capsys.readouterr().out
+    rounds = (tmp_path / "sim" / "rounds.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rounds[1:]] == ["initial", "closed", "closed"]
+    losses = [float(r.split(",")[5]) for r in rounds[1:]]
+    assert losses[-1] < losses[0]

@@ -119,6 +119,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack,
                           progress=False)))
     last = summary["history"]["rounds"][-1].get("evaluation") or {}
-    print(f"simulation done in {summary['seconds']:.0f} s; final test accuracy {last.get('accuracy', float('nan')):.1%}; "
-          f"report: {Path(args.out) / 'report.md'}")
+    shown = next((m for m in ("accuracy", "preference_accuracy", "perplexity", "loss") if m in last), None)
+    final = ("no test evaluation" if shown is None else  # causal LMs have a perplexity, DPO a preference accuracy
+             f"final test {shown.replace('_', ' ')} {last[shown]:.1%}" if "accuracy" in shown else
+             f"final test {shown} {last[shown]:.2f}")
+    print(f"simulation done in {summary['seconds']:.0f} s; {final}; report: {Path(args.out) / 'report.md'}")
     return 0
