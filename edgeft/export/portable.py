@@ -42,7 +42,7 @@ from edgeft.bundle import PORTABLE_PARAMETERS as PARAMETERS
 from edgeft.config import ExportConfig
 from edgeft.errors import ExportError
 from edgeft.export.adapters import AdaptedModel
-from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes, rename_tensors
+from edgeft.export.graph import ANCHOR_PREFIX, TrainingGraph, example_labels, label_axes
 from edgeft.export.optimizer import optimizer_model
 from edgeft.export.source import ModelSource
 from edgeft.export.translate import export_step, to_onnx, translatable
