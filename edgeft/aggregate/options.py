@@ -12,11 +12,11 @@ from edgeft.errors import check_config
 MEAN_OPTIONS = ("clip_norm", "noise_multiplier", "dp_delta", "noise_seed")
 
 
-def _number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(value: object) -> bool:
+def is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -55,26 +55,26 @@ class StrategyOptions:
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check_option(_number(self.server_lr) and self.server_lr > 0, "server_lr", self.server_lr, "must be positive")
+        _check_option(is_number(self.server_lr) and self.server_lr > 0, "server_lr", self.server_lr, "must be positive")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check_option(_number(value) and 0 <= value < 1, name, value, "must be in [0, 1)")
-        _check_option(_number(self.tau) and self.tau > 0, "tau", self.tau, "must be positive (it bounds the step size)")
-        _check_option(self.mu is None or (_number(self.mu) and self.mu >= 0), "mu", self.mu, "must be >= 0")
-        _check_option(_number(self.trim) and 0 <= self.trim < 0.5, "trim", self.trim,
+            _check_option(is_number(value) and 0 <= value < 1, name, value, "must be in [0, 1)")
+        _check_option(is_number(self.tau) and self.tau > 0, "tau", self.tau, "must be positive (it bounds the step size)")
+        _check_option(self.mu is None or (is_number(self.mu) and self.mu >= 0), "mu", self.mu, "must be >= 0")
+        _check_option(is_number(self.trim) and 0 <= self.trim < 0.5, "trim", self.trim,
                "must be in [0, 0.5): the fraction cut at each end of every coordinate")
-        _check_option(_integer(self.byzantine) and self.byzantine >= 0, "byzantine", self.byzantine,
+        _check_option(is_integer(self.byzantine) and self.byzantine >= 0, "byzantine", self.byzantine,
                "must be an integer >= 0")
-        _check_option(self.selected is None or (_integer(self.selected) and self.selected >= 1), "selected", self.selected,
+        _check_option(self.selected is None or (is_integer(self.selected) and self.selected >= 1), "selected", self.selected,
                "must be an integer >= 1")
-        _check_option(self.clip_norm is None or (_number(self.clip_norm) and self.clip_norm > 0), "clip_norm", self.clip_norm,
+        _check_option(self.clip_norm is None or (is_number(self.clip_norm) and self.clip_norm > 0), "clip_norm", self.clip_norm,
                "must be positive")
-        _check_option(_number(self.noise_multiplier) and self.noise_multiplier >= 0, "noise_multiplier",
+        _check_option(is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "noise_multiplier",
                self.noise_multiplier, "must be >= 0")
         _check_option(self.noise_multiplier == 0 or self.clip_norm is not None, "noise_multiplier", self.noise_multiplier,
                "differential privacy needs clip_norm: the noise is calibrated to the clipped updates' norm")
-        _check_option(_number(self.dp_delta) and 0 < self.dp_delta < 1, "dp_delta", self.dp_delta, "must be in (0, 1)")
-        _check_option(self.noise_seed is None or _integer(self.noise_seed), "noise_seed", self.noise_seed,
+        _check_option(is_number(self.dp_delta) and 0 < self.dp_delta < 1, "dp_delta", self.dp_delta, "must be in (0, 1)")
+        _check_option(self.noise_seed is None or is_integer(self.noise_seed), "noise_seed", self.noise_seed,
                "must be an integer")
 
     @property
