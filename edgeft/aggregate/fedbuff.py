@@ -5,13 +5,14 @@ version, becomes one step of the global adapter, each update weighted down by it
     s(staleness) = 1                                              constant
                  = (1 + staleness)^(-a)                           polynomial, a = exponent
                  = 1 if staleness <= b else 1 / (a (staleness - b) + 1)   hinge, a = hinge_slope, b = hinge_start
-    w_k = s(staleness_k) * n_k / sum_j s(staleness_j) * n_j       (n_k: update k's example count)
+    w_k = s(staleness_k) * n_k / sum_j n_j                          (n_k: update k's example count)
     step = server_lr * sum_k w_k * delta_k                        (delta_k: update k's adapter minus its base)
 
 and the new global adapter is x + step (``edgeft.aggregate.delta.plain_step``). The staleness functions are Xie
-et al.'s (FedAsync, 2019); updates staler than ``max_staleness`` are refused. Unlike the paper, which divides
-the staleness-scaled sum by K, the weights are normalised as FedAvg's are: staleness moves weight between the
-buffered updates rather than shortening the step, and with fresh updates and ``constant`` the step is FedAvg's.
+et al.'s (FedAsync, 2019); updates staler than ``max_staleness`` are refused. The paper's step is the
+staleness-scaled sum of the K deltas divided by K; here each delta counts by its share of the buffer's examples
+instead of 1/K (the same when the counts are equal), so stale updates shorten the step, as in the paper, and a
+buffer of fresh updates with ``constant`` weighting takes FedAvg's step.
 
 Pure functions only: the coordinator does not run asynchronous jobs yet (issue 19's server side is next).
 """
@@ -164,9 +165,9 @@ def aggregate_buffer(current_version: int, buffer: Sequence[BufferedUpdate], opt
             total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in update.delta.items()}
         accumulate(total, update.delta, weight)
         raw.append(weight)
-    weight_sum = sum(raw)
-    if total is None or weight_sum <= 0:
+    examples = sum(u.n_examples for i, u in enumerate(buffer) if i not in {r for r, _ in refused})
+    if total is None or examples <= 0:
         why = "; ".join(str(exc) for _, exc in refused)
         raise ConfigError(f"no updates to average{': ' + why if why else ''}")
-    step = {k: options.server_lr * (v / weight_sum) for k, v in total.items()}
-    return BufferStep(step, tuple(w / weight_sum for w in raw), tuple(staleness), tuple(refused))
+    step = {k: options.server_lr * (v / examples) for k, v in total.items()}
+    return BufferStep(step, tuple(w / examples for w in raw), tuple(staleness), tuple(refused))

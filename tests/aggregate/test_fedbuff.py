@@ -32,23 +32,23 @@ def test_options_pick_the_staleness_function():
 
 def test_buffer_of_three_by_hand():
     # version 6; updates trained from versions 6, 5 and 2: staleness 0, 1, 4 (4 = max_staleness: accepted)
-    # polynomial, a = 1: s = 1, 1/2, 1/5; examples 10, 20, 25: s * n = 10, 10, 5 (sum 25): weights 0.4, 0.4, 0.2
-    # mean delta: w = 0.4 * 1 + 0.4 * 3 + 0.2 * -5 = 0.6; 0.4 * -2 + 0.4 * 0 + 0.2 * 10 = 1.2; b: 0.4 * 1 = 0.4
-    # server_lr 0.5: step = 0.3, 0.6; b 0.2
+    # polynomial, a = 1: s = 1, 1/2, 1/5; examples 10, 20, 20 (sum 50): s * n / 50 = 0.2, 0.2, 0.08
+    # sum: w = 0.2 * 1 + 0.2 * 3 + 0.08 * -5 = 0.4; 0.2 * -2 + 0.2 * 0 + 0.08 * 10 = 0.4; b: 0.2 * 1 = 0.2
+    # server_lr 0.5: step = 0.2, 0.2; b 0.1 (the stale update shortens the step: its weights sum to 0.48)
     options = FedBuffOptions(buffer_size=3, staleness="polynomial", exponent=1.0, max_staleness=4, server_lr=0.5)
     buffer = [BufferedUpdate(6, 10, {"w": np.array([1.0, -2.0], np.float32), "b": np.array([1.0], np.float32)}),
               BufferedUpdate(5, 20, {"w": np.array([3.0, 0.0], np.float32), "b": np.array([0.0], np.float32)}),
-              BufferedUpdate(2, 25, {"w": np.array([-5.0, 10.0], np.float32), "b": np.array([0.0], np.float32)})]
+              BufferedUpdate(2, 20, {"w": np.array([-5.0, 10.0], np.float32), "b": np.array([0.0], np.float32)})]
     result = aggregate_buffer(6, buffer, options)
     assert result.staleness == (0, 1, 4)
-    assert result.weights == (0.4, 0.4, 0.2)
-    np.testing.assert_array_equal(result.step["w"], [0.3, 0.6])
-    np.testing.assert_array_equal(result.step["b"], [0.2])
+    assert result.weights == pytest.approx((0.2, 0.2, 0.08), rel=1e-15)
+    np.testing.assert_allclose(result.step["w"], [0.2, 0.2], rtol=1e-15)
+    np.testing.assert_allclose(result.step["b"], [0.1], rtol=1e-15)
     assert result.step["w"].dtype == np.float64 and result.refused == ()
     new, state = plain_step({"w": np.array([1.0, 1.0]), "b": np.array([0.0])}, result.step, None)
-    np.testing.assert_allclose(new["w"], [1.3, 1.6], rtol=1e-15)
+    np.testing.assert_allclose(new["w"], [1.2, 1.2], rtol=1e-15)
     assert state == {}
-    assert result.report()["weights"] == pytest.approx([0.4, 0.4, 0.2])
+    assert result.report()["weights"] == pytest.approx([0.2, 0.2, 0.08])
 
 
 def test_updates_past_max_staleness_are_refused_and_listed():
