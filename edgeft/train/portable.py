@@ -30,14 +30,16 @@ ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32,
                10: np.float16, 11: np.float64}
 
 
-def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
     """The external (frozen) initializers of the ONNX model at ``path``, as views into ``files`` (file name ->
     its bytes; a file not mapped yet is memory-mapped and added): graphs that point into the same file share its
     memory, and the process holds no copy of it beside the operating system's file cache (the pages are the
-    file's; copy-on-write, so nothing written through a view reaches the file)."""
+    file's; copy-on-write, so nothing written through a view reaches the file). Also whether the model holds int4
+    initializers (a low-bit frozen base, ``edgeft.export.lowbit``)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    int4 = any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
     tensors = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -52,7 +54,7 @@ def frozen_initializers(path: Path, files: dict[str, np.ndarray]) -> dict[str, n
             continue
         raw = files[location][offset: offset + length]
         tensors[tensor.name] = raw.view(dtype).reshape(tuple(tensor.dims))
-    return tensors
+    return tensors, int4
 
 
 class PortableSession:
@@ -83,7 +85,6 @@ class PortableSession:
         proximal = manifest.proximal
         self.anchor_prefix: str | None = proximal["anchor_prefix"] if proximal else None
         self.optimizer = manifest.optimizer.get("name", "adamw")
-        self._base_bits = manifest.base_model.get("bits")
         self._keep: list = []
         try:
             files: dict[str, np.ndarray] = {}  # the shared weights file, read once
@@ -124,7 +125,8 @@ class PortableSession:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in frozen_initializers(path, files).items()}
+        frozen, int4 = frozen_initializers(path, files)
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in frozen.items()}
         self._keep.append(values)  # the sessions use these buffers in place: keep them alive
         for name, value in values.items():
             options.add_initializer(name, value)
@@ -139,7 +141,7 @@ class PortableSession:
         # ConstantFolding would dequantise a low-bit frozen base into fp32 copies (edgeft.export.lowbit) and fold
         # every frozen transpose; QDQ propagation would add quantise/dequantise pairs around its transposes
         disabled = [] if fed_weights else ["ConstantFolding", "QDQPropagationTransformer"]
-        if self._base_bits == 4 and not fed_weights:  # the transpose optimizer mishandles blocked scales (edgeft.export.lowbit)
+        if int4:  # the transpose optimizer mishandles blocked scales (edgeft.export.lowbit)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             disabled.append("TransposeOptimizer")
         return ort.InferenceSession(str(path), options, providers=[self.provider], disabled_optimizers=disabled)

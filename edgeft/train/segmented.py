@@ -36,11 +36,6 @@ class SegmentedSession(PortableSession):
         # between calls (measured at Qwen2.5-0.5B's shape: 35% faster than without). The head's and the prologue's
         # calls are few and large (a row's vocabulary-sized logits): without the arena they give their memory back
         # and the step peaks at the largest call, not at the sum of all (1.0 GB less there).
-        # No graph here holds int4 initializers (the layers' weights are fed and dequantised by standard operators;
-        # the head's stay fp32): every session keeps ONNX Runtime's full optimisations, which fold the output
-        # layer's transpose into its MatMul instead of transposing 545 MB a call (Qwen2.5-0.5B's vocabulary)
-        self._base_bits = None
-
         def session(name: str, arena: bool, fed_weights: bool = False):  # noqa: ANN202
             return self._session(bundle.file(name), threads, files, arena=arena, fed_weights=fed_weights)
 
