@@ -258,7 +258,9 @@ class Agent:
                           feature_columns=c.feature_columns or schema.feature_columns)
 
     def upload(self, task: Task, update: AdapterUpdate) -> UploadReceipt:
-        header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}")
+        work = task.asynchronous  # an asynchronous job names the upload and the version trained from
+        header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}"
+                              if work is None else work.upload_id, 0 if work is None else work.base_version)
         dtype = "float32" if task.statistics else task.upload_dtype
         reply = self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
         return upload_receipt_from_pb(reply)

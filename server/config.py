@@ -59,6 +59,9 @@
     bits = 16                     # fixed-point bits per value of an update's delta (16: fp16-like, 8: int8-like)
     clip = 0.5                    # ... within [-clip, clip]
     phase_timeout_s = 60          # how long each phase after the first waits for slow devices
+    # mode = "async"              # FedBuff instead of rounds (docs/strategies.md), with:
+    # [job.async]  buffer_size = 10, staleness = "polynomial", exponent = 0.5, max_staleness = 10, server_lr = 1.0,
+    #              max_concurrency = 100, versions = 50 and/or time_budget_s = 3600
 """
 
 from __future__ import annotations
@@ -246,8 +249,10 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                 eval_data = DataConfig.of(base / evaluation.pop("path"), data_schema, **evaluation)
             secure = raw.pop("secure_aggregation", None)
             secure = SecureAggregation(**secure) if secure is not None else None
+            asynchronous = raw.pop("async", None)  # [job.async]: "async" is a Python keyword
             jobs.append(JobConfig(clients=clients, train=train, data=data_schema, export=export,
-                                  eval_data=eval_data, secure_aggregation=secure, **paths, **raw))
+                                  eval_data=eval_data, secure_aggregation=secure, asynchronous=asynchronous,
+                                  **paths, **raw))
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{path}: job {raw.get('id', '?')!r}: {exc}") from exc
     try:

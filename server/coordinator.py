@@ -29,6 +29,8 @@ from edgeft.aggregate.lora_ranks import HeteroRankFedAvg
 from edgeft.bundle import Bundle
 from edgeft.errors import NotFound, Rejected, Unavailable
 from edgeft.server.artifacts import Artifacts, FolderStore
+from edgeft.server.async_rounds import AsyncRounds
+from edgeft.server.async_state import AsyncState
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, S3Settings, ServerConfig
 from edgeft.server.evaluation import Evaluator
@@ -118,6 +120,7 @@ class Coordinator:
         self.evaluator = Evaluator(self.state, lambda: self.bundles, self.global_adapter, self.leases)
         self.rounds = Rounds(config, self.jobs, self.bundle_sets, self.state, self.artifacts, self.strategies,
                              self.secure_rounds, on_closed=self.evaluator.schedule, leases=self.leases)
+        self.async_rounds = AsyncRounds(self.rounds, AsyncState(self.state))  # mode = "async" jobs (FedBuff)
         self._swept = 0.0  # when the clock last looked for global adapters without an evaluation
         self._clock: threading.Thread | None = None
         self._seen: dict[tuple[str, str], tuple[float, dict]] = {}  # (device, job): last liveness write, capabilities
@@ -180,6 +183,7 @@ class Coordinator:
         ``Rounds.tick``), or fail them below the minimum; move secure phases on; every SWEEP_S, schedule the
         evaluations no replica stored yet."""
         self.rounds.tick()
+        self.async_rounds.tick([job for job in self.jobs.values() if job.mode == "async"])
         if time.monotonic() - self._swept >= SWEEP_S:
             self._swept = time.monotonic()
             self.evaluator.sweep(list(self.jobs.values()))
@@ -260,10 +264,16 @@ class Coordinator:
         key, at = (device_id, job_id), time.monotonic()
         last = self._seen.get(key)
         if last is not None and at - last[0] < LIVENESS_S:
-            return self.rounds.task(device_id, job, last[1])
-        capabilities, *state = self.state.seen_round_state(job_id, None, device_id)  # with the round's reads
-        self._seen[key] = (at, capabilities)
-        return self.rounds.task(device_id, job, capabilities, tuple(state))
+            capabilities, state = last[1], None
+        else:
+            capabilities, *state = self.state.seen_round_state(job_id, None, device_id)  # with the round's reads
+            self._seen[key] = (at, capabilities)
+        if job.mode == "async":  # FedBuff: the latest global version, within the concurrency cap
+            job_row = state[0] if state else self.state.job(job_id)
+            if job_row is None:
+                raise NotFound(f"unknown job {job_id!r}")
+            return self.async_rounds.task(device_id, job, capabilities, job_row)
+        return self.rounds.task(device_id, job, capabilities, tuple(state) if state else None)
 
     def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
         """Count a task's bytes sent to a device (once per device and round)."""
@@ -271,8 +281,12 @@ class Coordinator:
 
     # -- uploads ------------------------------------------------------------------------------------
     def submit(self, header: UploadHeader, update: AdapterUpdate, size: int = 0) -> bool:
-        """Accept a device's update for the open round; False for a replay of an upload already received."""
-        return self.rounds.submit(self._job(header.job_id), header, update, size)
+        """Accept a device's update for the open round (an asynchronous job: into its buffer); False for a replay of
+        an upload already received."""
+        job = self._job(header.job_id)
+        if job.mode == "async":
+            return self.async_rounds.submit(job, header, update, size)
+        return self.rounds.submit(job, header, update, size)
 
     def count_rejection(self, job_id: str, error, message: str = "") -> None:  # noqa: ANN001
         self.rounds.count_rejection(job_id, error, message)

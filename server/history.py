@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from edgeft.errors import NotFound
+from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
 from edgeft.server.state import State
 
@@ -42,4 +43,20 @@ def job_history(state: State, job_id: str, job: JobConfig | None, head_init: str
             spent = history["rounds"][-1]["privacy"]
             history["privacy"] = {"epsilon": spent["epsilon_cumulative"], "delta": spent["delta"],
                                   "rounds": spent["rounds_accounted"]}
+    if job is not None and job.mode == "async":
+        history["versions"] = version_history(AsyncState(state), job_id, evals, reports)
     return history
+
+
+def version_history(state: AsyncState, job_id: str, evals: dict, reports: dict) -> list[dict]:
+    """An asynchronous job's record per global version: its updates (device, the version each trained from,
+    examples, bytes), updates accepted into it, uploads refused as stale since the previous version, mean
+    staleness, what the strategy reported and the version's evaluation."""
+    out = []
+    for made in state.versions(job_id):
+        report = reports.get(made["version"]) or {}
+        facts = report.get("asynchronous") or {}
+        out.append({**made, "accepted": facts.get("accepted", len(made["updates"])),
+                    "refused_stale": facts.get("refused_stale", 0), "mean_staleness": facts.get("mean_staleness"),
+                    "aggregation": report, "privacy": report.get("privacy"), "evaluation": evals.get(made["version"])})
+    return out

@@ -15,6 +15,7 @@ from edgeft.aggregate.registry import (MEAN_STRATEGIES, MIXED_RANK_STRATEGIES, S
 from edgeft.config import ENGINES, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, DataSchema
 from edgeft.errors import ConfigError, check_config
+from edgeft.server.async_config import MODES, AsyncJob
 
 
 DEFAULT_PROXIMAL_MU = 0.01  # fedprox's mu when the coordinator exports the model and no mu is given
@@ -158,6 +159,10 @@ class JobConfig:
     # device_bundles.
     engines: tuple[str, ...] = ()
     engine_bundles: tuple[Path, ...] = ()
+    # "sync": rounds of selected devices; "async": FedBuff (devices train whenever idle on the latest global
+    # version; every [job.async] buffer_size accepted updates make a new version; ``rounds`` does not apply)
+    mode: str = "sync"
+    asynchronous: AsyncJob | None = None  # [job.async] (a table, or an AsyncJob), with mode = "async"
 
     def __post_init__(self) -> None:
         if isinstance(self.head_init, str):
@@ -179,6 +184,7 @@ class JobConfig:
         check_config(self.rounds >= 1, "job.rounds", self.rounds, "must be >= 1")
         check_config(self.strategy in STRATEGIES, "job.strategy", self.strategy, f"expected one of {', '.join(STRATEGIES)}")
         object.__setattr__(self, "strategy_options", parse_strategy_options(self.strategy, self.strategy_options))
+        self._check_mode()  # before the strategy's round-size checks, which do not apply to an asynchronous job
         self._check_strategy()
         check_config(self.round_deadline_s > 0, "job.round_deadline_s", self.round_deadline_s, "must be positive")
         check_config(self.upload_dtype in ("float32", "float16"), "job.upload_dtype", self.upload_dtype,
@@ -199,6 +205,24 @@ class JobConfig:
                    "secure aggregation needs rounds of at least 2 clients (the sum of one is that client's update)")
         self._check_ranks()
         self._check_engines()
+
+    def _check_mode(self) -> None:
+        """``mode = "async"``: its [job.async] table, and what cannot run asynchronously (refused by name)."""
+        check_config(self.mode in MODES, "job.mode", self.mode, f"expected one of {', '.join(MODES)}")
+        if self.mode == "sync":
+            check_config(self.asynchronous is None, "job.async", "set", 'applies to mode = "async" only')
+            return
+        object.__setattr__(self, "asynchronous", AsyncJob.parse(self.asynchronous))
+        why = 'is not supported with mode = "async"'
+        check_config(self.secure_aggregation is None, "job.secure_aggregation", "set", f"{why}: secure "
+                     "aggregation unmasks only the sum of a round's fixed set of devices, and an asynchronous "
+                     "buffer has no such set; drop [job.secure_aggregation] or use mode = \"sync\"")
+        check_config(self.strategy in MEAN_STRATEGIES, "job.strategy", self.strategy, f"{why}: FedBuff aggregates "
+                     f"a staleness-weighted mean of deltas; use a mean strategy ({', '.join(MEAN_STRATEGIES)})")
+        check_config(not (self.device_ranks or self.device_bundles), "job.device_ranks",
+                     list(self.device_ranks) or "device_bundles", f"{why} (mixed LoRA ranks)")
+        check_config(self.head_init.method in ("auto", "none"), "job.head_init.method", self.head_init.method,
+                     f"{why}: the statistics round is a synchronous round; use 'none'")
 
     def _check_engines(self) -> None:
         """Several training engines: known names, bundles only with ``bundle``, not with mixed ranks."""

@@ -91,7 +91,7 @@ class JobBundles:
         self._check_base_model(job, bundle)
         check(bundle.manifest)
         # the statistics round does not run under secure aggregation yet: the head starts as exported
-        self.head_init[job.id] = method = ("none" if job.secure_aggregation is not None
+        self.head_init[job.id] = method = ("none" if job.secure_aggregation is not None or job.mode == "async"
                                            else job.head_init.resolve(bundle.manifest))
         initial = open_session(bundle, threads=1).get_parameters()
         if job.max_update_norm is None and update_norm(initial) == 0:
@@ -103,7 +103,8 @@ class JobBundles:
         # with a head init, round 0 is the statistics round: the exported adapter is version -1 and the
         # statistics-built head makes version 0, which round 1 trains from
         first = 0 if method != "none" else 1
-        if not self.state.create_job(job.id, bundle.digest, job.rounds, first, blob,
+        length = job.asynchronous.rounds if job.asynchronous is not None else job.rounds  # versions to make
+        if not self.state.create_job(job.id, bundle.digest, length, first, blob,
                                      {rank: b.digest for rank, b in smaller.items()},
                                      {engine: b.digest for engine, b in engines.items()}):
             return self._resume(job, self.state.job(job.id))  # another coordinator process created it meanwhile

@@ -29,7 +29,7 @@ from edgeft.server.lease import Leases
 from edgeft.server.state import State
 from edgeft.server.store import now
 from edgeft.update import AdapterUpdate, check_update, update_norm
-from edgeft.wire import UploadHeader
+from edgeft.wire import AsyncWork, UploadHeader
 
 log = logging.getLogger("edgeft.server")
 
@@ -45,6 +45,7 @@ class TaskAssignment:
     deadline: float
     secure: SecAggSettings | None = None  # set for a secure aggregation round: take part instead of uploading
     statistics: bool = False  # the statistics round: class statistics, no training
+    asynchronous: AsyncWork | None = None  # an asynchronous job's task: the version it carries, the upload's id
 
 
 class RoundKind:
@@ -117,12 +118,7 @@ class PlainRound(CollectedRound):
 
     def check(self, rounds: "Rounds", job: JobConfig, header: UploadHeader, update: AdapterUpdate,
               capabilities: dict) -> None:
-        reference = rounds.global_adapter(job.id, header.round - 1)
-        bound = rounds.norm_bound(job, header.round - 1, reference)
-        rank = rounds.jobs.update_rank(job.id, update)
-        manifest = rounds.jobs.given_bundle(job.id, capabilities, rank).manifest
-        check_update(update, manifest, max_examples=job.max_update_examples,
-                     reference=rounds.jobs.for_rank(job.id, rank, reference), max_norm=bound)
+        rounds.check_trained(job, header.round - 1, update, capabilities)
 
     def aggregate(self, rounds: "Rounds", job: JobConfig, row) -> tuple[dict, dict | None, dict]:  # noqa: ANN001
         context = RoundContext(round=row.number, selected=len(row.selected),
@@ -226,6 +222,16 @@ class Rounds:
         if key not in self._norms:
             self._norms[key] = update_norm(reference)
         return job.max_update_norm_ratio * self._norms[key]
+
+    def check_trained(self, job: JobConfig, version: int, update: AdapterUpdate, capabilities: dict) -> None:
+        """Refuse (DataError) an update trained from global adapter ``version`` that does not fit the bundle the
+        device was given, claims too many examples, or moved further from that adapter than the job's bound."""
+        reference = self.global_adapter(job.id, version)
+        bound = self.norm_bound(job, version, reference)
+        rank = self.jobs.update_rank(job.id, update)
+        manifest = self.jobs.given_bundle(job.id, capabilities, rank).manifest
+        check_update(update, manifest, max_examples=job.max_update_examples,
+                     reference=self.jobs.for_rank(job.id, rank, reference), max_norm=bound)
 
     # -- a device asks for work -----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict, state: tuple | None = None

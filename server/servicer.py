@@ -230,7 +230,7 @@ def _task(task: TaskAssignment) -> Task:
     return Task(job_id=job.id, round=task.round, bundle_digest=task.bundle_digest, train=job.train,
                 global_adapter=task.global_adapter, deadline=task.deadline, upload_dtype=job.upload_dtype,
                 data=job.data,
-                kind=STATISTICS if task.statistics else TRAIN, secure=task.secure)
+                kind=STATISTICS if task.statistics else TRAIN, secure=task.secure, asynchronous=task.asynchronous)
 
 
 def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:

@@ -164,6 +164,35 @@ leases = Table(
 )
 
 
+async_updates = Table(
+    "async_updates", metadata,  # asynchronous jobs' accepted updates: the buffer (version NULL) and those a global
+    # version was made from; schema revision 0004
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # arrival order: buffers take the oldest first
+    Column("job_id", String, nullable=False),
+    Column("upload_id", String, nullable=False),
+    Column("device_id", String, nullable=False),
+    Column("base_version", Integer, nullable=False),  # the global version it trained from
+    Column("n_examples", Integer, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("blob", String, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("version", Integer),  # the global version it went into; NULL: still in the buffer
+    UniqueConstraint("job_id", "upload_id", name="uq_async_updates_upload"),
+)
+Index("ix_async_updates_buffer", async_updates.c.job_id, async_updates.c.version)
+
+async_work = Table(
+    "async_work", metadata,  # asynchronous jobs: the device holding work now (the concurrency cap); revision 0004
+    Column("job_id", String, primary_key=True),
+    Column("device_id", String, primary_key=True),
+    Column("upload_id", String, nullable=False),
+    Column("base_version", Integer, nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # afterwards the device no longer counts as holding work
+)
+
+
 def database_url(url_or_path: URL | str | Path) -> URL:
     """A database URL from a SQLAlchemy URL or a SQLite file path (ConfigError naming what is wrong)."""
     if isinstance(url_or_path, URL):

@@ -128,7 +128,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "kind", "secure_aggregation")
+    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "kind", "secure_aggregation", "asynchronous")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class Task(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ASYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     bundle_digest: str
@@ -149,7 +150,16 @@ class Task(_message.Message):
     data: DataSchema
     kind: TaskKind
     secure_aggregation: SecAggSettings
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ...) -> None: ...
+    asynchronous: AsyncTask
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ..., asynchronous: _Optional[_Union[AsyncTask, _Mapping]] = ...) -> None: ...
+
+class AsyncTask(_message.Message):
+    __slots__ = ("base_version", "upload_id")
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    base_version: int
+    upload_id: str
+    def __init__(self, base_version: _Optional[int] = ..., upload_id: _Optional[str] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_seconds", "finished")
@@ -210,7 +220,7 @@ class BundleChunk(_message.Message):
     def __init__(self, file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_sha256: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "device_id", "upload_id", "n_examples", "metrics")
+    __slots__ = ("job_id", "round", "device_id", "upload_id", "n_examples", "metrics", "base_version")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,13 +234,15 @@ class UpdateHeader(_message.Message):
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     N_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     device_id: str
     upload_id: str
     n_examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., n_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    base_version: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., n_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class UpdatePart(_message.Message):
     __slots__ = ("header", "chunk")

@@ -26,14 +26,14 @@ from edgeft.wire.service import (SERVICE_NAME, RpcMethod, bundle_chunk_from_pb, 
                                  poll_response_to_pb, registered_from_pb, registered_to_pb, registration_from_pb,
                                  registration_to_pb, task_from_pb, task_to_pb, train_config, train_spec,
                                  update_from_parts, update_to_parts, upload_receipt_from_pb, upload_receipt_to_pb)
-from edgeft.wire.types import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Capabilities, DataSchema,
-                               DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
+from edgeft.wire.types import (STATISTICS, TRAIN, AsyncWork, BundleChunk, BundleFile, BundleInfo, Capabilities,
+                               DataSchema, DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
                                RetryLater, SecAggCall, SecAggHeader, Task, UploadHeader, UploadReceipt)
 
 __all__ = [
     # the dataclasses
-    "BundleChunk", "BundleFile", "BundleInfo", "Capabilities", "DataSchema", "DownloadRequest", "Finished",
-    "Heartbeat", "PollOutcome", "PollRequest", "Registration", "RetryLater", "SecAggAnswer", "SecAggCall",
+    "AsyncWork", "BundleChunk", "BundleFile", "BundleInfo", "Capabilities", "DataSchema", "DownloadRequest",
+    "Finished", "Heartbeat", "PollOutcome", "PollRequest", "Registration", "RetryLater", "SecAggAnswer", "SecAggCall",
     "SecAggHeader", "SecAggStep", "STATISTICS", "TRAIN", "Task", "UploadHeader", "UploadReceipt",
     # bytes and tensors
     "CHUNK_BYTES", "MAX_DIMS", "MAX_TENSOR_BYTES", "chunks_to_tensors", "dtype_code", "parse", "tensor_from_pb",

@@ -16,8 +16,8 @@ from edgeft.v1 import edgeft_pb2_grpc as pb_grpc
 from edgeft.wire.codec import (CHUNK_BYTES, chunks_to_tensors, dtype_code, parse, tensor_from_pb, tensor_to_pb,
                                tensors_to_chunks)
 from edgeft.wire.secure import secagg_settings_from_pb, secagg_settings_to_pb
-from edgeft.wire.types import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Capabilities, DataSchema,
-                               DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
+from edgeft.wire.types import (STATISTICS, TRAIN, AsyncWork, BundleChunk, BundleFile, BundleInfo, Capabilities,
+                               DataSchema, DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
                                RetryLater, Task, UploadHeader, UploadReceipt)
 
 
@@ -27,8 +27,8 @@ def update_to_parts(header: UploadHeader, update: AdapterUpdate, dtype: str = "f
     """The client-stream messages of one upload: the header, then the tensors' chunks."""
     yield pb.UpdatePart(header=pb.UpdateHeader(
         job_id=header.job_id, round=header.round, device_id=header.device_id, upload_id=header.upload_id,
-        n_examples=update.n_examples, metrics={k: float(v) for k, v in update.metrics.items()
-                                               if isinstance(v, (int, float))}))
+        base_version=header.base_version, n_examples=update.n_examples,
+        metrics={k: float(v) for k, v in update.metrics.items() if isinstance(v, (int, float))}))
     for chunk in tensors_to_chunks(update.tensors, dtype, chunk_bytes):
         yield pb.UpdatePart(chunk=chunk)
 
@@ -56,7 +56,7 @@ def update_from_parts(parts: Iterable[pb.UpdatePart],
             yield part.chunk
 
     tensors = chunks_to_tensors(chunks())
-    return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id),
+    return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id, h.base_version),
             AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
 
 
@@ -64,7 +64,8 @@ def _observed(parts: Iterable[pb.UpdatePart], observe: Callable[[int, UploadHead
               ) -> Iterator[pb.UpdatePart]:
     for index, part in enumerate(parts):
         h = part.header if index == 0 and part.WhichOneof("part") == "header" else None
-        observe(part.ByteSize(), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id))
+        observe(part.ByteSize(), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id,
+                                                                      h.base_version))
         yield part
 
 
@@ -133,6 +134,9 @@ def poll_request_from_pb(message: pb.PollTaskRequest) -> PollRequest:
 def task_to_pb(task: Task) -> pb.Task:
     secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
     deadline = {} if task.deadline is None else {"deadline_unix_ms": int(task.deadline * 1000)}
+    work = task.asynchronous
+    if work is not None:
+        secure["asynchronous"] = pb.AsyncTask(base_version=work.base_version, upload_id=work.upload_id)
     return pb.Task(**secure, **deadline, job_id=task.job_id, round=task.round, bundle_digest=task.bundle_digest,
                    train=train_spec(task.train),
                    global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
@@ -146,6 +150,11 @@ def task_to_pb(task: Task) -> pb.Task:
 def task_from_pb(message: pb.Task) -> Task:
     """A task as the device reads it (its tensors checked, its secure aggregation settings validated)."""
     secure = secagg_settings_from_pb(message.secure_aggregation) if message.HasField("secure_aggregation") else None
+    work = None
+    if message.HasField("asynchronous"):
+        if not message.asynchronous.upload_id or message.asynchronous.base_version < 0:
+            raise WireError("an asynchronous task needs an upload_id and a base_version >= 0")
+        work = AsyncWork(message.asynchronous.base_version, message.asynchronous.upload_id)
     schema = message.data
     return Task(job_id=message.job_id, round=message.round, bundle_digest=message.bundle_digest,
                 train=train_config(message.train),
@@ -154,7 +163,7 @@ def task_from_pb(message: pb.Task) -> Task:
                 upload_dtype="float16" if message.upload_dtype == pb.FLOAT16 else "float32",
                 data=DataSchema(schema.text_column or "text", schema.label_column or "label", schema.format or None,
                                 schema.image_column or None, tuple(schema.feature_columns) or None),
-                kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure)
+                kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure, asynchronous=work)
 
 
 def poll_response_to_pb(outcome: PollOutcome) -> pb.PollTaskResponse:

@@ -63,6 +63,15 @@ class PollRequest:
 
 
 @dataclass(frozen=True)
+class AsyncWork:
+    """An asynchronous (FedBuff) job's task: ``global_adapter`` is global version ``base_version``; the device
+    uploads its update with ``upload_id`` and that version (``UploadHeader.base_version``)."""
+
+    base_version: int
+    upload_id: str
+
+
+@dataclass(frozen=True)
 class Task:
     """One round's work for one device: train the bundle from ``global_adapter`` and upload the result for
     (``job_id``, ``round``), or (``kind`` statistics) upload the class statistics of the device's data.
@@ -71,7 +80,8 @@ class Task:
     learning_rate, warmup_ratio, grad_accum_steps). ``deadline``: when the round closes (Unix time, seconds;
     None: no deadline); an update that arrives later is refused. ``upload_dtype``: float32, or float16 to
     halve the upload. ``data``: the job's data schema. ``secure``: set when the job aggregates securely (the
-    device takes part in the SecureAggregate phases instead of uploading)."""
+    device takes part in the SecureAggregate phases instead of uploading). ``asynchronous``: set for an
+    asynchronous job (the version trained from and the upload's id)."""
 
     job_id: str
     round: int
@@ -83,6 +93,7 @@ class Task:
     data: DataSchema = field(default_factory=DataSchema)
     kind: str = TRAIN
     secure: SecAggSettings | None = None
+    asynchronous: AsyncWork | None = None
 
     @property
     def statistics(self) -> bool:
@@ -152,12 +163,14 @@ class BundleChunk:
 
 @dataclass(frozen=True)
 class UploadHeader:
-    """Who sent an update, for which job and round, and its idempotence key."""
+    """Who sent an update, for which job and round, and its idempotence key; ``base_version``: the global
+    version an asynchronous job's update trained from."""
 
     job_id: str
     round: int
     device_id: str
     upload_id: str
+    base_version: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,186 @@
+"""Asynchronous jobs (FedBuff, ``mode = "async"``): no rounds; devices ask for work whenever they are idle and get
+the latest global version; every ``buffer_size`` accepted updates make the next version.
+
+The rules, over ``AsyncState`` (storage) and the synchronous ``Rounds`` (whose validation, global adapter reads,
+strategies, leases and refusal counting are reused, not repeated):
+- a task: the latest global version, unless ``max_concurrency`` other devices hold work (then ask later);
+- an upload: a replay counts once; one trained from a version more than ``max_staleness`` behind the latest is
+  refused (reason ``stale``, counted); otherwise it is validated as a synchronous update (names, shapes, finite
+  values, example count, norm bound against the version it trained from) and stored in the buffer;
+- a version: the oldest ``buffer_size`` buffered updates, each delta taken from the version it trained from (and
+  clipped with the strategy's clip_norm), become ``aggregate_buffer``'s staleness-weighted step, which the job's
+  strategy applies as a summed delta (``start_secure``'s ``DeltaMean``: the server optimiser, differential privacy's
+  noise and ledger as in synchronous rounds);
+- the end: after ``versions`` versions, or ``time_budget_s`` after the job started (the clock's ``tick``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import numpy as np
+
+from edgeft.aggregate import RoundContext
+from edgeft.aggregate.fedbuff import BufferedUpdate, aggregate_buffer, check_staleness
+from edgeft.aggregate.privacy import clip_to_norm
+from edgeft.aggregate.vectors import delta
+from edgeft.errors import DataError, EdgeftError, Rejected, Unavailable
+from edgeft.server.async_state import AsyncState
+from edgeft.server.config import JobConfig
+from edgeft.server.rounds import Rounds, TaskAssignment
+from edgeft.server.store import now
+from edgeft.update import AdapterUpdate
+from edgeft.wire import AsyncWork, UploadHeader
+
+log = logging.getLogger("edgeft.server")
+
+
+class AsyncRounds:
+    """Tasks, uploads and versions of asynchronous jobs."""
+
+    def __init__(self, rounds: Rounds, state: AsyncState):
+        self.rounds, self.state = rounds, state
+
+    # -- a device asks for work ----------------------------------------------------------------------
+    def task(self, device_id: str, job: JobConfig, capabilities: dict, job_row) -> TaskAssignment | str | None:  # noqa: ANN001
+        """The latest global version to train, the string reason when the job is over, or None (ask later: the
+        concurrency cap is reached)."""
+        if job_row.status != "running":
+            return f"job {job_row.id} {job_row.status}{': ' + job_row.message if job_row.message else ''}"
+        version = job_row.current_round - 1
+        upload_id = f"{device_id}:{job.id}:v{version}:{uuid.uuid4().hex[:12]}"
+        deadline = now() + job.round_deadline_s
+        with self.rounds.lock:  # this process hands out work one device at a time (the database counts holders)
+            if not self.state.issue_work(job.id, device_id, upload_id, version, deadline,
+                                         job.asynchronous.max_concurrency):
+                return None
+        rank, bundle = self.rounds.jobs.device_bundle(job.id, capabilities)
+        adapter = self.rounds.jobs.for_rank(job.id, rank, self.rounds.global_adapter(job.id, version))
+        return TaskAssignment(job, version + 1, bundle.digest, adapter, deadline,
+                              asynchronous=AsyncWork(version, upload_id))
+
+    # -- uploads -------------------------------------------------------------------------------------
+    def submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
+        """Accept an update into the job's buffer (and make a version when the buffer is full); False for a replay
+        of an upload already received. Every refusal is counted under its reason (``stale``: too old)."""
+        try:
+            return self._submit(job, header, update, size)
+        except Unavailable:
+            raise
+        except EdgeftError as exc:
+            self.rounds.count_rejection(job.id, exc)
+            raise
+
+    def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
+        if self.state.received(job.id, header.upload_id):
+            self.rounds.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
+                                        "again; counted once")
+            return False
+        capabilities = self.rounds.state.seen(header.device_id, job.id)  # registered and enrolled
+        row = self.rounds.state.job(job.id)
+        if row.status != "running":
+            raise Rejected(f"job {job.id!r} is {row.status}; the update came late", reason="late")
+        latest = row.current_round - 1
+        try:
+            check_staleness(latest, header.base_version, job.asynchronous.fedbuff)
+        except Rejected:
+            self.state.release_work(job.id, header.device_id)
+            raise
+        try:
+            self.rounds.check_trained(job, header.base_version, update, capabilities)
+        except DataError as exc:
+            self.state.release_work(job.id, header.device_id)
+            raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
+        blob = self.rounds.artifacts.put_tensors(update.tensors)
+        if not self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
+                                     update.n_examples, update.metrics, blob, size):
+            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
+                return False
+            raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
+        try:
+            self.close_if_full(job)
+        except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
+            log.warning("job %s: the next version waits: %s", job.id, exc)
+        return True
+
+    # -- versions ------------------------------------------------------------------------------------
+    def close_if_full(self, job: JobConfig) -> None:
+        """Make global versions while the buffer holds ``buffer_size`` updates and the job runs (one replica makes
+        each version: its lease)."""
+        size = job.asynchronous.fedbuff.buffer_size
+        with self.rounds.lock:
+            while True:
+                row = self.rounds.state.job(job.id)
+                buffer = self.state.buffer(job.id, size)
+                if row is None or row.status != "running" or len(buffer) < size:
+                    return
+                version = row.current_round
+                with self.rounds.leases.hold(f"version/{job.id}/{version}") as lease:
+                    if lease is None:
+                        return
+                    if not self._make(job, version, buffer, lease.guard):
+                        return
+
+    def _make(self, job: JobConfig, version: int, buffer: list, guard) -> bool:  # noqa: ANN001
+        """Aggregate ``buffer`` into global ``version`` and store it; False when another process made it first."""
+        started = time.perf_counter()
+        rounds, options = self.rounds, job.asynchronous.fedbuff
+        strategy_options = getattr(rounds.strategies[job.id], "options", None)
+        clip = getattr(strategy_options, "clip_norm", None)
+        private = bool(getattr(strategy_options, "private", False))
+        updates = []
+        for row, tensors in zip(buffer, rounds.artifacts.iter_tensors(r.blob for r in buffer)):
+            change = delta(tensors, rounds.global_adapter(job.id, row.base_version))
+            if clip is not None:
+                change, _ = clip_to_norm(change, clip)
+            updates.append(BufferedUpdate(row.base_version, 1 if private else row.n_examples, change))
+        step = aggregate_buffer(version - 1, updates, options)
+        count = len(updates) - len(step.refused)
+        context = RoundContext(round=version, selected=count, state=rounds.strategy_state(job.id, version - 1))
+        aggregation = rounds.strategies[job.id].start_secure(rounds.global_adapter(job.id, version - 1), context)
+        aggregation.add_sum({k: v * count for k, v in step.step.items()}, float(count), count)
+        result = aggregation.result()
+        report = {**aggregation.report(), "asynchronous": self._facts(job, version, step)}
+        state = aggregation.state()
+        blob = rounds.artifacts.put_tensors(result)
+        state_blob = rounds.artifacts.put_tensors(state) if state else None
+        rounds.last_close_seconds = time.perf_counter() - started
+        finished = version >= job.asynchronous.rounds
+        if not self.state.close_version(job.id, version, [r.seq for r in buffer], blob, state_blob, report,
+                                        finished, guard=guard):
+            return False
+        log.info("job %s: global version %d made from %d updates (mean staleness %.2f)%s", job.id, version, count,
+                 report["asynchronous"]["mean_staleness"], "; the job is finished" if finished else "")
+        rounds.on_closed(job, version)
+        return True
+
+    def _facts(self, job: JobConfig, version: int, step) -> dict:  # noqa: ANN001
+        """A version's record: updates accepted into it, their staleness and weights, and the uploads refused as
+        stale since the previous version (``refused_stale``; ``refused_stale_total`` counts the whole job)."""
+        total = self.rounds.state.rejections(job.id).get("stale", 0)
+        previous = self.rounds.state.job_record(job.id)["reports"].get(version - 1) or {}
+        before = (previous.get("asynchronous") or {}).get("refused_stale_total", 0)
+        refused = {index for index, _ in step.refused}
+        accepted = [s for i, s in enumerate(step.staleness) if i not in refused]
+        return {**step.report(), "accepted": len(accepted),
+                "mean_staleness": float(np.mean(accepted)) if accepted else 0.0,
+                "refused_stale": total - before, "refused_stale_total": total}
+
+    # -- the clock -----------------------------------------------------------------------------------
+    def tick(self, jobs: list[JobConfig]) -> None:
+        """Make versions a full buffer waits for (after a restart, or a store that did not answer), and end jobs
+        whose time budget is spent."""
+        for job in jobs:
+            row = self.rounds.state.job(job.id)
+            if row is None or row.status != "running":
+                continue
+            self.close_if_full(job)
+            budget = job.asynchronous.time_budget_s
+            started = self.state.started_at(job.id)
+            if budget is not None and started is not None and now() - started >= budget:
+                made = self.rounds.state.job(job.id).current_round - 1
+                if self.state.finish(job.id, f"time budget of {budget:g} s spent after {made} global versions"):
+                    log.info("job %s: time budget of %g s spent after %d global versions; finished", job.id,
+                             budget, made)

@@ -1,0 +1,153 @@
+"""The stored state of asynchronous (FedBuff) jobs: named queries over ``async_updates`` and ``async_work`` (and the
+job, adapter and aggregation rows every job has), each one transaction.
+
+Crash safety, as for rounds: an accepted update is a row (unique per job and upload id, so a replay counts once)
+whose blob was written before it; a new global version is written in one transaction with the buffered rows it was
+made from marked with it, after claiming the job's row (``current_round`` = the latest version + 1), so a version
+is made once and an update goes into exactly one version, whatever process dies when, and however many replicas
+share the database.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from edgeft.server.state import State
+from edgeft.server.store import (adapters, aggregations, async_updates, async_work, insert_ignore, jobs, now,
+                                 transaction, upsert)
+
+
+class _Changed(Exception):
+    """The version was made meanwhile, or its buffer changed: roll the closing transaction back."""
+
+
+class AsyncState:
+    """Reads and writes of asynchronous jobs over ``state``'s engine."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def _tx(self):  # noqa: ANN202
+        return transaction(self.state.engine)
+
+    # -- work handed out ---------------------------------------------------------------------------------
+    def issue_work(self, job_id: str, device_id: str, upload_id: str, base_version: int, expires_at: float,
+                   cap: int) -> bool:
+        """Record that ``device_id`` holds work (until ``expires_at``) unless ``cap`` other devices hold some now;
+        True when recorded. A device that asks again while holding work gets new work in place of the old."""
+        with self._tx() as conn:
+            holding = conn.execute(select(func.count()).select_from(async_work).where(
+                async_work.c.job_id == job_id, async_work.c.device_id != device_id,
+                async_work.c.expires_at > now())).scalar_one()
+            if holding >= cap:
+                return False
+            upsert(conn, async_work, ("job_id", "device_id"),
+                   dict(job_id=job_id, device_id=device_id, upload_id=upload_id, base_version=base_version,
+                        issued_at=now(), expires_at=expires_at),
+                   dict(upload_id=upload_id, base_version=base_version, issued_at=now(), expires_at=expires_at))
+        return True
+
+    def release_work(self, job_id: str, device_id: str) -> None:
+        """The device no longer holds work (its upload came, accepted or refused)."""
+        with self._tx() as conn:
+            conn.execute(async_work.delete().where(async_work.c.job_id == job_id, async_work.c.device_id == device_id))
+
+    def holding(self, job_id: str) -> int:
+        """How many devices hold work of the job now."""
+        with self._tx() as conn:
+            return conn.execute(select(func.count()).select_from(async_work).where(
+                async_work.c.job_id == job_id, async_work.c.expires_at > now())).scalar_one()
+
+    # -- uploads -----------------------------------------------------------------------------------------
+    def received(self, job_id: str, upload_id: str) -> bool:
+        """Whether the upload is stored already (a replay)."""
+        with self._tx() as conn:
+            return conn.execute(select(async_updates.c.seq).where(
+                async_updates.c.job_id == job_id, async_updates.c.upload_id == upload_id)).first() is not None
+
+    def add_update(self, job_id: str, upload_id: str, device_id: str, base_version: int, n_examples: int,
+                   metrics: dict, blob: str, size: int) -> bool:
+        """Store an accepted update in the job's buffer and release the device's work, in one transaction; False
+        (nothing stored) for an upload stored already or a job that is no longer running."""
+        with self._tx() as conn:
+            running = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar() == "running"
+            if not running or not insert_ignore(
+                    conn, async_updates, ("job_id", "upload_id"), job_id=job_id, upload_id=upload_id,
+                    device_id=device_id, base_version=base_version, n_examples=n_examples, metrics=metrics,
+                    blob=blob, received_at=now(), bytes=size, version=None):
+                return False
+            conn.execute(async_work.delete().where(async_work.c.job_id == job_id, async_work.c.device_id == device_id))
+        return True
+
+    def buffer(self, job_id: str, limit: int) -> list:
+        """The oldest ``limit`` updates in the job's buffer (not in a version yet), in arrival order."""
+        with self._tx() as conn:
+            return conn.execute(select(async_updates).where(async_updates.c.job_id == job_id,
+                                                            async_updates.c.version.is_(None))
+                                .order_by(async_updates.c.seq).limit(limit)).all()
+
+    # -- versions ----------------------------------------------------------------------------------------
+    def close_version(self, job_id: str, version: int, seqs: list[int], blob: str, state_blob: str | None,
+                      report: dict, finished: bool, guard: Callable[[Connection], bool] | None = None) -> bool:
+        """Write global ``version`` made from the buffered updates ``seqs``, in one transaction: the adapter, the
+        strategy's state and report, the updates marked with the version, the job's progress (finished when
+        ``finished``). False (nothing written) when the version exists already, one of the updates is in a
+        version already, the job is not running, or ``guard`` (the closing lease) says no."""
+        try:
+            with self._tx() as conn:
+                claimed = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
+                                                          jobs.c.current_round == version)
+                                       .values(current_round=version + 1,
+                                               status="finished" if finished else "running",
+                                               message=f"{version} global versions made" if finished else ""))
+                if claimed.rowcount != 1 or (guard is not None and not guard(conn)):
+                    raise _Changed
+                marked = conn.execute(update(async_updates).where(
+                    async_updates.c.job_id == job_id, async_updates.c.seq.in_(seqs),
+                    async_updates.c.version.is_(None)).values(version=version))
+                if marked.rowcount != len(seqs):
+                    raise _Changed
+                conn.execute(insert(adapters).values(job_id=job_id, version=version, blob=blob, created_at=now()))
+                conn.execute(insert(aggregations).values(job_id=job_id, round=version, state_blob=state_blob,
+                                                         report=report, created_at=now()))
+        except _Changed:
+            return False
+        return True
+
+    def finish(self, job_id: str, message: str) -> bool:
+        """End a running job (its stop condition was met); False when it was not running."""
+        with self._tx() as conn:
+            return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running")
+                                .values(status="finished", message=message[:2000])).rowcount == 1
+
+    def started_at(self, job_id: str) -> float | None:
+        """When the job started: when its initial global adapter was stored."""
+        with self._tx() as conn:
+            return conn.execute(select(func.min(adapters.c.created_at)).where(adapters.c.job_id == job_id)).scalar()
+
+    def versions(self, job_id: str) -> list[dict]:
+        """Per global version made (oldest first): when, and its updates (device, base version, examples, bytes,
+        training metrics)."""
+        with self._tx() as conn:
+            made = {r.version: r.created_at for r in conn.execute(
+                select(adapters.c.version, adapters.c.created_at).where(adapters.c.job_id == job_id))}
+            rows = conn.execute(select(async_updates.c.version, async_updates.c.device_id,
+                                       async_updates.c.base_version, async_updates.c.n_examples,
+                                       async_updates.c.bytes, async_updates.c.metrics)
+                                .where(async_updates.c.job_id == job_id).order_by(async_updates.c.seq)).all()
+        out = []
+        for version in sorted(v for v in made if v > 0):
+            out.append({"version": version, "created_at": made[version],
+                        "updates": [{"device_id": r.device_id, "base_version": r.base_version,
+                                     "n_examples": r.n_examples, "bytes_up": r.bytes, "metrics": r.metrics}
+                                    for r in rows if r.version == version]})
+        return out
+
+    def buffered(self, job_id: str) -> int:
+        """How many accepted updates wait in the job's buffer."""
+        with self._tx() as conn:
+            return conn.execute(select(func.count()).select_from(async_updates).where(
+                async_updates.c.job_id == job_id, async_updates.c.version.is_(None))).scalar_one()

@@ -1,0 +1,208 @@
+"""Asynchronous jobs (FedBuff, ``mode = "async"``) with a real coordinator on a loopback port and real agent
+processes: versions advance every ``buffer_size`` accepted updates, each the staleness-weighted step recomputed here
+from the stored updates; an update staler than ``max_staleness`` is refused and counted; the concurrency cap holds;
+a coordinator SIGKILLed between versions loses no accepted update and counts none twice after its restart; config
+errors name the field."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.numpy import load as load_tensors
+from sqlalchemy import select
+
+from edgeft.aggregate.fedbuff import FedBuffOptions
+from edgeft.errors import ConfigError
+from edgeft.server.artifacts import ArtifactStore
+from edgeft.server.config import load_server_config
+from edgeft.server.store import adapters, async_updates, jobs, open_database
+from edgeft.testing.ports import free_port
+from edgeft.update import AdapterUpdate
+from edgeft.v1 import edgeft_pb2 as pb
+from edgeft.wire import UploadHeader, update_to_parts
+
+from conftest_server import agent, enrol, five_intents, start, stub, write_csv
+from faults import CoordinatorProcess, agent_process, make_token, output, wait_for, write_config
+
+ASYNC = {"buffer_size": 2, "staleness": "polynomial", "exponent": 0.5, "max_staleness": 2, "max_concurrency": 4}
+
+
+def fleet_shards(folder: Path, sizes: list[int]) -> list[Path]:
+    """One shard per device; its size sets how long the device trains (different speeds)."""
+    rows = five_intents("train")
+    return [write_csv(folder / f"shard{i}.csv", rows[i::len(sizes)][:size]) for i, size in enumerate(sizes)]
+
+
+def stored(state_dir: Path, job: str = "banking") -> dict:
+    """What the coordinator's database holds of an asynchronous job: the job row, adapter blobs by version, and
+    its async_updates rows in arrival order."""
+    engine = open_database(state_dir / "state.db")
+    try:
+        with engine.begin() as conn:
+            return {"job": conn.execute(select(jobs).where(jobs.c.id == job)).first(),
+                    "adapters": {r.version: r.blob for r in conn.execute(
+                        select(adapters).where(adapters.c.job_id == job))},
+                    "updates": conn.execute(select(async_updates).where(async_updates.c.job_id == job)
+                                            .order_by(async_updates.c.seq)).all()}
+    finally:
+        engine.dispose()
+
+
+def check_versions(state_dir: Path, options: FedBuffOptions) -> dict:
+    """Every global version v is version v-1 plus server_lr times the staleness-weighted mean of the deltas of
+    exactly buffer_size stored updates (each from the version it trained from), recomputed here; every update is
+    in at most one version. Returns the stored facts."""
+    facts = stored(state_dir)
+    store = ArtifactStore(state_dir / "artifacts")
+    versions = sorted(facts["adapters"])
+    assert versions == list(range(len(versions))), versions
+    assert len({r.upload_id for r in facts["updates"]}) == len(facts["updates"]), "an upload stored twice"
+    adapter = {v: load_tensors(store.get(facts["adapters"][v])) for v in versions}
+    for version in versions[1:]:
+        rows = [r for r in facts["updates"] if r.version == version]
+        assert len(rows) == options.buffer_size, (version, len(rows))
+        total = sum(r.n_examples for r in rows)
+        for name, previous in adapter[version - 1].items():
+            step = sum(options.weight(version - 1 - r.base_version) * r.n_examples / total
+                       * (load_tensors(store.get(r.blob))[name].astype(np.float64) - adapter[r.base_version][name])
+                       for r in rows)
+            np.testing.assert_allclose(adapter[version][name], previous + options.server_lr * step, rtol=0,
+                                       atol=1e-6, err_msg=f"version {version} {name}")
+    return facts
+
+
+def upload(device_stub, device_id: str, tensors: dict, base_version: int, upload_id: str):
+    header = UploadHeader("banking", base_version + 1, device_id, upload_id, base_version)
+    return device_stub.UploadUpdate(update_to_parts(header, AdapterUpdate(tensors, 40)), timeout=30)
+
+
+def test_six_agents_of_different_speeds_advance_versions_every_k_updates(tmp_path, tiny_bundle):
+    settings = {**ASYNC, "versions": 8}
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=1, deadline=120,
+                                      job_settings={"mode": "async", "asynchronous": settings})
+    procs = []
+    try:
+        token = enrol(coordinator, tmp_path)
+        shards = fleet_shards(tmp_path, [16, 24, 40, 60, 90, 130])
+        # a stale upload, made by hand: a device takes work at version 0 and uploads once the job is 3 versions on
+        late = stub(port, token)
+        late_id = late.Register(pb.RegisterRequest()).device_id
+        work = late.PollTask(pb.PollTaskRequest(device_id=late_id, wait_seconds=1)).task.asynchronous
+        assert work.base_version == 0 and work.upload_id
+        initial = coordinator.global_adapter("banking", 0)
+        procs = [agent(port, shard, tmp_path / f"device{i}", token) for i, shard in enumerate(shards)]
+        holding, seen_version = [], 0
+        while seen_version < 3:
+            holding.append(coordinator.async_rounds.state.holding("banking"))
+            seen_version = coordinator.job_status("banking")["current_round"] - 1
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as info:
+            upload(late, late_id, {k: v + 0.01 for k, v in initial.items()}, 0, work.upload_id)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "versions behind" in info.value.details() and "max_staleness is 2" in info.value.details()
+        while coordinator.job_status("banking")["status"] == "running":
+            holding.append(coordinator.async_rounds.state.holding("banking"))
+            time.sleep(0.1)
+        coordinator.wait_until_finished(timeout=120)
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        assert all("job banking finished" in out for out in outputs), outputs
+        assert max(holding) <= settings["max_concurrency"], holding
+        status = coordinator.job_status("banking")
+        assert status["status"] == "finished" and status["current_round"] == 9, status
+        facts = check_versions(tmp_path / "state", FedBuffOptions(**{k: v for k, v in settings.items()
+                                                                     if k in ("buffer_size", "staleness",
+                                                                              "exponent", "max_staleness")}))
+        assert sorted(facts["adapters"]) == list(range(9))
+        history = coordinator.history("banking")
+        print("ASYNC history:", {"rejections": history["rejections"], "versions": [
+            {k: v[k] for k in ("version", "accepted", "refused_stale", "mean_staleness")} for v in history["versions"]]})
+        assert [v["version"] for v in history["versions"]] == list(range(1, 9))
+        assert all(v["accepted"] == 2 and len(v["updates"]) == 2 for v in history["versions"])
+        assert all(0 <= v["mean_staleness"] <= settings["max_staleness"] for v in history["versions"])
+        assert history["rejections"].get("stale", 0) >= 1  # the hand-made one, and any an agent sent
+        assert sum(v["refused_stale"] for v in history["versions"]) <= history["rejections"]["stale"]
+        devices = {u["device_id"] for v in history["versions"] for u in v["updates"]}
+        assert len(devices) >= 3, devices  # the buffer fills from several devices, not one
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_coordinator_killed_between_versions_loses_nothing_and_counts_nothing_twice(tmp_path, tiny_bundle):
+    port = free_port()
+    table = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
+                      for k, v in {**ASYNC, "buffer_size": 3, "max_staleness": 3, "versions": 4}.items())
+    config = write_config(tmp_path, tiny_bundle.path, port, rounds=1, minimum=1, deadline=120,
+                          extra=f'mode = "async"\n[job.async]\n{table.replace(chr(39), chr(34))}\n')
+    token = make_token(tmp_path / "state")
+    coordinator = CoordinatorProcess(config, port, tmp_path / "coordinator.log")
+    shards = fleet_shards(tmp_path, [20, 40, 70])
+    clients = []
+    try:
+        coordinator.start()
+        coordinator.wait_ready()
+        clients = [agent_process(port, shard, tmp_path / f"device{i}", token, give_up_after=120)
+                   for i, shard in enumerate(shards)]
+
+        def between_versions() -> bool:  # version 1 made, and an accepted update waiting in the buffer
+            facts = stored(tmp_path / "state")
+            return len(facts["adapters"]) >= 2 and any(r.version is None for r in facts["updates"])
+
+        wait_for(between_versions, 120, "version 1 and a buffered update", interval=0.05)
+        coordinator.kill()
+        before = stored(tmp_path / "state")
+        accepted = {r.upload_id: r.blob for r in before["updates"]}
+        assert accepted and before["job"].status == "running"
+        coordinator.start()
+        coordinator.wait_ready()
+        outputs = [output(p, timeout=150) for p in clients]
+        assert all(p.returncode == 0 for p in clients), outputs
+        after = check_versions(tmp_path / "state", FedBuffOptions(buffer_size=3, max_staleness=3))
+        assert after["job"].status == "finished" and sorted(after["adapters"]) == [0, 1, 2, 3, 4]
+        kept = {r.upload_id: r.blob for r in after["updates"]}
+        assert all(kept.get(u) == blob for u, blob in accepted.items()), "an accepted update was lost"
+        in_versions = [r for r in after["updates"] if r.version is not None]
+        assert len(in_versions) == 4 * 3  # each version from exactly three updates, none counted twice
+        for upload_id in accepted:  # what was buffered at the kill went into a version after the restart
+            row = next(r for r in after["updates"] if r.upload_id == upload_id)
+            assert row.version is not None or row.seq > max(r.seq for r in in_versions), upload_id
+    finally:
+        coordinator.kill()
+        for p in clients:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ('[job.async]\nstaleness = "linear"\nversions = 3',
+     "invalid job.async.staleness='linear': expected one of constant, polynomial, hinge"),
+    ("[job.async]\nbuffer_size = 0\nversions = 3", "invalid job.async.buffer_size=0: must be an integer >= 1"),
+    ("[job.async]\nbuffer_size = 2", "an asynchronous job needs a stop condition"),
+    ("[job.async]\nversions = 3\nbufer_size = 2", "unknown job.async.bufer_size"),
+    ('strategy = "krum"\n[job.async]\nversions = 3', 'invalid job.strategy=\'krum\': is not supported with mode = "async"'),
+    ("[job.async]\nversions = 3\n[job.secure_aggregation]\nbits = 16",
+     'invalid job.secure_aggregation=\'set\': is not supported with mode = "async"'),
+])
+def test_config_errors_name_the_field(tmp_path, lines, message):
+    path = tmp_path / "jobs.toml"
+    head, _, table = lines.partition("[job.async]")
+    path.write_text(f'[server]\ninsecure = true\n[[job]]\nid = "banking"\nbundle = "b"\nmode = "async"\n{head}'
+                    f"[job.async]{table}\n[job.clients]\nmin = 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path)
+    assert message in str(info.value)
+
+
+def test_async_settings_on_a_synchronous_job_are_refused(tmp_path):
+    path = tmp_path / "jobs.toml"
+    path.write_text('[server]\ninsecure = true\n[[job]]\nid = "banking"\nbundle = "b"\n[job.async]\nversions = 3\n')
+    with pytest.raises(ConfigError, match=r'invalid job.async=.*applies to mode = "async" only'):
+        load_server_config(path)
