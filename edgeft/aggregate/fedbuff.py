@@ -14,7 +14,8 @@ staleness-scaled sum of the K deltas divided by K; here each delta counts by its
 instead of 1/K (the same when the counts are equal), so stale updates shorten the step, as in the paper, and a
 buffer of fresh updates with ``constant`` weighting takes FedAvg's step.
 
-Pure functions only: the coordinator does not run asynchronous jobs yet (issue 19's server side is next).
+Pure functions only: the coordinator's asynchronous jobs (``mode = "async"``) run them in
+``edgeft.server.async_rounds``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from edgeft.errors import ConfigError, Rejected, check_config
 
 Staleness = Literal["constant", "polynomial", "hinge"]
 STALENESS_FUNCTIONS: tuple[str, ...] = get_args(Staleness)
-TABLE = "job.async"  # where a job file will hold these settings (validation messages name TABLE.field)
+TABLE = "job.async"  # where a job file holds these settings (validation messages name TABLE.field)
 
 
 def constant(staleness: int) -> float:  # noqa: ARG001

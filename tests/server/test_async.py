@@ -206,3 +206,45 @@ def test_async_settings_on_a_synchronous_job_are_refused(tmp_path):
     path.write_text('[server]\ninsecure = true\n[[job]]\nid = "banking"\nbundle = "b"\n[job.async]\nversions = 3\n')
     with pytest.raises(ConfigError, match=r'invalid job.async=.*applies to mode = "async" only'):
         load_server_config(path)
+
+
+def test_the_cap_makes_devices_wait_a_server_optimiser_steps_and_the_time_budget_ends_the_job(tmp_path, tiny_bundle):
+    """Transport-free: one device may hold work at a time; a buffer of two makes version 1 with FedAdam's step
+    over the FedBuff step (its moments kept for the next version); a replay counts once; the time budget ends
+    the job."""
+    settings = {"buffer_size": 2, "staleness": "constant", "max_concurrency": 1, "versions": 100, "time_budget_s": 4}
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": settings, "strategy": "fedadam", "strategy_options": {"server_lr": 0.05}})
+    try:
+        first, second = (coordinator.register("", {}, "banking") for _ in range(2))
+        task = coordinator.poll(first, "banking")
+        assert task.asynchronous.base_version == 0 and task.round == 1
+        assert coordinator.poll(second, "banking") is None  # the cap: one device holds work
+        initial = coordinator.global_adapter("banking", 0)
+        rng = np.random.default_rng(0)
+        trained = [{k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in initial.items()}
+                   for _ in range(2)]
+
+        def send(device: str, work, tensors: dict, n: int) -> bool:
+            header = UploadHeader("banking", work.base_version + 1, device, work.upload_id, work.base_version)
+            return coordinator.submit(header, AdapterUpdate(tensors, n))
+
+        assert send(first, task.asynchronous, trained[0], 30) is True
+        assert send(first, task.asynchronous, trained[0], 30) is False  # a replay: counted once
+        other = coordinator.poll(second, "banking")  # the first one's work is done: the second gets some
+        assert other.asynchronous.base_version == 0 and other.asynchronous.upload_id != task.asynchronous.upload_id
+        assert send(second, other.asynchronous, trained[1], 10) is True
+        assert coordinator.job_status("banking")["current_round"] == 2  # version 1 is made
+        for name, x in initial.items():  # FedAdam's first step over the buffer's mean delta, by hand
+            mean = (30 * (trained[0][name] - x.astype(np.float64)) + 10 * (trained[1][name] - x)) / 40
+            m, v = 0.1 * mean, 0.99 * 1e-6 + 0.01 * mean * mean
+            np.testing.assert_allclose(coordinator.global_adapter("banking", 1)[name],
+                                       x + 0.05 * m / (np.sqrt(v) + 1e-3), rtol=0, atol=1e-6)
+        assert any(k.startswith("m/") for k in coordinator.strategy_state("banking", 1))
+        assert coordinator.history("banking")["duplicates"] == 1
+        wait_for(lambda: coordinator.job_status("banking")["status"] == "finished", 30, "the time budget")
+        assert "time budget of 4 s spent after 1 global versions" in coordinator.job_status("banking")["message"]
+        assert coordinator.poll(first, "banking").startswith("job banking finished")
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
