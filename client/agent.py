@@ -336,7 +336,9 @@ class Agent:
                 log.info("coordinator says: %s", outcome.reason)
                 return outcome.reason
             if isinstance(outcome, Task):
-                if (outcome.job_id, outcome.round) in self.rounds_missed:  # until the coordinator closes the round
+                if outcome.asynchronous is None and (outcome.job_id, outcome.round) in self.rounds_missed:
+                    # a synchronous round it missed: wait until the coordinator closes it (an asynchronous task
+                    # comes with a deadline of its own each time)
                     time.sleep(1.0)
                     continue
                 self.handle(outcome)

@@ -1,7 +1,7 @@
 """The coordinator's stored state: named queries over the tables of ``edgeft.server.store``.
 
 The one module of the coordinator that speaks SQL (enrolment tokens keep theirs in ``edgeft.server.auth``, the
-replicas' leases in ``edgeft.server.lease``). Every
+replicas' leases in ``edgeft.server.lease``, asynchronous jobs in ``edgeft.server.async_state``). Every
 method is one transaction; the round, job and device rules live in ``rounds``, ``jobs`` and ``coordinator``.
 Several coordinator processes may write one database: what must happen once (one update per device and round, one
 global adapter per round, a round closed or failed once, one row per device, enrolment, job) is decided by the

@@ -236,3 +236,23 @@ def test_the_service_is_described_for_registration_and_requests_parse_by_method(
     assert registration_from_pb(parse_request("Register", raw)).device_id == "dev-1"
     with pytest.raises(WireError, match="does not parse"):
         parse_request("Register", raw[:-1] + b"\xff")
+
+
+def test_an_asynchronous_task_and_its_upload_carry_the_version_trained_from():
+    """mode = "async": the task names its global version and upload id (AsyncTask), the upload names the version
+    back (UpdateHeader.base_version); a task without an upload id is malformed."""
+    from edgeft.wire import AsyncWork, Task, task_from_pb, task_to_pb
+
+    task = Task("job", 8, "d" * 64, TrainConfig(), {"w": np.ones(2, np.float32)},
+                asynchronous=AsyncWork(base_version=7, upload_id="dev-1:job:v7:abc"))
+    message = task_to_pb(task)
+    assert (message.asynchronous.base_version, message.asynchronous.upload_id) == (7, "dev-1:job:v7:abc")
+    assert task_from_pb(message).asynchronous == AsyncWork(7, "dev-1:job:v7:abc")
+    plain = pb.Task(job_id="j", round=1, bundle_digest="x", train=pb.TrainSpec(learning_rate=0.01))
+    assert task_from_pb(plain).asynchronous is None
+    with pytest.raises(WireError, match="upload_id"):
+        plain.asynchronous.base_version = 3
+        task_from_pb(plain)
+    header = UploadHeader("job", 8, "dev-1", "dev-1:job:v7:abc", base_version=7)
+    back, _ = update_from_parts(update_to_parts(header, AdapterUpdate(tensors(), 12)))
+    assert back == header
