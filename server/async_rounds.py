@@ -44,7 +44,8 @@ class AsyncRounds:
         self.rounds, self.state = rounds, state
 
     # -- a device asks for work ----------------------------------------------------------------------
-    def task(self, device_id: str, job: JobConfig, capabilities: dict, job_row) -> TaskAssignment | str | None:  # noqa: ANN001
+    def task(self, device_id: str, job: JobConfig, capabilities: dict,
+             job_row) -> TaskAssignment | str | None:  # noqa: ANN001
         """The latest global version to train, the string reason when the job is over, or None (ask later: the
         concurrency cap is reached)."""
         if job_row.status != "running":

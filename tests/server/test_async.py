@@ -119,8 +119,9 @@ def test_six_agents_of_different_speeds_advance_versions_every_k_updates(tmp_pat
                                                                               "exponent", "max_staleness")}))
         assert sorted(facts["adapters"]) == list(range(9))
         history = coordinator.history("banking")
-        print("ASYNC history:", {"rejections": history["rejections"], "versions": [
-            {k: v[k] for k in ("version", "accepted", "refused_stale", "mean_staleness")} for v in history["versions"]]})
+        keys = ("version", "accepted", "refused_stale", "mean_staleness")
+        print("ASYNC history:", {"rejections": history["rejections"],
+                                 "versions": [{k: v[k] for k in keys} for v in history["versions"]]})
         assert [v["version"] for v in history["versions"]] == list(range(1, 9))
         assert all(v["accepted"] == 2 and len(v["updates"]) == 2 for v in history["versions"])
         assert all(0 <= v["mean_staleness"] <= settings["max_staleness"] for v in history["versions"])
@@ -187,7 +188,8 @@ def test_a_coordinator_killed_between_versions_loses_nothing_and_counts_nothing_
     ("[job.async]\nbuffer_size = 0\nversions = 3", "invalid job.async.buffer_size=0: must be an integer >= 1"),
     ("[job.async]\nbuffer_size = 2", "an asynchronous job needs a stop condition"),
     ("[job.async]\nversions = 3\nbufer_size = 2", "unknown job.async.bufer_size"),
-    ('strategy = "krum"\n[job.async]\nversions = 3', 'invalid job.strategy=\'krum\': is not supported with mode = "async"'),
+    ('strategy = "krum"\n[job.async]\nversions = 3',
+     'invalid job.strategy=\'krum\': is not supported with mode = "async"'),
     ("[job.async]\nversions = 3\n[job.secure_aggregation]\nbits = 16",
      'invalid job.secure_aggregation=\'set\': is not supported with mode = "async"'),
 ])
@@ -208,12 +210,13 @@ def test_async_settings_on_a_synchronous_job_are_refused(tmp_path):
         load_server_config(path)
 
 
-def test_the_cap_makes_devices_wait_a_server_optimiser_steps_and_the_time_budget_ends_the_job(tmp_path, tiny_bundle):
-    """Transport-free: one device may hold work at a time; a buffer of two makes version 1 with FedAdam's step
-    over the FedBuff step (its moments kept for the next version); a replay counts once; the time budget ends
-    the job."""
+def test_the_cap_makes_devices_wait_a_server_optimiser_steps_and_the_time_budget_ends_the_job(tmp_path, tiny_bundle,
+                                                                                             database):
+    """Transport-free, on SQLite and PostgreSQL: one device may hold work at a time; a buffer of two makes version 1
+    with FedAdam's step over the FedBuff step (its moments kept for the next version); a replay counts once; the
+    time budget ends the job."""
     settings = {"buffer_size": 2, "staleness": "constant", "max_concurrency": 1, "versions": 100, "time_budget_s": 4}
-    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, database=database, job_settings={
         "mode": "async", "asynchronous": settings, "strategy": "fedadam", "strategy_options": {"server_lr": 0.05}})
     try:
         first, second = (coordinator.register("", {}, "banking") for _ in range(2))
