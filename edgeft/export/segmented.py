@@ -15,6 +15,9 @@ engine's optimizer graph and initial parameters:
 - ``segmented_head.onnx`` / ``segmented_head_grad.onnx``: the final norm, the output layer and the next-token loss
   of some rows, (hidden, labels) -> ``loss_sum`` and ``count`` (the labelled tokens), and ``grad.hidden`` (of the
   summed loss): the device runs them a row at a time, so vocabulary-sized logits exist for one row only;
+- with ``keep_mlp_activations`` (selective checkpointing) the layer graph also outputs ``kept.<i>``, the outputs of
+  the MLP's expansion projections (gate and up; Phi-3's fused gate_up), and the layer-gradient graph takes them as
+  inputs instead of recomputing those products (``_fed_kept`` turns marks in its traced graph into inputs);
 - ``segmented_layers.safetensors``: every layer's frozen weights, ``<layer>.<local name>``; with ``base_bits``
   the 2-D ones as ``<layer>.<local name>.q`` and ``.scale`` (``edgeft.export.lowbit.quantise_array``), which the
   layer graphs dequantise (``dequantised_inputs``).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeft.bundle import (GRAD_PREFIX, OUT_SUFFIX, SEGMENTED_HEAD, SEGMENTED_HEAD_GRAD, SEGMENTED_LAYER,
+from edgeft.bundle import (GRAD_PREFIX, KEPT_PREFIX, OUT_SUFFIX, SEGMENTED_HEAD, SEGMENTED_HEAD_GRAD, SEGMENTED_LAYER,
                            SEGMENTED_LAYER_GRAD, SEGMENTED_LAYERS, SEGMENTED_PROLOGUE)
 from edgeft.config import ExportConfig
 from edgeft.errors import ExportError
@@ -114,13 +118,19 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                                          {"attention_mask": mask, "position_embeddings": (cos, sin)})
         return out[0] if isinstance(out, tuple) else out
 
+    wide = _expansions(layer, lm.config.intermediate_size) if config.keep_mlp_activations else []
+
     def forward(state, mask, cos, sin, *params):  # noqa: ANN001, ANN202
-        return layer_out(state, mask, cos, sin, list(params))
+        kept: list[torch.Tensor] = []
+        with _hooked(wide, lambda out: kept.append(out) or out):
+            out = layer_out(state, mask, cos, sin, list(params))
+        return (out, *kept) if kept else out
 
     def backward(state, mask, cos, sin, grad_out, *params):  # noqa: ANN001, ANN202
         params = [p.detach().requires_grad_(n in trainable) for n, p in zip(local, params)]
         state = state.detach().requires_grad_(True)
-        out = layer_out(state, mask, cos, sin, params)
+        with _hooked(wide, _kept):  # marked, to be fed from the forward pass (_fed_kept)
+            out = layer_out(state, mask, cos, sin, params)
         grads = torch.autograd.grad(out, [state, *(p for n, p in zip(local, params) if n in trainable)], grad_out)
         return tuple(grads)
 
@@ -146,6 +156,11 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
 
     opset = config.onnx_opset
     grad_names = [GRAD_PREFIX + n for n in trainable]
+    kept_values = list(forward(h, mask, cos, sin, *weights)[1:]) if wide else []
+    kept_names = [f"{KEPT_PREFIX}{i}" for i in range(len(kept_values))]
+    layer_grad = _traced(backward, (h, mask, cos, sin, g, *weights))
+    if kept_names:
+        _fed_kept(layer_grad, len(kept_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shared.save(to_onnx(_Functional(_traced(prologue, (ids, torch.ones_like(ids)))), (ids, torch.ones_like(ids)),
@@ -160,12 +175,13 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
         graphs = {
             SEGMENTED_LAYER: to_onnx(_Functional(_traced(forward, (h, mask, cos, sin, *weights))),
                                      (h, mask, cos, sin, *weights), activations, opset,
-                                     ["hidden", "mask", "cos", "sin", *local], ["hidden" + OUT_SUFFIX]),
+                                     ["hidden", "mask", "cos", "sin", *local], ["hidden" + OUT_SUFFIX, *kept_names]),
             # the output gradient a tensor of its own: make_fx traces one tensor passed twice as one input
-            SEGMENTED_LAYER_GRAD: to_onnx(_Functional(_traced(backward, (h, mask, cos, sin, g, *weights))),
-                                          (h, mask, cos, sin, g, *weights), (*activations, tokens), opset,
-                                          ["hidden", "mask", "cos", "sin", GRAD_PREFIX + "hidden" + OUT_SUFFIX,
-                                           *local], [GRAD_PREFIX + "hidden", *grad_names])}
+            SEGMENTED_LAYER_GRAD: to_onnx(_Functional(layer_grad), (h, mask, cos, sin, g, *weights, *kept_values),
+                                          (*activations, tokens, *[{} for _ in weights], *[tokens for _ in kept_names]),
+                                          opset, ["hidden", "mask", "cos", "sin",
+                                                  GRAD_PREFIX + "hidden" + OUT_SUFFIX, *local, *kept_names],
+                                          [GRAD_PREFIX + "hidden", *grad_names])}
     frozen = [n for n in local if n not in trainable]
     params = dict(layer.named_parameters())
     quantised = {n: tuple(params[n].shape) for n in frozen
@@ -186,7 +202,57 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                 arrays[f"{i}.{name}"] = value.detach().numpy().astype(np.float32)
     save_file(arrays, str(out_dir / SEGMENTED_LAYERS))
     return {"layers": len(layers), "prefix": prefix, "weights": local, "trainable": trainable,
-            "quantised": sorted(quantised)}
+            "quantised": sorted(quantised), "kept": kept_names}
+
+
+@torch.library.custom_op("edgeft::kept", mutates_args=())
+def _kept(value: torch.Tensor) -> torch.Tensor:
+    """Identity that marks, in a traced layer-gradient graph, an activation the forward pass hands over."""
+    return value.clone()
+
+
+_kept.register_fake(lambda value: torch.empty_like(value))
+_kept.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+
+
+def _expansions(layer: nn.Module, intermediate: int) -> list[nn.Module]:
+    """The layer's MLP expansion projections (gate and up, or Phi-3's fused gate_up: outputs as wide as the MLP),
+    outermost only (a LoRA wrapper, not the base layer inside it)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in layer.mlp.named_modules():
+        if getattr(module, "out_features", None) in (intermediate, 2 * intermediate) and \
+                not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    return [module for _, module in found]
+
+
+@contextmanager
+def _hooked(modules: list[nn.Module], fn):  # noqa: ANN001, ANN202
+    """``fn`` applied to each module's output while the block runs."""
+    handles = [m.register_forward_hook(lambda _m, _args, out: fn(out)) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fed_kept(module: torch.fx.GraphModule, count: int) -> None:
+    """Turn the ``_kept`` marks of a traced layer-gradient graph into inputs appended to its signature, then drop
+    what only computed them (the expansion matmuls): the backward pass reads them from the forward pass."""
+    graph = module.graph
+    marks = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.edgeft.kept.default]
+    if len(marks) != count:
+        raise ExportError(f"the layer's gradient graph marks {len(marks)} kept activations, its forward {count}")
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for i, mark in enumerate(marks):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"{KEPT_PREFIX.rstrip('.')}_{i}")
+        last.meta = dict(mark.meta)
+        mark.replace_all_uses_with(last)
+        graph.erase_node(mark)
+    graph.eliminate_dead_code()
+    module.recompile()
 
 
 def _traced(fn, args: tuple) -> torch.fx.GraphModule:  # noqa: ANN001

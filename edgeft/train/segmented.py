@@ -6,7 +6,8 @@ per decoder layer, keeping each layer's input; the head graph gives the summed n
 respect to the last hidden state, a row at a time (the vocabulary-sized logits of one row exist at once); then, last
 layer first, the layer-gradient graph recomputes each layer from its kept input and returns the gradient with
 respect to that input and to the layer's trainable weights. Between the two passes the process holds one
-[batch, sequence, hidden] tensor per layer, not every intermediate activation. Every layer's frozen weights are held
+[batch, sequence, hidden] tensor per layer, not every intermediate activation (with ``keep_mlp_activations``
+also the layer's MLP expansion outputs, which the layer-gradient graph then reads instead of recomputing). Every layer's frozen weights are held
 once (in ``base_bits`` when the bundle was exported so), and fed to the one layer graph; the optimizer is the
 portable engine's. Never imports torch.
 """
@@ -43,6 +44,7 @@ class SegmentedSession(PortableSession):
         self._head, self._head_grad = session(SEGMENTED_HEAD, arena=False), session(SEGMENTED_HEAD_GRAD, arena=False)
         self._layer = session(SEGMENTED_LAYER, arena=True, fed_weights=True)
         self._layer_grad = session(SEGMENTED_LAYER_GRAD, arena=True, fed_weights=True)
+        self._kept_names: list[str] = list(layout.get("kept", []))  # keep_mlp_activations: handed to the backward
         stored = load_file(str(bundle.file(SEGMENTED_LAYERS)))
         trainable, quantised = set(layout["trainable"]), set(layout["quantised"])
         self._frozen: list[dict[str, np.ndarray]] = []
@@ -65,24 +67,27 @@ class SegmentedSession(PortableSession):
         params = {local: self._params[name].numpy() for local, name in self._trainable_of[i].items()}
         return {"hidden": hidden, **context, **self._frozen[i], **params}
 
-    def _run(self, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # noqa: ANN001
+    def _run(self, session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:  # noqa: ANN001
         try:
-            return session.run(None, feeds)
+            return session.run(outputs, feeds)
         except Exception as exc:
             raise TrainingError(f"ONNX Runtime failed on this batch: {str(exc).strip().splitlines()[0]}") from exc
 
-    def _forward(self, batch: dict[str, np.ndarray], keep: bool) -> tuple[np.ndarray, dict, list[np.ndarray]]:
-        """(the last hidden state, the mask and rotary tables, each layer's input when ``keep``)."""
+    def _forward(self, batch: dict[str, np.ndarray], keep: bool) -> tuple[np.ndarray, dict, list[dict]]:
+        """(the last hidden state, the mask and rotary tables, and when ``keep`` each layer's input and the
+        activations its forward hands to its backward: feeds for the layer-gradient graph)."""
         self._check_batch(batch)
         hidden, mask, cos, sin = self._run(self._prologue, {"input_ids": np.ascontiguousarray(batch["input_ids"]),
                                                            "attention_mask": np.ascontiguousarray(
                                                                batch["attention_mask"])})
         context = {"mask": mask, "cos": cos, "sin": sin}
         kept = []
+        wanted = None if keep else ["hidden" + OUT_SUFFIX]
         for i in range(len(self._frozen)):
+            out = self._run(self._layer, self._layer_feeds(i, hidden, context), wanted)
             if keep:
-                kept.append(hidden)
-            hidden = self._run(self._layer, self._layer_feeds(i, hidden, context))[0]
+                kept.append({"hidden": hidden, **dict(zip(self._kept_names, out[1:]))})
+            hidden = out[0]
         return hidden, context, kept
 
     def _head_rows(self, hidden: np.ndarray, labels: np.ndarray, grad: bool) -> tuple[float, int, np.ndarray | None]:
@@ -108,7 +113,7 @@ class SegmentedSession(PortableSession):
             return float("nan"), None
         grad = (grad / np.float32(count)).astype(np.float32)
         for i in reversed(range(len(self._frozen))):
-            out = self._run(self._layer_grad, {**self._layer_feeds(i, kept[i], context),
+            out = self._run(self._layer_grad, {**self._layer_feeds(i, kept[i].pop("hidden"), context), **kept[i],
                                                GRAD_PREFIX + "hidden" + OUT_SUFFIX: grad})
             kept[i] = None
             grad = out[0]

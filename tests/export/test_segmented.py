@@ -1,12 +1,13 @@
 """Gradient checkpointing on the portable engine (edgeft.export.segmented, edgeft.train.segmented): the training step
 run layer by layer computes what the portable engine's one-graph step computes (loss, LoRA gradients, parameters
 after AdamW steps), for Llama, Qwen2 (tied output layer, biases) and Phi-3 (fused projections), on packed rows with
-a masked prompt; with a low-bit base the layer graphs dequantise what quantise_array stored; the trainer trains and
+a masked prompt, recomputing whole layers (Llama) or keeping the MLP's activations (Qwen2, Phi-3); with a low-bit base the layer graphs dequantise what quantise_array stored; the trainer trains and
 evaluates such a bundle; what it cannot split is refused by name."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -30,11 +31,13 @@ def config(**changes: object) -> ExportConfig:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", pytest.param("phi3", marks=pytest.mark.slow)])
 def pair(request, tmp_path_factory, shakespeare):  # noqa: ANN001, ANN201
-    """(the portable bundle, the same exported with gradient checkpointing) of a tiny decoder."""
+    """(the portable bundle, the same exported with gradient checkpointing) of a tiny decoder; Qwen2's and Phi-3's
+    keep their MLP activations for the backward pass."""
     tmp = tmp_path_factory.mktemp(f"segmented-{request.param}")
     folder = BUILDERS[request.param](tmp / "model", shakespeare.read_text()[:50_000], vocab_size=384)
+    keep = request.param != "llama"
     return (export_hf(folder, tmp / "whole", config()),
-            export_hf(folder, tmp / "segmented", config(gradient_checkpointing=True)))
+            export_hf(folder, tmp / "segmented", config(gradient_checkpointing=True, keep_mlp_activations=keep)))
 
 
 def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -49,9 +52,26 @@ def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def products_of(graph: onnx.GraphProto, weight: str) -> list[onnx.NodeProto]:
+    """The MatMuls that read ``weight`` (through transposes and reshapes)."""
+    names = {weight}
+    for _ in range(3):
+        names |= {o for n in graph.node if n.op_type in ("Transpose", "Reshape") and set(n.input) & names
+                  for o in n.output}
+    return [n for n in graph.node if n.op_type == "MatMul" and set(n.input) & names]
+
+
 def test_layer_by_layer_steps_equal_the_whole_graph(pair):  # noqa: ANN001
     whole, segmented = (open_session(b) for b in pair)
     assert isinstance(segmented, SegmentedSession) and not isinstance(whole, SegmentedSession)
+    kept = pair[1].manifest.segmented["kept"]
+    graph = onnx.load(str(pair[1].file("segmented_layer_grad.onnx"))).graph
+    if kept:  # gate and up, or Phi-3's fused gate_up, fed from the forward pass: their products are not recomputed
+        assert len(kept) == (1 if "phi3" in str(pair[1].path) else 2)
+        assert [i.name for i in graph.input][-len(kept):] == kept
+    expansion = "mlp.gate_up_proj" if "phi3" in str(pair[1].path) else "mlp.gate_proj"
+    assert len(products_of(graph, expansion + ".base_layer.weight")) == (1 if kept else 2)  # backward (+ recompute)
+    assert len(products_of(graph, "self_attn.o_proj.base_layer.weight")) == 2  # attention is recomputed
     rng = np.random.default_rng(0)
     start = {n: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32)  # LoRA B off zero: every path counts
              for n, v in whole.get_parameters().items()}
@@ -121,6 +141,8 @@ def test_what_cannot_be_split_is_refused(tmp_path, shakespeare):  # noqa: ANN001
         ExportConfig(task="classification", labels=("a", "b"), gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         config(gradient_checkpointing=True, engine="ort-training")
+    with pytest.raises(ConfigError, match="keep_mlp_activations.*gradient_checkpointing"):
+        config(keep_mlp_activations=True)
     gpt2 = tiny_gpt2(tmp_path / "gpt2", text, vocab_size=300)
     with pytest.raises(ExportError, match="families.*gpt2"):
         export_hf(gpt2, tmp_path / "a", config(gradient_checkpointing=True))
