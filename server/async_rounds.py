@@ -26,7 +26,7 @@ from edgeft.aggregate import RoundContext
 from edgeft.aggregate.fedbuff import BufferedUpdate, aggregate_buffer, check_staleness
 from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
-from edgeft.errors import DataError, EdgeftError, Rejected, Unavailable
+from edgeft.errors import ConfigError, DataError, EdgeftError, Rejected, Unavailable
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
 from edgeft.server.rounds import Rounds, TaskAssignment
@@ -95,15 +95,22 @@ class AsyncRounds:
             self.state.release_work(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
-        if not self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
-                                     update.n_examples, update.metrics, blob, size):
-            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
-                return False
-            raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
-        try:
-            self.close_if_full(job)
-        except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
-            log.warning("job %s: the next version waits: %s", job.id, exc)
+        with self.rounds.lock:  # no version of this process's making slips in between the check and the store
+            latest = self.rounds.state.job(job.id).current_round - 1
+            try:
+                check_staleness(latest, header.base_version, job.asynchronous.fedbuff)  # again: versions were made
+            except Rejected:
+                self.state.release_work(job.id, header.device_id)
+                raise
+            if not self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
+                                         update.n_examples, update.metrics, blob, size):
+                if self.state.received(job.id, header.upload_id):  # a replay that raced this one
+                    return False
+                raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
+            try:
+                self.close_if_full(job)
+            except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
+                log.warning("job %s: the next version waits: %s", job.id, exc)
         return True
 
     # -- versions ------------------------------------------------------------------------------------
@@ -137,7 +144,11 @@ class AsyncRounds:
             if clip is not None:
                 change, _ = clip_to_norm(change, clip)
             updates.append(BufferedUpdate(row.base_version, 1 if private else row.n_examples, change))
-        step = aggregate_buffer(version - 1, updates, options)
+        try:  # an update another replica stored beside a version may be too stale by now: left out and listed
+            step = aggregate_buffer(version - 1, updates, options)
+        except ConfigError:  # every one of them is: they make no version
+            self._drop(job, version, buffer)
+            return True
         count = len(updates) - len(step.refused)
         context = RoundContext(round=version, selected=count, state=rounds.strategy_state(job.id, version - 1))
         aggregation = rounds.strategies[job.id].start_secure(rounds.global_adapter(job.id, version - 1), context)
@@ -156,6 +167,15 @@ class AsyncRounds:
                  report["asynchronous"]["mean_staleness"], "; the job is finished" if finished else "")
         rounds.on_closed(job, version)
         return True
+
+    def _drop(self, job: JobConfig, version: int, buffer: list) -> None:
+        """Take a buffer of updates all too stale for ``version`` out of the buffer, each counted as stale."""
+        if self.state.drop(job.id, [r.seq for r in buffer]):
+            for row in buffer:
+                self.rounds.count_rejection(job.id, "stale", f"update {row.upload_id} from version {row.base_version} "
+                                            f"was too stale for version {version} when its buffer filled")
+            log.warning("job %s: %d buffered updates were too stale for version %d; left out", job.id, len(buffer),
+                        version)
 
     def _facts(self, job: JobConfig, version: int, step) -> dict:  # noqa: ANN001
         """A version's record: updates accepted into it, their staleness and weights, and the uploads refused as

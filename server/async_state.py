@@ -117,6 +117,19 @@ class AsyncState:
             return False
         return True
 
+    def drop(self, job_id: str, seqs: list[int]) -> bool:
+        """Take buffered updates out of the buffer without a version (version -1: too stale when their buffer
+        filled); False when one of them is not in the buffer any more."""
+        try:
+            with self._tx() as conn:
+                if conn.execute(update(async_updates).where(
+                        async_updates.c.job_id == job_id, async_updates.c.seq.in_(seqs),
+                        async_updates.c.version.is_(None)).values(version=-1)).rowcount != len(seqs):
+                    raise _Changed
+        except _Changed:
+            return False
+        return True
+
     def finish(self, job_id: str, message: str) -> bool:
         """End a running job (its stop condition was met); False when it was not running."""
         with self._tx() as conn:

@@ -86,7 +86,19 @@ updates = Table(
     Column("blob", String, nullable=False),
     Column("received_at", Float, nullable=False),
     Column("bytes", Integer, nullable=False),
+    Column("running_sum", String),  # the flushed running sum that covers it (revision 0005); NULL: streamed at closing
     UniqueConstraint("job_id", "round", "device_id"),
+)
+
+running_sums = Table(
+    "running_sums", metadata,  # updates a replica folded as they came (edgeft.server.running_sums); revision 0005
+    Column("id", String, primary_key=True),
+    Column("job_id", String, nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("blob", String, nullable=False),  # totals, weight, norms, count (safetensors)
+    Column("updates", Integer, nullable=False),  # how many update rows it covers (running_sum = id)
+    Column("holder", String, nullable=False),  # the replica that folded them
+    Column("created_at", Float, nullable=False),
 )
 
 adapters = Table(
@@ -177,7 +189,7 @@ async_updates = Table(
     Column("blob", String, nullable=False),
     Column("received_at", Float, nullable=False),
     Column("bytes", Integer, nullable=False),
-    Column("version", Integer),  # the global version it went into; NULL: still in the buffer
+    Column("version", Integer),  # the global version it went into; NULL: still in the buffer; -1: left out (stale)
     UniqueConstraint("job_id", "upload_id", name="uq_async_updates_upload"),
 )
 Index("ix_async_updates_buffer", async_updates.c.job_id, async_updates.c.version)

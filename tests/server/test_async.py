@@ -65,6 +65,7 @@ def check_versions(state_dir: Path, options: FedBuffOptions) -> dict:
     for version in versions[1:]:
         rows = [r for r in facts["updates"] if r.version == version]
         assert len(rows) == options.buffer_size, (version, len(rows))
+        rows = [r for r in rows if version - 1 - r.base_version <= options.max_staleness]  # aggregate_buffer's rule
         total = sum(r.n_examples for r in rows)
         for name, previous in adapter[version - 1].items():
             step = sum(options.weight(version - 1 - r.base_version) * r.n_examples / total

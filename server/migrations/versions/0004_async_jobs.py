@@ -1,5 +1,5 @@
 """Asynchronous (FedBuff) jobs: ``async_updates`` (every accepted update, in arrival order, with the global version
-it trained from and the version it went into; NULL: still in the buffer) and ``async_work`` (which devices hold work
+it trained from and the version it went into; NULL: still in the buffer, -1: left out as too stale) and ``async_work`` (which devices hold work
 now, for the concurrency cap).
 
 Revision ID: 0004
