@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgeft.aggregate import RoundContext, Strategy
+from edgeft.aggregate import RoundContext, Strategy, Summable
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.errors import DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.secagg.updates import SecAggSettings
@@ -26,8 +26,10 @@ from edgeft.server.artifacts import Artifacts
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.jobs import JobBundles
 from edgeft.server.lease import Leases
+from edgeft.server.running_sums import RunningSums, stream_rows
 from edgeft.server.state import State
 from edgeft.server.store import now
+from edgeft.server.sum_state import SumState
 from edgeft.update import AdapterUpdate, check_update, update_norm
 from edgeft.wire import AsyncWork, UploadHeader
 
@@ -124,6 +126,10 @@ class PlainRound(CollectedRound):
         context = RoundContext(round=row.number, selected=len(row.selected),
                                state=rounds.strategy_state(job.id, row.number - 1))
         aggregation = rounds.strategies[job.id].start(rounds.global_adapter(job.id, row.number - 1), context)
+        if isinstance(aggregation, Summable):  # running sums (edgeft.server.running_sums): this replica's first
+            rounds.sums.flush(job.id, row.number)
+            rounds.sums.feed(aggregation, job.id, row.number, lambda rows: stream_rows(rounds.artifacts, rows))
+            return aggregation.result(), aggregation.state(), aggregation.report()  # report: after result
         devices_in_order = []
         for device_id, stored in rounds.iter_updates(job.id, row.number, with_device=True):
             aggregation.add(stored)
@@ -180,6 +186,8 @@ class Rounds:
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
         self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
+        self.sums = RunningSums(SumState(state), artifacts, lambda job, number: self.strategies[job.id].start(
+            self.global_adapter(job.id, number - 1), RoundContext(round=number)), leases.holder)
 
     def kind(self, job: JobConfig, number: int) -> RoundKind:
         if job.secure_aggregation is not None:
@@ -204,10 +212,7 @@ class Rounds:
         """The stored updates of a round one at a time (by device id), so aggregation holds one update in
         memory (and the store reads a bounded few ahead: ``Artifacts.iter_tensors``); with ``with_device``,
         (device id, update) pairs."""
-        rows = self.state.update_rows(job_id, number)
-        for r, tensors in zip(rows, self.artifacts.iter_tensors(r.blob for r in rows)):
-            stored = AdapterUpdate(tensors, r.n_examples, r.metrics)
-            yield (r.device_id, stored) if with_device else stored
+        yield from stream_rows(self.artifacts, self.state.update_rows(job_id, number), with_device)
 
     def strategy_state(self, job_id: str, round_number: int) -> dict[str, np.ndarray] | None:
         """What the job's strategy kept after ``round_number`` (server optimiser moments, privacy ledger)."""
@@ -305,6 +310,8 @@ class Rounds:
                 # replay on another connection or coordinator): Rejected saying which, or False for a replay
                 self._open_for(job, header)
                 return False
+            if kind is self.plain:  # committed: this replica's running sum of the round takes it
+                self.sums.fold(job, header.round, header.device_id, update)
             try:  # the round was open when the update was stored, with ``stored`` updates (close_if_done's reads)
                 kind.close(self, job, round_row, stored, deadline_passed=False)
             except Unavailable as exc:  # the update is stored; the clock closes the round when the store answers
@@ -351,7 +358,8 @@ class Rounds:
     def tick(self) -> None:
         """The clock: close every open round that is done (its deadline passed, or every update is in but its
         closing did not happen: a store that did not answer, a replica that died closing it; or fail it below
-        the minimum), and move secure rounds' phases on."""
+        the minimum), and move secure rounds' phases on; first flush this replica's running sums."""
+        self.sums.flush()
         with self.lock:
             for job_id, number, deadline in self.state.open_round_keys():
                 job = self.job_configs.get(job_id)

@@ -9,7 +9,7 @@ arithmetic only, not a registered strategy).
 
 from __future__ import annotations
 
-from edgeft.aggregate.base import Aggregation, RoundContext, Strategy, select_clients
+from edgeft.aggregate.base import Aggregation, Partial, RoundContext, Strategy, Summable, select_clients
 from edgeft.aggregate.fedavg import FedAvg, FedProx, WeightedMean, weighted_mean
 from edgeft.aggregate.fedbuff import BufferedUpdate, FedBuffOptions, aggregate_buffer
 from edgeft.aggregate.fedopt import FedAdagrad, FedAdam, FedYogi
@@ -19,6 +19,6 @@ from edgeft.aggregate.registry import STRATEGIES, STRATEGY_NAMES, build_strategy
 from edgeft.aggregate.robust import Krum, Median, MultiKrum, TrimmedMean
 
 __all__ = ["Aggregation", "BufferedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedBuffOptions", "FedProx",
-           "FedYogi", "HeteroRankFedAvg", "Krum", "Median", "MultiKrum", "RoundContext", "STRATEGIES", "STRATEGY_NAMES",
-           "Strategy", "StrategyOptions", "TrimmedMean", "WeightedMean", "aggregate_buffer", "build_strategy",
+           "FedYogi", "HeteroRankFedAvg", "Krum", "Median", "MultiKrum", "Partial", "RoundContext", "STRATEGIES", "STRATEGY_NAMES",
+           "Strategy", "StrategyOptions", "Summable", "TrimmedMean", "WeightedMean", "aggregate_buffer", "build_strategy",
            "parse_strategy_options", "select_clients", "weighted_mean"]

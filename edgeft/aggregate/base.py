@@ -62,6 +62,31 @@ class Aggregation(ABC):
         return {}
 
 
+@dataclass
+class Partial:
+    """Updates folded into an aggregation elsewhere (a coordinator replica's running sum): the sum of their weighted
+    contributions (``total``: float64), the sum of their weights, the norm of each one's delta (empty for a plain
+    weighted mean) and how many they are."""
+
+    total: dict[str, np.ndarray]
+    weight: float
+    norms: list[float]
+    count: int
+
+
+class Summable(Aggregation):
+    """An aggregation that is a weighted sum of per-update contributions: what one instance folded (``partial``)
+    folds into another of the same round (``add_partial``) as if its updates had been added there one by one."""
+
+    @abstractmethod
+    def partial(self) -> Partial:
+        """What the updates added so far contribute (a copy, unaffected by later additions)."""
+
+    @abstractmethod
+    def add_partial(self, partial: Partial) -> None:
+        """Fold in what another aggregation of the same round (same global adapter, same options) added."""
+
+
 class Strategy(ABC):
     """How rounds are configured and aggregated. The registry (``edgeft.aggregate.registry``) is built from the
     subclasses' class attributes: ``name`` (a job's ``strategy``), ``options`` (the ``StrategyOptions`` fields it

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeft.aggregate.base import Aggregation, RoundContext
+from edgeft.aggregate.base import Partial, RoundContext, Summable
 from edgeft.aggregate.options import StrategyOptions
 from edgeft.aggregate.privacy import clip_to_norm, epsilon, gaussian_noise, private_mean
 from edgeft.aggregate.vectors import accumulate, delta, global_norm
@@ -28,7 +28,7 @@ def plain_step(global_adapter: State, mean_delta: State, state: State | None) ->
     return {k: v + mean_delta[k] for k, v in global_adapter.items()}, {}
 
 
-class DeltaMean(Aggregation):
+class DeltaMean(Summable):
     """sum_i w_i * clip(x_i - x) / sum_i w_i with w_i = n_examples; with differential privacy,
     (sum_i clip(x_i - x) + N(0, (sigma C)^2)) / selected clients; then ``server_update``."""
 
@@ -63,6 +63,15 @@ class DeltaMean(Aggregation):
         accumulate(self.total, total, 1.0)
         self.weight += weight
         self.summed += count
+
+    def partial(self) -> Partial:
+        return Partial({k: v.copy() for k, v in self.total.items()}, self.weight, list(self.norms), len(self.norms))
+
+    def add_partial(self, partial: Partial) -> None:
+        """Fold in the clipped, weighted deltas another DeltaMean of this round added (``add``), with their norms,
+        so the report (median and largest norm, clipped updates) is the one of adding them here."""
+        self.add_sum(partial.total, partial.weight, 0)
+        self.norms.extend(partial.norms)
 
     @property
     def updates(self) -> int:

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgeft.aggregate.base import Aggregation, RoundContext, Strategy
+from edgeft.aggregate.base import Aggregation, Partial, RoundContext, Strategy, Summable
 from edgeft.aggregate.options import MEAN_OPTIONS, StrategyOptions
 from edgeft.aggregate.vectors import accumulate
 from edgeft.errors import ConfigError
@@ -20,7 +20,7 @@ def finish(total: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]
     return {k: (v / weight).astype(np.float32) for k, v in total.items()}
 
 
-class WeightedMean(Aggregation):
+class WeightedMean(Summable):
     """Running sum_i n_i * x_i and sum_i n_i: memory is one adapter in float64, whatever the client count."""
 
     def __init__(self, template: dict[str, np.ndarray]):
@@ -32,6 +32,15 @@ class WeightedMean(Aggregation):
         accumulate(self.total, update.tensors, float(update.n_examples))
         self.weight += update.n_examples
         self.count += 1
+
+    def partial(self) -> Partial:
+        return Partial({k: v.copy() for k, v in self.total.items()}, float(self.weight), [], self.count)
+
+    def add_partial(self, partial: Partial) -> None:
+        """Fold in the example-weighted adapters another WeightedMean added (``add``)."""
+        accumulate(self.total, partial.total, 1.0)
+        self.weight += int(round(partial.weight))
+        self.count += partial.count
 
     def result(self) -> dict[str, np.ndarray]:
         return finish(self.total, self.weight)

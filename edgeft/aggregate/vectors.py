@@ -18,8 +18,9 @@ def accumulate(total: dict[str, np.ndarray], tensors: dict[str, np.ndarray], wei
 
 
 def global_norm(tensors: dict[str, np.ndarray]) -> float:
-    """The L2 norm of all tensors taken together as one vector."""
-    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in tensors.values())))
+    """The L2 norm of all tensors taken together as one vector (summed in name order: the same float whatever the
+    order of the dict, e.g. an update as received or as read back from the store)."""
+    return float(np.sqrt(sum(float(np.square(tensors[k], dtype=np.float64).sum()) for k in sorted(tensors))))
 
 
 def flatten(tensors: dict[str, np.ndarray], names: list[str], dtype: type = np.float64) -> np.ndarray:

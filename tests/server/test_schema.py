@@ -27,15 +27,17 @@ def url_of(database: str | None, tmp_path) -> str:
 
 def previous_release_schema(url: str) -> None:
     """The tables edgeft 0.1 made (``metadata.create_all`` of its store, before schema versions): today's tables
-    without ``alembic_version``, without the index revision 0002 added, the leases table of 0003 and the
-    asynchronous jobs' tables of 0004."""
+    without ``alembic_version``, without the index revision 0002 added, the leases table of 0003, the
+    asynchronous jobs' tables of 0004 and the running sums of 0005 (a table, a column of ``updates``)."""
     old = MetaData()
     for table in metadata.tables.values():
-        if table.name not in ("leases", "async_updates", "async_work"):
+        if table.name not in ("leases", "async_updates", "async_work", "running_sums"):
             table.to_metadata(old)
     old.tables["enrolments"].indexes.clear()
     engine = create_engine(url)
     old.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE updates DROP COLUMN running_sum")
     engine.dispose()
 
 
@@ -43,9 +45,9 @@ def test_a_new_database_gets_exactly_the_schema_of_the_code(database, tmp_path):
     engine = open_database(url_of(database, tmp_path))
     try:
         with engine.connect() as conn:
-            assert current(conn) == revisions()[-1] == "0004"
+            assert current(conn) == revisions()[-1] == "0005"
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-        assert upgrade(engine) == ("0004", "0004")  # a second start changes nothing
+        assert upgrade(engine) == ("0005", "0005")  # a second start changes nothing
     finally:
         engine.dispose()
 
@@ -60,7 +62,7 @@ def test_a_state_from_before_schema_versions_is_upgraded_and_its_job_runs(databa
     server, port, coordinator = start(tmp_path, tiny_bundle, rounds=1, minimum=1, database=database)
     try:
         with coordinator.engine.connect() as conn:
-            assert current(conn) == "0004"
+            assert current(conn) == "0005"
             assert "ix_enrolments_job_id" in {i["name"] for i in inspect(conn).get_indexes("enrolments")}
             assert inspect(conn).has_table("leases") and inspect(conn).has_table("async_updates")
         assert [t.note for t in coordinator.tokens.list()] == ["made by the previous release"]
@@ -83,12 +85,12 @@ def test_an_older_revision_is_upgraded_and_a_newer_one_is_refused(database, tmp_
     with caplog.at_level("INFO", logger="edgeft.server"):
         state = open_state(url, artifacts)
     with state.engine.begin() as conn:
-        assert current(conn) == "0004"
+        assert current(conn) == "0005"
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")  # as a newer edgeft leaves it
     state.engine.dispose()
-    assert "from schema revision 0001 to 0004" in caplog.text
+    assert "from schema revision 0001 to 0005" in caplog.text
     with pytest.raises(StateError, match=r"schema revision 0099, which this edgeft does not know \(its revisions: "
-                                         r"0001, 0002, 0003, 0004; newest 0004\): a newer edgeft upgraded it\. "
+                                         r"0001, 0002, 0003, 0004, 0005; newest 0005\): a newer edgeft upgraded it\. "
                                          r"Run that newer"):
         open_state(url, artifacts)
     engine = create_engine(url)  # refused means untouched
