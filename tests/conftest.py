@@ -198,6 +198,18 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) 
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    """A 2-layer, 64-wide Llama-architecture chat model (``tiny_llama(..., chat=True)``: ChatML special tokens and
+    chat template) with a byte-level BPE tokenizer trained on Tiny Shakespeare's first 100,000 characters; the
+    chat tests (generation, DPO, simulated chat jobs, parity on chat data) share it and its ``export_once``
+    bundles. Read-only: copy it to change it."""
+    from edgeft.export.toy import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), shakespeare.read_text()[:100_000], vocab_size=384,
+                      chat=True)
+
+
+@pytest.fixture(scope="session")
 def device_venv(pytestconfig, tmp_path_factory):  # noqa: ANN201
     """``device_venv(python, runtime) -> python path``: a device virtualenv (scripts/device_venv.py: that Python,
     that plain onnxruntime, this checkout's edgeft, no torch), kept in pytest's cache folder; skips the test when

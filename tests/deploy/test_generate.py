@@ -18,8 +18,6 @@ from edgeft.config import AdapterConfig, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, load_dataset
 from edgeft.deploy import DeployConfig, deploy, trained_model
 from edgeft.errors import ConfigError
-from edgeft.export import export_hf
-from edgeft.export.toy import tiny_llama
 from edgeft.generate import Generator, _pick
 from edgeft.testing.agents import NO_TORCH
 from edgeft.train.trainer import train
@@ -29,12 +27,12 @@ TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def chat_package(tmp_path_factory, shakespeare):  # noqa: ANN001, ANN201
+def chat_package(tmp_path_factory, shakespeare, tiny_chat_llama_dir, export_once):  # noqa: ANN001, ANN201
     """(model folder, bundle, adapter file, {mode: package folder}) of a tiny chat Llama trained 2 epochs."""
     tmp = tmp_path_factory.mktemp("generate")
-    folder = tiny_llama(tmp / "chat-llama", shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
-    bundle = export_hf(folder, tmp / "bundle", ExportConfig(task="causal-lm", max_length=96,
-                                                           adapter=AdapterConfig(rank=4), engine="ort-training"))
+    folder = tiny_chat_llama_dir
+    bundle = export_once(folder, ExportConfig(task="causal-lm", max_length=96, adapter=AdapterConfig(rank=4),
+                                              engine="ort-training"))
     lines = [line for line in shakespeare.read_text()[:40_000].splitlines() if line.strip()]
     rows = [{"messages": [{"role": "user", "content": lines[i]}, {"role": "assistant", "content": lines[i + 1]}]}
             for i in range(64)]

@@ -147,15 +147,14 @@ def test_engines_match_pytorch_peft_llama(accum, export_once, tiny_llama_dir, sh
 
 
 @slow
-def test_engines_match_pytorch_peft_minilm(tmp_path, banking_csv):
-    """all-MiniLM-L6-v2 + LoRA(query, value) + head, both engines."""
+def test_engines_match_pytorch_peft_minilm(export_once, banking_csv):
+    """all-MiniLM-L6-v2 + LoRA(query, value) + head, both engines (the portable bundle is test_minilm's, exported
+    once a session)."""
     from edgeft.datasets import banking77_labels
     from edgeft.demo import minilm_dir
-    from edgeft.export import export_source
 
     config = ExportConfig(labels=tuple(banking77_labels()))
-    bundles = {engine: export_source(from_hf_folder(minilm_dir(), replace(config, engine=engine)), tmp_path / engine,
-                                     replace(config, engine=engine)) for engine in ENGINES}
+    bundles = {engine: export_once(minilm_dir(), replace(config, engine=engine)) for engine in ENGINES}
     data = load_dataset(DataConfig(banking_csv["train"], label_column="category"), bundles["portable"])
     assert_parity(*run_engines(bundles, from_hf_folder(minilm_dir(), config), config,
                                data.subset(range(0, 10003, 10)), 3e-3))
@@ -175,16 +174,18 @@ def chat_file(shakespeare, tmp_path, n: int = 128):  # noqa: ANN001, ANN201
 
 @slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_engines_match_pytorch_peft_on_chat_data(arch, shakespeare, tmp_path):
+def test_engines_match_pytorch_peft_on_chat_data(arch, shakespeare, tmp_path, request, export_once):
     """Llama- and Qwen2-architecture chat models (default targets: every attention and MLP projection; Qwen2's
-    tied output layer frozen) on chat turns with the loss on the assistant's tokens only."""
-    from edgeft.export import export_hf
-    from edgeft.export.toy import tiny_llama, tiny_qwen2
+    tied output layer frozen) on chat turns with the loss on the assistant's tokens only. The Llama and its
+    bundles are the session's (``tiny_chat_llama_dir``), shared with the generation, DPO and simulation tests."""
+    from edgeft.export.toy import tiny_qwen2
 
-    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
-    folder = build(tmp_path / arch, shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
+    if arch == "llama":
+        folder = request.getfixturevalue("tiny_chat_llama_dir")
+    else:
+        folder = tiny_qwen2(tmp_path / arch, shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
     config = ExportConfig(task="causal-lm", max_length=96, adapter=AdapterConfig(rank=4))
-    bundles = {engine: export_hf(folder, tmp_path / engine, replace(config, engine=engine)) for engine in ENGINES}
+    bundles = {engine: export_once(folder, replace(config, engine=engine)) for engine in ENGINES}
     assert bundles["portable"].manifest.adapter["target_modules"] == list(LLAMA_TARGETS)
     data = load_dataset(DataConfig(chat_file(shakespeare, tmp_path)), bundles["portable"])
     masked = np.mean([(labels == -100).mean() for labels in data.labels])

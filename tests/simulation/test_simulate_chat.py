@@ -11,8 +11,6 @@ import pytest
 from edgeft.config import AdapterConfig, ExportConfig, TrainConfig
 from edgeft.data import DataConfig
 from edgeft.errors import ConfigError
-from edgeft.export import export_hf
-from edgeft.export.toy import tiny_llama
 from edgeft.testing.runner import SimulationConfig, run_simulation
 
 
@@ -22,10 +20,9 @@ def chat_rows(shakespeare, start: int, n: int) -> list[dict]:  # noqa: ANN001
             for i in range(start, start + n)]
 
 
-def test_a_chat_model_learns_across_three_simulated_devices(tmp_path, shakespeare):
-    folder = tiny_llama(tmp_path / "chat-llama", shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
-    bundle = export_hf(folder, tmp_path / "bundle", ExportConfig(task="causal-lm", max_length=96,
-                                                                adapter=AdapterConfig(rank=4), engine="ort-training"))
+def test_a_chat_model_learns_across_three_simulated_devices(tmp_path, shakespeare, tiny_chat_llama_dir, export_once):
+    bundle = export_once(tiny_chat_llama_dir, ExportConfig(task="causal-lm", max_length=96,
+                                                           adapter=AdapterConfig(rank=4), engine="ort-training"))
     for name, rows in (("train", chat_rows(shakespeare, 0, 120)), ("test", chat_rows(shakespeare, 500, 40))):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run_simulation(SimulationConfig(
@@ -53,10 +50,9 @@ def test_a_causal_lm_job_refuses_label_partitions_and_one_document(tmp_path, sha
                                             local=TrainConfig(progress=False)))
 
 
-def test_a_dpo_job_reports_preference_accuracy_per_round(tmp_path, shakespeare):
-    folder = tiny_llama(tmp_path / "chat-llama", shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
-    bundle = export_hf(folder, tmp_path / "bundle", ExportConfig(task="causal-lm", loss="dpo", max_length=192,
-                                                                adapter=AdapterConfig(rank=4), engine="ort-training"))
+def test_a_dpo_job_reports_preference_accuracy_per_round(tmp_path, shakespeare, tiny_chat_llama_dir, export_once):
+    bundle = export_once(tiny_chat_llama_dir, ExportConfig(task="causal-lm", loss="dpo", max_length=192,
+                                                           adapter=AdapterConfig(rank=4), engine="ort-training"))
     lines = [line for line in shakespeare.read_text()[:20_000].splitlines() if line.strip()]
     rows = [{"prompt": lines[i], "chosen": lines[i + 1], "rejected": "no no no no"} for i in range(40)]
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,15 +15,15 @@ from edgeft.train.trainer import evaluate, train
 pytestmark = pytest.mark.slow
 
 
-def test_minilm_learns_banking77(tmp_path, banking_csv):
+def test_minilm_learns_banking77(export_once, banking_csv):
     from edgeft.datasets import banking77_labels
 
     LABELS = tuple(banking77_labels())
 
     from edgeft.demo import minilm_dir
-    from edgeft.export import export_hf
 
-    bundle = export_hf(minilm_dir(), tmp_path / "bundle", ExportConfig(labels=LABELS))
+    # the bundle test_parity's test_engines_match_pytorch_peft_minilm trains too: exported once a session (34 s)
+    bundle = export_once(minilm_dir(), ExportConfig(labels=LABELS))
     assert bundle.manifest.engine == "portable"
     assert len(bundle.manifest.trainable) == 26  # 6 layers x (query, value) x (A, B) + classifier weight, bias
     train_data = load_dataset(DataConfig(banking_csv["train"], label_column="category"), bundle)

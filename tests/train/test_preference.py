@@ -14,19 +14,18 @@ from edgeft.config import AdapterConfig, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, load_dataset
 from edgeft.errors import ConfigError, DataError
 from edgeft.export import export_hf
-from edgeft.export.toy import tiny_llama
 from edgeft.preference import PreferenceDataset, ensure_reference
 from edgeft.train.engines import initial_parameters, open_session
 from edgeft.train.trainer import evaluate, train
 
 
 @pytest.fixture(scope="module")
-def dpo_setup(tmp_path_factory, shakespeare):  # noqa: ANN001, ANN201
+def dpo_setup(tmp_path_factory, shakespeare, tiny_chat_llama_dir, export_once):  # noqa: ANN001, ANN201
     tmp = tmp_path_factory.mktemp("dpo")
-    folder = tiny_llama(tmp / "chat-llama", shakespeare.read_text()[:100_000], vocab_size=384, chat=True)
+    folder = tiny_chat_llama_dir
     config = ExportConfig(task="causal-lm", loss="dpo", dpo_beta=0.1, max_length=192, adapter=AdapterConfig(rank=4),
                           engine="ort-training")
-    bundle = export_hf(folder, tmp / "bundle", config)
+    bundle = export_once(folder, config)
     lines = [line for line in shakespeare.read_text()[:20_000].splitlines() if line.strip()]
     rows = [{"prompt": lines[i], "chosen": lines[i + 1], "rejected": "no no no no"} for i in range(32)]
     (tmp / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
