@@ -18,7 +18,7 @@ from edgeft.aggregate.options import StrategyOptions
 from edgeft.aggregate.registry import STRATEGIES, STRATEGY_NAMES, build_strategy, parse_strategy_options
 from edgeft.aggregate.robust import Krum, Median, MultiKrum, TrimmedMean
 
-__all__ = ["Aggregation", "BufferedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedBuffOptions", "FedProx",
-           "FedYogi", "HeteroRankFedAvg", "Krum", "Median", "MultiKrum", "Partial", "RoundContext", "STRATEGIES", "STRATEGY_NAMES",
-           "Strategy", "StrategyOptions", "Summable", "TrimmedMean", "WeightedMean", "aggregate_buffer", "build_strategy",
-           "parse_strategy_options", "select_clients", "weighted_mean"]
+__all__ = ["Aggregation", "BufferedUpdate", "FedAdagrad", "FedAdam", "FedAvg", "FedBuffOptions", "FedProx", "FedYogi",
+           "HeteroRankFedAvg", "Krum", "Median", "MultiKrum", "Partial", "RoundContext", "STRATEGIES",
+           "STRATEGY_NAMES", "Strategy", "StrategyOptions", "Summable", "TrimmedMean", "WeightedMean",
+           "aggregate_buffer", "build_strategy", "parse_strategy_options", "select_clients", "weighted_mean"]
