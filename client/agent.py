@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import grpc
 import numpy as np
@@ -54,6 +54,17 @@ HINTS = {
 TLS_REFUSALS_BEFORE_STOP = 3  # connections closed during set-up in a row before the agent stops
 # Test tooling's hook (edgeft.testing.byzantine): the tensors to send instead of an update's, given the task
 Tamper = Callable[[dict[str, np.ndarray], Task], dict[str, np.ndarray]]
+
+
+class Conditions(Protocol):
+    """Test tooling's hook for a simulated device (edgeft.testing.fleet_profile): when it is online, whether it
+    drops a task (never uploading it), and what it does after training (a slow device waits)."""
+
+    def seconds_until_online(self) -> float: ...
+
+    def drops(self) -> bool: ...
+
+    def after_training(self, trained_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,8 @@ class AgentConfig:
 class Agent:
     """A device agent for the job of its enrolment token (``run``). ``tamper``: TEST TOOLING ONLY (Byzantine
     clients of simulated fleets): called with every update's tensors and its task just before sending, returns
-    the tensors to send instead. ``rounds_done``: the (job, round) it sent an update for (or tried to);
+    the tensors to send instead. ``conditions``: TEST TOOLING ONLY (simulated fleets), see ``Conditions``; a
+    dropped task is recorded in ``rounds_dropped``. ``rounds_done``: the (job, round) it sent an update for (or tried to);
     ``rounds_missed``: those it sent nothing for because their deadline passed."""
 
     config: AgentConfig
@@ -107,6 +119,8 @@ class Agent:
     rounds_done: list[tuple[str, int]] = field(default_factory=list)
     tamper: Tamper | None = None
     rounds_missed: list[tuple[str, int]] = field(default_factory=list)
+    conditions: Conditions | None = None
+    rounds_dropped: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -299,12 +313,20 @@ class Agent:
 
     def handle(self, task: Task) -> None:
         """Work on one task and send its result, or nothing when the round's deadline passed first."""
+        if self.conditions is not None and not task.statistics and self.conditions.drops():
+            log.info("round %d of job %s: simulated dropout, the task is abandoned", task.round, task.job_id)
+            self.rounds_dropped.append((task.job_id, task.round))
+            self.rounds_missed.append((task.job_id, task.round))  # a synchronous round: wait for its close
+            return
         with training_slot(self.config.training_slots):
             if self._missed(task, "before training started"):
                 return
             log.info("round %d of job %s: %s", task.round, task.job_id,
                      "class statistics" if task.statistics else "training")
+            started = time.monotonic()
             update = self.run_task(task)
+        if self.conditions is not None and not task.statistics:
+            self.conditions.after_training(time.monotonic() - started)  # outside the slot: others may train
         if self.tamper is not None:
             update = dataclasses.replace(update, tensors=self.tamper(update.tensors, task))
         if self._missed(task, "during training"):
@@ -330,6 +352,10 @@ class Agent:
         """Serve until the job of this agent's token is over; returns the coordinator's final word."""
         self.register()  # a known device id is kept; its capabilities are refreshed
         while True:
+            offline = self.conditions.seconds_until_online() if self.conditions is not None else 0.0
+            if offline > 0:  # a simulated device asks for work only while online
+                time.sleep(min(offline, 30.0))
+                continue
             request = poll_request_to_pb(PollRequest(self.device_id, self.config.poll_wait_s))
             outcome = poll_response_from_pb(self._call("poll", self.stub.PollTask, request))
             if isinstance(outcome, Finished):

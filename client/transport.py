@@ -152,14 +152,30 @@ def open_channel(address: str, transport: Transport) -> grpc.Channel:
                     "unencrypted and unauthenticated; use this on a trusted development network only.", address)
         channel = grpc.insecure_channel(target, options=options)
     else:
-        def read(path: Path | None) -> bytes | None:
-            return path.read_bytes() if path is not None else None
-
-        credentials = grpc.ssl_channel_credentials(root_certificates=read(transport.ca_cert),
-                                                   private_key=read(transport.client_key),
-                                                   certificate_chain=read(transport.client_cert))
-        channel = grpc.secure_channel(target, credentials, options=options)
+        channel = grpc.secure_channel(target, _credentials(transport), options=options)
     return grpc.intercept_channel(channel, BearerToken(transport.token))
+
+
+def open_aio_channel(address: str, transport: Transport) -> grpc.aio.Channel:
+    """``open_channel`` for asyncio (many simulated devices in one process, ``edgeft.testing.lightweight``): the same
+    target, channel arguments, credentials and token on every call."""
+    target, extra, name = channel_target(address)
+    options = channel_options(transport) + extra
+    if name and not transport.server_name:
+        options.append(("grpc.ssl_target_name_override", name))
+    interceptors = [AioBearerToken(transport.token), AioStreamBearerToken(transport.token)]
+    if transport.insecure:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, _credentials(transport), options=options, interceptors=interceptors)
+
+
+def _credentials(transport: Transport) -> grpc.ChannelCredentials:
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path is not None else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(transport.ca_cert),
+                                        private_key=read(transport.client_key),
+                                        certificate_chain=read(transport.client_cert))
 
 
 def connection_hint(details: str, transport: Transport) -> tuple[str, bool] | None:
@@ -213,3 +229,29 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
     def intercept_stream_stream(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
         return continuation(self._details(details), request_iterator)
+
+
+def _aio_details(details: grpc.aio.ClientCallDetails, entry: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), entry)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
+class AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """``BearerToken`` for asyncio channels' unary calls."""
+
+    def __init__(self, token: str):
+        self._entry = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return await continuation(_aio_details(details, self._entry), request)
+
+
+class AioStreamBearerToken(grpc.aio.StreamUnaryClientInterceptor):
+    """``BearerToken`` for asyncio channels' client-streaming calls (uploads)."""
+
+    def __init__(self, token: str):
+        self._entry = ("authorization", f"Bearer {token}")
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):  # noqa: ANN001, ANN201
+        return await continuation(_aio_details(details, self._entry), request_iterator)

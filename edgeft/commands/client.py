@@ -11,7 +11,7 @@ from edgeft.errors import EdgeftError
 from edgeft.wire.types import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
-    from edgeft.client.agent import AgentConfig, Tamper
+    from edgeft.client.agent import AgentConfig, Conditions, Tamper
 
 HELP = "run a device agent: train each round on local data (no torch)"
 
@@ -86,8 +86,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
                        transport=transport)
 
 
-def run(args: argparse.Namespace, tamper: Tamper | None = None) -> int:
-    """Run the agent until its job is over (``tamper``: test tooling's hook, see ``Agent``)."""
+def run(args: argparse.Namespace, tamper: Tamper | None = None, conditions: Conditions | None = None) -> int:
+    """Run the agent until its job is over (``tamper``, ``conditions``: test tooling's hooks, see ``Agent``)."""
     from edgeft.train.session import keep_torch_out
 
     keep_torch_out()
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, tamper: Tamper | None = None) -> int:
     from edgeft.client.agent import Agent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    agent = Agent(agent_config(args), tamper=tamper)
+    agent = Agent(agent_config(args), tamper=tamper, conditions=conditions)
     print(f"done: {agent.run()}", flush=True)
     return 0
 

@@ -89,15 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     attacker."""
     from edgeft.commands.client import add_arguments, run
     from edgeft.commands.common import execute
+    from edgeft.testing.fleet_profile import add_profile_argument, conditions_of
 
     parser = argparse.ArgumentParser(prog="python -m edgeft.testing.byzantine",
                                      description="TEST TOOLING: a device agent that corrupts its updates")
     parser.add_argument("--attack", required=True, help="sign_flip[:S], scaled[:S] or random[:STD]")
     parser.add_argument("--seed", type=int, default=0, help="the random attack's seed (default 0)")
+    add_profile_argument(parser)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return execute("client", lambda: run(args, tamper=Corruption(Attack.parse(args.attack),
-                                                                   np.random.default_rng(args.seed))))
+                                                                   np.random.default_rng(args.seed)),
+                                         conditions=conditions_of(args)))
 
 
 if __name__ == "__main__":

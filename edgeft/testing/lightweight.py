@@ -1,0 +1,237 @@
+"""TEST TOOLING: lightweight simulated devices, for load and scale figures (bench/scale.py, bench/round_overhead.py).
+
+A lightweight device holds no model and no data: it registers with the job's enrolment token, polls for tasks over
+real gRPC (asyncio channels with the agent's transport, ``edgeft.client.transport.open_aio_channel``, and the agent's
+wire functions, ``edgeft.wire``), waits a simulated training time, and uploads a synthetic update: the task's global
+adapter (its names, shapes and size) plus N(0, ``noise``^2), with a plausible example count. Thousands share one
+process and one event loop (a coroutine each, over a few channels), so one machine drives 10^4 - 10^5 of them
+against a real coordinator, synchronous or asynchronous jobs alike. Speed, availability and dropouts come from a
+``FleetProfile`` (a device's training time is ``train_s x`` its slowdown).
+
+A lightweight device cannot answer a statistics round (it has no data): give its jobs ``head_init = "none"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from edgeft.client.transport import Transport, open_aio_channel
+from edgeft.errors import ConfigError, check_config
+from edgeft.testing.fleet_profile import FleetProfile
+from edgeft.update import AdapterUpdate
+from edgeft.wire import (Capabilities, Finished, PollRequest, Registration, Task, UploadHeader, coordinator_stub,
+                         poll_request_to_pb, poll_response_from_pb, registered_from_pb, registration_to_pb,
+                         update_to_parts, upload_receipt_from_pb)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED}
+
+
+@dataclass(frozen=True)
+class LightFleetConfig:
+    """``devices`` lightweight devices against the coordinator at ``server``.
+
+    train_s: simulated training time of a task (times the device's slowdown). idle_s: a device's pause after each
+    task before it asks for work again (the duty cycle). examples: (low, high) range of an update's n_examples.
+    noise: the synthetic update's spread around the global adapter. channels: gRPC connections the devices share.
+    register_concurrency: registrations in flight at once. duration_s: stop after this long (None: when the job
+    ends). keep_updates: record every update sent (tests compare the aggregate with them)."""
+
+    server: str
+    transport: Transport
+    devices: int
+    train_s: float = 1.0
+    idle_s: float = 0.0
+    examples: tuple[int, int] = (50, 500)
+    noise: float = 1e-3
+    profile: FleetProfile = field(default_factory=FleetProfile)
+    poll_wait_s: int = 5
+    channels: int = 4
+    register_concurrency: int = 256
+    duration_s: float | None = None
+    call_timeout_s: float = 120.0
+    keep_updates: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_config(self.devices >= 1, "devices", self.devices, "must be >= 1")
+        check_config(self.train_s >= 0 and self.idle_s >= 0, "train_s", (self.train_s, self.idle_s),
+                     "train_s and idle_s must be >= 0")
+        check_config(1 <= self.examples[0] <= self.examples[1], "examples", self.examples,
+                     "(low, high) with 1 <= low <= high")
+        check_config(self.channels >= 1 and self.register_concurrency >= 1, "channels", self.channels,
+                     "channels and register_concurrency must be >= 1")
+        check_config(self.duration_s is None or self.duration_s > 0, "duration_s", self.duration_s, "must be > 0")
+
+
+@dataclass(frozen=True)
+class SentUpdate:
+    """One update a lightweight device sent (kept with ``keep_updates``)."""
+
+    device_id: str
+    round: int
+    base_version: int | None  # an asynchronous task's version; None in a synchronous job
+    upload_id: str
+    update: AdapterUpdate
+
+
+@dataclass
+class FleetReport:
+    """What the fleet did: devices registered, tasks received, uploads accepted or refused (by the coordinator's
+    message), tasks dropped, each accepted upload's (end time, latency in seconds), and errors that stopped a
+    device."""
+
+    registered: int = 0
+    tasks: int = 0
+    accepted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0
+    uploads: list[tuple[float, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    sent: list[SentUpdate] = field(default_factory=list)
+    finished: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        latency = np.array([lat for _, lat in self.uploads]) if self.uploads else np.zeros(1)
+        return {"registered": self.registered, "tasks": self.tasks, "accepted": self.accepted,
+                "refused": dict(self.refused), "dropped": self.dropped, "finished": self.finished,
+                "errors": len(self.errors), "seconds": round(self.seconds, 2),
+                "upload_p50_s": round(float(np.percentile(latency, 50)), 4),
+                "upload_p99_s": round(float(np.percentile(latency, 99)), 4)}
+
+
+class _Stop(Exception):
+    """The run's time is up."""
+
+
+class LightFleet:
+    """The devices of ``config`` in one event loop (``run``)."""
+
+    def __init__(self, config: LightFleetConfig):
+        self.config = config
+        self.report = FleetReport()
+        self._deadline = float("inf")
+
+    def run(self) -> FleetReport:
+        """Run every device until its job ends (or ``duration_s`` passes); returns the report."""
+        return asyncio.run(self.run_async())
+
+    async def run_async(self) -> FleetReport:
+        c = self.config
+        started = time.monotonic()
+        self._deadline = started + c.duration_s if c.duration_s is not None else float("inf")
+        channels = [open_aio_channel(c.server, c.transport) for _ in range(c.channels)]
+        stubs = [coordinator_stub(ch) for ch in channels]
+        gate = asyncio.Semaphore(c.register_concurrency)
+        try:
+            await asyncio.gather(*(self._device(i, stubs[i % len(stubs)], gate, started) for i in range(c.devices)))
+        finally:
+            for channel in channels:
+                await channel.close(grace=None)
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    async def _call(self, fn, request, stop_at_deadline: bool = True):  # noqa: ANN001, ANN202
+        """One call, retried with backoff while the coordinator is busy or away; grpc.RpcError for a refusal."""
+        delay = 0.5
+        while True:
+            if stop_at_deadline and time.monotonic() > self._deadline:
+                raise _Stop
+            try:
+                return await fn(request, timeout=self.config.call_timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        if time.monotonic() + seconds > self._deadline:
+            await asyncio.sleep(max(self._deadline - time.monotonic(), 0))
+            raise _Stop
+        await asyncio.sleep(seconds)
+
+    async def _device(self, index: int, stub, gate: asyncio.Semaphore, started: float) -> None:  # noqa: ANN001
+        c = self.config
+        profile = c.profile.device(index)
+        rng = np.random.default_rng([c.seed, index])
+        try:
+            async with gate:
+                registration = Registration("", Capabilities(engines=("portable", "ort-training")))
+                device_id = registered_from_pb(await self._call(stub.Register, registration_to_pb(registration)))
+            self.report.registered += 1
+            done: set[tuple[str, int]] = set()  # synchronous rounds this device worked on (or dropped)
+            while True:
+                offline = profile.seconds_until_online(time.monotonic() - started)
+                if offline > 0:
+                    await self._sleep(offline)
+                    continue
+                request = poll_request_to_pb(PollRequest(device_id, c.poll_wait_s))
+                outcome = poll_response_from_pb(await self._call(stub.PollTask, request))
+                if isinstance(outcome, Finished):
+                    self.report.finished += 1
+                    return
+                if not isinstance(outcome, Task):
+                    await self._sleep(max(outcome.seconds, 0.2) * (0.5 + random.random()))
+                    continue
+                if outcome.asynchronous is None and (outcome.job_id, outcome.round) in done:
+                    await self._sleep(1.0)
+                    continue
+                await self._work(stub, device_id, outcome, profile, rng)
+                if outcome.asynchronous is None:
+                    done.add((outcome.job_id, outcome.round))
+                if c.idle_s:
+                    await self._sleep(c.idle_s * (0.5 + random.random()))
+        except _Stop:
+            return
+        except (grpc.RpcError, ConfigError) as exc:
+            details = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+            self.report.errors.append(f"device {index}: {details}")
+
+    async def _work(self, stub, device_id: str, task: Task, profile, rng: np.random.Generator) -> None:  # noqa: ANN001
+        """Train (wait), then upload a synthetic update, or drop the task."""
+        c = self.config
+        if task.statistics:
+            raise ConfigError("a lightweight device cannot answer a statistics round: give the job "
+                              "head_init = \"none\"")
+        self.report.tasks += 1
+        dropping = profile.drops()
+        await self._sleep(c.train_s * profile.slowdown)
+        if dropping:
+            self.report.dropped += 1
+            return
+        work = task.asynchronous
+        header = UploadHeader(task.job_id, task.round, device_id, f"{device_id}:{task.job_id}:{task.round}"
+                              if work is None else work.upload_id, 0 if work is None else work.base_version)
+        update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
+        parts = list(update_to_parts(header, update, task.upload_dtype))
+        begun = time.monotonic()
+        try:
+            receipt = upload_receipt_from_pb(await self._call(stub.UploadUpdate, iter(parts), stop_at_deadline=False))
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            reason = exc.code().name
+            self.report.refused[reason] = self.report.refused.get(reason, 0) + 1
+            return
+        self.report.accepted += not receipt.duplicate
+        self.report.uploads.append((time.time(), time.monotonic() - begun))
+        if c.keep_updates:
+            self.report.sent.append(SentUpdate(device_id, task.round, None if work is None else work.base_version,
+                                               header.upload_id, update))
+
+
+def synthetic_update(global_adapter: dict[str, np.ndarray], rng: np.random.Generator, noise: float,
+                     examples: tuple[int, int]) -> AdapterUpdate:
+    """The global adapter plus N(0, noise^2) (float32, the same names and shapes), with n_examples drawn
+    uniformly from ``examples``."""
+    tensors = {name: (value + rng.normal(0.0, noise, value.shape)).astype(np.float32)
+               for name, value in global_adapter.items()}
+    return AdapterUpdate(tensors, int(rng.integers(examples[0], examples[1] + 1)), {"loss": float(rng.random())})
