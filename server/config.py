@@ -8,6 +8,8 @@
     # [server.s3] endpoint_url = "http://minio:9000", region = "eu-west-1" (each optional: AWS_* variables)
     # lease_s = 30                 # replicas on one database: a dead replica's round closing or evaluation is
     #                             # taken over after this long (docs/replicas.md)
+    # final_answers_s = 10         # once every job is over: how long to keep answering before exiting (devices
+    #                             # that poll meanwhile learn the job's end)
     # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
     [server.tls]
     cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
@@ -176,11 +178,15 @@ class ServerConfig:
     insecure: bool = False
     limits: ServerLimits = field(default_factory=ServerLimits)
     lease_s: float = 30.0  # replicas: how long a replica's claim on closing a round or evaluating lasts unrenewed
+    final_answers_s: float = 10.0  # `edgeft server`: how long it still answers polls once every job is over
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         check_config(isinstance(self.lease_s, (int, float)) and not isinstance(self.lease_s, bool)
                      and self.lease_s >= 1, "server.lease_s", self.lease_s, "must be a number of seconds, at least 1")
+        check_config(isinstance(self.final_answers_s, (int, float)) and not isinstance(self.final_answers_s, bool)
+                     and self.final_answers_s >= 0, "server.final_answers_s", self.final_answers_s,
+                     "must be a number of seconds, at least 0")
         if self.database is not None:
             from edgeft.server.store import database_url
 
@@ -209,7 +215,7 @@ class ServerConfig:
 
 
 SERVER_KEYS = ("address", "state_dir", "database", "artifacts", "s3", "poll_wait_s", "insecure", "tls", "limits",
-               "lease_s")
+               "lease_s", "final_answers_s")
 
 
 def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
@@ -266,7 +272,7 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
                             limits=ServerLimits(**server.get("limits", {})),
-                            lease_s=server.get("lease_s", 30.0))
+                            lease_s=server.get("lease_s", 30.0), final_answers_s=server.get("final_answers_s", 10.0))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
 

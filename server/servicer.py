@@ -330,8 +330,8 @@ def serve(config: ServerConfig) -> None:
                 coordinator.engine.url.render_as_string(hide_password=True), coordinator.artifacts.describe())
     try:
         coordinator.wait_until_finished(timeout=float("inf"))
-        log.warning("all jobs are over; serving final answers for 10 s")
-        time.sleep(10)
+        log.warning("all jobs are over; serving final answers for %g s", config.final_answers_s)
+        time.sleep(config.final_answers_s)
     except KeyboardInterrupt:
         pass
     finally:

@@ -116,7 +116,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.2) -> None:
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if condition():

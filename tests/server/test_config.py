@@ -81,6 +81,7 @@ label_column = "intent"
     ("[server]\ninsecure = true\n[server.limits]\nmax_concurrent_rpcs = 0\n", "limits.max_concurrent_rpcs=0"),
     ("[server]\ninsecure = true\nlease_s = 0.5\n", "server.lease_s=0.5: must be a number of seconds, at least 1"),
     ('[server]\ninsecure = true\nlease_s = "30"\n', "server.lease_s='30'"),
+    ("[server]\ninsecure = true\nfinal_answers_s = -1\n", "server.final_answers_s=-1: must be a number of seconds"),
     ('[[job]]\nid = "x"\nbundle = "b"\ndevice_ranks = [4]\n', "device_ranks.*list bundles of the smaller ranks"),
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_bundles = ["b4"]\n[job.export]\nlabels = ["a", "b"]\n', "device_bundles.*with job.model use device_ranks"),
     ('[[job]]\nid = "x"\nmodel = "m"\ndevice_ranks = [8]\n[job.export]\nlabels = ["a", "b"]\n', "each must be below the job's rank 8"),
@@ -95,6 +96,13 @@ def test_bad_job_files_name_the_problem(tmp_path, body, message):
     (tmp_path / "jobs.toml").write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_server_config(tmp_path / "jobs.toml")
+
+
+def test_how_long_a_finished_coordinator_answers_is_a_setting(tmp_path):
+    (tmp_path / "jobs.toml").write_text("[server]\ninsecure = true\n")
+    assert load_server_config(tmp_path / "jobs.toml").final_answers_s == 10.0
+    (tmp_path / "jobs.toml").write_text("[server]\ninsecure = true\nfinal_answers_s = 2\n")
+    assert load_server_config(tmp_path / "jobs.toml").final_answers_s == 2
 
 
 def test_tls_and_limits_are_read_relative_to_the_file(tmp_path):

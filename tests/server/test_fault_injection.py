@@ -185,7 +185,9 @@ def kill_coordinator(tmp_path, bundle, shards, plan: list[str], rounds: int, see
     rng = random.Random(seed)
     started = time.monotonic()
     port = free_port()
-    config = write_config(tmp_path, bundle.path, port, rounds=rounds, minimum=3, deadline=600)
+    # the agents, all in every round, hear that the job is over within a poll (1 s): 3 s of final answers (not 10)
+    config = write_config(tmp_path, bundle.path, port, rounds=rounds, minimum=3, deadline=600,
+                          server_extra="final_answers_s = 3")
     token = make_token(tmp_path / "state")
     coordinator = CoordinatorProcess(config, port, tmp_path / "coordinator.log")
     clients = [agent_process(port, shard, tmp_path / f"device{i}", token, give_up_after=180)

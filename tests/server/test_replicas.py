@@ -202,6 +202,7 @@ def kill_replicas(tmp_path: Path, bundle, shards: list[Path], postgres_url: str,
     began = time.monotonic()
     s3 = s3_artifacts["s3"]
     server_extra = (f'database = "{postgres_url}"\nartifacts = "{s3_artifacts["artifacts"]}"\nlease_s = 3\n'
+                    'final_answers_s = 3\n'
                     f'[server.s3]\nendpoint_url = "{s3.endpoint_url}"\nregion = "{s3.region}"\n'
                     f'access_key_id = "{s3.access_key_id}"\nsecret_access_key = "{s3.secret_access_key}"\n')
     held_out = write_csv(tmp_path / "test.csv", five_intents("test")[:40])
