@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,12 +101,10 @@ def test_device_venv_is_a_plain_python_313_install(device_python, device_runtime
 
 
 @pytest.fixture(scope="module")
-def portable_bundle(tmp_path_factory, tiny_bert_dir, tiny_config) -> Path:
-    """The tiny BERT exported for the portable engine (standard ONNX training step)."""
-    from edgeft.export import export_hf
-
-    out = tmp_path_factory.mktemp("portable-bundle") / "bundle"
-    return export_hf(tiny_bert_dir, out, replace(tiny_config, engine="portable")).path
+def portable_bundle(tiny_portable_bundle) -> Path:
+    """The tiny BERT exported for the portable engine (standard ONNX training step): the session's
+    ``tiny_portable_bundle``, exported once."""
+    return tiny_portable_bundle.path
 
 
 @pytest.mark.slow
