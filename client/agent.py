@@ -111,8 +111,8 @@ class Agent:
     """A device agent for the job of its enrolment token (``run``). ``tamper``: TEST TOOLING ONLY (Byzantine
     clients of simulated fleets): called with every update's tensors and its task just before sending, returns
     the tensors to send instead. ``conditions``: TEST TOOLING ONLY (simulated fleets), see ``Conditions``; a
-    dropped task is recorded in ``rounds_dropped``. ``rounds_done``: the (job, round) it sent an update for (or tried to);
-    ``rounds_missed``: those it sent nothing for because their deadline passed."""
+    dropped task is recorded in ``rounds_dropped``. ``rounds_done``: the (job, round) it sent an update for (or
+    tried to); ``rounds_missed``: those it sent nothing for because their deadline passed."""
 
     config: AgentConfig
     device_id: str = ""

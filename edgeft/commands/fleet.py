@@ -74,7 +74,43 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-pythons", metavar="PY1,PY2,...",
                    help="the Python each client's agent runs with, cycled over the fleet: device virtualenvs with "
                         "edgeft installed (scripts/device_venv.py), e.g. one with the plain onnxruntime")
+    add_fleet_arguments(p)
     p.set_defaults(func=_run_simulate)
+
+
+def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """The simulated fleet's heterogeneity and the job's mode (docs/simulation.md)."""
+    g = p.add_argument_group("device heterogeneity (seeded by --seed) and asynchronous jobs")
+    g.add_argument("--speed-sigma", type=float, default=0.0,
+                   help="log-normal slowdowns exp(sigma z): a device trains that many times slower (default 0)")
+    g.add_argument("--availability", type=float, default=1.0,
+                   help="fraction of every --availability-period each device is online, at its own phase (default 1)")
+    g.add_argument("--availability-period", type=float, default=600.0, help="seconds (default 600)")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="probability that a device drops a task without uploading it (default 0)")
+    g.add_argument("--round-deadline", type=float, default=3600.0,
+                   help="seconds a round (an async task) may take (default 3600)")
+    g.add_argument("--min-updates", type=int,
+                   help="updates a synchronous round needs by its deadline (default: every selected client)")
+    g.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync rounds, or async (FedBuff: --rounds global versions; default sync)")
+    g.add_argument("--buffer-size", type=int, help="async: updates per global version (default [job.async]'s)")
+    g.add_argument("--staleness", choices=("constant", "polynomial", "hinge"), help="async: staleness weighting")
+    g.add_argument("--max-staleness", type=int, help="async: versions an update may lag before it is refused")
+
+
+def fleet_settings(args: argparse.Namespace) -> dict:
+    """SimulationConfig's fleet, mode, async_options, round_deadline_s and min_updates from the flags."""
+    from edgeft.testing.fleet_profile import FleetProfile
+
+    options = {k: getattr(args, k) for k in ("buffer_size", "staleness", "max_staleness")
+               if getattr(args, k) is not None}
+    if options and args.mode != "async":
+        raise ConfigError(f"--{next(iter(options)).replace('_', '-')} applies to --mode async only")
+    return {"fleet": FleetProfile(speed_sigma=args.speed_sigma, availability=args.availability,
+                                  period_s=args.availability_period, dropout=args.dropout, seed=args.seed),
+            "mode": args.mode, "async_options": options, "round_deadline_s": args.round_deadline,
+            "min_updates": args.min_updates}
 
 
 def _ranks(text: str | None) -> tuple[int, ...]:
@@ -109,6 +145,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         from edgeft.datasets import banking77_labels
 
         export = ExportConfig(labels=tuple(banking77_labels()))
+    fleet = fleet_settings(args)
     summary = run_simulation(SimulationConfig(
         out=Path(args.out), train=train, test=test, model=model, bundle=Path(args.bundle) if args.bundle else None,
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
@@ -117,8 +154,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
         head_init=args.head_init, client_ranks=ranks, engines=csv_list(args.engines) or (),
         client_pythons=tuple(Path(p) for p in csv_list(args.client_pythons) or ()),
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack,
-                          progress=False)))
-    last = summary["history"]["rounds"][-1].get("evaluation") or {}
+                          progress=False), **fleet))
+    from edgeft.testing.report import records
+
+    last = records(summary["history"])[-1].get("evaluation") or {}
     shown = next((m for m in ("accuracy", "preference_accuracy", "perplexity", "loss") if m in last), None)
     final = ("no test evaluation" if shown is None else  # causal LMs have a perplexity, DPO a preference accuracy
              f"final test {shown.replace('_', ' ')} {last[shown]:.1%}" if "accuracy" in shown else

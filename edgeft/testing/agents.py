@@ -2,7 +2,8 @@
 
 An honest agent is ``python -m edgeft.client FLAGS``, an attacker ``python -m edgeft.testing.byzantine --attack
 SPEC --seed N FLAGS``, a device with simulated conditions (``edgeft.testing.fleet_profile``) ``python -m
-edgeft.testing.fleet_profile --device-profile JSON --fleet-started T FLAGS`` (an attacker takes those flags too). Neither can import torch, transformers or peft (devices have none): ``NO_TORCH``, a
+edgeft.testing.fleet_profile --device-profile JSON --fleet-started T FLAGS`` (an attacker takes those flags too).
+None can import torch, transformers or peft (devices have none): ``NO_TORCH``, a
 folder of stand-ins whose import fails, comes first on their PYTHONPATH.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,3 +57,49 @@ def start_agent(spec: AgentSpec, log: Path) -> subprocess.Popen:
     """Start the agent with its output (stdout and stderr) in ``log``."""
     with open(log, "w") as out:
         return subprocess.Popen(spec.command(), stdout=out, stderr=subprocess.STDOUT, env=spec.environment())
+
+
+def simulation_tls(out: Path):  # noqa: ANN202
+    """A development CA, a server certificate for the loopback address and one client certificate that all
+    agents share, in ``out/tls``: the TLS files (mutual TLS) and the agents' flags for them."""
+    from edgeft.server.certs import CertsConfig, make_certs
+    from edgeft.server.config import TlsConfig
+
+    files = make_certs(CertsConfig(out=out / "tls", hosts=("127.0.0.1", "localhost"), clients=("device",), days=30))
+    flags = ["--ca-cert", str(files["ca"]), "--client-cert", str(files["device"]),
+             "--client-key", str(files["device_key"])]
+    return TlsConfig(cert=files["server"], key=files["server_key"], client_ca=files["ca"]), flags
+
+
+def write_token(coordinator, job_id: str, path: Path) -> Path:  # noqa: ANN001
+    """One enrolment token for the simulated job, in a file only its owner can read."""
+    _, token = coordinator.tokens.create(job_id, note="edgeft simulate")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return path
+
+
+def start_agents(config, port: int,  # noqa: ANN001 - a runner.SimulationConfig
+                 transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
+    """One agent process per client (``edgeft.testing.agents``), its output in its cache folder's agent.log; each
+    under its device profile of ``config.fleet`` unless the fleet is uniform."""
+    agents, started = [], time.time()
+    for i in range(config.clients):
+        cache = config.out / "devices" / f"client-{i:03d}"
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
+        shard = next((config.out / "clients").glob(f"client-{i:03d}.*"))  # .csv, or .jsonl for a causal LM
+        flags = ["--server", f"127.0.0.1:{port}", "--data", str(shard),
+                 "--cache-dir", str(cache), "--threads", str(config.threads),
+                 "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
+                 *transport_flags]
+        if config.client_ranks:
+            flags += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
+        # a device virtualenv's edgeft: not this environment's, nor a checkout's in the working folder
+        python = config.client_pythons[i % len(config.client_pythons)] if config.client_pythons else None
+        attacker = i < config.attackers  # test tooling: a Byzantine client
+        profile = None if config.fleet.uniform else config.fleet.device(i).to_json()
+        spec = AgentSpec(tuple(flags), python, config.attack if attacker else None, config.seed + i, profile, started)
+        agents.append((start_agent(spec, cache / "agent.log"), cache / "agent.log"))
+    return agents

@@ -9,10 +9,21 @@ from pathlib import Path
 import numpy as np
 
 
+def records(history: dict) -> list[dict]:
+    """The job's rounds; an asynchronous job's global versions as rounds (version v as round v: its updates as
+    the round's clients, status "closed")."""
+    if "versions" not in history:
+        return history["rounds"]
+    initial = [r for r in history["rounds"] if r["round"] == 0]
+    return initial + [{"round": v["version"], "status": "closed", "seconds": None, "evaluation": v["evaluation"],
+                       "clients": [{**u, "bytes_down": 0} for u in v["updates"]]} for v in history["versions"]]
+
+
 def round_rows(history: dict) -> list[dict]:
-    """One row per round: the global adapter's test metrics, wall time, bytes, mean client training loss."""
+    """One row per round (an asynchronous job: per global version): the global adapter's test metrics, wall time,
+    bytes, mean client training loss."""
     rows = []
-    for r in history["rounds"]:
+    for r in records(history):
         evaluation = r.get("evaluation") or {}
         losses = [c["metrics"].get("train_loss") for c in r["clients"] if "train_loss" in c["metrics"]]
         rows.append({"round": r["round"], "status": r["status"], "seconds": r.get("seconds"),
@@ -29,7 +40,7 @@ def round_rows(history: dict) -> list[dict]:
 def client_rows(history: dict) -> list[dict]:
     return [{"round": r["round"], "device_id": c["device_id"], "n_examples": c["n_examples"],
              "train_loss": c["metrics"].get("train_loss"), "bytes_up": c["bytes_up"], "bytes_down": c["bytes_down"]}
-            for r in history["rounds"] for c in r["clients"]]
+            for r in records(history) for c in r["clients"]]
 
 
 def _csv(path: Path, rows: list[dict]) -> None:

@@ -11,6 +11,7 @@ up and down, round wall time) lands in its state database and is exported to JSO
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ import numpy as np
 
 from edgeft.config import ENGINES, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, read_records
-from edgeft.errors import ConfigError, DataError, EdgeftError
+from edgeft.errors import ConfigError, DataError, EdgeftError, check_config
 from edgeft.partition import label_histogram, parse_scheme, partition
-from edgeft.testing.agents import AgentSpec, start_agent
+from edgeft.testing.agents import simulation_tls, start_agents, write_token
+from edgeft.testing.fleet_profile import FleetProfile
 
 JOB_ID = "simulation"
 
@@ -78,6 +80,14 @@ class SimulationConfig:
     # (scripts/device_venv.py), e.g. one with the plain onnxruntime, which runs the portable engine only.
     # (): this interpreter.
     client_pythons: tuple[Path, ...] = ()
+    # Device heterogeneity (edgeft.testing.fleet_profile): each agent's speed, availability and dropouts, drawn
+    # from the fleet's seed (the same fleet for a synchronous and an asynchronous job)
+    fleet: FleetProfile = field(default_factory=FleetProfile)
+    # "sync" rounds, or "async" (FedBuff) with [job.async] ``async_options`` (versions: ``rounds`` unless given)
+    mode: str = "sync"
+    async_options: Mapping[str, object] = field(default_factory=dict)
+    # a synchronous round's updates needed by its deadline (ClientSelection.min; None: every selected client)
+    min_updates: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -88,6 +98,9 @@ class SimulationConfig:
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"invalid concurrency={self.concurrency}: must be >= 1")
         parse_scheme(self.partition)
+        check_config(self.mode in ("sync", "async"), "mode", self.mode, "expected sync or async")
+        check_config(self.min_updates is None or 1 <= self.min_updates <= self.clients, "min_updates",
+                     self.min_updates, "between 1 and clients")
         if self.attack is not None:
             from edgeft.testing.byzantine import Attack
 
@@ -177,56 +190,17 @@ def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: l
     return info
 
 
-def _tls(out: Path):  # noqa: ANN202
-    """A development CA, a server certificate for the loopback address and one client certificate that all
-    agents share, in ``out/tls``: the TLS files (mutual TLS) and the agents' flags for them."""
-    from edgeft.server.certs import CertsConfig, make_certs
-    from edgeft.server.config import TlsConfig
-
-    files = make_certs(CertsConfig(out=out / "tls", hosts=("127.0.0.1", "localhost"), clients=("device",), days=30))
-    flags = ["--ca-cert", str(files["ca"]), "--client-cert", str(files["device"]),
-             "--client-key", str(files["device_key"])]
-    return TlsConfig(cert=files["server"], key=files["server_key"], client_ca=files["ca"]), flags
-
-
-def _write_token(coordinator, path: Path) -> Path:  # noqa: ANN001
-    """One enrolment token for the simulated job, in a file only its owner can read."""
-    _, token = coordinator.tokens.create(JOB_ID, note="edgeft simulate")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return path
-
-
-def _start_agents(config: SimulationConfig, port: int,
-                  transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
-    """One agent process per client (``edgeft.testing.agents``), its output in its cache folder's agent.log."""
-    agents = []
-    for i in range(config.clients):
-        cache = config.out / "devices" / f"client-{i:03d}"
-        cache.mkdir(parents=True, exist_ok=True)
-        (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
-        shard = next((config.out / "clients").glob(f"client-{i:03d}.*"))  # .csv, or .jsonl for a causal LM
-        flags = ["--server", f"127.0.0.1:{port}", "--data", str(shard),
-                 "--cache-dir", str(cache), "--threads", str(config.threads),
-                 "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
-                 *transport_flags]
-        if config.client_ranks:
-            flags += ["--max-lora-rank", str(config.client_ranks[i % len(config.client_ranks)])]
-        # a device virtualenv's edgeft: not this environment's, nor a checkout's in the working folder
-        python = config.client_pythons[i % len(config.client_pythons)] if config.client_pythons else None
-        attacker = i < config.attackers  # test tooling: a Byzantine client
-        spec = AgentSpec(tuple(flags), python, config.attack if attacker else None, config.seed + i)
-        agents.append((start_agent(spec, cache / "agent.log"), cache / "agent.log"))
-    return agents
-
-
 def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess.Popen, Path]]) -> None:  # noqa: ANN001
-    """Wait for the job, showing a bar per round with the latest accuracy; stop on a crashed agent."""
+    """Wait for the job, showing a bar per round (global version) with the latest accuracy; stop on a crashed
+    agent."""
     from tqdm.auto import tqdm
 
+    from edgeft.testing.report import records
+
     shown, refused = -1, 0
-    with tqdm(total=config.rounds, desc="rounds", unit="round", dynamic_ncols=True, mininterval=30) as bar:
+    total = config.async_options.get("versions", config.rounds) if config.mode == "async" else config.rounds
+    with tqdm(total=total, desc="rounds" if config.mode == "sync" else "versions", unit="round", dynamic_ncols=True,
+              mininterval=30) as bar:
         while True:
             history = coordinator.history(JOB_ID)
             rejections = history.get("rejections") or {}
@@ -234,10 +208,10 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
                 refused = sum(rejections.values())
                 bar.write(f"the coordinator refused {refused} update(s) so far ({', '.join(f'{k}: {v}' for k, v in rejections.items())}); "
                           f"a round missing an update waits for its deadline ({config.round_deadline_s:.0f} s)")
-            done = [r for r in history["rounds"] if r["round"] > 0 and r["status"] != "open"]
+            done = [r for r in records(history) if r["round"] > 0 and r["status"] != "open"]
             if len(done) > bar.n:
                 bar.update(len(done) - bar.n)
-            for record in history["rounds"]:
+            for record in records(history):
                 metrics = record.get("evaluation") or {}
                 if record["round"] > shown and metrics:
                     shown = record["round"]
@@ -323,22 +297,24 @@ def run_simulation(config: SimulationConfig) -> dict:
 
     job = JobConfig(id=JOB_ID, bundle=bundle.path, rounds=config.rounds, round_deadline_s=config.round_deadline_s,
                     strategy=config.strategy, strategy_options=dict(config.strategy_options),
-                    clients=ClientSelection(fraction=config.fraction, min=max(1, round(config.fraction * config.clients)),
-                                            min_available=config.clients),
+                    clients=ClientSelection(fraction=config.fraction, min=config.min_updates or max(
+                        1, round(config.fraction * config.clients)), min_available=config.clients),
+                    mode=config.mode, asynchronous=({"versions": config.rounds, **config.async_options}
+                                                    if config.mode == "async" else None),
                     data=config.train.schema,
                     train=config.local, eval_data=config.test, max_update_norm=config.max_update_norm,
                     secure_aggregation=(dict(config.secure_aggregation) if config.secure_aggregation is not None
                                         else None),
                     head_init=config.head_init, device_bundles=device_bundles, engine_bundles=engine_bundles,
                     engines=config.engines)
-    tls, transport_flags = _tls(out)
+    tls, transport_flags = simulation_tls(out)
     server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
-    token = _write_token(coordinator, out / "tls" / "token")
+    token = write_token(coordinator, JOB_ID, out / "tls" / "token")
     server.start()
     print(f"coordinator on 127.0.0.1:{port} (mutual TLS); starting {config.clients} device agents "
           f"({config.slots} training at once, {config.threads} thread(s) each)", flush=True)
-    agents = _start_agents(config, port, [*transport_flags, "--token-file", str(token)])
+    agents = start_agents(config, port, [*transport_flags, "--token-file", str(token)])
     federated_started = time.perf_counter()
     try:
         _follow(coordinator, config, agents)
@@ -365,6 +341,8 @@ def run_simulation(config: SimulationConfig) -> dict:
                           "attack": config.attack, "attackers": config.attackers,
                           "client_ranks": list(config.client_ranks), "engines": list(config.engines),
                           "client_pythons": [str(p) for p in config.client_pythons],
+                          "mode": config.mode, "async": dict(config.async_options),
+                          "fleet": dataclasses.asdict(config.fleet), "min_updates": config.min_updates,
                           "secure_aggregation": (dict(config.secure_aggregation)
                                                  if config.secure_aggregation is not None else None),
                           "bundle_digest": bundle.digest},

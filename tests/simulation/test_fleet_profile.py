@@ -104,3 +104,19 @@ def test_bad_settings_name_the_field():
         FleetProfile(windows=((5.0, 2.0),))
     with pytest.raises(ConfigError, match="availability or windows"):
         FleetProfile(windows=((0.0, 2.0),), availability=0.5)
+
+
+def test_simulate_flags_become_the_fleet_and_the_mode():
+    import argparse
+
+    from edgeft.commands.fleet import add_fleet_arguments, fleet_settings
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    add_fleet_arguments(parser)
+    settings = fleet_settings(parser.parse_args(["--speed-sigma", "1", "--dropout", "0.1", "--availability", "0.5",
+                                                 "--seed", "3", "--mode", "async", "--buffer-size", "4"]))
+    assert settings["fleet"] == FleetProfile(speed_sigma=1.0, dropout=0.1, availability=0.5, seed=3)
+    assert settings["mode"] == "async" and settings["async_options"] == {"buffer_size": 4}
+    with pytest.raises(ConfigError, match="--buffer-size applies to --mode async only"):
+        fleet_settings(parser.parse_args(["--buffer-size", "4"]))

@@ -101,3 +101,26 @@ def test_simulated_fleet_of_mixed_lora_ranks(tmp_path, tiny_bert_dir, tiny_confi
     assert "Mixed LoRA ranks: each client's largest rank cycles through 4, 2" in (tmp_path / "sim" / "report.md").read_text()
     with pytest.raises(ConfigError, match="client_ranks"):
         SimulationConfig(out=tmp_path, train=config.train, bundle=tmp_path, client_ranks=(2,))
+
+
+def test_an_asynchronous_job_on_a_heterogeneous_fleet(tmp_path, tiny_bundle, small_banking):
+    from edgeft.testing.fleet_profile import FleetProfile
+
+    fleet = FleetProfile(speed_sigma=1.0, dropout=0.3, seed=1)  # slowdowns 1.41, 1.7, 0.3, 0.9
+    summary = run_simulation(SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(small_banking["train"], label_column="category"),
+        test=DataConfig(small_banking["test"], label_column="category"), bundle=tiny_bundle.path,
+        clients=4, rounds=3, concurrency=2, baseline=False, mode="async", round_deadline_s=30,
+        async_options={"buffer_size": 2, "max_staleness": 10}, fleet=fleet,
+        local=TrainConfig(epochs=1, batch_size=16, learning_rate=3e-2, progress=False)))
+    history = summary["history"]
+    assert history["status"] == "finished" and [v["version"] for v in history["versions"]] == [1, 2, 3]
+    assert all(len(v["updates"]) == 2 for v in history["versions"])
+    assert summary["config"]["mode"] == "async" and summary["config"]["fleet"]["dropout"] == 0.3
+    rounds = list(csv.DictReader(open(tmp_path / "sim" / "rounds.csv")))  # versions reported as rounds
+    assert [int(r["round"]) for r in rounds] == [0, 1, 2, 3]
+    logs = {i: (tmp_path / "sim" / "devices" / f"client-{i:03d}" / "agent.log").read_text() for i in range(4)}
+    trained = [i for i in range(4) if ": training" in logs[i]]
+    slow = [i for i in trained if fleet.device(i).slowdown > 1]
+    assert slow and all("simulated slowdown x" in logs[i] for i in slow)  # a slow device waits after training
+    assert not any("simulated slowdown" in logs[i] for i in range(4) if fleet.device(i).slowdown <= 1)
