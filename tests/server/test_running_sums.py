@@ -13,7 +13,9 @@ from edgeft.aggregate.delta import DeltaMean
 from edgeft.config import TrainConfig
 from edgeft.server.config import ClientSelection, DataSchema, JobConfig, ServerConfig
 from edgeft.server.coordinator import Coordinator
-from edgeft.server.running_sums import partial_tensors, tensors_partial
+from edgeft.errors import Unavailable
+from edgeft.server.artifacts import FolderStore
+from edgeft.server.running_sums import RunningSums, partial_tensors, tensors_partial
 from edgeft.server.store import running_sums, updates
 from edgeft.update import AdapterUpdate
 from edgeft.wire import UploadHeader
@@ -145,6 +147,53 @@ def test_a_flush_never_marks_a_row_twice_nor_after_the_closing(tmp_path, tiny_bu
         expected, _ = streamed(coordinator, "fedavg", None)
         for name, value in expected.items():
             np.testing.assert_allclose(coordinator.global_adapter("banking", 1)[name], value, rtol=1e-6, atol=1e-7)
+    finally:
+        coordinator.close()
+
+
+class StoreAway(FolderStore):
+    """The coordinator's artifact folder, unreachable for writes while ``away`` is set (as a bucket that stopped)."""
+
+    away = False
+
+    def put(self, data: bytes) -> str:
+        if self.away:
+            raise Unavailable("the artifact store is away")
+        return super().put(data)
+
+
+def test_a_flush_the_store_refused_is_kept_and_tried_again(tmp_path, tiny_bundle):
+    """A replica whose flush found the store away keeps its sum (nothing marked), folds on, and its next flush
+    writes one sum covering all of them; the round closes with the streamed aggregate."""
+    coordinator = replica(tmp_path, tiny_bundle, {})
+    try:
+        devices = [coordinator.register("", {}, "banking") for _ in range(DEVICES)]
+        assert all(coordinator.poll(d, "banking").round == 1 for d in devices)
+        sent = trained(coordinator, DEVICES)
+        for i in range(3):
+            assert coordinator.submit(UploadHeader("banking", 1, devices[i], f"upload-{i}"), sent[i])
+        coordinator.rounds.sums.drop()  # these three are folded below by another replica, whose store goes away
+        store = StoreAway(coordinator.artifacts.root)
+        other = RunningSums(coordinator.rounds.sums.state, store, coordinator.rounds.sums.start, "other")
+        job = coordinator.jobs["banking"]
+        other.fold(job, 1, devices[0], sent[0])
+        other.fold(job, 1, devices[1], sent[1])
+        store.away = True
+        other.flush()
+        assert other.unflushed() == 2 and marks(coordinator) == (0, [None] * 3)
+        other.fold(job, 1, devices[2], sent[2])  # into the sum kept from the refused flush
+        store.away = False
+        other.flush()
+        assert other.unflushed() == 0 and marks(coordinator)[0] == 1
+        for i in range(3, DEVICES):
+            assert coordinator.submit(UploadHeader("banking", 1, devices[i], f"upload-{i}"), sent[i])
+        assert coordinator.job_status("banking")["status"] == "finished"
+        covered = [m for m in marks(coordinator)[1] if m is not None]
+        assert len(covered) == DEVICES and len(set(covered)) == 2  # the other replica's 3, the closer's own 3
+        expected, report = streamed(coordinator, "fedavg", None)
+        for name, value in expected.items():
+            np.testing.assert_allclose(coordinator.global_adapter("banking", 1)[name], value, rtol=1e-6, atol=1e-7)
+        assert coordinator.state.job_record("banking")["reports"][1] == report
     finally:
         coordinator.close()
 
