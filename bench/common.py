@@ -31,3 +31,24 @@ def emit(result: dict, summary: str) -> None:
     print(json.dumps(result, indent=2))
     print(summary)
     sys.stdout.flush()
+
+
+def coordinator_script(report: str, wait_s: float = 3600, then: str = "") -> str:
+    """Python source of a coordinator process for ``python -c SOURCE jobs.toml``: it prints {"port": PORT}, waits
+    until every job finished, prints {"peak_rss_mb": its VmHWM, <report>} (``report``: more dict entries, Python
+    over ``coordinator``), runs ``then`` and stops."""
+    return f"""
+import sys, json
+from pathlib import Path
+from edgeft.server.config import load_server_config
+from edgeft.server.servicer import create_server
+config = load_server_config(sys.argv[1])
+server, port, coordinator = create_server(config)
+server.start()
+print(json.dumps({{"port": port}}), flush=True)
+coordinator.wait_until_finished(timeout={wait_s})
+hwm = [int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")][0]
+print(json.dumps({{"peak_rss_mb": hwm / 1024, {report}}}), flush=True)
+{then}
+server.stop(grace=1)
+"""

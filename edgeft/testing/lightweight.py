@@ -41,7 +41,9 @@ class LightFleetConfig:
     task before it asks for work again (the duty cycle). examples: (low, high) range of an update's n_examples.
     noise: the synthetic update's spread around the global adapter. channels: gRPC connections the devices share.
     register_concurrency: registrations in flight at once. duration_s: stop after this long (None: when the job
-    ends). keep_updates: record every update sent (tests compare the aggregate with them)."""
+    ends). retry_s: a device's wait before it asks again when told to retry later (None: the coordinator's
+    advice), jittered +-50%. give_up_after_s: a device stops when the coordinator stays unreachable this long.
+    keep_updates: record every update sent (tests compare the aggregate with them)."""
 
     server: str
     transport: Transport
@@ -56,6 +58,8 @@ class LightFleetConfig:
     register_concurrency: int = 256
     duration_s: float | None = None
     call_timeout_s: float = 120.0
+    give_up_after_s: float = 120.0
+    retry_s: float | None = None
     keep_updates: bool = False
     seed: int = 0
 
@@ -84,8 +88,9 @@ class SentUpdate:
 @dataclass
 class FleetReport:
     """What the fleet did: devices registered, tasks received, uploads accepted or refused (by the coordinator's
-    message), tasks dropped, each accepted upload's (end time, latency in seconds), and errors that stopped a
-    device."""
+    message), tasks dropped, each accepted upload's (end time, latency in seconds; Unix time and seconds), calls
+    retried, bytes of tasks received and updates sent, when the last device registered (Unix time), and errors
+    that stopped a device."""
 
     registered: int = 0
     tasks: int = 0
@@ -97,12 +102,16 @@ class FleetReport:
     sent: list[SentUpdate] = field(default_factory=list)
     finished: int = 0
     seconds: float = 0.0
+    retries: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    all_registered_at: float = 0.0
 
     def summary(self) -> dict:
         latency = np.array([lat for _, lat in self.uploads]) if self.uploads else np.zeros(1)
         return {"registered": self.registered, "tasks": self.tasks, "accepted": self.accepted,
                 "refused": dict(self.refused), "dropped": self.dropped, "finished": self.finished,
-                "errors": len(self.errors), "seconds": round(self.seconds, 2),
+                "errors": len(self.errors), "seconds": round(self.seconds, 2), "retries": self.retries,
                 "upload_p50_s": round(float(np.percentile(latency, 50)), 4),
                 "upload_p99_s": round(float(np.percentile(latency, 99)), 4)}
 
@@ -139,16 +148,18 @@ class LightFleet:
         return self.report
 
     async def _call(self, fn, request, stop_at_deadline: bool = True):  # noqa: ANN001, ANN202
-        """One call, retried with backoff while the coordinator is busy or away; grpc.RpcError for a refusal."""
-        delay = 0.5
+        """One call, retried with backoff while the coordinator is busy or away; grpc.RpcError for a refusal.
+        ``request``: a message, or a function making it afresh for each try (an upload's stream of parts)."""
+        delay, started = 0.5, time.monotonic()
         while True:
             if stop_at_deadline and time.monotonic() > self._deadline:
                 raise _Stop
             try:
-                return await fn(request, timeout=self.config.call_timeout_s)
+                return await fn(request() if callable(request) else request, timeout=self.config.call_timeout_s)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in RETRYABLE or time.monotonic() - started > self.config.give_up_after_s:
                     raise
+                self.report.retries += 1
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
 
@@ -167,6 +178,8 @@ class LightFleet:
                 registration = Registration("", Capabilities(engines=("portable", "ort-training")))
                 device_id = registered_from_pb(await self._call(stub.Register, registration_to_pb(registration)))
             self.report.registered += 1
+            if self.report.registered == c.devices:
+                self.report.all_registered_at = time.time()
             done: set[tuple[str, int]] = set()  # synchronous rounds this device worked on (or dropped)
             while True:
                 offline = profile.seconds_until_online(time.monotonic() - started)
@@ -174,16 +187,19 @@ class LightFleet:
                     await self._sleep(offline)
                     continue
                 request = poll_request_to_pb(PollRequest(device_id, c.poll_wait_s))
-                outcome = poll_response_from_pb(await self._call(stub.PollTask, request))
+                reply = await self._call(stub.PollTask, request)
+                outcome = poll_response_from_pb(reply)
                 if isinstance(outcome, Finished):
                     self.report.finished += 1
                     return
                 if not isinstance(outcome, Task):
-                    await self._sleep(max(outcome.seconds, 0.2) * (0.5 + random.random()))
+                    wait = c.retry_s if c.retry_s is not None else max(outcome.seconds, 0.2)
+                    await self._sleep(wait * (0.5 + random.random()))
                     continue
                 if outcome.asynchronous is None and (outcome.job_id, outcome.round) in done:
                     await self._sleep(1.0)
                     continue
+                self.report.bytes_down += reply.ByteSize()
                 await self._work(stub, device_id, outcome, profile, rng)
                 if outcome.asynchronous is None:
                     done.add((outcome.job_id, outcome.round))
@@ -212,9 +228,11 @@ class LightFleet:
                               if work is None else work.upload_id, 0 if work is None else work.base_version)
         update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
         parts = list(update_to_parts(header, update, task.upload_dtype))
+        self.report.bytes_up += sum(part.ByteSize() for part in parts)
         begun = time.monotonic()
         try:
-            receipt = upload_receipt_from_pb(await self._call(stub.UploadUpdate, iter(parts), stop_at_deadline=False))
+            receipt = upload_receipt_from_pb(await self._call(stub.UploadUpdate, lambda: iter(parts),
+                                                                stop_at_deadline=False))
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
