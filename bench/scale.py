@@ -3,7 +3,8 @@ updates per second, global versions per minute, p50/p99 upload latency, the coor
 sampled over the run, to see whether memory stays flat as N grows), per N.
 
     python bench/scale.py [--devices 1000 10000 100000] [--duration 300] [--train-s 30] [--retry-s 30]
-                          [--buffer-size 100] [--max-concurrency 2000] [--client-processes 1] [--work runs/scale]
+                          [--buffer-size 100] [--max-concurrency 2000] [--max-concurrent-rpcs N]
+                          [--client-processes 1] [--work runs/scale]
 
 Devices (edgeft.testing.lightweight) hold no model: each registers, asks for work, waits ``--train-s`` (times a
 log-normal slowdown, --speed-sigma), uploads the task's global adapter perturbed (MiniLM + LoRA(q, v) + head: the
@@ -76,6 +77,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     server_table = '[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\ninsecure = true\n'
+    if args.max_concurrent_rpcs:  # the coordinator's calls in progress; beyond them RESOURCE_EXHAUSTED (retried)
+        server_table += f"[server.limits]\nmax_concurrent_rpcs = {args.max_concurrent_rpcs}\n"
     config = state / "jobs.toml"
     config.write_text(server_table + f'[[job]]\nid = "scale"\nbundle = "{bundle.resolve()}"\nmode = "async"\n'
                       f'head_init = "none"\nround_deadline_s = {max(600.0, 20 * args.train_s)}\n'
@@ -121,16 +124,18 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     span = (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
     minutes = (time.time() - started) / 60
     refused: dict[str, int] = {}
+    retried: dict[str, int] = {}
     for r in reports:
-        for reason, count in r["refused"].items():
-            refused[reason] = refused.get(reason, 0) + count
+        for total, counts in ((refused, r["refused"]), (retried, r["retried"])):
+            for code, count in counts.items():
+                total[code] = total.get(code, 0) + count
     return {"devices": n, "registered": sum(r["registered"] for r in reports), "accepted": accepted,
             "accepted_per_s": round(accepted / span, 1) if span == span and span > 0 else None,
             "versions": final["versions"], "versions_per_min": round(final["versions"] / minutes, 2),
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
             "upload_p99_s": round(float(np.nanpercentile(latencies, 99)), 3),
             "refused": refused,
-            "retries": sum(r["retries"] for r in reports), "errors": sum(r["errors"] for r in reports),
+            "retries": retried, "errors": sum(r["errors"] for r in reports),
             "first_errors": [e for r in reports for e in r["first_errors"]][:3],
             "server_peak_rss_mb": round(final["peak_rss_mb"], 1), "server_rss_mb_samples": samples,
             "seconds": round(time.time() - started, 1)}
@@ -148,6 +153,8 @@ def main() -> None:
     parser.add_argument("--buffer-size", type=int, default=100)
     parser.add_argument("--max-concurrency", type=int, default=2000)
     parser.add_argument("--max-staleness", type=int, default=20)
+    parser.add_argument("--max-concurrent-rpcs", type=int,
+                        help="the coordinator's [server.limits] max_concurrent_rpcs (default: its own, 128)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")

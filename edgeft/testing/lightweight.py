@@ -103,6 +103,7 @@ class FleetReport:
     finished: int = 0
     seconds: float = 0.0
     retries: int = 0
+    retried: dict[str, int] = field(default_factory=dict)  # retries by status code
     bytes_down: int = 0
     bytes_up: int = 0
     all_registered_at: float = 0.0
@@ -111,7 +112,8 @@ class FleetReport:
         latency = np.array([lat for _, lat in self.uploads]) if self.uploads else np.zeros(1)
         return {"registered": self.registered, "tasks": self.tasks, "accepted": self.accepted,
                 "refused": dict(self.refused), "dropped": self.dropped, "finished": self.finished,
-                "errors": len(self.errors), "seconds": round(self.seconds, 2), "retries": self.retries,
+                "errors": len(self.errors), "seconds": round(self.seconds, 2),
+                "retries": self.retries, "retried": dict(self.retried),
                 "upload_p50_s": round(float(np.percentile(latency, 50)), 4),
                 "upload_p99_s": round(float(np.percentile(latency, 99)), 4)}
 
@@ -160,6 +162,7 @@ class LightFleet:
                 if exc.code() not in RETRYABLE or time.monotonic() - started > self.config.give_up_after_s:
                     raise
                 self.report.retries += 1
+                self.report.retried[exc.code().name] = self.report.retried.get(exc.code().name, 0) + 1
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
 
