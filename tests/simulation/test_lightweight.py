@@ -4,6 +4,8 @@ coordinator's global adapters are exactly the aggregates of what they sent."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -21,8 +23,9 @@ DEVICES = 50
 
 
 def coordinator_for(tmp_path, bundle, **job_settings):
-    job = JobConfig(id="light", bundle=bundle.path, round_deadline_s=60, head_init="none",
-                    train=TrainConfig(epochs=1, progress=False), **job_settings)
+    job_settings.setdefault("round_deadline_s", 60)
+    job = JobConfig(id="light", bundle=bundle.path, head_init="none", train=TrainConfig(epochs=1, progress=False),
+                    **job_settings)
     config = ServerConfig(address="127.0.0.1:0", state_dir=tmp_path / "state", jobs=(job,), insecure=True,
                           poll_wait_s=1)
     server, port, coordinator = create_server(config)
@@ -102,3 +105,26 @@ def test_fleet_settings_are_checked_by_name():
         LightFleetConfig(server="x:1", transport=transport, devices=0)
     with pytest.raises(ConfigError, match="invalid examples"):
         LightFleetConfig(server="x:1", transport=transport, devices=1, examples=(5, 2))
+
+
+def test_dropouts_leave_a_synchronous_round_to_close_at_its_deadline_with_the_rest(tmp_path, tiny_bundle):
+    profile = FleetProfile(dropout=0.3, speed_sigma=1.0, seed=2)
+    dropping = sum(profile.device(i).drops() for i in range(20))  # each device's first draw: its one task
+    assert 0 < dropping < 20
+    server, port, coordinator, transport = coordinator_for(
+        tmp_path, tiny_bundle, rounds=1, clients=ClientSelection(fraction=1.0, min=1, min_available=20),
+        round_deadline_s=4)
+    try:
+        started = time.monotonic()
+        report = LightFleet(LightFleetConfig(server=f"127.0.0.1:{port}", transport=transport, devices=20,
+                                             train_s=0.05, poll_wait_s=1, keep_updates=True, profile=profile)).run()
+        assert time.monotonic() - started > 3.5  # the round waited for the dropped devices until its deadline
+        assert report.tasks == 20 and report.dropped == dropping and report.accepted == 20 - dropping
+        sent = [s.update for s in report.sent]
+        total = sum(u.n_examples for u in sent)
+        for name, value in coordinator.global_adapter("light", 1).items():
+            mean = sum(u.n_examples / total * u.tensors[name].astype(np.float64) for u in sent)
+            np.testing.assert_allclose(value, mean, rtol=0, atol=1e-6, err_msg=name)
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
