@@ -21,7 +21,7 @@ train     (--parts train) LoRA r=8 training with an fp32, int8 and int4 frozen b
           first), each column in its own process: peak RSS (VmHWM), tokens/s and the frozen weights' size. A base
           named BASE+checkpointing (e.g. int4+checkpointing) is exported with gradient checkpointing
           (edgeft.export.segmented: the step layer by layer, each layer recomputed in the backward pass);
-          BASE+selective also keeps each layer's MLP activations for the backward pass (keep_mlp_activations);
+          BASE+selective also keeps each layer's projection outputs for the backward pass (keep_projections);
           --pytorch-checkpointing adds PyTorch + PEFT with transformers' gradient checkpointing as a second peer.
 
     python bench/llm.py [--new-tokens 64] [--threads 2] [--repeats 3] [--json-out bench/results/llm.json]
@@ -50,7 +50,7 @@ QWEN25_05B_SHAPE = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size
                     "bos_token_id": 0, "eos_token_id": 0}
 BASES = {"fp32": None, "int8": 8, "int4": 4}
 CHECKPOINTING = "+checkpointing"  # a base's column with gradient checkpointing (edgeft.export.segmented)
-SELECTIVE = "+selective"  # ... keeping the MLP's activations for the backward pass (keep_mlp_activations)
+SELECTIVE = "+selective"  # ... keeping the projections' outputs for the backward pass (keep_projections)
 
 
 def packages(work: Path, model_dir: Path) -> dict[str, Path]:
@@ -222,7 +222,7 @@ def train_part(args: argparse.Namespace) -> dict:
             export_hf(folder, bundle_dir, ExportConfig(task="causal-lm", max_length=256, adapter=AdapterConfig(rank=8),
                                                        engine="portable", base_bits=bits,
                                                        gradient_checkpointing=checkpointing,
-                                                       keep_mlp_activations=selective))
+                                                       keep_projections=selective))
             print(f"  exported in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--column", column, str(folder), str(bundle_dir),
                                str(args.steps), str(args.threads)], capture_output=True, text=True)
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6, help="train: layers (0: the shape's full depth)")
     parser.add_argument("--bases", default="fp32,int8,int4",
                         help="train: the frozen bases to measure; BASE+checkpointing: with gradient checkpointing; "
-                             "BASE+selective: also keeping the MLP's activations")
+                             "BASE+selective: also keeping the projections' outputs")
     parser.add_argument("--steps", type=int, default=5, help="train: steps per column")
     parser.add_argument("--pytorch-checkpointing", action="store_true",
                         help="train: also PyTorch + PEFT with transformers' gradient checkpointing")

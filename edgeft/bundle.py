@@ -41,7 +41,7 @@ SEGMENTED_HEAD = "segmented_head.onnx"
 SEGMENTED_HEAD_GRAD = "segmented_head_grad.onnx"
 SEGMENTED_LAYERS = "segmented_layers.safetensors"
 GRAD_PREFIX, OUT_SUFFIX = "grad.", ".out"
-KEPT_PREFIX = "kept."  # activations a segmented layer graph hands its gradient graph (keep_mlp_activations)
+KEPT_PREFIX = "kept."  # activations a segmented layer graph hands its gradient graph (keep_projections)
 OPTIMIZER_STATE = {"adamw": ("exp_avg.", "exp_avg_sq."), "sgd": ()}
 # Operators ONNX Runtime registers itself in the standard ONNX domain from version 1 (kept from its contrib
 # era): its training graphs carry LayerNormalization at opset 14, which onnx's checker knows only from opset 17.

@@ -53,8 +53,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="causal LMs of the Llama family (Llama, SmolLM2, Qwen2, Phi-3, Mistral), portable engine: train "
                         "layer by layer, keeping each layer's input only and recomputing the rest in the backward pass "
                         "(far less memory on the device, about the same speed)")
-    p.add_argument("--keep-mlp-activations", action="store_true",
-                   help="with --gradient-checkpointing: keep each layer's MLP gate/up outputs for the backward pass "
+    p.add_argument("--keep-projections", action="store_true",
+                   help="with --gradient-checkpointing: keep each layer's q/k/v/gate/up outputs for the backward pass "
                         "instead of recomputing them (selective checkpointing: faster, more memory)")
     p.add_argument("--no-augment", action="store_true",
                    help="image models: no training augmentation (random resized crop, flip); head-only bundles then "
@@ -75,7 +75,7 @@ def _run_export(args: argparse.Namespace) -> int:
         opset=args.opset, max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
         pooling=args.pooling, engine=args.engine, augment=not args.no_augment, loss=args.loss,
         dpo_beta=args.dpo_beta, base_bits=args.base_bits, gradient_checkpointing=args.gradient_checkpointing,
-        keep_mlp_activations=args.keep_mlp_activations)
+        keep_projections=args.keep_projections)
     bundle = export_hf(args.model, args.out, config)
     m = bundle.manifest
     size = sum(bundle.file(f).stat().st_size for f in m.files) / 2**20

@@ -15,12 +15,13 @@ engine's optimizer graph and initial parameters:
 - ``segmented_head.onnx`` / ``segmented_head_grad.onnx``: the final norm, the output layer and the next-token loss
   of some rows, (hidden, labels) -> ``loss_sum`` and ``count`` (the labelled tokens), and ``grad.hidden`` (of the
   summed loss): the device runs them a row at a time, so vocabulary-sized logits exist for one row only;
-- with ``keep_mlp_activations`` (selective checkpointing) the layer graph also outputs ``kept.<i>``, the outputs of
-  the MLP's expansion projections (gate and up; Phi-3's fused gate_up), and the layer-gradient graph takes them as
-  inputs instead of recomputing those products (``_fed_kept`` turns marks in its traced graph into inputs);
+- with ``keep_projections`` (selective checkpointing) the layer graph also outputs ``kept.<i>``, the outputs of
+  the layer's input projections (q, k, v, gate, up; Phi-3's fused qkv and gate_up), and the layer-gradient graph
+  takes them as inputs instead of recomputing those products (``_fed_kept`` turns marks in its traced graph into
+  inputs): it recomputes the attention scores and elementwise operations only;
 - ``segmented_layers.safetensors``: every layer's frozen weights, ``<layer>.<local name>``; with ``base_bits``
-  the 2-D ones as ``<layer>.<local name>.q`` and ``.scale`` (``edgeft.export.lowbit.quantise_array``), which the
-  layer graphs dequantise (``dequantised_inputs``).
+  the 2-D ones as ``<layer>.<local name>.q`` (int4: uint16 words, ``int4_words``) and ``.scale``
+  (``edgeft.export.lowbit.quantise_array``), which the layer graphs dequantise (``dequantised_inputs``).
 
 The prologue's and the head's frozen weights (embeddings, final norm, output layer) live in ``portable_frozen.bin``
 as the portable engine's do, in fp32 whatever ``base_bits`` says: each head call reads the output layer whole, and a
@@ -91,7 +92,7 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
     through ``shared``); returns the manifest's ``segmented`` entry."""
     from safetensors.numpy import save_file
 
-    from edgeft.export.lowbit import MIN_ELEMENTS, dequantised_inputs, quantise_array
+    from edgeft.export.lowbit import MIN_ELEMENTS, dequantised_inputs, int4_words, quantise_array
 
     lm, prefix, layers = decoder_parts(adapted, source.model_type)
     layer = layers[0]
@@ -118,34 +119,39 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                                          {"attention_mask": mask, "position_embeddings": (cos, sin)})
         return out[0] if isinstance(out, tuple) else out
 
-    wide = _expansions(layer, lm.config.intermediate_size) if config.keep_mlp_activations else []
+    projections = _projections(layer) if config.keep_projections else []
 
     def forward(state, mask, cos, sin, *params):  # noqa: ANN001, ANN202
         kept: list[torch.Tensor] = []
-        with _hooked(wide, lambda out: kept.append(out) or out):
+        with _hooked(projections, lambda out: kept.append(out) or out):
             out = layer_out(state, mask, cos, sin, list(params))
         return (out, *kept) if kept else out
 
     def backward(state, mask, cos, sin, grad_out, *params):  # noqa: ANN001, ANN202
         params = [p.detach().requires_grad_(n in trainable) for n, p in zip(local, params)]
         state = state.detach().requires_grad_(True)
-        with _hooked(wide, _kept):  # marked, to be fed from the forward pass (_fed_kept)
+        with _hooked(projections, _kept):  # marked, to be fed from the forward pass (_fed_kept)
             out = layer_out(state, mask, cos, sin, params)
         grads = torch.autograd.grad(out, [state, *(p for n, p in zip(local, params) if n in trainable)], grad_out)
         return tuple(grads)
 
     def head(state: torch.Tensor, labels: torch.Tensor, with_grad: bool):  # noqa: ANN202
         state = state.detach().requires_grad_(with_grad)
-        logits = lm.lm_head(lm.model.norm(state))
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        loss_sum = -(picked * keep).sum()
+        normed = lm.model.norm(state)
+        # every position's logits (the last one's unlabelled): slicing them would copy a vocabulary-sized tensor
+        logits = lm.lm_head(normed.detach()).float()
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+        keep = (targets != IGNORE_INDEX).unsqueeze(-1)
+        index = targets.clamp(min=0).unsqueeze(-1)
+        logp = torch.log_softmax(logits, -1)
+        loss_sum = -(logp.gather(-1, index) * keep).sum()
         count = keep.sum()
         if not with_grad:
             return loss_sum, count
-        (grad,) = torch.autograd.grad(loss_sum, [state])
+        # d loss_sum / d logits = keep * (softmax - one_hot(target)), written out: autograd's version of the slice
+        # and the gather builds and scatters several vocabulary-sized zero tensors (40% of the head's time)
+        grad_logits = (logp.exp() * keep).scatter_add(-1, index, -keep.to(logits.dtype))
+        (grad,) = torch.autograd.grad(normed, [state], grad_logits @ lm.lm_head.weight)
         return loss_sum.detach(), count, grad
 
     def prologue(input_ids, attention_mask):  # noqa: ANN001, ANN202
@@ -156,7 +162,7 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
 
     opset = config.onnx_opset
     grad_names = [GRAD_PREFIX + n for n in trainable]
-    kept_values = list(forward(h, mask, cos, sin, *weights)[1:]) if wide else []
+    kept_values = list(forward(h, mask, cos, sin, *weights)[1:]) if projections else []
     kept_names = [f"{KEPT_PREFIX}{i}" for i in range(len(kept_values))]
     layer_grad = _traced(backward, (h, mask, cos, sin, g, *weights))
     if kept_names:
@@ -167,11 +173,13 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                             (tokens, tokens), opset, ["input_ids", "attention_mask"], ["hidden", "mask", "cos", "sin"]),
                     SEGMENTED_PROLOGUE)
         labels = torch.randint(0, 4, (batch, seq))
-        shared.save(to_onnx(_Functional(_traced(lambda s, y: head(s, y, False), (h, labels))), (h, labels),
-                            (tokens, tokens), opset, ["hidden", "labels"], ["loss_sum", "count"]), SEGMENTED_HEAD)
-        shared.save(to_onnx(_Functional(_traced(lambda s, y: head(s, y, True), (h, labels))), (h, labels),
-                            (tokens, tokens), opset, ["hidden", "labels"], ["loss_sum", "count", GRAD_PREFIX + "hidden"]),
-                    SEGMENTED_HEAD_GRAD)
+        vocab = lm.lm_head.weight.shape[0]
+        shared.save(_untransposed(to_onnx(_Functional(_traced(lambda s, y: head(s, y, False), (h, labels))), (h, labels),
+                                          (tokens, tokens), opset, ["hidden", "labels"], ["loss_sum", "count"]), vocab),
+                    SEGMENTED_HEAD)
+        shared.save(_untransposed(to_onnx(_Functional(_traced(lambda s, y: head(s, y, True), (h, labels))), (h, labels),
+                                          (tokens, tokens), opset, ["hidden", "labels"],
+                                          ["loss_sum", "count", GRAD_PREFIX + "hidden"]), vocab), SEGMENTED_HEAD_GRAD)
         graphs = {
             SEGMENTED_LAYER: to_onnx(_Functional(_traced(forward, (h, mask, cos, sin, *weights))),
                                      (h, mask, cos, sin, *weights), activations, opset,
@@ -197,7 +205,8 @@ def generate(source: ModelSource, adapted: AdaptedModel, config: ExportConfig, o
                 continue
             if name in quantised:
                 q, scale = quantise_array(value.detach().numpy(), config.base_bits)
-                arrays[f"{i}.{name}.q"], arrays[f"{i}.{name}.scale"] = q, scale.astype(np.float32)
+                arrays[f"{i}.{name}.q"] = int4_words(q) if q.dtype == np.uint8 else q
+                arrays[f"{i}.{name}.scale"] = scale.astype(np.float32)
             else:
                 arrays[f"{i}.{name}"] = value.detach().numpy().astype(np.float32)
     save_file(arrays, str(out_dir / SEGMENTED_LAYERS))
@@ -215,15 +224,13 @@ _kept.register_fake(lambda value: torch.empty_like(value))
 _kept.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
 
 
-def _expansions(layer: nn.Module, intermediate: int) -> list[nn.Module]:
-    """The layer's MLP expansion projections (gate and up, or Phi-3's fused gate_up: outputs as wide as the MLP),
-    outermost only (a LoRA wrapper, not the base layer inside it)."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in layer.mlp.named_modules():
-        if getattr(module, "out_features", None) in (intermediate, 2 * intermediate) and \
-                not any(name.startswith(outer + ".") for outer, _ in found):
-            found.append((name, module))
-    return [module for _, module in found]
+def _projections(layer: nn.Module) -> list[nn.Module]:
+    """The layer's input projections, whose outputs its backward pass needs (q, k and v, gate and up; Phi-3's fused
+    qkv and gate_up), outermost only (a LoRA wrapper, not the base layer inside it); not the output projections
+    (o, down), whose outputs only join the residual stream."""
+    linear = [(n, m) for n, m in layer.named_modules() if hasattr(m, "out_features")]
+    outermost = [(n, m) for n, m in linear if not any(n.startswith(outer + ".") for outer, _ in linear)]
+    return [m for n, m in outermost if n.rsplit(".", 1)[-1] not in ("o_proj", "down_proj")]
 
 
 @contextmanager
@@ -253,6 +260,23 @@ def _fed_kept(module: torch.fx.GraphModule, count: int) -> None:
         graph.erase_node(mark)
     graph.eliminate_dead_code()
     module.recompile()
+
+
+def _untransposed(model: onnx.ModelProto, vocab: int) -> onnx.ModelProto:
+    """The output layer as the model stores it, [vocabulary, hidden], where tracing folded its transpose into a
+    constant: the head's MatMul reads it through a Transpose that ONNX Runtime fuses into the product (no copy is
+    made), the backward product reads it as it is, and the file holds the same bytes as the prologue's embedding
+    table when the two are tied (stored once)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    for init in list(graph.initializer):
+        if len(init.dims) == 2 and init.dims[1] == vocab and init.dims[0] != vocab:
+            stored = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), init.name + ".t")
+            graph.initializer.remove(init)
+            graph.initializer.append(stored)
+            graph.node.insert(0, helper.make_node("Transpose", [stored.name], [init.name], perm=[1, 0]))
+    return model
 
 
 def _traced(fn, args: tuple) -> torch.fx.GraphModule:  # noqa: ANN001

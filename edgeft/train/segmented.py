@@ -6,8 +6,8 @@ per decoder layer, keeping each layer's input; the head graph gives the summed n
 respect to the last hidden state, a row at a time (the vocabulary-sized logits of one row exist at once); then, last
 layer first, the layer-gradient graph recomputes each layer from its kept input and returns the gradient with
 respect to that input and to the layer's trainable weights. Between the two passes the process holds one
-[batch, sequence, hidden] tensor per layer, not every intermediate activation (with ``keep_mlp_activations``
-also the layer's MLP expansion outputs, which the layer-gradient graph then reads instead of recomputing). Every layer's frozen weights are held
+[batch, sequence, hidden] tensor per layer, not every intermediate activation (with ``keep_projections``
+also the outputs of the layer's input projections, which the layer-gradient graph then reads instead of recomputing). Every layer's frozen weights are held
 once (in ``base_bits`` when the bundle was exported so), and fed to the one layer graph; the optimizer is the
 portable engine's. Never imports torch.
 """
@@ -44,7 +44,7 @@ class SegmentedSession(PortableSession):
         self._head, self._head_grad = session(SEGMENTED_HEAD, arena=False), session(SEGMENTED_HEAD_GRAD, arena=False)
         self._layer = session(SEGMENTED_LAYER, arena=True, fed_weights=True)
         self._layer_grad = session(SEGMENTED_LAYER_GRAD, arena=True, fed_weights=True)
-        self._kept_names: list[str] = list(layout.get("kept", []))  # keep_mlp_activations: handed to the backward
+        self._kept_names: list[str] = list(layout.get("kept", []))  # keep_projections: handed to the backward
         stored = load_file(str(bundle.file(SEGMENTED_LAYERS)))
         trainable, quantised = set(layout["trainable"]), set(layout["quantised"])
         self._frozen: list[dict[str, np.ndarray]] = []

@@ -1,7 +1,7 @@
 """Gradient checkpointing on the portable engine (edgeft.export.segmented, edgeft.train.segmented): the training step
 run layer by layer computes what the portable engine's one-graph step computes (loss, LoRA gradients, parameters
 after AdamW steps), for Llama, Qwen2 (tied output layer, biases) and Phi-3 (fused projections), on packed rows with
-a masked prompt, recomputing whole layers (Llama) or keeping the MLP's activations (Qwen2, Phi-3); with a low-bit base the layer graphs dequantise what quantise_array stored; the trainer trains and
+a masked prompt, recomputing whole layers (Llama) or keeping the projections' outputs (Qwen2, Phi-3); with a low-bit base the layer graphs dequantise what quantise_array stored; the trainer trains and
 evaluates such a bundle; what it cannot split is refused by name."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from edgeft.config import AdapterConfig, ExportConfig, TrainConfig
 from edgeft.data import DataConfig, load_dataset
 from edgeft.errors import ConfigError, ExportError
 from edgeft.export import export_hf
-from edgeft.export.lowbit import BLOCK, dequantised_inputs, quantise_array
+from edgeft.export.lowbit import BLOCK, dequantised_inputs, int4_words, quantise_array
 from edgeft.export.toy import tiny_gpt2, tiny_llama, tiny_phi3, tiny_qwen2
 from edgeft.train.engines import open_session
 from edgeft.train.segmented import SegmentedSession
@@ -32,12 +32,12 @@ def config(**changes: object) -> ExportConfig:
 @pytest.fixture(scope="module", params=["llama", "qwen2", pytest.param("phi3", marks=pytest.mark.slow)])
 def pair(request, tmp_path_factory, shakespeare):  # noqa: ANN001, ANN201
     """(the portable bundle, the same exported with gradient checkpointing) of a tiny decoder; Qwen2's and Phi-3's
-    keep their MLP activations for the backward pass."""
+    keep their projections' outputs for the backward pass."""
     tmp = tmp_path_factory.mktemp(f"segmented-{request.param}")
     folder = BUILDERS[request.param](tmp / "model", shakespeare.read_text()[:50_000], vocab_size=384)
     keep = request.param != "llama"
     return (export_hf(folder, tmp / "whole", config()),
-            export_hf(folder, tmp / "segmented", config(gradient_checkpointing=True, keep_mlp_activations=keep)))
+            export_hf(folder, tmp / "segmented", config(gradient_checkpointing=True, keep_projections=keep)))
 
 
 def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -66,12 +66,14 @@ def test_layer_by_layer_steps_equal_the_whole_graph(pair):  # noqa: ANN001
     assert isinstance(segmented, SegmentedSession) and not isinstance(whole, SegmentedSession)
     kept = pair[1].manifest.segmented["kept"]
     graph = onnx.load(str(pair[1].file("segmented_layer_grad.onnx"))).graph
-    if kept:  # gate and up, or Phi-3's fused gate_up, fed from the forward pass: their products are not recomputed
-        assert len(kept) == (1 if "phi3" in str(pair[1].path) else 2)
+    phi3 = "phi3" in str(pair[1].path)
+    if kept:  # q, k, v, gate, up (Phi-3: qkv, gate_up) fed from the forward pass: their products are not recomputed
+        assert len(kept) == (2 if phi3 else 5)
         assert [i.name for i in graph.input][-len(kept):] == kept
-    expansion = "mlp.gate_up_proj" if "phi3" in str(pair[1].path) else "mlp.gate_proj"
-    assert len(products_of(graph, expansion + ".base_layer.weight")) == (1 if kept else 2)  # backward (+ recompute)
-    assert len(products_of(graph, "self_attn.o_proj.base_layer.weight")) == 2  # attention is recomputed
+    for name in ("mlp.gate_up_proj", "self_attn.qkv_proj") if phi3 else ("mlp.gate_proj", "self_attn.q_proj"):
+        assert len(products_of(graph, name + ".base_layer.weight")) == (1 if kept else 2), name  # backward (+ recompute)
+    # o_proj: the gradient of its input, and recomputed (the residual stream the MLP's norm reads): twice either way
+    assert len(products_of(graph, "self_attn.o_proj.base_layer.weight")) == 2
     rng = np.random.default_rng(0)
     start = {n: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32)  # LoRA B off zero: every path counts
              for n, v in whole.get_parameters().items()}
@@ -104,7 +106,8 @@ def test_layer_graphs_dequantise_what_was_stored(bits, cols, kind):  # noqa: ANN
     assert dequantised_inputs(model, {"w": (6, cols)}, bits) == {"w": kind}
     weight = np.random.default_rng(1).normal(size=(6, cols)).astype(np.float32)
     q, scale = quantise_array(weight, bits)
-    out = ort.InferenceSession(model.SerializeToString()).run(None, {"w.q": q, "w.scale": scale.astype(np.float32)})[0]
+    fed = int4_words(q) if kind == "int4" else q
+    out = ort.InferenceSession(model.SerializeToString()).run(None, {"w.q": fed, "w.scale": scale.astype(np.float32)})[0]
     if kind == "int4":  # two signed nibbles a byte, the first low, one scale per block of BLOCK
         nibbles = np.stack([q & 15, q >> 4], axis=-1).reshape(6, cols).astype(np.int8)
         values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.float32)
@@ -141,8 +144,8 @@ def test_what_cannot_be_split_is_refused(tmp_path, shakespeare):  # noqa: ANN001
         ExportConfig(task="classification", labels=("a", "b"), gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         config(gradient_checkpointing=True, engine="ort-training")
-    with pytest.raises(ConfigError, match="keep_mlp_activations.*gradient_checkpointing"):
-        config(keep_mlp_activations=True)
+    with pytest.raises(ConfigError, match="keep_projections.*gradient_checkpointing"):
+        config(keep_projections=True)
     gpt2 = tiny_gpt2(tmp_path / "gpt2", text, vocab_size=300)
     with pytest.raises(ExportError, match="families.*gpt2"):
         export_hf(gpt2, tmp_path / "a", config(gradient_checkpointing=True))
