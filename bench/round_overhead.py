@@ -5,9 +5,11 @@ of each coordinator process, bytes per client and the time FedAvg takes for the 
     python bench/round_overhead.py [--clients 10 100 1000] [--backend sqlite|postgres|replicas|both|all]
                                    [--replicas 2] [--work runs/round]
 
-Each N runs in fresh coordinator processes (so their peak RSS is their own); clients are lightweight devices
-(edgeft.testing.lightweight: coroutines of this process sharing a few channels), each registering, polling, and
-uploading the global adapter perturbed.
+Each N runs in fresh coordinator processes (so their peak RSS is their own); clients are threads of this
+process sharing a few channels (at most 64 calls at once, as a thread pool), registered first, then each polling
+and uploading the global adapter perturbed. (edgeft.testing.lightweight's devices, which bench/scale.py uses, poll
+as soon as each registers: at 1,000 of them their long polls held the coordinator's 128 call slots and starved
+the last registrations, so a round-time bench keeps its own clients.)
 --backend postgres keeps the coordinator's state in a throwaway PostgreSQL database and its artifacts in a
 SeaweedFS bucket (edgeft.testing.postgres / seaweedfs, both on loopback, started and stopped here); replicas runs
 --replicas coordinator processes on that database and bucket, the clients spread over their addresses; sqlite is
@@ -25,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,32 +76,64 @@ def run(n: int, bundle: Path, work: Path, backend: dict | None = None, replicas:
 
 
 def _round(n: int, token: str, servers: list, backend: dict | None, replicas: int, database) -> dict:  # noqa: ANN001
-    """The clients' round against running coordinators: ``n`` lightweight devices (edgeft.testing.lightweight) in
-    this process on 4 channels spread over the coordinators' ports, each registering, polling, and uploading the
-    global adapter perturbed (UNAVAILABLE retried, as an agent does), then the coordinators' reports. The round's
-    wall time runs from the last registration to its close (its row's closed_at, whichever replica closed it)."""
+    """The clients' round against running coordinators (4 channels, spread over their ports), then their reports.
+    The round's wall time ends when it closed (its row's closed_at, whichever replica closed it)."""
+    import grpc
     import numpy as np
 
-    from edgeft.client.transport import Transport
-    from edgeft.testing.lightweight import LightFleet, LightFleetConfig
+    from edgeft.client.transport import Transport, open_channel
+    from edgeft.update import AdapterUpdate
+    from edgeft.wire import (Capabilities, PollRequest, Registration, Task, UploadHeader, coordinator_stub, poll_request_to_pb,
+                             poll_response_from_pb, registered_from_pb, registration_to_pb, update_to_parts)
 
-    address = ",".join(f"127.0.0.1:{server.port}" for server in servers)  # replicas: round robin over them
-    fleet = LightFleet(LightFleetConfig(server=address, transport=Transport(token=token, insecure=True), devices=n,
-                                        train_s=0.0, poll_wait_s=1, channels=4, examples=(100, 100 + n)))
-    report = fleet.run()
-    if report.errors or report.accepted != n:
-        raise RuntimeError(f"{report.accepted} of {n} uploads accepted; {report.errors[:3]}")
+    channels = [open_channel(f"127.0.0.1:{servers[i % len(servers)].port}", Transport(token=token, insecure=True))
+                for i in range(4)]
+    stubs = [coordinator_stub(c) for c in channels]
+    device = Registration("", Capabilities(engines=("portable", "ort-training")))  # runs either engine's bundle
+    devices = [registered_from_pb(stubs[i % 4].Register(registration_to_pb(device))) for i in range(n)]
+    started_at = time.time()
+    down, up, retries = [0] * n, [0] * n, [0] * n
+    upload_at = [(0.0, 0.0)] * n  # (start, end) of each client's upload, retries included
+
+    def client(i: int) -> None:
+        stub = stubs[i % 4]
+        while True:
+            reply = stub.PollTask(poll_request_to_pb(PollRequest(devices[i], wait_seconds=1)))
+            task = poll_response_from_pb(reply)
+            if isinstance(task, Task):
+                break
+        down[i] = reply.ByteSize()
+        rng = np.random.default_rng(i)
+        tensors = {name: value + rng.normal(0, 1e-3, value.shape).astype(np.float32)
+                   for name, value in task.global_adapter.items()}
+        parts = list(update_to_parts(UploadHeader(task.job_id, task.round, devices[i], f"u{i}"),
+                                     AdapterUpdate(tensors, 100 + i)))
+        up[i] = sum(p.ByteSize() for p in parts)
+        begun = time.perf_counter()
+        for attempt in range(5):  # as an agent does: UNAVAILABLE (the store or database busy) is retried
+            try:
+                stub.UploadUpdate(iter(parts))
+                upload_at[i] = (begun, time.perf_counter())
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                    raise
+                retries[i] += 1
+                time.sleep(1 + attempt)
+
+    with ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
+        list(pool.map(client, range(n)))
     reports = [json.loads(server.stdout.readline()) for server in servers]  # each: once every job finished
     from edgeft.server.state import State
     from edgeft.server.store import open_database
 
     state = State(open_database(database, upgrade=False))
-    round_s = state.round("bench", 1).closed_at - report.all_registered_at
+    round_s = state.round("bench", 1).closed_at - started_at
     state.engine.dispose()
     for server in servers:
         server.wait(timeout=60)
-    latency = np.array([latency for _, latency in report.uploads])
-    uploading = max(end for end, _ in report.uploads) - min(end - lat for end, lat in report.uploads)
+    latency = np.array([end - begun for begun, end in upload_at])
+    uploading = max(end for _, end in upload_at) - min(begun for begun, _ in upload_at)
     return {"clients": n, "backend": ("postgres+s3" if backend else "sqlite+folder"), "replicas": replicas,
             "round_s": round(round_s, 2), "uploads_per_s": round(n / uploading, 1),
             "upload_p50_s": round(float(np.percentile(latency, 50)), 3),
@@ -106,8 +141,8 @@ def _round(n: int, token: str, servers: list, backend: dict | None, replicas: in
             "server_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in reports],
             # the time the closing replica took to aggregate (a replica that closed nothing reports 0)
             "aggregate_s": round(max(r["aggregate_s"] for r in reports), 3),
-            "bytes_down_per_client": report.bytes_down // n, "bytes_up_per_client": report.bytes_up // n,
-            "upload_retries": report.retries}
+            "bytes_down_per_client": int(np.mean(down)), "bytes_up_per_client": int(np.mean(up)),
+            "upload_retries": sum(retries)}
 
 
 BACKENDS = {"sqlite": ["sqlite"], "postgres": ["postgres"], "replicas": ["replicas"], "both": ["sqlite", "postgres"],
