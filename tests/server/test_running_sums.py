@@ -41,6 +41,13 @@ def trained(coordinator: Coordinator, count: int, scale: float = 0.02) -> list[A
                            for k, v in initial.items()}, 10 + 7 * i) for i in range(count)]
 
 
+def round_one(coordinator: Coordinator) -> list[str]:
+    """DEVICES devices registered, each polled into round 1; their ids."""
+    devices = [coordinator.register("", {}, "banking") for _ in range(DEVICES)]
+    assert all(coordinator.poll(d, "banking").round == 1 for d in devices)
+    return devices
+
+
 def streamed(coordinator: Coordinator, strategy: str, options: dict | None) -> tuple[dict, dict]:
     """Round 1 aggregated the way it was before running sums: every stored update added one by one."""
     aggregation = build_strategy(strategy, options or {}).start(coordinator.global_adapter("banking", 0),
@@ -110,8 +117,7 @@ def test_robust_strategies_never_fold(tmp_path, tiny_bundle):
     """Median: nothing folded, nothing flushed, every update streamed at closing; the result is the streamed one."""
     coordinator = replica(tmp_path, tiny_bundle, {}, "median")
     try:
-        devices = [coordinator.register("", {}, "banking") for _ in range(DEVICES)]
-        assert all(coordinator.poll(d, "banking").round == 1 for d in devices)
+        devices = round_one(coordinator)
         for i, update in enumerate(trained(coordinator, DEVICES)):
             assert coordinator.submit(UploadHeader("banking", 1, devices[i], f"upload-{i}"), update)
             assert coordinator.rounds.sums.unflushed() == 0
@@ -130,8 +136,7 @@ def test_a_flush_never_marks_a_row_twice_nor_after_the_closing(tmp_path, tiny_bu
     dropped; a closing that sees a sum whose count does not match its marked rows streams those rows."""
     coordinator = replica(tmp_path, tiny_bundle, {})
     try:
-        devices = [coordinator.register("", {}, "banking") for _ in range(DEVICES)]
-        assert all(coordinator.poll(d, "banking").round == 1 for d in devices)
+        devices = round_one(coordinator)
         sent = trained(coordinator, DEVICES)
         for i in range(3):
             assert coordinator.submit(UploadHeader("banking", 1, devices[i], f"upload-{i}"), sent[i])
@@ -167,8 +172,7 @@ def test_a_flush_the_store_refused_is_kept_and_tried_again(tmp_path, tiny_bundle
     writes one sum covering all of them; the round closes with the streamed aggregate."""
     coordinator = replica(tmp_path, tiny_bundle, {})
     try:
-        devices = [coordinator.register("", {}, "banking") for _ in range(DEVICES)]
-        assert all(coordinator.poll(d, "banking").round == 1 for d in devices)
+        devices = round_one(coordinator)
         sent = trained(coordinator, DEVICES)
         for i in range(3):
             assert coordinator.submit(UploadHeader("banking", 1, devices[i], f"upload-{i}"), sent[i])
