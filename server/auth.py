@@ -85,9 +85,14 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 class TokenStore:
     """Tokens in the coordinator's database, for the jobs ``job_ids`` (None: any job id is accepted)."""
 
-    def __init__(self, engine: Engine, job_ids: Iterable[str] | None = None):
+    def __init__(self, engine: Engine, job_ids: Iterable[str] | None = None, cache_s: float = 0.0):
         self.engine = engine
         self.job_ids = None if job_ids is None else tuple(job_ids)
+        # ``[server] token_cache_s``: a valid token's row is read again after this long, so a revocation made
+        # elsewhere (the CLI, another replica) takes effect within it; one made here, at once. Expiry is checked
+        # on every call. 0: every call reads the database.
+        self.cache_s = cache_s
+        self._valid: dict[str, tuple[float, TokenInfo]] = {}  # sha256 -> (when read, the token's row)
 
     def create(self, job_id: str, expires_in_s: float | None = None, note: str = "") -> tuple[TokenInfo, str]:
         """A new token for ``job_id``: (what is stored, the token). The token is not kept; show it once."""
@@ -121,16 +126,26 @@ class TokenStore:
                 conn.execute(update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
                              .values(revoked_at=time.time()))
                 row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
+        self._valid = {digest: entry for digest, entry in self._valid.items() if entry[1].id != token_id}
         return _info(row)
 
     def authenticate(self, token: str) -> Principal:
         """The principal of a valid token; Unauthenticated for an unknown, revoked or expired one."""
-        with transaction(self.engine) as conn:
-            row = conn.execute(select(tokens).where(tokens.c.sha256 == hash_token(token))).first()
-        if row is None:
-            raise Unauthenticated("unknown enrolment token; ask the coordinator's operator for a token of your job")
-        status = _info(row).status()
+        digest = hash_token(token)
+        read_at, row = self._valid.get(digest, (0.0, None))
+        if row is None or time.monotonic() - read_at > self.cache_s:
+            with transaction(self.engine) as conn:
+                found = conn.execute(select(tokens).where(tokens.c.sha256 == digest)).first()
+            if found is None:
+                self._valid.pop(digest, None)
+                raise Unauthenticated("unknown enrolment token; ask the coordinator's operator for a token of "
+                                      "your job")
+            row = _info(found)
+            if self.cache_s > 0:
+                self._valid[digest] = (time.monotonic(), row)
+        status = row.status()
         if status != "valid":
+            self._valid.pop(digest, None)
             when = row.revoked_at if status == "revoked" else row.expires_at
             verb = "was revoked" if status == "revoked" else "expired"
             raise Unauthenticated(f"enrolment token {row.id} {verb} at "

@@ -10,6 +10,8 @@
     #                             # taken over after this long (docs/replicas.md)
     # final_answers_s = 10         # once every job is over: how long to keep answering before exiting (devices
     #                             # that poll meanwhile learn the job's end)
+    # token_cache_s = 5            # a valid enrolment token is read from the database again after this long:
+    #                             # a revocation made elsewhere (CLI, another replica) takes effect within it
     # insecure = true             # plaintext instead of [server.tls] (development on a trusted network only)
     [server.tls]
     cert = "certs/server.pem"     # the coordinator's certificate chain and key (PEM; `edgeft certs` makes dev ones)
@@ -179,6 +181,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     lease_s: float = 30.0  # replicas: how long a replica's claim on closing a round or evaluating lasts unrenewed
     final_answers_s: float = 10.0  # `edgeft server`: how long it still answers polls once every job is over
+    token_cache_s: float = 5.0  # how long a valid token's row is trusted before it is read again (auth.TokenStore)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -187,6 +190,9 @@ class ServerConfig:
         check_config(isinstance(self.final_answers_s, (int, float)) and not isinstance(self.final_answers_s, bool)
                      and self.final_answers_s >= 0, "server.final_answers_s", self.final_answers_s,
                      "must be a number of seconds, at least 0")
+        check_config(isinstance(self.token_cache_s, (int, float)) and not isinstance(self.token_cache_s, bool)
+                     and 0 <= self.token_cache_s <= 3600, "server.token_cache_s", self.token_cache_s,
+                     "must be a number of seconds from 0 to 3600")
         if self.database is not None:
             from edgeft.server.store import database_url
 
@@ -215,7 +221,7 @@ class ServerConfig:
 
 
 SERVER_KEYS = ("address", "state_dir", "database", "artifacts", "s3", "poll_wait_s", "insecure", "tls", "limits",
-               "lease_s", "final_answers_s")
+               "lease_s", "final_answers_s", "token_cache_s")
 
 
 def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
@@ -272,7 +278,8 @@ def load_server_config(path: str | Path, **overrides: object) -> ServerConfig:
                             poll_wait_s=float(server.get("poll_wait_s", 5.0)), tls=tls,
                             insecure=server.get("insecure", False),
                             limits=ServerLimits(**server.get("limits", {})),
-                            lease_s=server.get("lease_s", 30.0), final_answers_s=server.get("final_answers_s", 10.0))
+                            lease_s=server.get("lease_s", 30.0), final_answers_s=server.get("final_answers_s", 10.0),
+                            token_cache_s=server.get("token_cache_s", 5.0))
     except TypeError as exc:
         raise ConfigError(f"{path}: [server]: {exc}") from exc
 

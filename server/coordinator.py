@@ -112,7 +112,7 @@ class Coordinator:
         self.artifacts.remove_partial()  # blobs and bundles whose writing a crash cut short
         log.info("artifacts in %s", self.artifacts.describe())
         self.jobs = {job.id: job for job in config.jobs}
-        self.tokens = TokenStore(self.engine, self.jobs)  # device enrolment tokens, per job
+        self.tokens = TokenStore(self.engine, self.jobs, config.token_cache_s)  # device enrolment tokens, per job
         self.bundle_sets = JobBundles(config, self.artifacts, self.state)
         self.strategies: dict[str, Strategy] = {}
         self.secure_rounds = SecureRounds()

@@ -62,7 +62,10 @@ class S3Store(Artifacts):
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
             aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key,
             config=Config(connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
-                          retries={"max_attempts": 2, "mode": "standard"}, s3={"addressing_style": "path"},
+                          retries={"max_attempts": 2, "mode": "standard"},
+                          # no sha256 of each body for the signature (botocore's default without TLS or a checksum):
+                          # every object is named by its sha256 already and checked against it on every read
+                          s3={"addressing_style": "path", "payload_signing_enabled": False},
                           max_pool_connections=POOL_CONNECTIONS,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required"))

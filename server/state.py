@@ -13,9 +13,10 @@ Unavailable (``store.transaction``).
 from __future__ import annotations
 
 import logging
+from collections import namedtuple
 from typing import Callable, Iterable
 
-from sqlalchemy import func, inspect, insert, select, update
+from sqlalchemy import exists, func, inspect, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.errors import NotFound, PermissionDenied, StateError
@@ -26,6 +27,9 @@ from edgeft.server.store import (adapters, aggregations, connect, devices, downl
                                  transaction, updates, upsert, upsert_device)
 
 log = logging.getLogger("edgeft.server")
+# a job's and a round's rows read together by one statement (State._round_state), by column name like a Row
+JobRow = namedtuple("JobRow", [c.name for c in jobs.c])
+RoundRow = namedtuple("RoundRow", [c.name for c in rounds.c])
 
 
 class _Changed(Exception):
@@ -195,16 +199,16 @@ class State:
 
     @staticmethod
     def _seen(conn: Connection, device_id: str, job_id: str, metrics: dict | None = None) -> dict:
-        row = conn.execute(select(devices.c.capabilities).where(devices.c.id == device_id)).first()
-        if row is None:
-            raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
-        if conn.execute(select(enrolments.c.device_id).where(enrolments.c.device_id == device_id,
-                                                             enrolments.c.job_id == job_id)).first() is None:
-            raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a "
-                                   "token of that job first")
         values = {"last_seen": now(), **({"metrics": metrics} if metrics is not None else {})}
-        conn.execute(update(devices).where(devices.c.id == device_id).values(**values))
-        return row.capabilities
+        enrolled = exists().where(enrolments.c.device_id == device_id, enrolments.c.job_id == job_id)
+        row = conn.execute(update(devices).where(devices.c.id == device_id, enrolled).values(**values)
+                           .returning(devices.c.capabilities)).first()  # one statement for the common case
+        if row is not None:
+            return row.capabilities
+        if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
+            raise NotFound(f"unknown device {device_id!r}: register first", reason="unknown_device")
+        raise PermissionDenied(f"device {device_id!r} is not enrolled in job {job_id!r}: register with a "
+                               "token of that job first")
 
     def device(self, device_id: str) -> dict:
         with self._tx() as conn:
@@ -261,14 +265,20 @@ class State:
 
     @staticmethod
     def _round_state(conn: Connection, job_id: str, number: int | None, device_id: str) -> tuple:
-        job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        if job is None:
+        """(job row, round ``number``'s row or None, the device's upload id for it or None), in one statement;
+        ``number`` None: the job's current round. (None, None, None) for an unknown job."""
+        at = jobs.c.current_round if number is None else number
+        found = conn.execute(
+            select(*jobs.c, *(c.label(f"round_{c.name}") for c in rounds.c), updates.c.upload_id)
+            .select_from(jobs.outerjoin(rounds, (rounds.c.job_id == jobs.c.id) & (rounds.c.number == at))
+                         .outerjoin(updates, (updates.c.job_id == jobs.c.id) & (updates.c.round == at)
+                                    & (updates.c.device_id == device_id)))
+            .where(jobs.c.id == job_id)).first()
+        if found is None:
             return None, None, None
-        number = job.current_round if number is None else number
-        row = conn.execute(select(rounds).where(rounds.c.job_id == job_id, rounds.c.number == number)).first()
-        upload = conn.execute(select(updates.c.upload_id).where(
-            updates.c.job_id == job_id, updates.c.round == number, updates.c.device_id == device_id)).scalar()
-        return job, row, upload
+        n = len(JobRow._fields)
+        round_row = RoundRow(*found[n:n + len(RoundRow._fields)]) if found[n] is not None else None
+        return JobRow(*found[:n]), round_row, found[-1]
 
     def round_and_count(self, job_id: str, number: int) -> tuple:
         """A round's row (None: not opened) and how many updates it stored, in one transaction."""

@@ -19,13 +19,14 @@ from typing import Iterator
 from sqlalchemy import (JSON, Column, Float, Index, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
                         event, insert, select)
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import (ArgumentError, DatabaseError, IntegrityError, InterfaceError, NoSuchModuleError,
-                            OperationalError)
+from sqlalchemy.exc import (ArgumentError, DatabaseError, DisconnectionError, IntegrityError, InterfaceError,
+                            NoSuchModuleError, OperationalError)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from edgeft.errors import ConfigError, StateError, Unavailable
 
 log = logging.getLogger("edgeft.server")
+IDLE_PING_S = 5.0  # a database connection unused this long is tested before use
 metadata = MetaData()
 
 devices = Table(
@@ -236,8 +237,8 @@ def connect(url_or_path: URL | str | Path) -> Engine:
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         options = {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    else:  # connections a dead server left in the pool are tested before use; a bounded wait for a dead host
-        options = {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 24, "pool_timeout": 10,
+    else:  # a bounded wait for a dead host; idle connections are tested before use (_ping_idle_connections)
+        options = {"pool_size": 8, "max_overflow": 24, "pool_timeout": 10,
                    **({"connect_args": {"connect_timeout": 10}} if url.get_backend_name() == "postgresql"
                       and "connect_timeout" not in url.query else {})}
     try:
@@ -246,6 +247,8 @@ def connect(url_or_path: URL | str | Path) -> Engine:
         raise ConfigError(f"invalid server.database={label(url)!r}: SQLAlchemy has no driver {url.drivername!r} "
                           f"here ({exc}); PostgreSQL is postgresql+psycopg://..., installed by "
                           "pip install 'edgeft[server]'") from exc
+    if not sqlite:
+        _ping_idle_connections(engine)
     if sqlite:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -303,6 +306,27 @@ def _cause(exc: Exception) -> str:
     """The first line of a database driver's error."""
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Test a pooled connection before use when it sat unused for more than IDLE_PING_S (a server restarted or a
+    proxy that dropped idle connections meanwhile: a fresh connection replaces it). A connection in steady use is
+    not tested: pinging on every checkout (``pool_pre_ping``) cost a round trip per transaction, about a sixth of
+    the database traffic of a round. Should the server go away under load, the first transaction on a dead
+    connection fails (UNAVAILABLE: the device retries) and SQLAlchemy replaces every connection of the pool."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record) -> None:  # noqa: ANN001
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy) -> None:  # noqa: ANN001
+        if time.monotonic() - record.info.get("idle_since", time.monotonic()) <= IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # noqa: BLE001 - any failure: the pool discards it and connects afresh
+            raise DisconnectionError(f"an idle database connection is gone: {exc}") from exc
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from edgeft.errors import ConfigError
 from edgeft.server.config import ServerConfig, load_server_config
 from edgeft.server.coordinator import Coordinator
 from edgeft.server.state import State
-from edgeft.server.store import adapters, open_database, updates
+from edgeft.server import store
+from edgeft.server.store import adapters, connect, open_database, transaction, updates
 from edgeft.testing import postgres
 from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate
@@ -108,6 +109,24 @@ def test_two_writers_on_one_database_store_one_update_per_device_and_one_global_
     finally:
         for state in replicas:
             state.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_an_idle_connection_to_a_restarted_database_is_replaced_before_use(monkeypatch):
+    monkeypatch.setattr(store, "IDLE_PING_S", 0.0)  # every pooled connection counts as idle: tested before use
+    cluster = postgres.PostgresCluster()
+    try:
+        cluster.start()
+        engine = connect(cluster.create_database())
+        with transaction(engine) as conn:
+            assert conn.execute(select(1)).scalar() == 1
+        cluster.stop()  # the pooled connection dies with the server
+        cluster.start()
+        with transaction(engine) as conn:  # tested, discarded, replaced: no error reaches the caller
+            assert conn.execute(select(1)).scalar() == 1
+        engine.dispose()
+    finally:
+        cluster.close()
 
 
 @pytest.mark.postgres
