@@ -121,8 +121,12 @@ def _round(n: int, token: str, servers: list, backend: dict | None, replicas: in
                 retries[i] += 1
                 time.sleep(1 + attempt)
 
-    with ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
-        list(pool.map(client, range(n)))
+    try:
+        with ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
+            list(pool.map(client, range(n)))
+    finally:  # a channel left open keeps its threads (and reconnection attempts) into the next row's round
+        for channel in channels:
+            channel.close()
     reports = [json.loads(server.stdout.readline()) for server in servers]  # each: once every job finished
     from edgeft.server.state import State
     from edgeft.server.store import open_database
