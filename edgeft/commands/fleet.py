@@ -37,7 +37,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="a federated fleet on this machine: a real coordinator and N agent processes")
+    p = sub.add_parser("simulate", help="a federated fleet on this machine: a real coordinator and N agent processes "
+                                        "(or Ray actors on a cluster: --backend ray)")
     p.add_argument("--clients", type=int, default=4, help="simulated devices (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--partition", default="iid",
@@ -74,6 +75,13 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-pythons", metavar="PY1,PY2,...",
                    help="the Python each client's agent runs with, cycled over the fleet: device virtualenvs with "
                         "edgeft installed (scripts/device_venv.py), e.g. one with the plain onnxruntime")
+    p.add_argument("--backend", choices=("process", "ray"), default="process",
+                   help="where the agents run: process (one OS process each, here; default) or ray (one Ray actor "
+                        "each, on a local Ray instance or the cluster at --address; pip install 'edgeft[ray]')")
+    p.add_argument("--address", help="with --backend ray: a running Ray cluster (ray://HEAD:10001, HEAD:6379 or auto; "
+                                     "default: start a local Ray instance)")
+    p.add_argument("--advertise-host", help="with --backend ray on other machines: this machine's address the nodes "
+                                            "reach (the coordinator then listens on every interface)")
     add_fleet_arguments(p)
     p.set_defaults(func=_run_simulate)
 
@@ -151,7 +159,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
         export=export, clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         fraction=args.fraction, concurrency=args.concurrency, threads=args.threads, baseline=args.baseline,
         overwrite=args.overwrite, secure_aggregation={} if args.secure_aggregation else None,
-        head_init=args.head_init, client_ranks=ranks, engines=csv_list(args.engines) or (),
+        head_init=args.head_init, client_ranks=ranks, backend=args.backend, ray_address=args.address,
+        advertise_host=args.advertise_host, engines=csv_list(args.engines) or (),
         client_pythons=tuple(Path(p) for p in csv_list(args.client_pythons) or ()),
         local=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, pack=args.pack,
                           progress=False), **fleet))

@@ -59,13 +59,15 @@ def start_agent(spec: AgentSpec, log: Path) -> subprocess.Popen:
         return subprocess.Popen(spec.command(), stdout=out, stderr=subprocess.STDOUT, env=spec.environment())
 
 
-def simulation_tls(out: Path):  # noqa: ANN202
-    """A development CA, a server certificate for the loopback address and one client certificate that all
-    agents share, in ``out/tls``: the TLS files (mutual TLS) and the agents' flags for them."""
+def simulation_tls(out: Path, hosts: tuple[str, ...] = ()):  # noqa: ANN202
+    """A development CA, a server certificate for the loopback address (and ``hosts``: the address agents on other
+    machines dial) and one client certificate that all agents share, in ``out/tls``: the TLS files (mutual TLS)
+    and the agents' flags for them."""
     from edgeft.server.certs import CertsConfig, make_certs
     from edgeft.server.config import TlsConfig
 
-    files = make_certs(CertsConfig(out=out / "tls", hosts=("127.0.0.1", "localhost"), clients=("device",), days=30))
+    hosts = tuple(dict.fromkeys(("127.0.0.1", "localhost", *hosts)))
+    files = make_certs(CertsConfig(out=out / "tls", hosts=hosts, clients=("device",), days=30))
     flags = ["--ca-cert", str(files["ca"]), "--client-cert", str(files["device"]),
              "--client-key", str(files["device_key"])]
     return TlsConfig(cert=files["server"], key=files["server_key"], client_ca=files["ca"]), flags
@@ -84,13 +86,21 @@ def start_agents(config, port: int,  # noqa: ANN001 - a runner.SimulationConfig
                  transport_flags: list[str]) -> list[tuple[subprocess.Popen, Path]]:
     """One agent process per client (``edgeft.testing.agents``), its output in its cache folder's agent.log; each
     under its device profile of ``config.fleet`` unless the fleet is uniform."""
+    return [(start_agent(spec, cache / "agent.log"), cache / "agent.log")
+            for spec, cache in agent_specs(config, port, transport_flags)]
+
+
+def agent_specs(config, port: int,  # noqa: ANN001 - a runner.SimulationConfig
+                transport_flags: list[str]) -> list[tuple[AgentSpec, Path]]:
+    """Each client's agent and its cache folder (made here, with the client's readable device id), which holds
+    the agent's log; agents dial the coordinator at ``config.advertise_host`` (default 127.0.0.1)."""
     agents, started = [], time.time()
     for i in range(config.clients):
         cache = config.out / "devices" / f"client-{i:03d}"
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "device_id").write_text(f"client-{i:03d}")  # readable ids in the records
         shard = next((config.out / "clients").glob(f"client-{i:03d}.*"))  # .csv, or .jsonl for a causal LM
-        flags = ["--server", f"127.0.0.1:{port}", "--data", str(shard),
+        flags = ["--server", f"{config.advertise_host or '127.0.0.1'}:{port}", "--data", str(shard),
                  "--cache-dir", str(cache), "--threads", str(config.threads),
                  "--training-slots", f"{config.out / 'slots'}:{config.slots}", "--give-up-after", "120",
                  *transport_flags]
@@ -101,5 +111,5 @@ def start_agents(config, port: int,  # noqa: ANN001 - a runner.SimulationConfig
         attacker = i < config.attackers  # test tooling: a Byzantine client
         profile = None if config.fleet.uniform else config.fleet.device(i).to_json()
         spec = AgentSpec(tuple(flags), python, config.attack if attacker else None, config.seed + i, profile, started)
-        agents.append((start_agent(spec, cache / "agent.log"), cache / "agent.log"))
+        agents.append((spec, cache))
     return agents

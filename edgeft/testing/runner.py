@@ -88,6 +88,12 @@ class SimulationConfig:
     async_options: Mapping[str, object] = field(default_factory=dict)
     # a synchronous round's updates needed by its deadline (ClientSelection.min; None: every selected client)
     min_updates: int | None = None
+    # where the agents run (docs/simulation.md#ray-backend): "process" (one OS process each, on this machine) or "ray"
+    # (one Ray actor each, edgeft.testing.ray_fleet) on the Ray cluster at ``ray_address`` (None: a local instance)
+    backend: str = "process"
+    ray_address: str | None = None
+    # the address of this machine agents dial (None: 127.0.0.1); given, the coordinator listens on every interface
+    advertise_host: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -99,6 +105,9 @@ class SimulationConfig:
             raise ConfigError(f"invalid concurrency={self.concurrency}: must be >= 1")
         parse_scheme(self.partition)
         check_config(self.mode in ("sync", "async"), "mode", self.mode, "expected sync or async")
+        check_config(self.backend in ("process", "ray"), "backend", self.backend, "expected process or ray")
+        check_config(self.ray_address is None or self.backend == "ray", "ray_address", self.ray_address,
+                     "applies to backend ray only")
         check_config(self.min_updates is None or 1 <= self.min_updates <= self.clients, "min_updates",
                      self.min_updates, "between 1 and clients")
         if self.attack is not None:
@@ -258,6 +267,15 @@ def _centralised(config: SimulationConfig, bundle, passes: int) -> list[dict]:  
 
 def run_simulation(config: SimulationConfig) -> dict:
     """Run the simulated job; writes everything under ``config.out`` and returns the summary."""
+    if config.backend == "process":
+        return _simulate(config, start_agents)
+    from edgeft.testing.ray_fleet import RayFleet
+
+    with RayFleet(config) as fleet:  # connects first: a missing Ray or a bad address fails before any work
+        return _simulate(config, fleet.start_agents)
+
+
+def _simulate(config: SimulationConfig, start) -> dict:  # noqa: ANN001 - start_agents or RayFleet.start_agents
     from edgeft.server.config import ClientSelection, JobConfig, ServerConfig
     from edgeft.server.servicer import create_server
     from edgeft.testing.report import write_outputs
@@ -307,14 +325,15 @@ def run_simulation(config: SimulationConfig) -> dict:
                                         else None),
                     head_init=config.head_init, device_bundles=device_bundles, engine_bundles=engine_bundles,
                     engines=config.engines)
-    tls, transport_flags = simulation_tls(out)
-    server_config = ServerConfig(address="127.0.0.1:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
+    tls, transport_flags = simulation_tls(out, tuple(filter(None, [config.advertise_host])))
+    listen = "0.0.0.0" if config.advertise_host else "127.0.0.1"  # other machines' agents dial advertise_host
+    server_config = ServerConfig(address=f"{listen}:0", state_dir=out / "state", jobs=(job,), poll_wait_s=1.0, tls=tls)
     server, port, coordinator = create_server(server_config)
     token = write_token(coordinator, JOB_ID, out / "tls" / "token")
     server.start()
-    print(f"coordinator on 127.0.0.1:{port} (mutual TLS); starting {config.clients} device agents "
+    print(f"coordinator on {listen}:{port} (mutual TLS); starting {config.clients} device agents "
           f"({config.slots} training at once, {config.threads} thread(s) each)", flush=True)
-    agents = start_agents(config, port, [*transport_flags, "--token-file", str(token)])
+    agents = start(config, port, [*transport_flags, "--token-file", str(token)])
     federated_started = time.perf_counter()
     try:
         _follow(coordinator, config, agents)
