@@ -90,8 +90,9 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     engine = open_database(state / "state" / "state.db")
     _, token = TokenStore(engine).create("scale")
     engine.dispose()
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    with open(state / "coordinator.log", "w") as log:  # its warnings and any call's traceback, kept for reading
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     samples: list = []
     stop = threading.Event()
     try:
@@ -125,16 +126,19 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     minutes = (time.time() - started) / 60
     refused: dict[str, int] = {}
     retried: dict[str, int] = {}
+    details: dict[str, str] = {}
     for r in reports:
         for total, counts in ((refused, r["refused"]), (retried, r["retried"])):
             for code, count in counts.items():
                 total[code] = total.get(code, 0) + count
+        for code, message in r["refused_details"].items():
+            details.setdefault(code, message)
     return {"devices": n, "registered": sum(r["registered"] for r in reports), "accepted": accepted,
             "accepted_per_s": round(accepted / span, 1) if span == span and span > 0 else None,
             "versions": final["versions"], "versions_per_min": round(final["versions"] / minutes, 2),
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
             "upload_p99_s": round(float(np.nanpercentile(latencies, 99)), 3),
-            "refused": refused,
+            "refused": refused, "refused_details": details,
             "retries": retried, "errors": sum(r["errors"] for r in reports),
             "first_errors": [e for r in reports for e in r["first_errors"]][:3],
             "server_peak_rss_mb": round(final["peak_rss_mb"], 1), "server_rss_mb_samples": samples,

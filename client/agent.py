@@ -29,7 +29,7 @@ import numpy as np
 
 from edgeft.bundle import MANIFEST, Bundle, check_bundle, load_bundle, member_name, sha256_of
 from edgeft.client.device import capabilities, training_slot
-from edgeft.client.transport import Transport, connection_hint, open_channel
+from edgeft.client.transport import RETRYABLE, Transport, connection_hint, open_channel, retryable
 from edgeft.data import DataConfig, Dataset, load_dataset
 from edgeft.errors import BundleError, ConfigError, CoordinatorError, SecAggError
 from edgeft.train.engines import open_session, runtime_version
@@ -42,8 +42,6 @@ from edgeft.wire import (BundleFile, DataSchema, DownloadRequest, Finished, Poll
                          secagg_response_from_pb, update_to_parts, upload_receipt_from_pb)
 
 log = logging.getLogger("edgeft.client")
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.ABORTED}
 HINTS = {
     grpc.StatusCode.UNAUTHENTICATED: "the coordinator did not accept this device's enrolment token; get a valid "
                                      "token for the job from its operator (`edgeft server token create --job JOB`) "
@@ -134,7 +132,7 @@ class Agent:
 
     # -- the one edge where grpc errors become edgeft errors or retries -----------------------------
     def _call(self, what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
-        delay, started, closed = 0.5, time.monotonic(), 0
+        delay, started, closed, internal = 0.5, time.monotonic(), 0, 0
         while True:
             try:
                 result = fn(*args, timeout=self.config.call_timeout_s, **kwargs)
@@ -142,7 +140,8 @@ class Agent:
                 return result
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code not in RETRYABLE:
+                internal += code == grpc.StatusCode.INTERNAL
+                if not retryable(code, internal):
                     raise self._refusal(what, exc) from exc
                 hint = connection_hint(exc.details(), self.config.transport) if code == grpc.StatusCode.UNAVAILABLE \
                     else None

@@ -20,6 +20,20 @@ from edgeft.wire.types import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 
 log = logging.getLogger("edgeft.client")
 TOKEN_ENV = "EDGEFT_TOKEN"
+# a busy or restarting coordinator: the call was not applied, ask again later (with backoff)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+# INTERNAL comes from gRPC itself too, not only from the coordinator (whose handlers leave the call unapplied):
+# "Internal error from Core" when a coordinator at its max_concurrent_rpcs refuses a streaming upload whose parts
+# are still being sent. A device's calls are idempotent (an upload by its upload_id), so INTERNAL is asked again
+# this many times before it counts as a refusal.
+INTERNAL_RETRIES = 3
+
+
+def retryable(code: grpc.StatusCode, internal_so_far: int) -> bool:
+    """Whether a call that failed with ``code`` is asked again; ``internal_so_far``: its INTERNAL answers so far,
+    this one included."""
+    return code in RETRYABLE or (code == grpc.StatusCode.INTERNAL and internal_so_far <= INTERNAL_RETRIES)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from edgeft.client.transport import Transport, open_aio_channel
+from edgeft.client.transport import Transport, open_aio_channel, retryable
 from edgeft.errors import ConfigError, check_config
 from edgeft.testing.fleet_profile import FleetProfile
 from edgeft.update import AdapterUpdate
@@ -29,8 +29,6 @@ from edgeft.wire import (Capabilities, Finished, PollRequest, Registration, Task
                          poll_request_to_pb, poll_response_from_pb, registered_from_pb, registration_to_pb,
                          update_to_parts, upload_receipt_from_pb)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.ABORTED}
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,7 @@ class FleetReport:
     tasks: int = 0
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    refused_details: dict[str, str] = field(default_factory=dict)  # the first refusal's message of each status
     dropped: int = 0
     uploads: list[tuple[float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -111,7 +110,8 @@ class FleetReport:
     def summary(self) -> dict:
         latency = np.array([lat for _, lat in self.uploads]) if self.uploads else np.zeros(1)
         return {"registered": self.registered, "tasks": self.tasks, "accepted": self.accepted,
-                "refused": dict(self.refused), "dropped": self.dropped, "finished": self.finished,
+                "refused": dict(self.refused), "refused_details": dict(self.refused_details),
+                "dropped": self.dropped, "finished": self.finished,
                 "errors": len(self.errors), "seconds": round(self.seconds, 2),
                 "retries": self.retries, "retried": dict(self.retried),
                 "upload_p50_s": round(float(np.percentile(latency, 50)), 4),
@@ -152,14 +152,15 @@ class LightFleet:
     async def _call(self, fn, request, stop_at_deadline: bool = True):  # noqa: ANN001, ANN202
         """One call, retried with backoff while the coordinator is busy or away; grpc.RpcError for a refusal.
         ``request``: a message, or a function making it afresh for each try (an upload's stream of parts)."""
-        delay, started = 0.5, time.monotonic()
+        delay, started, internal = 0.5, time.monotonic(), 0
         while True:
             if stop_at_deadline and time.monotonic() > self._deadline:
                 raise _Stop
             try:
                 return await fn(request() if callable(request) else request, timeout=self.config.call_timeout_s)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or time.monotonic() - started > self.config.give_up_after_s:
+                internal += exc.code() == grpc.StatusCode.INTERNAL
+                if not retryable(exc.code(), internal) or time.monotonic() - started > self.config.give_up_after_s:
                     raise
                 self.report.retries += 1
                 self.report.retried[exc.code().name] = self.report.retried.get(exc.code().name, 0) + 1
@@ -241,6 +242,7 @@ class LightFleet:
                 raise
             reason = exc.code().name
             self.report.refused[reason] = self.report.refused.get(reason, 0) + 1
+            self.report.refused_details.setdefault(reason, exc.details() or "")
             return
         self.report.accepted += not receipt.duplicate
         self.report.uploads.append((time.time(), time.monotonic() - begun))

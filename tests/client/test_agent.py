@@ -101,3 +101,41 @@ def test_a_coordinator_going_down_is_retried_not_read_as_a_tls_refusal(tmp_path,
         agent._call("poll", flaky(5))
     assert agent._call("register", flaky(0)) == "ok"
     assert agent._call("poll", flaky(5)) == "ok"
+
+
+def test_internal_is_asked_again_a_few_times_then_refused(tmp_path, monkeypatch):
+    """gRPC answers INTERNAL "Internal error from Core" when a coordinator at its max_concurrent_rpcs refuses an
+    upload whose parts are still being sent (seen by bench/scale.py at 3,000 devices). A device's calls are
+    idempotent, so INTERNAL is asked again INTERNAL_RETRIES times; a coordinator that keeps answering it is a
+    refusal."""
+    import grpc
+
+    from edgeft.client.transport import INTERNAL_RETRIES
+
+    monkeypatch.setattr("edgeft.client.agent.time.sleep", lambda seconds: None)
+
+    class Internal(grpc.RpcError):
+        def code(self):  # noqa: ANN202
+            return grpc.StatusCode.INTERNAL
+
+        def details(self):  # noqa: ANN202
+            return "Internal error from Core"
+
+    def failing(times: int):  # noqa: ANN202
+        calls = [0]
+
+        def call(timeout):  # noqa: ANN001, ANN202
+            calls[0] += 1
+            if calls[0] <= times:
+                raise Internal()
+            return "ok"
+
+        call.calls = calls
+        return call
+
+    agent = make_agent(tmp_path, 1, "eft_unused")
+    assert agent._call("upload", failing(INTERNAL_RETRIES)) == "ok"
+    always = failing(100)
+    with pytest.raises(CoordinatorError, match="Internal error from Core"):
+        agent._call("upload", always)
+    assert always.calls[0] == INTERNAL_RETRIES + 1
