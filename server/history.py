@@ -17,10 +17,10 @@ def job_status(state: State, job_id: str) -> dict:
 
 
 def job_history(state: State, job_id: str, job: JobConfig | None, head_init: str | None) -> dict:
-    """Per round: status and wall time, the evaluation of the global adapter, per client its examples, training
-    metrics and bytes up and down, and what the strategy reported (``aggregation``; with differential privacy
-    ``privacy``: epsilon for the round and cumulative at delta). The job's ``privacy`` is the cumulative
-    (epsilon, delta) spent so far (None without DP)."""
+    """Per round: status, wall time (``seconds``; Unix times ``opened_at``, ``closed_at``), the evaluation of the
+    global adapter, per client its examples, training metrics and bytes up and down, and what the strategy
+    reported (``aggregation``; with differential privacy ``privacy``: epsilon for the round and cumulative at
+    delta). The job's ``privacy`` is the cumulative (epsilon, delta) spent so far (None without DP)."""
     status = job_status(state, job_id)
     record = state.job_record(job_id)
     round_rows, evals, downs, reports = record["rounds"], record["evaluations"], record["downloads"], record["reports"]
@@ -37,6 +37,7 @@ def job_history(state: State, job_id: str, job: JobConfig | None, head_init: str
         history["rounds"].append({
             "round": row.number, "status": row.status, "message": row.message, "selected": list(row.selected),
             "seconds": round(row.closed_at - row.opened_at, 2) if row.closed_at else None,
+            "opened_at": row.opened_at, "closed_at": row.closed_at,
             "evaluation": evals.get(row.number), "clients": sorted(clients, key=lambda c: c["device_id"]),
             "aggregation": reports.get(row.number), "privacy": (reports.get(row.number) or {}).get("privacy")})
         if history["rounds"][-1]["privacy"]:  # the job's privacy spent so far: the latest cumulative figure

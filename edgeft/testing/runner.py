@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -94,6 +94,9 @@ class SimulationConfig:
     ray_address: str | None = None
     # the address of this machine agents dial (None: 127.0.0.1); given, the coordinator listens on every interface
     advertise_host: str | None = None
+    # called with the job's history every second: True ends the simulation there (agents stopped, job left running;
+    # a benchmark's target accuracy or wall-time budget)
+    stop_when: Callable[[dict], bool] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -199,9 +202,9 @@ def _write_partitions(config: SimulationConfig, rows: list[dict], label_names: l
     return info
 
 
-def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess.Popen, Path]]) -> None:  # noqa: ANN001
+def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess.Popen, Path]]) -> bool:  # noqa: ANN001
     """Wait for the job, showing a bar per round (global version) with the latest accuracy; stop on a crashed
-    agent."""
+    agent. True when ``config.stop_when`` ended it early."""
     from tqdm.auto import tqdm
 
     from edgeft.testing.report import records
@@ -241,7 +244,9 @@ def _follow(coordinator, config: SimulationConfig, agents: list[tuple[subprocess
                 coordinator.wait_until_finished(timeout=600)  # the last evaluations
                 if history["status"] == "failed":
                     raise EdgeftError(f"the simulated job failed: {history['message']}")
-                return
+                return False
+            if config.stop_when is not None and config.stop_when(history):
+                return True
             for proc, log in agents:
                 if proc.poll() not in (None, 0):
                     tail = log.read_text()[-1500:]
@@ -334,13 +339,13 @@ def _simulate(config: SimulationConfig, start) -> dict:  # noqa: ANN001 - start_
     print(f"coordinator on {listen}:{port} (mutual TLS); starting {config.clients} device agents "
           f"({config.slots} training at once, {config.threads} thread(s) each)", flush=True)
     agents = start(config, port, [*transport_flags, "--token-file", str(token)])
-    federated_started = time.perf_counter()
+    federated_started, stopped = time.perf_counter(), False
     try:
-        _follow(coordinator, config, agents)
+        stopped = _follow(coordinator, config, agents)
         federated_seconds = time.perf_counter() - federated_started
         for proc, _ in agents:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=0 if stopped else 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
         history = coordinator.history(JOB_ID)
@@ -349,6 +354,8 @@ def _simulate(config: SimulationConfig, start) -> dict:  # noqa: ANN001 - start_
             if proc.poll() is None:
                 proc.kill()
         server.stop(grace=None)
+        if stopped:  # no evaluation left running beside what the caller does next
+            coordinator.close()
     baseline = (_centralised(config, bundle, config.rounds * config.local.epochs)
                 if config.baseline and config.test is not None else None)
     summary = {"config": {"clients": config.clients, "rounds": config.rounds, "partition": config.partition,

@@ -124,3 +124,17 @@ def test_an_asynchronous_job_on_a_heterogeneous_fleet(tmp_path, tiny_bundle, sma
     slow = [i for i in trained if fleet.device(i).slowdown > 1]
     assert slow and all("simulated slowdown x" in logs[i] for i in slow)  # a slow device waits after training
     assert not any("simulated slowdown" in logs[i] for i in range(4) if fleet.device(i).slowdown <= 1)
+
+
+def test_stop_when_ends_a_simulation_early(tmp_path, tiny_bundle, small_banking):
+    def first_round_evaluated(history: dict) -> bool:
+        return any(r["round"] >= 1 and r.get("evaluation") for r in history["rounds"])
+
+    summary = run_simulation(SimulationConfig(
+        out=tmp_path / "sim", train=DataConfig(small_banking["train"], label_column="category"),
+        test=DataConfig(small_banking["test"], label_column="category"), bundle=tiny_bundle.path,
+        clients=2, rounds=50, concurrency=2, baseline=False, stop_when=first_round_evaluated,
+        local=TrainConfig(epochs=1, batch_size=16, learning_rate=3e-2, progress=False)))
+    history = summary["history"]
+    assert history["status"] == "running" and first_round_evaluated(history)  # stopped there, not after 50 rounds
+    assert len(history["rounds"]) < 10 and history["rounds"][1]["closed_at"] > history["rounds"][1]["opened_at"]
