@@ -12,7 +12,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,6 +24,32 @@ from safetensors.numpy import save as save_tensors
 
 from edgeft.bundle import Bundle, check_bundle, load_bundle
 from edgeft.errors import BundleError
+
+
+class DecodedCache:
+    """Decoded blobs (tensors by name) kept by key, the least recently used dropped beyond ``max_bytes`` (the
+    latest one is always kept). Global adapter versions never change once written: an asynchronous job's uploads
+    are checked against the several recent versions they trained from, and its polls all ask for the latest."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()  # key -> (tensors, bytes)
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: object, tensors: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._items[key] = (tensors, sum(t.nbytes for t in tensors.values()))
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(size for _, size in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
 
 
 def check_digest(data: bytes, digest: str, where: str) -> bytes:

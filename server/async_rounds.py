@@ -35,6 +35,7 @@ from edgeft.update import AdapterUpdate
 from edgeft.wire import AsyncWork, UploadHeader
 
 log = logging.getLogger("edgeft.server")
+CAP_RECHECK_S = 1.0  # once the concurrency cap is reached, how long "ask later" is answered without counting again
 
 
 class AsyncRounds:
@@ -42,6 +43,9 @@ class AsyncRounds:
 
     def __init__(self, rounds: Rounds, state: AsyncState):
         self.rounds, self.state = rounds, state
+        # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
+        # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
+        self._full_until: dict[str, float] = {}
 
     # -- a device asks for work ----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict,
@@ -53,9 +57,12 @@ class AsyncRounds:
         version = job_row.current_round - 1
         upload_id = f"{device_id}:{job.id}:v{version}:{uuid.uuid4().hex[:12]}"
         deadline = now() + job.round_deadline_s
+        if time.monotonic() < self._full_until.get(job.id, 0.0):
+            return None
         with self.rounds.lock:  # this process hands out work one device at a time (the database counts holders)
             if not self.state.issue_work(job.id, device_id, upload_id, version, deadline,
                                          job.asynchronous.max_concurrency):
+                self._full_until[job.id] = time.monotonic() + CAP_RECHECK_S
                 return None
         rank, bundle = self.rounds.jobs.device_bundle(job.id, capabilities)
         adapter = self.rounds.jobs.for_rank(job.id, rank, self.rounds.global_adapter(job.id, version))
@@ -75,24 +82,24 @@ class AsyncRounds:
             raise
 
     def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
-        if self.state.received(job.id, header.upload_id):
+        # a replay?, then registered and enrolled (the liveness write), and the job: one transaction
+        received, capabilities, row = self.state.upload_state(job.id, header.upload_id, header.device_id)
+        if received:
             self.rounds.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
                                         "again; counted once")
             return False
-        capabilities = self.rounds.state.seen(header.device_id, job.id)  # registered and enrolled
-        row = self.rounds.state.job(job.id)
         if row.status != "running":
             raise Rejected(f"job {job.id!r} is {row.status}; the update came late", reason="late")
         latest = row.current_round - 1
         try:
             check_staleness(latest, header.base_version, job.asynchronous.fedbuff)
         except Rejected:
-            self.state.release_work(job.id, header.device_id)
+            self._release(job.id, header.device_id)
             raise
         try:
             self.rounds.check_trained(job, header.base_version, update, capabilities)
         except DataError as exc:
-            self.state.release_work(job.id, header.device_id)
+            self._release(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
         with self.rounds.lock:  # no version of this process's making slips in between the check and the store
@@ -100,24 +107,34 @@ class AsyncRounds:
             try:
                 check_staleness(latest, header.base_version, job.asynchronous.fedbuff)  # again: versions were made
             except Rejected:
-                self.state.release_work(job.id, header.device_id)
+                self._release(job.id, header.device_id)
                 raise
-            if not self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
-                                         update.n_examples, update.metrics, blob, size):
+            buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
+                                             update.n_examples, update.metrics, blob, size)
+            if not buffered:
                 if self.state.received(job.id, header.upload_id):  # a replay that raced this one
                     return False
                 raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
+            self._full_until.pop(job.id, None)  # the device's slot is free
             try:
-                self.close_if_full(job)
+                self.close_if_full(job, buffered)
             except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
                 log.warning("job %s: the next version waits: %s", job.id, exc)
         return True
 
+    def _release(self, job_id: str, device_id: str) -> None:
+        """The device's upload was refused: its slot is free (here at once, for other replicas at their recheck)."""
+        self.state.release_work(job_id, device_id)
+        self._full_until.pop(job_id, None)
+
     # -- versions ------------------------------------------------------------------------------------
-    def close_if_full(self, job: JobConfig) -> None:
+    def close_if_full(self, job: JobConfig, buffered: int | None = None) -> None:
         """Make global versions while the buffer holds ``buffer_size`` updates and the job runs (one replica makes
-        each version: its lease)."""
+        each version: its lease). ``buffered``: the buffer's size an upload just learnt (below ``buffer_size``:
+        nothing to read)."""
         size = job.asynchronous.fedbuff.buffer_size
+        if buffered is not None and buffered < size:
+            return
         with self.rounds.lock:
             while True:
                 row = self.rounds.state.job(job.id)

@@ -65,22 +65,37 @@ class AsyncState:
     def received(self, job_id: str, upload_id: str) -> bool:
         """Whether the upload is stored already (a replay)."""
         with self._tx() as conn:
-            return conn.execute(select(async_updates.c.seq).where(
-                async_updates.c.job_id == job_id, async_updates.c.upload_id == upload_id)).first() is not None
+            return self._received(conn, job_id, upload_id)
+
+    @staticmethod
+    def _received(conn: Connection, job_id: str, upload_id: str) -> bool:
+        return conn.execute(select(async_updates.c.seq).where(
+            async_updates.c.job_id == job_id, async_updates.c.upload_id == upload_id)).first() is not None
+
+    def upload_state(self, job_id: str, upload_id: str, device_id: str) -> tuple:
+        """An upload's reads in one transaction: whether it is stored already (a replay), then the device's
+        liveness write (``State.seen``: NotFound / PermissionDenied for a device not registered or not enrolled)
+        and the job's row. Returns (received, capabilities, job row); for a replay (True, None, None)."""
+        with self._tx() as conn:
+            if self._received(conn, job_id, upload_id):
+                return True, None, None
+            capabilities = State._seen(conn, device_id, job_id)
+            return False, capabilities, conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
 
     def add_update(self, job_id: str, upload_id: str, device_id: str, base_version: int, n_examples: int,
-                   metrics: dict, blob: str, size: int) -> bool:
-        """Store an accepted update in the job's buffer and release the device's work, in one transaction; False
-        (nothing stored) for an upload stored already or a job that is no longer running."""
+                   metrics: dict, blob: str, size: int) -> int:
+        """Store an accepted update in the job's buffer and release the device's work, in one transaction; returns
+        how many updates the buffer holds with it, or 0 (nothing stored) for an upload stored already or a job
+        that is no longer running."""
         with self._tx() as conn:
             running = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar() == "running"
             if not running or not insert_ignore(
                     conn, async_updates, ("job_id", "upload_id"), job_id=job_id, upload_id=upload_id,
                     device_id=device_id, base_version=base_version, n_examples=n_examples, metrics=metrics,
                     blob=blob, received_at=now(), bytes=size, version=None):
-                return False
+                return 0
             conn.execute(async_work.delete().where(async_work.c.job_id == job_id, async_work.c.device_id == device_id))
-        return True
+            return self._buffered(conn, job_id)
 
     def buffer(self, job_id: str, limit: int) -> list:
         """The oldest ``limit`` updates in the job's buffer (not in a version yet), in arrival order."""
@@ -162,5 +177,9 @@ class AsyncState:
     def buffered(self, job_id: str) -> int:
         """How many accepted updates wait in the job's buffer."""
         with self._tx() as conn:
-            return conn.execute(select(func.count()).select_from(async_updates).where(
-                async_updates.c.job_id == job_id, async_updates.c.version.is_(None))).scalar_one()
+            return self._buffered(conn, job_id)
+
+    @staticmethod
+    def _buffered(conn: Connection, job_id: str) -> int:
+        return conn.execute(select(func.count()).select_from(async_updates).where(
+            async_updates.c.job_id == job_id, async_updates.c.version.is_(None))).scalar_one()

@@ -22,7 +22,7 @@ from edgeft.aggregate import RoundContext, Strategy, Summable
 from edgeft.aggregate.statistics import check_statistics, head_from_statistics, sum_statistics
 from edgeft.errors import DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.secagg.updates import SecAggSettings
-from edgeft.server.artifacts import Artifacts
+from edgeft.server.artifacts import Artifacts, DecodedCache
 from edgeft.server.config import JobConfig, ServerConfig
 from edgeft.server.jobs import JobBundles
 from edgeft.server.lease import Leases
@@ -184,7 +184,7 @@ class Rounds:
         self.plain, self.statistics = PlainRound(), StatisticsRound()
         self.lock = threading.RLock()
         self._norms: dict[tuple[str, int], float] = {}  # L2 norm of each global adapter version
-        self._adapter_cache: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        self._adapters = DecodedCache()  # (job id, version) -> the global adapter, decoded
         self.last_close_seconds = 0.0  # how long the last round's aggregation took
         self.sums = RunningSums(SumState(state), artifacts, lambda job, number: self.strategies[job.id].start(
             self.global_adapter(job.id, number - 1), RoundContext(round=number)), leases.holder)
@@ -198,14 +198,16 @@ class Rounds:
     def global_adapter(self, job_id: str, version: int | None = None) -> dict[str, np.ndarray]:
         """The global adapter after round ``version`` (default: the latest).
 
-        Versions never change once written, so the last one read per job is kept decoded: every device's
-        poll in a round asks for the same one."""
-        cached = self._adapter_cache.get(job_id)
-        if version is not None and cached is not None and cached[0] == version:
-            return cached[1]
+        Versions never change once written, so recent ones are kept decoded: every device's poll in a round asks
+        for the same one, and an asynchronous job's uploads for the few they trained from."""
+        cached = None if version is None else self._adapters.get((job_id, version))
+        if cached is not None:
+            return cached
         row = self.state.adapter(job_id, version)
-        tensors = self.artifacts.get_tensors(row.blob)
-        self._adapter_cache[job_id] = (row.version, tensors)
+        tensors = self._adapters.get((job_id, row.version))
+        if tensors is None:
+            tensors = self.artifacts.get_tensors(row.blob)
+            self._adapters.put((job_id, row.version), tensors)
         return tensors
 
     def iter_updates(self, job_id: str, number: int, with_device: bool = False) -> Iterator:

@@ -255,6 +255,7 @@ def synthetic_update(global_adapter: dict[str, np.ndarray], rng: np.random.Gener
                      examples: tuple[int, int]) -> AdapterUpdate:
     """The global adapter plus N(0, noise^2) (float32, the same names and shapes), with n_examples drawn
     uniformly from ``examples``."""
-    tensors = {name: (value + rng.normal(0.0, noise, value.shape)).astype(np.float32)
+    scale = np.float32(noise)  # drawn in float32: half the time of float64 draws, which a large fleet notices
+    tensors = {name: value.astype(np.float32, copy=False) + scale * rng.standard_normal(value.shape, dtype=np.float32)
                for name, value in global_adapter.items()}
     return AdapterUpdate(tensors, int(rng.integers(examples[0], examples[1] + 1)), {"loss": float(rng.random())})
