@@ -14,6 +14,7 @@ A lightweight device cannot answer a statistics round (it has no data): give its
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ class LightFleet:
         self.config = config
         self.report = FleetReport()
         self._deadline = float("inf")
+        self._adapters: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (job, version) -> its global adapter
 
     def run(self) -> FleetReport:
         """Run every device until its job ends (or ``duration_s`` passes); returns the report."""
@@ -204,9 +206,10 @@ class LightFleet:
                     await self._sleep(1.0)
                     continue
                 self.report.bytes_down += reply.ByteSize()
-                await self._work(stub, device_id, outcome, profile, rng)
-                if outcome.asynchronous is None:
-                    done.add((outcome.job_id, outcome.round))
+                task, reply, outcome = self._shared(outcome), None, None  # the message is not held while training
+                await self._work(stub, device_id, task, profile, rng)
+                if task.asynchronous is None:
+                    done.add((task.job_id, task.round))
                 if c.idle_s:
                     await self._sleep(c.idle_s * (0.5 + random.random()))
         except _Stop:
@@ -214,6 +217,15 @@ class LightFleet:
         except (grpc.RpcError, ConfigError) as exc:
             details = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
             self.report.errors.append(f"device {index}: {details}")
+
+    def _shared(self, task: Task) -> Task:
+        """The task with its global adapter shared by every device given the same version: thousands of devices
+        training at once would otherwise each hold their own decoded copy."""
+        version = task.round if task.asynchronous is None else task.asynchronous.base_version
+        adapter = self._adapters.setdefault((task.job_id, version), task.global_adapter)
+        if len(self._adapters) > 64:  # old versions: nobody is given them any more
+            self._adapters.pop(next(iter(self._adapters)))
+        return dataclasses.replace(task, global_adapter=adapter)
 
     async def _work(self, stub, device_id: str, task: Task, profile, rng: np.random.Generator) -> None:  # noqa: ANN001
         """Train (wait), then upload a synthetic update, or drop the task."""
