@@ -66,7 +66,7 @@ def _fleet(settings: dict) -> dict:
     report = LightFleet(LightFleetConfig(transport=transport, profile=profile, **settings)).run()
     latencies = [lat for _, lat in report.uploads]
     return {**report.summary(), "upload_ends": [end for end, _ in report.uploads], "latencies": latencies,
-            "first_errors": report.errors[:3]}
+            "first_errors": report.errors[:3], "all_registered_at": report.all_registered_at}
 
 
 def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
@@ -103,7 +103,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
         shares = [n // processes + (i < n % processes) for i in range(processes)]
         settings = [{"server": f"127.0.0.1:{port}", "token": token, "devices": share, "train_s": args.train_s,
                      "idle_s": args.idle_s, "retry_s": args.retry_s, "poll_wait_s": 0, "channels": args.channels,
-                     "duration_s": args.duration + 120, "speed_sigma": args.speed_sigma, "seed": i}
+                     "duration_s": args.duration + 120, "speed_sigma": args.speed_sigma, "seed": i,
+                     "start_together": args.start_together}
                     for i, share in enumerate(shares)]
         started = time.time()
         if processes == 1:
@@ -133,7 +134,9 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
                 total[code] = total.get(code, 0) + count
         for code, message in r["refused_details"].items():
             details.setdefault(code, message)
-    return {"devices": n, "registered": sum(r["registered"] for r in reports), "accepted": accepted,
+    registered_at = max(r["all_registered_at"] for r in reports)  # 0: some device never registered
+    return {"devices": n, "registered": sum(r["registered"] for r in reports),
+            "registration_s": round(registered_at - started, 1) if registered_at else None, "accepted": accepted,
             "accepted_per_s": round(accepted / span, 1) if span == span and span > 0 else None,
             "versions": final["versions"], "versions_per_min": round(final["versions"] / minutes, 2),
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
@@ -161,6 +164,8 @@ def main() -> None:
                         help="the coordinator's [server.limits] max_concurrent_rpcs (default: its own, 128)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument("--start-together", action="store_true",
+                        help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--json-out", type=Path)

@@ -42,7 +42,8 @@ class LightFleetConfig:
     register_concurrency: registrations in flight at once. duration_s: stop after this long (None: when the job
     ends). retry_s: a device's wait before it asks again when told to retry later (None: the coordinator's
     advice), jittered +-50%. give_up_after_s: a device stops when the coordinator stays unreachable this long.
-    keep_updates: record every update sent (tests compare the aggregate with them)."""
+    keep_updates: record every update sent (tests compare the aggregate with them). start_together: every device
+    asks for work only once all have registered (a large fleet registers at the coordinator's full speed first)."""
 
     server: str
     transport: Transport
@@ -60,6 +61,7 @@ class LightFleetConfig:
     give_up_after_s: float = 120.0
     retry_s: float | None = None
     keep_updates: bool = False
+    start_together: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -143,6 +145,7 @@ class LightFleet:
         channels = [open_aio_channel(c.server, c.transport) for _ in range(c.channels)]
         stubs = [coordinator_stub(ch) for ch in channels]
         gate = asyncio.Semaphore(c.register_concurrency)
+        self._registrations_ended, self._all_registered = 0, asyncio.Event()
         try:
             await asyncio.gather(*(self._device(i, stubs[i % len(stubs)], gate, started) for i in range(c.devices)))
         finally:
@@ -180,12 +183,19 @@ class LightFleet:
         profile = c.profile.device(index)
         rng = np.random.default_rng([c.seed, index])
         try:
-            async with gate:
-                registration = Registration("", Capabilities(engines=("portable", "ort-training")))
-                device_id = registered_from_pb(await self._call(stub.Register, registration_to_pb(registration)))
-            self.report.registered += 1
-            if self.report.registered == c.devices:
-                self.report.all_registered_at = time.time()
+            try:
+                async with gate:
+                    registration = Registration("", Capabilities(engines=("portable", "ort-training")))
+                    device_id = registered_from_pb(await self._call(stub.Register, registration_to_pb(registration)))
+                self.report.registered += 1
+                if self.report.registered == c.devices:
+                    self.report.all_registered_at = time.time()
+            finally:  # registered or failed: once every device is one or the other, start_together's wait ends
+                self._registrations_ended += 1
+                if self._registrations_ended == c.devices:
+                    self._all_registered.set()
+            if c.start_together:
+                await self._all_registered.wait()
             done: set[tuple[str, int]] = set()  # synchronous rounds this device worked on (or dropped)
             while True:
                 offline = profile.seconds_until_online(time.monotonic() - started)

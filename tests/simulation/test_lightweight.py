@@ -43,7 +43,7 @@ def test_fifty_devices_finish_two_synchronous_rounds_and_fedavg_is_the_mean_of_w
     server, port, coordinator, transport = coordinator_for(
         tmp_path, tiny_bundle, rounds=2, clients=ClientSelection(fraction=1.0, min=DEVICES))
     try:
-        report = fleet(port, transport).run()
+        report = fleet(port, transport, start_together=True).run()  # the round needs all 50 anyway
         coordinator.wait_until_finished(timeout=60)
         assert coordinator.history("light")["status"] == "finished"
         assert report.registered == DEVICES and report.finished == DEVICES and not report.errors
