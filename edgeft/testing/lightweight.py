@@ -43,7 +43,8 @@ class LightFleetConfig:
     ends). retry_s: a device's wait before it asks again when told to retry later (None: the coordinator's
     advice), jittered +-50%. give_up_after_s: a device stops when the coordinator stays unreachable this long.
     keep_updates: record every update sent (tests compare the aggregate with them). start_together: every device
-    asks for work only once all have registered (a large fleet registers at the coordinator's full speed first)."""
+    asks for work only once all have registered (a large fleet registers at the coordinator's full speed first),
+    after resting a random part of ``idle_s`` (the fleet's devices come to work spread out, not all at once)."""
 
     server: str
     transport: Transport
@@ -194,8 +195,9 @@ class LightFleet:
                 self._registrations_ended += 1
                 if self._registrations_ended == c.devices:
                     self._all_registered.set()
-            if c.start_together:
-                await self._all_registered.wait()
+            if c.start_together:  # then each rests a random part of idle_s first: 100,000 first polls at once
+                await self._all_registered.wait()  # exhausted the coordinator's call slots and devices gave up
+                await self._sleep(c.idle_s * random.random())
             done: set[tuple[str, int]] = set()  # synchronous rounds this device worked on (or dropped)
             while True:
                 offline = profile.seconds_until_online(time.monotonic() - started)
