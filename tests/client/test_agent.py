@@ -70,6 +70,13 @@ def test_full_finetuning_bundle_of_90_mb_arrives_intact(tmp_path):
         server.stop(grace=None)
 
 
+def rpc_error(status, message: str) -> type:  # noqa: ANN001
+    """A grpc.RpcError class whose calls answer ``status`` with ``message`` (what a failed call raises)."""
+    import grpc
+
+    return type("FailedCall", (grpc.RpcError,), {"code": lambda self: status, "details": lambda self: message})
+
+
 def test_a_coordinator_going_down_is_retried_not_read_as_a_tls_refusal(tmp_path, monkeypatch):
     """Calls in flight when a coordinator dies end UNAVAILABLE "Socket closed", as a TLS refusal does. An agent
     that never got through stops after three in a row (its TLS settings are wrong); one that did keeps retrying
@@ -78,12 +85,7 @@ def test_a_coordinator_going_down_is_retried_not_read_as_a_tls_refusal(tmp_path,
 
     monkeypatch.setattr("edgeft.client.agent.time.sleep", lambda seconds: None)
 
-    class Closed(grpc.RpcError):
-        def code(self):  # noqa: ANN202
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self):  # noqa: ANN202
-            return "Stream removed (Socket closed)"
+    Closed = rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
 
     def flaky(failures: int):  # noqa: ANN202
         left = [failures]
@@ -114,12 +116,7 @@ def test_internal_is_asked_again_a_few_times_then_refused(tmp_path, monkeypatch)
 
     monkeypatch.setattr("edgeft.client.agent.time.sleep", lambda seconds: None)
 
-    class Internal(grpc.RpcError):
-        def code(self):  # noqa: ANN202
-            return grpc.StatusCode.INTERNAL
-
-        def details(self):  # noqa: ANN202
-            return "Internal error from Core"
+    Internal = rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")
 
     def failing(times: int):  # noqa: ANN202
         calls = [0]
