@@ -39,7 +39,7 @@ from edgeft.wire import (BundleFile, DataSchema, DownloadRequest, Finished, Poll
                          Task, UploadHeader, UploadReceipt, bundle_chunk_from_pb, bundle_info_from_pb,
                          bundle_request_to_pb, coordinator_stub, download_request_to_pb, poll_request_to_pb,
                          poll_response_from_pb, registered_from_pb, registration_to_pb, secagg_request_to_pb,
-                         secagg_response_from_pb, update_to_parts, upload_receipt_from_pb)
+                         secagg_response_from_pb, task_update_parts, upload_receipt_from_pb)
 
 log = logging.getLogger("edgeft.client")
 HINTS = {
@@ -275,7 +275,8 @@ class Agent:
         header = UploadHeader(task.job_id, task.round, self.device_id, f"{self.device_id}:{task.job_id}:{task.round}"
                               if work is None else work.upload_id, 0 if work is None else work.base_version)
         dtype = "float32" if task.statistics else task.upload_dtype
-        reply = self._call("upload", lambda **kw: self.stub.UploadUpdate(update_to_parts(header, update, dtype), **kw))
+        reply = self._call("upload", lambda **kw: self.stub.UploadUpdate(task_update_parts(task, header, update, dtype),
+                                                                        **kw))
         return upload_receipt_from_pb(reply)
 
     def secure_upload(self, task: Task, update: AdapterUpdate) -> str:

@@ -17,8 +17,8 @@ strategies, leases and refusal counting are reused, not repeated):
 from __future__ import annotations
 
 import logging
+import threading
 import time
-import uuid
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from edgeft.aggregate import RoundContext
 from edgeft.aggregate.fedbuff import BufferedUpdate, aggregate_buffer, check_staleness
 from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
-from edgeft.errors import ConfigError, DataError, EdgeftError, Rejected, Unavailable
+from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
 from edgeft.server.rounds import Rounds, TaskAssignment
@@ -46,28 +46,31 @@ class AsyncRounds:
         # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
         # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
         self._full_until: dict[str, float] = {}
+        self._making = threading.Lock()  # one version at a time made here (a lease makes it once across replicas)
 
     # -- a device asks for work ----------------------------------------------------------------------
-    def task(self, device_id: str, job: JobConfig, capabilities: dict,
-             job_row) -> TaskAssignment | str | None:  # noqa: ANN001
-        """The latest global version to train, the string reason when the job is over, or None (ask later: the
-        concurrency cap is reached)."""
-        if job_row.status != "running":
-            return f"job {job_row.id} {job_row.status}{': ' + job_row.message if job_row.message else ''}"
-        version = job_row.current_round - 1
-        upload_id = f"{device_id}:{job.id}:v{version}:{uuid.uuid4().hex[:12]}"
-        deadline = now() + job.round_deadline_s
+    def task(self, device_id: str, job: JobConfig, capabilities: dict | None) -> tuple:
+        """(outcome, capabilities): the latest global version to train, the string reason when the job is over, or
+        None (ask later: the concurrency cap is reached); ``capabilities`` None: the poll's transaction makes the
+        liveness write and reads them (returned, else None)."""
         if time.monotonic() < self._full_until.get(job.id, 0.0):
-            return None
-        with self.rounds.lock:  # this process hands out work one device at a time (the database counts holders)
-            if not self.state.issue_work(job.id, device_id, upload_id, version, deadline,
-                                         job.asynchronous.max_concurrency):
-                self._full_until[job.id] = time.monotonic() + CAP_RECHECK_S
-                return None
+            return None, None  # the cap was reached a moment ago: no database work for this poll
+        deadline = now() + job.round_deadline_s
+        seen, row, upload_id = self.state.take_work(job.id, device_id, deadline, job.asynchronous.max_concurrency,
+                                                    seen=capabilities is None)
+        capabilities = capabilities if seen is None else seen
+        if row is None:
+            raise NotFound(f"unknown job {job.id!r}")
+        if row.status != "running":
+            return f"job {row.id} {row.status}{': ' + row.message if row.message else ''}", seen
+        if upload_id is None:
+            self._full_until[job.id] = time.monotonic() + CAP_RECHECK_S
+            return None, seen
+        version = row.current_round - 1
         rank, bundle = self.rounds.jobs.device_bundle(job.id, capabilities)
         adapter = self.rounds.jobs.for_rank(job.id, rank, self.rounds.global_adapter(job.id, version))
         return TaskAssignment(job, version + 1, bundle.digest, adapter, deadline,
-                              asynchronous=AsyncWork(version, upload_id))
+                              asynchronous=AsyncWork(version, upload_id)), seen
 
     # -- uploads -------------------------------------------------------------------------------------
     def submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
@@ -102,24 +105,26 @@ class AsyncRounds:
             self._release(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
-        with self.rounds.lock:  # no version of this process's making slips in between the check and the store
+        # The store checks staleness again against the versions made meanwhile (by this process or another), in
+        # the transaction that stores the update; one made after it, before its buffer fills, is weighed at
+        # aggregation (aggregate_buffer leaves out and lists an update too stale by then).
+        buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
+                                         update.n_examples, update.metrics, blob, size,
+                                         oldest=header.base_version + job.asynchronous.fedbuff.max_staleness)
+        if buffered is None:  # versions were made while the update was checked: too stale now
+            self._release(job.id, header.device_id)
             latest = self.rounds.state.job(job.id).current_round - 1
-            try:
-                check_staleness(latest, header.base_version, job.asynchronous.fedbuff)  # again: versions were made
-            except Rejected:
-                self._release(job.id, header.device_id)
-                raise
-            buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
-                                             update.n_examples, update.metrics, blob, size)
-            if not buffered:
-                if self.state.received(job.id, header.upload_id):  # a replay that raced this one
-                    return False
-                raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
-            self._full_until.pop(job.id, None)  # the device's slot is free
-            try:
-                self.close_if_full(job, buffered)
-            except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
-                log.warning("job %s: the next version waits: %s", job.id, exc)
+            check_staleness(latest, header.base_version, job.asynchronous.fedbuff)  # raises Rejected (stale)
+            raise Rejected(f"update from version {header.base_version} is too stale", reason="stale")
+        if not buffered:
+            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
+                return False
+            raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
+        self._full_until.pop(job.id, None)  # the device's slot is free
+        try:
+            self.close_if_full(job, buffered)
+        except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
+            log.warning("job %s: the next version waits: %s", job.id, exc)
         return True
 
     def _release(self, job_id: str, device_id: str) -> None:
@@ -135,7 +140,9 @@ class AsyncRounds:
         size = job.asynchronous.fedbuff.buffer_size
         if buffered is not None and buffered < size:
             return
-        with self.rounds.lock:
+        if not self._making.acquire(blocking=buffered is None):  # a version is being made here: it goes on while
+            return  # the buffer holds enough (an upload does not wait for it; the clock's turn catches any left)
+        try:
             while True:
                 row = self.rounds.state.job(job.id)
                 buffer = self.state.buffer(job.id, size)
@@ -147,6 +154,8 @@ class AsyncRounds:
                         return
                     if not self._make(job, version, buffer, lease.guard):
                         return
+        finally:
+            self._making.release()
 
     def _make(self, job: JobConfig, version: int, buffer: list, guard) -> bool:  # noqa: ANN001
         """Aggregate ``buffer`` into global ``version`` and store it; False when another process made it first."""

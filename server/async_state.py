@@ -10,14 +10,15 @@ share the database.
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.server.state import State
-from edgeft.server.store import (adapters, aggregations, async_updates, async_work, insert_ignore, jobs, now,
-                                 transaction, upsert)
+from edgeft.server.store import (adapters, aggregations, async_updates, async_work, dialect_insert_of,
+                                 insert_ignore, jobs, now, transaction, upsert)
 
 
 class _Changed(Exception):
@@ -34,21 +35,45 @@ class AsyncState:
         return transaction(self.state.engine)
 
     # -- work handed out ---------------------------------------------------------------------------------
-    def issue_work(self, job_id: str, device_id: str, upload_id: str, base_version: int, expires_at: float,
-                   cap: int) -> bool:
-        """Record that ``device_id`` holds work (until ``expires_at``) unless ``cap`` other devices hold some now;
-        True when recorded. A device that asks again while holding work gets new work in place of the old."""
+    def take_work(self, job_id: str, device_id: str, expires_at: float, cap: int, seen: bool) -> tuple:
+        """A poll's one transaction: the device's liveness write when ``seen`` (``State.seen``: NotFound /
+        PermissionDenied for a device not registered or not enrolled), the job's row, and, while the job runs,
+        work on its latest version recorded for the device (until ``expires_at``) unless ``cap`` other devices
+        hold some. Returns (capabilities or None without ``seen``, job row or None, the work's upload id or None:
+        the job does not run, or the cap is reached). A device that asks again while holding work gets new work
+        in place of the old."""
         with self._tx() as conn:
-            holding = conn.execute(select(func.count()).select_from(async_work).where(
-                async_work.c.job_id == job_id, async_work.c.device_id != device_id,
-                async_work.c.expires_at > now())).scalar_one()
-            if holding >= cap:
+            capabilities = State._seen(conn, device_id, job_id) if seen else None
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            if row is None or row.status != "running":
+                return capabilities, row, None
+            version = row.current_round - 1
+            upload_id = f"{device_id}:{job_id}:v{version}:{uuid.uuid4().hex[:12]}"
+            issued = self._issue(conn, dict(job_id=job_id, device_id=device_id, upload_id=upload_id,
+                                            base_version=version, issued_at=now(), expires_at=expires_at), cap)
+            return capabilities, row, upload_id if issued else None
+
+    @staticmethod
+    def _issue(conn: Connection, row: dict, cap: int) -> bool:
+        """Record ``row`` (an async_work row) unless ``cap`` other devices hold work now; True when recorded. One
+        statement (INSERT ... SELECT ... WHERE the count is below the cap, ON CONFLICT update): the count and the
+        record are one atomic step."""
+        holding = select(func.count()).select_from(async_work).where(
+            async_work.c.job_id == row["job_id"], async_work.c.device_id != row["device_id"],
+            async_work.c.expires_at > row["issued_at"]).scalar_subquery()
+        changes = {k: row[k] for k in ("upload_id", "base_version", "issued_at", "expires_at")}
+        dialect_insert = dialect_insert_of(conn)
+        if dialect_insert is None:  # no INSERT ... ON CONFLICT here: count, then write
+            if conn.execute(select(holding)).scalar_one() >= cap:
                 return False
-            upsert(conn, async_work, ("job_id", "device_id"),
-                   dict(job_id=job_id, device_id=device_id, upload_id=upload_id, base_version=base_version,
-                        issued_at=now(), expires_at=expires_at),
-                   dict(upload_id=upload_id, base_version=base_version, issued_at=now(), expires_at=expires_at))
-        return True
+            upsert(conn, async_work, ("job_id", "device_id"), row, changes)
+            return True
+        values = select(*(literal(v, async_work.c[k].type).label(k) for k, v in row.items())).where(holding < cap)
+        statement = dialect_insert(async_work).from_select(list(row), values).on_conflict_do_update(
+            index_elements=["job_id", "device_id"], set_=changes)
+        if conn.dialect.name == "sqlite":  # its rowcount counts the row written (RETURNING needs SQLite 3.35)
+            return conn.execute(statement).rowcount == 1
+        return conn.execute(statement.returning(async_work.c.device_id)).first() is not None
 
     def release_work(self, job_id: str, device_id: str) -> None:
         """The device no longer holds work (its upload came, accepted or refused)."""
@@ -83,13 +108,16 @@ class AsyncState:
             return False, capabilities, conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
 
     def add_update(self, job_id: str, upload_id: str, device_id: str, base_version: int, n_examples: int,
-                   metrics: dict, blob: str, size: int) -> int:
+                   metrics: dict, blob: str, size: int, oldest: int | None = None) -> int | None:
         """Store an accepted update in the job's buffer and release the device's work, in one transaction; returns
-        how many updates the buffer holds with it, or 0 (nothing stored) for an upload stored already or a job
-        that is no longer running."""
+        how many updates the buffer holds with it, 0 (nothing stored) for an upload stored already or a job that
+        is no longer running, or None (nothing stored) when the latest global version is past ``oldest`` (the
+        update became too stale while it was checked)."""
         with self._tx() as conn:
-            running = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar() == "running"
-            if not running or not insert_ignore(
+            job = conn.execute(select(jobs.c.status, jobs.c.current_round).where(jobs.c.id == job_id)).first()
+            if job is not None and job.status == "running" and oldest is not None and job.current_round - 1 > oldest:
+                return None
+            if job is None or job.status != "running" or not insert_ignore(
                     conn, async_updates, ("job_id", "upload_id"), job_id=job_id, upload_id=upload_id,
                     device_id=device_id, base_version=base_version, n_examples=n_examples, metrics=metrics,
                     blob=blob, received_at=now(), bytes=size, version=None):

@@ -33,6 +33,7 @@ from edgeft.server.async_rounds import AsyncRounds
 from edgeft.server.async_state import AsyncState
 from edgeft.server.auth import TokenStore
 from edgeft.server.config import JobConfig, S3Settings, ServerConfig
+from edgeft.server.downloads import Downloads
 from edgeft.server.evaluation import Evaluator
 from edgeft.server.history import job_history, job_status
 from edgeft.server.jobs import JobBundles, engine_refusal
@@ -124,6 +125,7 @@ class Coordinator:
         self._swept = 0.0  # when the clock last looked for global adapters without an evaluation
         self._clock: threading.Thread | None = None
         self._seen: dict[tuple[str, str], tuple[float, dict]] = {}  # (device, job): last liveness write, capabilities
+        self.downloads = Downloads(self.state)  # task bytes sent, written in batches
         self._stop = threading.Event()
         for job in config.jobs:
             self._start_job(job)
@@ -181,11 +183,15 @@ class Coordinator:
     def tick(self) -> None:
         """Close rounds that are done (their deadline passed, or a closing that did not happen: see
         ``Rounds.tick``), or fail them below the minimum; move secure phases on; every SWEEP_S, schedule the
-        evaluations no replica stored yet."""
+        evaluations no replica stored yet; write the task bytes counted since the last turn."""
+        self.downloads.flush()
         self.rounds.tick()
         self.async_rounds.tick([job for job in self.jobs.values() if job.mode == "async"])
         if time.monotonic() - self._swept >= SWEEP_S:
             self._swept = time.monotonic()
+            for key, (at, _) in list(self._seen.items()):  # memos past LIVENESS_S serve no poll: memory stays flat
+                if self._swept - at >= LIVENESS_S:
+                    self._seen.pop(key, None)
             self.evaluator.sweep(list(self.jobs.values()))
 
     # -- jobs and their bundles -----------------------------------------------------------------------
@@ -219,6 +225,7 @@ class Coordinator:
 
     def history(self, job_id: str) -> dict:
         """Everything recorded about a job, per round (``edgeft.server.history.job_history``)."""
+        self.downloads.flush()
         return job_history(self.state, job_id, self.jobs.get(job_id), self.head_init.get(job_id))
 
     def global_adapter(self, job_id: str, version: int | None = None) -> dict[str, np.ndarray]:
@@ -263,21 +270,22 @@ class Coordinator:
         job = self._job(job_id)
         key, at = (device_id, job_id), time.monotonic()
         last = self._seen.get(key)
-        if last is not None and at - last[0] < LIVENESS_S:
+        fresh = last is not None and at - last[0] < LIVENESS_S
+        if job.mode == "async":  # FedBuff: the latest global version, within the concurrency cap (its own transaction)
+            outcome, seen = self.async_rounds.task(device_id, job, last[1] if fresh else None)
+            if seen is not None:
+                self._seen[key] = (at, seen)
+            return outcome
+        if fresh:
             capabilities, state = last[1], None
         else:
             capabilities, *state = self.state.seen_round_state(job_id, None, device_id)  # with the round's reads
             self._seen[key] = (at, capabilities)
-        if job.mode == "async":  # FedBuff: the latest global version, within the concurrency cap
-            job_row = state[0] if state else self.state.job(job_id)
-            if job_row is None:
-                raise NotFound(f"unknown job {job_id!r}")
-            return self.async_rounds.task(device_id, job, capabilities, job_row)
         return self.rounds.task(device_id, job, capabilities, tuple(state) if state else None)
 
     def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
-        """Count a task's bytes sent to a device (once per device and round)."""
-        self.state.record_download(job_id, number, device_id, size)
+        """Count a task's bytes sent to a device (once per device and round; written at the clock's next turn)."""
+        self.downloads.add(job_id, number, device_id, size)
 
     # -- uploads ------------------------------------------------------------------------------------
     def submit(self, header: UploadHeader, update: AdapterUpdate, size: int = 0) -> bool:
@@ -324,5 +332,9 @@ class Coordinator:
     def close(self) -> None:
         """Stop the clock and the evaluations; release the database."""
         self.stop_clock()
+        try:
+            self.downloads.flush()
+        except Unavailable as exc:
+            log.warning("task byte counts not written at close: %s", exc)
         self.evaluator.shutdown()
         self.engine.dispose()

@@ -20,6 +20,7 @@ from concurrent import futures
 from typing import Callable
 
 import grpc
+from threadpoolctl import threadpool_limits
 
 from edgeft.bundle import MANIFEST
 from edgeft.errors import ConfigError, EdgeftError, NotFound, PermissionDenied, SecAggError, WireError
@@ -133,7 +134,7 @@ class CoordinatorServicer:
         while True:
             outcome = self.coordinator.poll(poll.device_id, principal.job_id)
             if isinstance(outcome, TaskAssignment):
-                reply = wire.poll_response_to_pb(_task(outcome))
+                reply = wire.poll_response_to_pb(_task(outcome, self.limits.chunk_bytes))
                 self.coordinator.record_download(outcome.job.id, outcome.round, poll.device_id, reply.ByteSize())
                 return reply
             if isinstance(outcome, str):
@@ -224,13 +225,14 @@ class CoordinatorServicer:
         return wire.heartbeat_reply_to_pb()
 
 
-def _task(task: TaskAssignment) -> Task:
-    """The coordinator's assignment as the device gets it."""
+def _task(task: TaskAssignment, message_bytes: int = 0) -> Task:
+    """The coordinator's assignment as the device gets it (``message_bytes``: packed uploads, that many tensor bytes
+    a message at most)."""
     job = task.job
     return Task(job_id=job.id, round=task.round, bundle_digest=task.bundle_digest, train=job.train,
                 global_adapter=task.global_adapter, deadline=task.deadline, upload_dtype=job.upload_dtype,
-                data=job.data,
-                kind=STATISTICS if task.statistics else TRAIN, secure=task.secure, asynchronous=task.asynchronous)
+                data=job.data, kind=STATISTICS if task.statistics else TRAIN, secure=task.secure,
+                asynchronous=task.asynchronous, upload_message_bytes=message_bytes)
 
 
 def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
@@ -271,6 +273,9 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     limits = config.limits
     coordinator = coordinator or Coordinator(config)
     _check_adapters_fit(coordinator, limits)
+    # One BLAS thread: calls run on many threads at once, and BLAS's own pool of busy-waiting threads (numpy's
+    # OpenBLAS starts one per core) took half the coordinator's CPU under load, for vectors of 10^5 values.
+    threadpool_limits(1, user_api="blas")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="edgeft-rpc"),
                          options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)

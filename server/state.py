@@ -22,8 +22,8 @@ from sqlalchemy.engine import Connection
 from edgeft.errors import NotFound, PermissionDenied, StateError
 from edgeft.server.artifacts import Artifacts
 from edgeft.server.schema import upgrade
-from edgeft.server.store import (adapters, aggregations, connect, devices, downloads, enrolments, evaluations,
-                                 insert_ignore, job_bundles, job_engines, jobs, label, now, rejections, rounds,
+from edgeft.server.store import (adapters, aggregations, connect, devices, dialect_insert_of, downloads, enrolments,
+                                 evaluations, insert_ignore, job_bundles, job_engines, jobs, label, now, rejections, rounds,
                                  transaction, updates, upsert, upsert_device)
 
 log = logging.getLogger("edgeft.server")
@@ -353,11 +353,18 @@ class State:
             return False
         return True
 
-    def record_download(self, job_id: str, number: int, device_id: str, size: int) -> None:
-        """Count a task's bytes sent to a device (once per device and round)."""
+    def record_downloads(self, counts: dict[tuple[str, int, str], tuple[int, float]]) -> None:
+        """Count tasks' bytes sent to devices, (job, round, device) -> (bytes, when), in one transaction; a count
+        stored already for the same device and round stays."""
+        keys = ("job_id", "round", "device_id")
+        rows = [dict(job_id=j, round=r, device_id=d, bytes=size, sent_at=at) for (j, r, d), (size, at) in counts.items()]
         with self._tx() as conn:
-            insert_ignore(conn, downloads, ("job_id", "round", "device_id"), job_id=job_id, round=number,
-                          device_id=device_id, bytes=size, sent_at=now())
+            dialect_insert = dialect_insert_of(conn)
+            if dialect_insert is None:
+                for row in rows:
+                    insert_ignore(conn, downloads, keys, **row)
+            else:
+                conn.execute(dialect_insert(downloads).on_conflict_do_nothing(index_elements=list(keys)), rows)
 
     # -- refused uploads ----------------------------------------------------------------------------
     def count_rejection(self, job_id: str, reason: str, message: str) -> None:

@@ -4,15 +4,19 @@ SQLAlchemy reaches (``[server] database``, e.g. PostgreSQL through psycopg).
 Every state change is one transaction, so a crash at any point leaves either the old or the new state: an accepted
 update is a row (unique per job, round and device), a closed round and the global adapter it produced are written
 together. Nothing here relies on a single writer: rows that must exist once are kept once by unique keys
-(``insert_ignore``, ``upsert``), never by a lock in this process, so several coordinator processes may share one
-database. The schema's versions are ``edgeft.server.schema``'s (Alembic).
+(``insert_ignore``, ``upsert``), never by a lock in this process (SQLite's turn lock in ``transaction`` only spares
+waiting), so several coordinator processes may share one database. The schema's versions are
+``edgeft.server.schema``'s (Alembic).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 import time
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -250,6 +254,8 @@ def connect(url_or_path: URL | str | Path) -> Engine:
     if not sqlite:
         _ping_idle_connections(engine)
     if sqlite:
+        _SQLITE_WRITERS[engine] = threading.Lock()  # this process's transactions take turns (``transaction``)
+
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
             cursor = dbapi_connection.cursor()
@@ -310,10 +316,9 @@ def _cause(exc: Exception) -> str:
 
 def _ping_idle_connections(engine: Engine) -> None:
     """Test a pooled connection before use when it sat unused for more than IDLE_PING_S (a server restarted or a
-    proxy that dropped idle connections meanwhile: a fresh connection replaces it). A connection in steady use is
-    not tested: pinging on every checkout (``pool_pre_ping``) cost a round trip per transaction, about a sixth of
-    the database traffic of a round. Should the server go away under load, the first transaction on a dead
-    connection fails (UNAVAILABLE: the device retries) and SQLAlchemy replaces every connection of the pool."""
+    proxy dropped it meanwhile: a fresh one replaces it); not one in steady use (``pool_pre_ping`` cost a round trip
+    per transaction). Should the server go away under load, the first transaction on a dead connection fails
+    (UNAVAILABLE: the device retries) and SQLAlchemy replaces every connection of the pool."""
 
     @event.listens_for(engine, "checkin")
     def _checked_in(_dbapi_connection, record) -> None:  # noqa: ANN001
@@ -329,13 +334,18 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError(f"an idle database connection is gone: {exc}") from exc
 
 
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
-    """One transaction (committed at the end, rolled back on any error). A database that cannot be reached or
-    did not answer (a SQLite file locked past its timeout) raises Unavailable (UNAVAILABLE on the wire: nothing was
-    applied, retry later); its details are logged here, never sent to devices."""
+    """One transaction (committed at the end, rolled back on any error). A database that cannot be reached or did
+    not answer (a SQLite file locked past its timeout) raises Unavailable (UNAVAILABLE on the wire: retry later),
+    logged here, never sent to devices. On SQLite (one writer; its busy handler polls a locked file with sleeps of up
+    to 100 ms) this process's transactions take turns on a lock, which hands the turn over at once."""
+    turn = _SQLITE_WRITERS.get(engine) or nullcontext()
     try:
-        with engine.begin() as conn:
+        with turn, engine.begin() as conn:
             yield conn
     except (OperationalError, InterfaceError, PoolTimeout) as exc:
         if engine.dialect.name == "sqlite" and not any(w in str(exc) for w in ("locked", "busy")):
@@ -344,21 +354,16 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         raise Unavailable("the coordinator's database is unavailable; retry later") from exc
 
 
-def _dialect_insert(conn: Connection):  # noqa: ANN202
+def dialect_insert_of(conn: Connection):  # noqa: ANN202
     """The INSERT with ON CONFLICT of the connection's dialect (PostgreSQL, SQLite), or None."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:
-        return None
-    return dialect_insert
+    name = conn.dialect.name
+    return importlib.import_module(f"sqlalchemy.dialects.{name}").insert if name in ("postgresql", "sqlite") else None
 
 
 def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **values: object) -> bool:
     """Insert a row unless one with the same ``keys`` (a unique key of ``table``) is stored; True when inserted.
     Atomic with any number of writers: the database's unique key decides."""
-    dialect_insert = _dialect_insert(conn)
+    dialect_insert = dialect_insert_of(conn)
     if dialect_insert is not None:
         statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=list(keys))
         if conn.dialect.name == "sqlite":  # its rowcount counts the row inserted (RETURNING needs SQLite 3.35)
@@ -375,7 +380,7 @@ def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **value
 def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict, changes: dict) -> None:
     """Insert ``values``, or when a row with the same ``keys`` is stored apply ``changes`` to it (column values
     or expressions over its columns), atomically."""
-    dialect_insert = _dialect_insert(conn)
+    dialect_insert = dialect_insert_of(conn)
     if dialect_insert is not None:
         conn.execute(dialect_insert(table).values(**values).on_conflict_do_update(index_elements=list(keys),
                                                                                   set_=changes))
@@ -386,8 +391,7 @@ def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict, 
         conn.execute(table.update().where(*where).values(**changes))
 
 
-def now() -> float:
-    return time.time()
+now = time.time
 
 
 def upsert_device(conn: Connection, device_id: str, capabilities: dict) -> None:

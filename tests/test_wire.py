@@ -256,3 +256,28 @@ def test_an_asynchronous_task_and_its_upload_carry_the_version_trained_from():
     header = UploadHeader("job", 8, "dev-1", "dev-1:job:v7:abc", base_version=7)
     back, _ = update_from_parts(update_to_parts(header, AdapterUpdate(tensors(), 12)))
     assert back == header
+
+
+def test_a_packed_upload_is_fewer_messages_and_the_same_update():
+    """A coordinator that sets Task.upload_message_bytes reads tensors packed several to a message
+    (UpdatePart.chunks): an adapter of many small tensors travels in a few messages, each within the size, and
+    reads back exactly; without it (an older coordinator) a device sends one chunk a message."""
+    from edgeft.wire import Task, task_from_pb, task_to_pb, task_update_parts
+
+    rng = np.random.default_rng(1)
+    small = {f"layer{i}.lora_{ab}": rng.normal(size=(8, 384)).astype(np.float32) for i in range(6) for ab in "AB"}
+    update = AdapterUpdate({**small, **tensors()}, 7, {"loss": 0.25})
+    task = Task("job", 3, "d" * 64, TrainConfig(), {}, upload_message_bytes=300_000)
+    assert task_from_pb(task_to_pb(task)).upload_message_bytes == 300_000
+    packed = list(task_update_parts(task, HEADER, update))
+    plain = list(task_update_parts(Task("job", 3, "d" * 64, TrainConfig(), {}), HEADER, update))
+    assert [p.WhichOneof("part") for p in packed[1:]] == ["chunks"] * (len(packed) - 1)
+    assert {p.WhichOneof("part") for p in plain[1:]} == {"chunk"}
+    assert len(plain) == 1 + 12 + 2  # the header, then a message per tensor (each within 1 MiB)
+    assert len(packed) == 1 + 4  # the 12 small ones together; "a" (840 kB) in 300 kB pieces, "b" with its last
+    assert all(sum(len(c.data) for c in p.chunks.chunks) <= 300_000 for p in packed[1:])
+    for parts in (packed, plain):
+        header, back = update_from_parts(parts)
+        assert header == HEADER and back.n_examples == 7 and back.metrics == {"loss": 0.25}
+        for name, value in update.tensors.items():
+            np.testing.assert_array_equal(back.tensors[name], value)

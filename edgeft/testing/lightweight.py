@@ -28,7 +28,7 @@ from edgeft.testing.fleet_profile import FleetProfile
 from edgeft.update import AdapterUpdate
 from edgeft.wire import (Capabilities, Finished, PollRequest, Registration, Task, UploadHeader, coordinator_stub,
                          poll_request_to_pb, poll_response_from_pb, registered_from_pb, registration_to_pb,
-                         update_to_parts, upload_receipt_from_pb)
+                         task_update_parts, upload_receipt_from_pb)
 
 
 
@@ -255,7 +255,7 @@ class LightFleet:
         header = UploadHeader(task.job_id, task.round, device_id, f"{device_id}:{task.job_id}:{task.round}"
                               if work is None else work.upload_id, 0 if work is None else work.base_version)
         update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
-        parts = list(update_to_parts(header, update, task.upload_dtype))
+        parts = list(task_update_parts(task, header, update))
         self.report.bytes_up += sum(part.ByteSize() for part in parts)
         begun = time.monotonic()
         try:

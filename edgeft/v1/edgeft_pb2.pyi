@@ -128,7 +128,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "kind", "secure_aggregation", "asynchronous")
+    __slots__ = ("job_id", "round", "bundle_digest", "train", "global_adapter", "deadline_unix_ms", "upload_dtype", "data", "kind", "secure_aggregation", "asynchronous", "upload_message_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Task(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     ASYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     bundle_digest: str
@@ -151,7 +152,8 @@ class Task(_message.Message):
     kind: TaskKind
     secure_aggregation: SecAggSettings
     asynchronous: AsyncTask
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ..., asynchronous: _Optional[_Union[AsyncTask, _Mapping]] = ...) -> None: ...
+    upload_message_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., global_adapter: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., upload_dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[_Union[DataSchema, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., secure_aggregation: _Optional[_Union[SecAggSettings, _Mapping]] = ..., asynchronous: _Optional[_Union[AsyncTask, _Mapping]] = ..., upload_message_bytes: _Optional[int] = ...) -> None: ...
 
 class AsyncTask(_message.Message):
     __slots__ = ("base_version", "upload_id")
@@ -245,12 +247,20 @@ class UpdateHeader(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., n_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class UpdatePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "chunks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    chunks: TensorChunks
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., chunks: _Optional[_Union[TensorChunks, _Mapping]] = ...) -> None: ...
+
+class TensorChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
     __slots__ = ("duplicate", "message")

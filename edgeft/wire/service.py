@@ -23,14 +23,35 @@ from edgeft.wire.types import (STATISTICS, TRAIN, AsyncWork, BundleChunk, Bundle
 
 # -- uploads and training settings -------------------------------------------------------------------------
 def update_to_parts(header: UploadHeader, update: AdapterUpdate, dtype: str = "float32",
-                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UpdatePart]:
-    """The client-stream messages of one upload: the header, then the tensors' chunks."""
+                    chunk_bytes: int = CHUNK_BYTES, packed: bool = False) -> Iterator[pb.UpdatePart]:
+    """The client-stream messages of one upload: the header, then the tensors' chunks, one a message or (``packed``,
+    for a coordinator whose task set ``upload_message_bytes``) as many a message as ``chunk_bytes`` holds."""
     yield pb.UpdatePart(header=pb.UpdateHeader(
         job_id=header.job_id, round=header.round, device_id=header.device_id, upload_id=header.upload_id,
         base_version=header.base_version, n_examples=update.n_examples,
         metrics={k: float(v) for k, v in update.metrics.items() if isinstance(v, (int, float))}))
+    if not packed:
+        for chunk in tensors_to_chunks(update.tensors, dtype, chunk_bytes):
+            yield pb.UpdatePart(chunk=chunk)
+        return
+    batch: list[pb.TensorChunk] = []
+    size = 0
     for chunk in tensors_to_chunks(update.tensors, dtype, chunk_bytes):
-        yield pb.UpdatePart(chunk=chunk)
+        if batch and size + len(chunk.data) > chunk_bytes:
+            yield pb.UpdatePart(chunks=pb.TensorChunks(chunks=batch))
+            batch, size = [], 0
+        batch.append(chunk)
+        size += len(chunk.data)
+    if batch:
+        yield pb.UpdatePart(chunks=pb.TensorChunks(chunks=batch))
+
+
+def task_update_parts(task: Task, header: UploadHeader, update: AdapterUpdate,
+                      dtype: str | None = None) -> Iterator[pb.UpdatePart]:
+    """The upload of ``task``'s update as its coordinator reads it: packed when the task set upload_message_bytes;
+    in ``dtype`` (default the task's upload_dtype)."""
+    size = task.upload_message_bytes
+    return update_to_parts(header, update, dtype or task.upload_dtype, size or CHUNK_BYTES, packed=size > 0)
 
 
 def update_from_parts(parts: Iterable[pb.UpdatePart],
@@ -51,9 +72,13 @@ def update_from_parts(parts: Iterable[pb.UpdatePart],
 
     def chunks() -> Iterator[pb.TensorChunk]:
         for part in iterator:
-            if part.WhichOneof("part") != "chunk":
+            kind = part.WhichOneof("part")
+            if kind == "chunk":
+                yield part.chunk
+            elif kind == "chunks":
+                yield from part.chunks.chunks
+            else:
                 raise WireError("an upload carries one header, then tensor chunks only")
-            yield part.chunk
 
     tensors = chunks_to_tensors(chunks())
     return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id, h.base_version),
@@ -141,6 +166,7 @@ def task_to_pb(task: Task) -> pb.Task:
                    train=train_spec(task.train),
                    global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
                    upload_dtype=dtype_code(task.upload_dtype), kind=pb.STATISTICS if task.statistics else pb.TRAIN,
+                   upload_message_bytes=task.upload_message_bytes,
                    data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
                                       image_column=task.data.image_column or "",
                                       feature_columns=list(task.data.feature_columns or ()),
@@ -163,7 +189,8 @@ def task_from_pb(message: pb.Task) -> Task:
                 upload_dtype="float16" if message.upload_dtype == pb.FLOAT16 else "float32",
                 data=DataSchema(schema.text_column or "text", schema.label_column or "label", schema.format or None,
                                 schema.image_column or None, tuple(schema.feature_columns) or None),
-                kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure, asynchronous=work)
+                kind=STATISTICS if message.kind == pb.STATISTICS else TRAIN, secure=secure, asynchronous=work,
+                upload_message_bytes=max(int(message.upload_message_bytes), 0))
 
 
 def poll_response_to_pb(outcome: PollOutcome) -> pb.PollTaskResponse:

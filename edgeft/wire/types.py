@@ -94,6 +94,7 @@ class Task:
     kind: str = TRAIN
     secure: SecAggSettings | None = None
     asynchronous: AsyncWork | None = None
+    upload_message_bytes: int = 0
 
     @property
     def statistics(self) -> bool:

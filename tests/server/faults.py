@@ -101,16 +101,19 @@ if os.environ.get("EDGEFT_FAULT") == "mid_training":
     agent_module.train = dying_train
 if os.environ.get("EDGEFT_FAULT") == "mid_upload":
     import edgeft.client.agent as agent_module
-    whole = agent_module.update_to_parts
+    whole = agent_module.task_update_parts
 
     def cut_short(*args, **kwargs):
         parts = whole(*args, **kwargs)
         yield next(parts)
-        yield next(parts)
+        first = next(parts)
+        if first.WhichOneof("part") == "chunks":  # packed: the first tensor of the message only (a stream that
+            del first.chunks.chunks[1:]  # ends after whole messages of every tensor would be a whole upload)
+        yield first
         time.sleep(0.5)  # let them reach the coordinator
         os.kill(os.getpid(), signal.SIGKILL)
 
-    agent_module.update_to_parts = cut_short
+    agent_module.task_update_parts = cut_short
 from edgeft.cli import main
 sys.exit(main(sys.argv[1:]))
 '''

@@ -16,7 +16,7 @@ from safetensors.numpy import load as load_tensors
 from sqlalchemy import select
 
 from edgeft.aggregate.fedbuff import FedBuffOptions
-from edgeft.errors import ConfigError
+from edgeft.errors import ConfigError, Rejected
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.config import load_server_config
 from edgeft.server.store import adapters, async_updates, jobs, open_database
@@ -249,6 +249,69 @@ def test_the_cap_makes_devices_wait_a_server_optimiser_steps_and_the_time_budget
         wait_for(lambda: coordinator.job_status("banking")["status"] == "finished", 30, "the time budget")
         assert "time budget of 4 s spent after 1 global versions" in coordinator.job_status("banking")["message"]
         assert coordinator.poll(first, "banking").startswith("job banking finished")
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
+
+
+def test_differential_privacy_in_an_asynchronous_job_clips_weighs_each_update_one_and_noises_each_version(
+        tmp_path, tiny_bundle):
+    """Transport-free: with clip_norm and noise_multiplier, a version is the global adapter plus the mean of the
+    buffer's clipped deltas (each weighing 1, whatever its example count) plus Gaussian noise of std sigma * C over
+    the buffer's size: what the strategy's DeltaMean gives for the same updates and seed; its report accounts for
+    epsilon."""
+    from edgeft.aggregate import StrategyOptions
+    from edgeft.aggregate.base import RoundContext
+    from edgeft.aggregate.delta import DeltaMean
+
+    options = {"clip_norm": 0.5, "noise_multiplier": 1.0, "noise_seed": 3, "dp_delta": 1e-5}
+    settings = {"buffer_size": 2, "staleness": "constant", "max_concurrency": 4, "versions": 1}
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": settings, "strategy": "fedavg", "strategy_options": options})
+    try:
+        devices = [coordinator.register("", {}, "banking") for _ in range(2)]
+        tasks = [coordinator.poll(device, "banking").asynchronous for device in devices]
+        initial = coordinator.global_adapter("banking", 0)
+        rng = np.random.default_rng(0)
+        trained = [{k: (v + offset * rng.choice([-1, 1], size=v.shape)).astype(np.float32) for k, v in initial.items()}
+                   for offset in (0.02, 0.0001)]  # the first one's delta is far above the clip norm, not the second
+        for device, work, tensors, n in zip(devices, tasks, trained, (300, 10)):
+            header = UploadHeader("banking", 1, device, work.upload_id, work.base_version)
+            assert coordinator.submit(header, AdapterUpdate(tensors, n)) is True
+        assert coordinator.job_status("banking")["status"] == "finished"  # versions = 1
+        expected = DeltaMean(initial, StrategyOptions(**options), RoundContext(round=1, selected=2))
+        for tensors in trained:
+            expected.add(AdapterUpdate(tensors, 1))
+        for name, value in expected.result().items():
+            np.testing.assert_allclose(coordinator.global_adapter("banking", 1)[name], value, rtol=0, atol=1e-6)
+        (version,) = coordinator.history("banking")["versions"]
+        report = version["aggregation"]
+        assert version["version"] == 1 and report["privacy"]["noise_std"] == 0.5 and report["privacy"]["denominator"] == 2
+        assert report["privacy"]["epsilon"] > 0 and report["asynchronous"]["accepted"] == 2, report
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
+
+
+def test_an_upload_from_a_version_not_made_yet_and_one_gone_stale_while_checked_are_refused(tmp_path, tiny_bundle):
+    """Transport-free: an upload naming a global version the job has not made is refused (reason "version",
+    counted) and frees the device's slot; the store refuses an update whose version fell more than max_staleness
+    behind while it was checked (versions made meanwhile), storing nothing."""
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": {**ASYNC, "max_concurrency": 1, "versions": 10}})
+    try:
+        device, other = (coordinator.register("", {}, "banking") for _ in range(2))
+        work = coordinator.poll(device, "banking").asynchronous
+        tensors = coordinator.global_adapter("banking", 0)
+        header = UploadHeader("banking", 6, device, work.upload_id, base_version=5)
+        with pytest.raises(Rejected, match="latest global version is 0") as refused:
+            coordinator.submit(header, AdapterUpdate(tensors, 10))
+        assert refused.value.reason == "version" and coordinator.rejections("banking") == {"version": 1}
+        time.sleep(1.1)  # past the moment the cap was seen reached (CAP_RECHECK_S)
+        assert coordinator.poll(other, "banking") is not None  # the refused device's slot is free
+        state = coordinator.async_rounds.state
+        assert state.add_update("banking", "late", device, 0, 10, {}, "blob", 1, oldest=-1) is None
+        assert state.buffered("banking") == 0
     finally:
         server.stop(grace=None)
         coordinator.close()
