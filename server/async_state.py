@@ -13,12 +13,12 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.server.state import State
-from edgeft.server.store import (adapters, aggregations, async_updates, async_work, dialect_insert_of,
-                                 insert_ignore, jobs, now, transaction, upsert)
+from edgeft.server.store import (adapters, aggregations, async_updates, async_work, insert_ignore, jobs, now,
+                                 transaction, upsert)
 
 
 class _Changed(Exception):
@@ -35,45 +35,30 @@ class AsyncState:
         return transaction(self.state.engine)
 
     # -- work handed out ---------------------------------------------------------------------------------
-    def take_work(self, job_id: str, device_id: str, expires_at: float, cap: int, seen: bool) -> tuple:
+    def take_work(self, job_id: str, device_id: str, expires_at: float, cap: int | None, seen: bool) -> tuple:
         """A poll's one transaction: the device's liveness write when ``seen`` (``State.seen``: NotFound /
         PermissionDenied for a device not registered or not enrolled), the job's row, and, while the job runs,
         work on its latest version recorded for the device (until ``expires_at``) unless ``cap`` other devices
-        hold some. Returns (capabilities or None without ``seen``, job row or None, the work's upload id or None:
-        the job does not run, or the cap is reached). A device that asks again while holding work gets new work
-        in place of the old."""
+        hold some (None: not counted). Returns (capabilities or None without ``seen``, job row or None, the work's
+        upload id or None: the job does not run, or the cap is reached; how many other devices held work, or None
+        when not counted). A device that asks again while holding work gets new work in place of the old."""
         with self._tx() as conn:
             capabilities = State._seen(conn, device_id, job_id) if seen else None
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
             if row is None or row.status != "running":
-                return capabilities, row, None
+                return capabilities, row, None, None
+            holding = None if cap is None else conn.execute(select(func.count()).select_from(async_work).where(
+                async_work.c.job_id == job_id, async_work.c.device_id != device_id,
+                async_work.c.expires_at > now())).scalar_one()
+            if holding is not None and holding >= cap:
+                return capabilities, row, None, holding
             version = row.current_round - 1
             upload_id = f"{device_id}:{job_id}:v{version}:{uuid.uuid4().hex[:12]}"
-            issued = self._issue(conn, dict(job_id=job_id, device_id=device_id, upload_id=upload_id,
-                                            base_version=version, issued_at=now(), expires_at=expires_at), cap)
-            return capabilities, row, upload_id if issued else None
-
-    @staticmethod
-    def _issue(conn: Connection, row: dict, cap: int) -> bool:
-        """Record ``row`` (an async_work row) unless ``cap`` other devices hold work now; True when recorded. One
-        statement (INSERT ... SELECT ... WHERE the count is below the cap, ON CONFLICT update): the count and the
-        record are one atomic step."""
-        holding = select(func.count()).select_from(async_work).where(
-            async_work.c.job_id == row["job_id"], async_work.c.device_id != row["device_id"],
-            async_work.c.expires_at > row["issued_at"]).scalar_subquery()
-        changes = {k: row[k] for k in ("upload_id", "base_version", "issued_at", "expires_at")}
-        dialect_insert = dialect_insert_of(conn)
-        if dialect_insert is None:  # no INSERT ... ON CONFLICT here: count, then write
-            if conn.execute(select(holding)).scalar_one() >= cap:
-                return False
-            upsert(conn, async_work, ("job_id", "device_id"), row, changes)
-            return True
-        values = select(*(literal(v, async_work.c[k].type).label(k) for k, v in row.items())).where(holding < cap)
-        statement = dialect_insert(async_work).from_select(list(row), values).on_conflict_do_update(
-            index_elements=["job_id", "device_id"], set_=changes)
-        if conn.dialect.name == "sqlite":  # its rowcount counts the row written (RETURNING needs SQLite 3.35)
-            return conn.execute(statement).rowcount == 1
-        return conn.execute(statement.returning(async_work.c.device_id)).first() is not None
+            upsert(conn, async_work, ("job_id", "device_id"),
+                   dict(job_id=job_id, device_id=device_id, upload_id=upload_id, base_version=version,
+                        issued_at=now(), expires_at=expires_at),
+                   dict(upload_id=upload_id, base_version=version, issued_at=now(), expires_at=expires_at))
+            return capabilities, row, upload_id, holding
 
     def release_work(self, job_id: str, device_id: str) -> None:
         """The device no longer holds work (its upload came, accepted or refused)."""

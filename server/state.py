@@ -23,8 +23,8 @@ from edgeft.errors import NotFound, PermissionDenied, StateError
 from edgeft.server.artifacts import Artifacts
 from edgeft.server.schema import upgrade
 from edgeft.server.store import (adapters, aggregations, connect, devices, dialect_insert_of, downloads, enrolments,
-                                 evaluations, insert_ignore, job_bundles, job_engines, jobs, label, now, rejections, rounds,
-                                 transaction, updates, upsert, upsert_device)
+                                 evaluations, insert_ignore, job_bundles, job_engines, jobs, label, now, rejections,
+                                 rounds, transaction, updates, upsert, upsert_device)
 
 log = logging.getLogger("edgeft.server")
 # a job's and a round's rows read together by one statement (State._round_state), by column name like a Row
@@ -357,7 +357,8 @@ class State:
         """Count tasks' bytes sent to devices, (job, round, device) -> (bytes, when), in one transaction; a count
         stored already for the same device and round stays."""
         keys = ("job_id", "round", "device_id")
-        rows = [dict(job_id=j, round=r, device_id=d, bytes=size, sent_at=at) for (j, r, d), (size, at) in counts.items()]
+        rows = [dict(job_id=j, round=r, device_id=d, bytes=size, sent_at=at)
+                for (j, r, d), (size, at) in counts.items()]
         with self._tx() as conn:
             dialect_insert = dialect_insert_of(conn)
             if dialect_insert is None:
