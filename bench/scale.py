@@ -46,6 +46,12 @@ def _rss_mb(pid: int) -> float | None:
     return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS")), None)
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _sample_rss(pid: int, samples: list, stop: threading.Event, every_s: float = 5.0) -> None:
     started = time.monotonic()
     while not stop.wait(every_s):
@@ -113,6 +119,7 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             with multiprocessing.get_context("spawn").Pool(processes) as pool:
                 reports = pool.map(_fleet, settings)
         final = json.loads(server.stdout.readline())
+        server_cpu_s = _cpu_s(server.pid)  # the job is over: its whole run, registration included
         server.stdin.close()
         server.wait(timeout=120)
     finally:
@@ -145,6 +152,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             "retries": retried, "errors": sum(r["errors"] for r in reports),
             "first_errors": [e for r in reports for e in r["first_errors"]][:3],
             "server_peak_rss_mb": round(final["peak_rss_mb"], 1), "server_rss_mb_samples": samples,
+            "server_cpu_s": round(server_cpu_s, 1),
+            "server_cpu_ms_per_update": round(1000 * server_cpu_s / accepted, 2) if accepted else None,
             "seconds": round(time.time() - started, 1)}
 
 
@@ -188,7 +197,8 @@ def main() -> None:
             args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     emit(result, "scale: " + "; ".join(
         f"N={r['devices']}: {r.get('accepted_per_s')} accepted/s, {r.get('versions_per_min')} versions/min, "
-        f"p99 upload {r.get('upload_p99_s')} s, server peak RSS {r.get('server_peak_rss_mb')} MB"
+        f"p99 upload {r.get('upload_p99_s')} s, server peak RSS {r.get('server_peak_rss_mb')} MB, "
+        f"{r.get('server_cpu_ms_per_update')} ms of server CPU per accepted update"
         for r in result["rows"]))
 
 
