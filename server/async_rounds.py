@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from edgeft.aggregate import RoundContext
-from edgeft.aggregate.fedbuff import BufferedUpdate, aggregate_buffer, check_staleness
+from edgeft.aggregate.fedbuff import TABLE, BufferedUpdate, aggregate_buffer, check_staleness
 from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
 from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
@@ -128,17 +128,21 @@ class AsyncRounds:
             self._release(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
-        # The store checks staleness again against the versions made meanwhile (by this process or another), in
-        # the transaction that stores the update; one made after it, before its buffer fills, is weighed at
-        # aggregation (aggregate_buffer leaves out and lists an update too stale by then).
+        # The store checks staleness again, in the transaction that stores the update, against the version it goes
+        # into (versions made and uploads stored meanwhile count): within one process an accepted update is never
+        # left out for staleness. (With several replicas, or PostgreSQL's concurrent transactions, one can be:
+        # aggregate_buffer leaves out and lists an update too stale by the time its buffer fills.)
+        options = job.asynchronous.fedbuff
         buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
-                                         update.n_examples, update.metrics, blob, size,
-                                         oldest=header.base_version + job.asynchronous.fedbuff.max_staleness)
-        if buffered is None:  # versions were made while the update was checked: too stale now
+                                         update.n_examples, update.metrics, blob, size, options.buffer_size,
+                                         options.max_staleness)
+        if buffered is None:
+            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
+                return False
             self._release(job.id, header.device_id)
-            latest = self.rounds.state.job(job.id).current_round - 1
-            check_staleness(latest, header.base_version, job.asynchronous.fedbuff)  # raises Rejected (stale)
-            raise Rejected(f"update from version {header.base_version} is too stale", reason="stale")
+            raise Rejected(f"update trained from version {header.base_version} would be more than "
+                           f"{options.max_staleness} versions behind the version it goes into (versions were made "
+                           f"while it was checked); {TABLE}.max_staleness is {options.max_staleness}", reason="stale")
         if not buffered:
             if self.state.received(job.id, header.upload_id):  # a replay that raced this one
                 return False

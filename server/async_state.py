@@ -93,22 +93,26 @@ class AsyncState:
             return False, capabilities, conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
 
     def add_update(self, job_id: str, upload_id: str, device_id: str, base_version: int, n_examples: int,
-                   metrics: dict, blob: str, size: int, oldest: int | None = None) -> int | None:
+                   metrics: dict, blob: str, size: int, buffer_size: int, max_staleness: int) -> int | None:
         """Store an accepted update in the job's buffer and release the device's work, in one transaction; returns
         how many updates the buffer holds with it, 0 (nothing stored) for an upload stored already or a job that
-        is no longer running, or None (nothing stored) when the latest global version is past ``oldest`` (the
-        update became too stale while it was checked)."""
+        is no longer running, or None (nothing stored) when it would be more than ``max_staleness`` versions behind
+        the version it goes into: the job's next version, or a later one when the buffer already holds
+        ``buffer_size`` or more updates ahead of it (versions made, or uploads stored, while it was checked)."""
         with self._tx() as conn:
             job = conn.execute(select(jobs.c.status, jobs.c.current_round).where(jobs.c.id == job_id)).first()
-            if job is not None and job.status == "running" and oldest is not None and job.current_round - 1 > oldest:
+            if job is None or job.status != "running":
+                return 0
+            ahead = self._buffered(conn, job_id)
+            goes_into = job.current_round + ahead // buffer_size  # a version takes the oldest buffer_size updates
+            if goes_into - 1 - base_version > max_staleness:
                 return None
-            if job is None or job.status != "running" or not insert_ignore(
-                    conn, async_updates, ("job_id", "upload_id"), job_id=job_id, upload_id=upload_id,
-                    device_id=device_id, base_version=base_version, n_examples=n_examples, metrics=metrics,
-                    blob=blob, received_at=now(), bytes=size, version=None):
+            if not insert_ignore(conn, async_updates, ("job_id", "upload_id"), job_id=job_id, upload_id=upload_id,
+                                 device_id=device_id, base_version=base_version, n_examples=n_examples,
+                                 metrics=metrics, blob=blob, received_at=now(), bytes=size, version=None):
                 return 0
             conn.execute(async_work.delete().where(async_work.c.job_id == job_id, async_work.c.device_id == device_id))
-            return self._buffered(conn, job_id)
+            return ahead + 1
 
     def buffer(self, job_id: str, limit: int) -> list:
         """The oldest ``limit`` updates in the job's buffer (not in a version yet), in arrival order."""

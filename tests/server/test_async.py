@@ -19,6 +19,8 @@ from edgeft.aggregate.fedbuff import FedBuffOptions
 from edgeft.errors import ConfigError, Rejected
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.config import load_server_config
+from edgeft.server.async_state import AsyncState
+from edgeft.server.state import State
 from edgeft.server.store import adapters, async_updates, jobs, open_database
 from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate
@@ -294,10 +296,9 @@ def test_differential_privacy_in_an_asynchronous_job_clips_weighs_each_update_on
         coordinator.close()
 
 
-def test_an_upload_from_a_version_not_made_yet_and_one_gone_stale_while_checked_are_refused(tmp_path, tiny_bundle):
+def test_an_upload_from_a_version_not_made_yet_is_refused_counted_and_frees_its_slot(tmp_path, tiny_bundle):
     """Transport-free: an upload naming a global version the job has not made is refused (reason "version",
-    counted) and frees the device's slot; the store refuses an update whose version fell more than max_staleness
-    behind while it was checked (versions made meanwhile), storing nothing."""
+    counted) and frees the device's slot."""
     server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
         "mode": "async", "asynchronous": {**ASYNC, "max_concurrency": 1, "versions": 10}})
     try:
@@ -310,9 +311,24 @@ def test_an_upload_from_a_version_not_made_yet_and_one_gone_stale_while_checked_
         assert refused.value.reason == "version" and coordinator.rejections("banking") == {"version": 1}
         time.sleep(1.1)  # past the moment the cap was seen reached (CAP_RECHECK_S)
         assert coordinator.poll(other, "banking") is not None  # the refused device's slot is free
-        state = coordinator.async_rounds.state
-        assert state.add_update("banking", "late", device, 0, 10, {}, "blob", 1, oldest=-1) is None
-        assert state.buffered("banking") == 0
     finally:
         server.stop(grace=None)
         coordinator.close()
+
+
+def test_the_store_refuses_an_update_that_would_be_too_stale_in_the_version_it_goes_into(database, tmp_path):
+    """On SQLite and PostgreSQL: an update goes into the job's next version, or a later one when full buffers are
+    ahead of it (uploads stored while it was checked); the store refuses it, storing nothing, when it would be more
+    than max_staleness versions behind that version."""
+    state = State(open_database(database or f"sqlite:///{tmp_path / 'state.db'}"))
+    try:
+        state.create_job("job", "digest", 10, 1, "blob0", {}, {})  # version 0 made; the next one is 1
+        store = AsyncState(state)
+        for i, max_staleness in enumerate((0, 0, 1, 1)):  # buffer_size 2: two into version 1, two into version 2
+            assert store.add_update("job", f"u{i}", "d", 0, 10, {}, f"b{i}", 1, 2, max_staleness) == i + 1
+        assert store.add_update("job", "late", "d", 0, 10, {}, "b", 1, 2, 1) is None  # version 3: 2 behind
+        assert store.buffered("job") == 4 and not store.received("job", "late")
+        assert store.add_update("job", "late", "d", 0, 10, {}, "b", 1, 2, 2) == 5
+        assert store.add_update("job", "late", "d", 0, 10, {}, "b", 1, 2, 2) == 0  # stored already
+    finally:
+        state.engine.dispose()
