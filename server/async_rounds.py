@@ -136,16 +136,15 @@ class AsyncRounds:
         buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
                                          update.n_examples, update.metrics, blob, size, options.buffer_size,
                                          options.max_staleness)
-        if buffered is None:
-            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
+        if not buffered:  # nothing stored: a replay that raced this one, too stale by now (None), or the job ended
+            if self.state.received(job.id, header.upload_id):
                 return False
-            self._release(job.id, header.device_id)
-            raise Rejected(f"update trained from version {header.base_version} would be more than "
-                           f"{options.max_staleness} versions behind the version it goes into (versions were made "
-                           f"while it was checked); {TABLE}.max_staleness is {options.max_staleness}", reason="stale")
-        if not buffered:
-            if self.state.received(job.id, header.upload_id):  # a replay that raced this one
-                return False
+            if buffered is None:
+                self._release(job.id, header.device_id)
+                raise Rejected(f"update trained from version {header.base_version} would be more than "
+                               f"{options.max_staleness} versions behind the version it goes into (versions were "
+                               f"made while it was checked); {TABLE}.max_staleness is {options.max_staleness}",
+                               reason="stale")
             raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
         self._full_until.pop(job.id, None)  # the device's slot is free
         try:
