@@ -9,7 +9,9 @@ sampled over the run, to see whether memory stays flat as N grows), per N.
 Devices (edgeft.testing.lightweight) hold no model: each registers, asks for work, waits ``--train-s`` (times a
 log-normal slowdown, --speed-sigma), uploads the task's global adapter perturbed (MiniLM + LoRA(q, v) + head: the
 adapter's own names and shapes, 416 kB), waits ``--idle-s`` and asks again; while the coordinator's concurrency cap
-(--max-concurrency) is reached, a device asks again after about ``--retry-s``. They share ``--client-processes``
+(--max-concurrency) is reached, a device asks again when the coordinator says (its pace steering,
+``server/pace.py``; or after about ``--retry-s``). Uploads draw their tensors from ``--update-pool`` synthetic
+updates per global version, so the fleet's process spends its time on calls. They share ``--client-processes``
 processes (an event loop each). The coordinator runs in its own process on loopback (plaintext: the figures are its
 own overhead; every call still carries a token), with SQLite and an artifact folder; the job ends after
 ``--duration`` seconds (its time budget), the figures cover the whole run including registration.
@@ -108,9 +110,9 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
         processes = max(1, min(args.client_processes, n))
         shares = [n // processes + (i < n % processes) for i in range(processes)]
         settings = [{"server": f"127.0.0.1:{port}", "token": token, "devices": share, "train_s": args.train_s,
-                     "idle_s": args.idle_s, "retry_s": args.retry_s, "poll_wait_s": 0, "channels": args.channels,
-                     "duration_s": args.duration + 120, "speed_sigma": args.speed_sigma, "seed": i,
-                     "start_together": args.start_together}
+                     "idle_s": args.idle_s, "retry_s": args.retry_s, "update_pool": args.update_pool,
+                     "poll_wait_s": 0, "channels": args.channels, "duration_s": args.duration + 120,
+                     "speed_sigma": args.speed_sigma, "seed": i, "start_together": args.start_together}
                     for i, share in enumerate(shares)]
         started = time.time()
         if processes == 1:
@@ -149,7 +151,7 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
             "upload_p99_s": round(float(np.nanpercentile(latencies, 99)), 3),
             "refused": refused, "refused_details": details,
-            "retries": retried, "errors": sum(r["errors"] for r in reports),
+            "retries": retried, "waits": sum(r["waits"] for r in reports), "errors": sum(r["errors"] for r in reports),
             "first_errors": [e for r in reports for e in r["first_errors"]][:3],
             "server_peak_rss_mb": round(final["peak_rss_mb"], 1), "server_rss_mb_samples": samples,
             "server_cpu_s": round(server_cpu_s, 1),
@@ -164,8 +166,12 @@ def main() -> None:
     parser.add_argument("--train-s", type=float, default=30.0, help="simulated training seconds (default 30)")
     parser.add_argument("--speed-sigma", type=float, default=1.0, help="log-normal slowdown sigma (default 1)")
     parser.add_argument("--idle-s", type=float, default=60.0, help="a device's pause after a task (default 60)")
-    parser.add_argument("--retry-s", type=float, default=30.0,
-                        help="a device's wait before asking again while the cap is reached (default 30)")
+    parser.add_argument("--retry-s", type=float,
+                        help="a device's wait before asking again while the cap is reached (default: the "
+                             "coordinator's advice, its pace steering)")
+    parser.add_argument("--update-pool", type=int, default=32,
+                        help="synthetic updates drawn per global version, shared by the fleet's uploads (default 32; "
+                             "0: each drawn afresh)")
     parser.add_argument("--buffer-size", type=int, default=100)
     parser.add_argument("--max-concurrency", type=int, default=2000)
     parser.add_argument("--max-staleness", type=int, default=20)

@@ -369,4 +369,6 @@ class Agent:
                     continue
                 self.handle(outcome)
                 continue
-            time.sleep(max(outcome.seconds, 0) * 0.5)
+            # a long-poll's "nothing yet" (1 s): ask again soon; a longer wait (an asynchronous job's pace while its
+            # concurrency cap is reached) is jittered +-50%, so devices told the same do not come back together
+            time.sleep(outcome.seconds * 0.5 if outcome.seconds <= 1 else outcome.seconds * (0.5 + random.random()))

@@ -29,10 +29,11 @@ from edgeft.aggregate.vectors import delta
 from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
+from edgeft.server.pace import Pace
 from edgeft.server.rounds import Rounds, TaskAssignment
 from edgeft.server.store import now
 from edgeft.update import AdapterUpdate
-from edgeft.wire import AsyncWork, UploadHeader
+from edgeft.wire import AsyncWork, RetryLater, UploadHeader
 
 log = logging.getLogger("edgeft.server")
 CAP_RECHECK_S = 1.0  # once the concurrency cap is reached, how long "ask later" is answered without counting again
@@ -50,14 +51,16 @@ class AsyncRounds:
         self._holding: dict[str, tuple[float, int]] = {}  # job id -> (when counted, devices holding work: estimate)
         self._estimate_lock = threading.Lock()
         self._making = threading.Lock()  # one version at a time made here (a lease makes it once across replicas)
+        self._paces: dict[str, Pace] = {}  # job id -> when devices refused work are told to ask again
 
     # -- a device asks for work ----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict | None) -> tuple:
         """(outcome, capabilities): the latest global version to train, the string reason when the job is over, or
-        None (ask later: the concurrency cap is reached); ``capabilities`` None: the poll's transaction makes the
-        liveness write and reads them (returned, else None)."""
+        RetryLater (the concurrency cap is reached: ask again after the job's pace, ``server.pace``);
+        ``capabilities`` None: the poll's transaction makes the liveness write and reads them (returned, else
+        None)."""
         if time.monotonic() < self._full_until.get(job.id, 0.0):
-            return None, None  # the cap was reached a moment ago: no database work for this poll
+            return self._refused(job), None  # the cap was reached a moment ago: no database work for this poll
         deadline, cap = now() + job.round_deadline_s, job.asynchronous.max_concurrency
         seen, row, upload_id, holding = self.state.take_work(job.id, device_id, deadline,
                                                              self._cap_to_check(job.id, cap), seen=capabilities is None)
@@ -69,12 +72,21 @@ class AsyncRounds:
             return f"job {row.id} {row.status}{': ' + row.message if row.message else ''}", seen
         if upload_id is None:
             self._full_until[job.id] = time.monotonic() + CAP_RECHECK_S
-            return None, seen
+            return self._refused(job), seen
         version = row.current_round - 1
         rank, bundle = self.rounds.jobs.device_bundle(job.id, capabilities)
         adapter = self.rounds.jobs.for_rank(job.id, rank, self.rounds.global_adapter(job.id, version))
         return TaskAssignment(job, version + 1, bundle.digest, adapter, deadline,
                               asynchronous=AsyncWork(version, upload_id)), seen
+
+    def _pace(self, job: JobConfig) -> Pace:
+        pace = self._paces.get(job.id)
+        if pace is None:  # before any upload came, work frees at least this fast: every slot by the task deadline
+            pace = self._paces.setdefault(job.id, Pace(job.asynchronous.max_concurrency / job.round_deadline_s))
+        return pace
+
+    def _refused(self, job: JobConfig) -> RetryLater:
+        return RetryLater(self._pace(job).refused())
 
     def _cap_to_check(self, job_id: str, cap: int) -> int | None:
         """``cap`` when the poll must count the devices holding work: near the cap, or at least every
@@ -147,6 +159,7 @@ class AsyncRounds:
                                reason="stale")
             raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
         self._full_until.pop(job.id, None)  # the device's slot is free
+        self._pace(job).freed()
         try:
             self.close_if_full(job, buffered)
         except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
@@ -157,6 +170,8 @@ class AsyncRounds:
         """The device's upload was refused: its slot is free (here at once, for other replicas at their recheck)."""
         self.state.release_work(job_id, device_id)
         self._full_until.pop(job_id, None)
+        if job_id in self._paces:
+            self._paces[job_id].freed()
 
     # -- versions ------------------------------------------------------------------------------------
     def close_if_full(self, job: JobConfig, buffered: int | None = None) -> None:

@@ -44,7 +44,7 @@ from edgeft.server.secure import SecureRounds
 from edgeft.server.state import State, open_state
 from edgeft.server.store import open_database
 from edgeft.update import AdapterUpdate
-from edgeft.wire import SecAggHeader, UploadHeader
+from edgeft.wire import RetryLater, SecAggHeader, UploadHeader
 
 log = logging.getLogger("edgeft.server")
 
@@ -261,8 +261,9 @@ class Coordinator:
     def device(self, device_id: str) -> dict:
         return self.state.device(device_id)
 
-    def poll(self, device_id: str, job_id: str) -> TaskAssignment | str | None:
-        """A task of job ``job_id`` for the device, the string reason when the job is over, or None (ask later).
+    def poll(self, device_id: str, job_id: str) -> TaskAssignment | str | RetryLater | None:
+        """A task of job ``job_id`` for the device, the string reason when the job is over, None (nothing yet: a
+        long-poll asks again), or RetryLater (an asynchronous job's cap is reached: the device asks again then).
 
         The poll's liveness write (``State.seen``: registered, enrolled, seen now) goes with its reads of the round
         in one transaction, at most once per device and job every LIVENESS_S: a long-poll asks every 0.2 s, and

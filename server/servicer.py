@@ -139,6 +139,8 @@ class CoordinatorServicer:
                 return reply
             if isinstance(outcome, str):
                 return wire.poll_response_to_pb(Finished(outcome))
+            if isinstance(outcome, RetryLater):  # not held in a long-poll: the device comes back when told
+                return wire.poll_response_to_pb(outcome)
             if time.monotonic() >= end or not context.is_active():
                 return wire.poll_response_to_pb(RetryLater(1))
             time.sleep(0.2)

@@ -42,9 +42,12 @@ class LightFleetConfig:
     register_concurrency: registrations in flight at once. duration_s: stop after this long (None: when the job
     ends). retry_s: a device's wait before it asks again when told to retry later (None: the coordinator's
     advice), jittered +-50%. give_up_after_s: a device stops when the coordinator stays unreachable this long.
-    keep_updates: record every update sent (tests compare the aggregate with them). start_together: every device
-    asks for work only once all have registered (a large fleet registers at the coordinator's full speed first),
-    after resting a random part of ``idle_s`` (the fleet's devices come to work spread out, not all at once)."""
+    keep_updates: record every update sent (tests compare the aggregate with them). update_pool: draw each
+    update's tensors from this many per global version, each drawn and encoded once (0: every update drawn
+    afresh): at 100 uploads a second, drawing and encoding 416 kB each takes much of the fleet's core.
+    start_together: every device asks for work only once all have registered (a large fleet registers at the
+    coordinator's full speed first), after resting a random part of ``idle_s`` (the fleet's devices come to work
+    spread out, not all at once)."""
 
     server: str
     transport: Transport
@@ -62,6 +65,7 @@ class LightFleetConfig:
     give_up_after_s: float = 120.0
     retry_s: float | None = None
     keep_updates: bool = False
+    update_pool: int = 0
     start_together: bool = False
     seed: int = 0
 
@@ -91,7 +95,7 @@ class SentUpdate:
 class FleetReport:
     """What the fleet did: devices registered, tasks received, uploads accepted or refused (by the coordinator's
     message), tasks dropped, each accepted upload's (end time, latency in seconds; Unix time and seconds), calls
-    retried, bytes of tasks received and updates sent, when the last device registered (Unix time), and errors
+    retried, polls told to ask again later, bytes of tasks received and updates sent, when the last device registered (Unix time), and errors
     that stopped a device."""
 
     registered: int = 0
@@ -107,6 +111,7 @@ class FleetReport:
     seconds: float = 0.0
     retries: int = 0
     retried: dict[str, int] = field(default_factory=dict)  # retries by status code
+    waits: int = 0  # polls answered "ask again later" (RetryLater)
     bytes_down: int = 0
     bytes_up: int = 0
     all_registered_at: float = 0.0
@@ -117,7 +122,7 @@ class FleetReport:
                 "refused": dict(self.refused), "refused_details": dict(self.refused_details),
                 "dropped": self.dropped, "finished": self.finished,
                 "errors": len(self.errors), "seconds": round(self.seconds, 2),
-                "retries": self.retries, "retried": dict(self.retried),
+                "retries": self.retries, "retried": dict(self.retried), "waits": self.waits,
                 "upload_p50_s": round(float(np.percentile(latency, 50)), 4),
                 "upload_p99_s": round(float(np.percentile(latency, 99)), 4)}
 
@@ -134,6 +139,7 @@ class LightFleet:
         self.report = FleetReport()
         self._deadline = float("inf")
         self._adapters: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (job, version) -> its global adapter
+        self._pool: dict[tuple, tuple] = {}  # (job, version, slot) -> (tensors, their encoded messages): update_pool
 
     def run(self) -> FleetReport:
         """Run every device until its job ends (or ``duration_s`` passes); returns the report."""
@@ -211,6 +217,7 @@ class LightFleet:
                     self.report.finished += 1
                     return
                 if not isinstance(outcome, Task):
+                    self.report.waits += 1
                     wait = c.retry_s if c.retry_s is not None else max(outcome.seconds, 0.2)
                     await self._sleep(wait * (0.5 + random.random()))
                     continue
@@ -254,8 +261,7 @@ class LightFleet:
         work = task.asynchronous
         header = UploadHeader(task.job_id, task.round, device_id, f"{device_id}:{task.job_id}:{task.round}"
                               if work is None else work.upload_id, 0 if work is None else work.base_version)
-        update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
-        parts = list(task_update_parts(task, header, update))
+        update, parts = self._update(task, header, rng)
         self.report.bytes_up += sum(part.ByteSize() for part in parts)
         begun = time.monotonic()
         try:
@@ -273,6 +279,24 @@ class LightFleet:
         if c.keep_updates:
             self.report.sent.append(SentUpdate(device_id, task.round, None if work is None else work.base_version,
                                                header.upload_id, update))
+
+    def _update(self, task: Task, header: UploadHeader, rng: np.random.Generator) -> tuple[AdapterUpdate, list]:
+        """A synthetic update of ``task`` and its upload's messages: drawn afresh, or from the pool (update_pool)."""
+        c = self.config
+        if not c.update_pool:
+            update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
+            return update, list(task_update_parts(task, header, update))
+        version = task.round if task.asynchronous is None else task.asynchronous.base_version
+        key = (task.job_id, version, int(rng.integers(c.update_pool)))
+        if key not in self._pool:
+            drawn = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
+            self._pool[key] = drawn.tensors, list(task_update_parts(task, header, drawn))[1:]
+            if len(self._pool) > 4 * c.update_pool:  # older versions' draws: nobody is given those versions now
+                self._pool.pop(next(iter(self._pool)))
+        tensors, chunks = self._pool[key]
+        examples = int(rng.integers(c.examples[0], c.examples[1] + 1))
+        update = AdapterUpdate(tensors, examples, {"loss": float(rng.random())})
+        return update, [next(task_update_parts(task, header, update)), *chunks]  # its own header, shared tensors
 
 
 def synthetic_update(global_adapter: dict[str, np.ndarray], rng: np.random.Generator, noise: float,

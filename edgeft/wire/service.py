@@ -3,9 +3,12 @@ the service itself (its methods for registering handlers, request parsing, the c
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from google.protobuf.message import Message
 
 from edgeft.config import TrainConfig
@@ -156,21 +159,44 @@ def poll_request_from_pb(message: pb.PollTaskRequest) -> PollRequest:
     return PollRequest(message.device_id, message.wait_seconds)
 
 
-def task_to_pb(task: Task) -> pb.Task:
+def task_to_pb(task: Task, into: pb.Task | None = None) -> pb.Task:
+    """The Task message (written into ``into``, a field of a larger message, when given: no copy of its tensors)."""
     secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
     deadline = {} if task.deadline is None else {"deadline_unix_ms": int(task.deadline * 1000)}
     work = task.asynchronous
     if work is not None:
         secure["asynchronous"] = pb.AsyncTask(base_version=work.base_version, upload_id=work.upload_id)
-    return pb.Task(**secure, **deadline, job_id=task.job_id, round=task.round, bundle_digest=task.bundle_digest,
-                   train=train_spec(task.train),
-                   global_adapter=[tensor_to_pb(n, v) for n, v in task.global_adapter.items()],
-                   upload_dtype=dtype_code(task.upload_dtype), kind=pb.STATISTICS if task.statistics else pb.TRAIN,
-                   upload_message_bytes=task.upload_message_bytes,
-                   data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
-                                      image_column=task.data.image_column or "",
-                                      feature_columns=list(task.data.feature_columns or ()),
-                                      format=task.data.format or ""))
+    message = pb.Task() if into is None else into
+    message.MergeFrom(pb.Task(
+        **secure, **deadline, job_id=task.job_id, round=task.round, bundle_digest=task.bundle_digest,
+        train=train_spec(task.train), upload_dtype=dtype_code(task.upload_dtype),
+        kind=pb.STATISTICS if task.statistics else pb.TRAIN, upload_message_bytes=task.upload_message_bytes,
+        data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
+                           image_column=task.data.image_column or "",
+                           feature_columns=list(task.data.feature_columns or ()), format=task.data.format or "")))
+    message.global_adapter.extend(_encoded(task.global_adapter))
+    return message
+
+
+_ENCODED: OrderedDict[int, tuple[dict, list[pb.Tensor]]] = OrderedDict()  # id(adapter) -> (adapter, its messages)
+_ENCODED_LOCK = threading.Lock()
+
+
+def _encoded(adapter: dict[str, np.ndarray]) -> list[pb.Tensor]:
+    """An adapter's Tensor messages, encoded once for the last few adapters: a coordinator sends the same global
+    adapter (one dict per version, kept decoded and never changed: ``Rounds.global_adapter``) to every device. The
+    memo holds the adapter itself, so its id is not reused while it is memoised."""
+    key = id(adapter)
+    with _ENCODED_LOCK:
+        hit = _ENCODED.get(key)
+    if hit is not None and hit[0] is adapter:
+        return hit[1]
+    encoded = [tensor_to_pb(n, v) for n, v in adapter.items()]
+    with _ENCODED_LOCK:
+        _ENCODED[key] = (adapter, encoded)
+        while len(_ENCODED) > 8:
+            _ENCODED.popitem(last=False)
+    return encoded
 
 
 def task_from_pb(message: pb.Task) -> Task:
@@ -195,7 +221,9 @@ def task_from_pb(message: pb.Task) -> Task:
 
 def poll_response_to_pb(outcome: PollOutcome) -> pb.PollTaskResponse:
     if isinstance(outcome, Task):
-        return pb.PollTaskResponse(task=task_to_pb(outcome))
+        message = pb.PollTaskResponse()
+        task_to_pb(outcome, into=message.task)
+        return message
     if isinstance(outcome, Finished):
         return pb.PollTaskResponse(finished=outcome.reason)
     return pb.PollTaskResponse(retry_after_seconds=outcome.seconds)

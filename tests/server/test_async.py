@@ -25,7 +25,8 @@ from edgeft.server.store import adapters, async_updates, jobs, open_database
 from edgeft.testing.ports import free_port
 from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
-from edgeft.wire import UploadHeader, update_to_parts
+from edgeft.server.rounds import TaskAssignment
+from edgeft.wire import RetryLater, UploadHeader, update_to_parts
 
 from conftest_server import agent, enrol, five_intents, start, stub, write_csv
 from faults import CoordinatorProcess, agent_process, make_token, output, wait_for, write_config
@@ -225,7 +226,8 @@ def test_the_cap_makes_devices_wait_a_server_optimiser_steps_and_the_time_budget
         first, second = (coordinator.register("", {}, "banking") for _ in range(2))
         task = coordinator.poll(first, "banking")
         assert task.asynchronous.base_version == 0 and task.round == 1
-        assert coordinator.poll(second, "banking") is None  # the cap: one device holds work
+        wait = coordinator.poll(second, "banking")  # the cap: one device holds work; the other is told when to ask
+        assert isinstance(wait, RetryLater) and wait.seconds >= 1, wait
         initial = coordinator.global_adapter("banking", 0)
         rng = np.random.default_rng(0)
         trained = [{k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in initial.items()}
@@ -310,7 +312,7 @@ def test_an_upload_from_a_version_not_made_yet_is_refused_counted_and_frees_its_
             coordinator.submit(header, AdapterUpdate(tensors, 10))
         assert refused.value.reason == "version" and coordinator.rejections("banking") == {"version": 1}
         time.sleep(1.1)  # past the moment the cap was seen reached (CAP_RECHECK_S)
-        assert coordinator.poll(other, "banking") is not None  # the refused device's slot is free
+        assert isinstance(coordinator.poll(other, "banking"), TaskAssignment)  # the refused device's slot is free
     finally:
         server.stop(grace=None)
         coordinator.close()

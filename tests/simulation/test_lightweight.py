@@ -61,15 +61,18 @@ def test_fifty_devices_finish_two_synchronous_rounds_and_fedavg_is_the_mean_of_w
 
 
 def test_fifty_devices_drive_an_asynchronous_job_whose_versions_are_the_buffers_aggregates(tmp_path, tiny_bundle):
+    """With a concurrency cap of 20 (the others are told when to ask again) and updates drawn from a pool of 3 per
+    version (their tensors shared, their example counts their own)."""
     server, port, coordinator, transport = coordinator_for(
         tmp_path, tiny_bundle, mode="async",
-        asynchronous={"buffer_size": 10, "staleness": "constant", "max_staleness": 100, "max_concurrency": DEVICES,
+        asynchronous={"buffer_size": 10, "staleness": "constant", "max_staleness": 100, "max_concurrency": 20,
                       "versions": 4})
     try:
-        report = fleet(port, transport, profile=FleetProfile(speed_sigma=0.5, seed=1)).run()
+        report = fleet(port, transport, profile=FleetProfile(speed_sigma=0.5, seed=1), update_pool=3).run()
         coordinator.wait_until_finished(timeout=60)
         assert coordinator.history("light")["status"] == "finished"
         assert report.registered == DEVICES and not report.errors and report.accepted >= 40
+        assert report.waits > 0  # the cap was reached
         sent = {s.upload_id: s for s in report.sent}
         engine = open_database(tmp_path / "state" / "state.db")
         with engine.begin() as conn:

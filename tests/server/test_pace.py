@@ -1,0 +1,44 @@
+"""Pace steering (server.pace): the wait told to devices refused work, by hand."""
+
+from __future__ import annotations
+
+from edgeft.server.pace import CEILING_S, FLOOR_S, Pace, retry_after
+
+
+def test_retry_after_spreads_the_waiting_devices_over_the_rate_work_frees_up():
+    # 200 refused polls a second, each told 10 s: 2,000 devices wait; 50 slots free a second: 40 s each
+    assert retry_after(200.0, 10.0, 50.0) == 40.0
+    assert retry_after(0.0, 10.0, 50.0) == FLOOR_S  # nobody waits: ask again soon
+    assert retry_after(1e6, 600.0, 1.0) == CEILING_S
+    assert retry_after(30.0, 2.0, 10.0, floor_s=0.5, ceiling_s=5.0) == 5.0
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_pace_recomputes_the_wait_every_window_from_the_polls_refused_and_the_work_freed():
+    clock = Clock()
+    pace = Pace(min_freed_per_s=2.0, window_s=10.0, clock=clock)
+    assert [pace.refused() for _ in range(3)] == [1, 1, 1]  # the first window: the floor
+    for _ in range(997):
+        pace.refused()
+    for _ in range(50):
+        pace.freed()
+    clock.t = 10.0
+    # 1,001 refused over 10 s, each told 1 s: 100 wait; 50 freed over 10 s = 5/s: 20 s
+    assert pace.refused() == 20
+    for _ in range(399):  # 400 refused in the next 10 s, each told about 20 s: 800 wait; nothing freed: the floor
+        pace.refused()  # rate, 2 a second
+    clock.t = 20.0
+    assert pace.refused() == 400
+    clock.t = 30.0
+    assert pace.refused() == 20  # one refused poll in 10 s, told 400 s: 40 wait, over 2 a second
+    for _ in range(10_000):
+        pace.refused()
+    clock.t = 40.0
+    assert pace.refused() == CEILING_S
