@@ -281,7 +281,8 @@ class LightFleet:
                                                header.upload_id, update))
 
     def _update(self, task: Task, header: UploadHeader, rng: np.random.Generator) -> tuple[AdapterUpdate, list]:
-        """A synthetic update of ``task`` and its upload's messages: drawn afresh, or from the pool (update_pool)."""
+        """A synthetic update of ``task`` and its upload's messages: drawn afresh, or (update_pool) from the pool,
+        all but its smallest tensor shared, that one drawn afresh: every upload is still a blob of its own."""
         c = self.config
         if not c.update_pool:
             update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
@@ -289,14 +290,16 @@ class LightFleet:
         version = task.round if task.asynchronous is None else task.asynchronous.base_version
         key = (task.job_id, version, int(rng.integers(c.update_pool)))
         if key not in self._pool:
-            drawn = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
-            self._pool[key] = drawn.tensors, list(task_update_parts(task, header, drawn))[1:]
+            drawn = synthetic_update(task.global_adapter, rng, c.noise, c.examples).tensors
+            own = min(drawn, key=lambda name: drawn[name].nbytes)
+            shared = {name: value for name, value in drawn.items() if name != own}
+            self._pool[key] = drawn, own, list(task_update_parts(task, header, AdapterUpdate(shared, 1)))[1:]
             if len(self._pool) > 4 * c.update_pool:  # older versions' draws: nobody is given those versions now
                 self._pool.pop(next(iter(self._pool)))
-        tensors, chunks = self._pool[key]
-        examples = int(rng.integers(c.examples[0], c.examples[1] + 1))
-        update = AdapterUpdate(tensors, examples, {"loss": float(rng.random())})
-        return update, [next(task_update_parts(task, header, update)), *chunks]  # its own header, shared tensors
+        drawn, own, chunks = self._pool[key]
+        fresh = synthetic_update({own: drawn[own]}, rng, c.noise, c.examples)
+        head, *tail = task_update_parts(task, header, fresh)
+        return dataclasses.replace(fresh, tensors={**drawn, **fresh.tensors}), [head, *chunks, *tail]
 
 
 def synthetic_update(global_adapter: dict[str, np.ndarray], rng: np.random.Generator, noise: float,
