@@ -16,7 +16,7 @@ import logging
 from collections import namedtuple
 from typing import Callable, Iterable
 
-from sqlalchemy import exists, func, inspect, insert, select, update
+from sqlalchemy import bindparam, exists, func, inspect, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.errors import NotFound, PermissionDenied, StateError
@@ -27,14 +27,18 @@ from edgeft.server.store import (adapters, aggregations, connect, devices, diale
                                  rounds, transaction, updates, upsert, upsert_device)
 
 log = logging.getLogger("edgeft.server")
+# the liveness write (State._seen), built once: building a statement costs more than running it (~0.1 ms)
+_SEEN = (update(devices).where(devices.c.id == bindparam("device_id"), exists().where(
+    enrolments.c.device_id == bindparam("device_id"), enrolments.c.job_id == bindparam("job_id")))
+    .values(last_seen=bindparam("now", type_=devices.c.last_seen.type)).returning(devices.c.capabilities))
+_SEEN_WITH_METRICS = _SEEN.values(metrics=bindparam("metrics", type_=devices.c.metrics.type))
 # a job's and a round's rows read together by one statement (State._round_state), by column name like a Row
 JobRow = namedtuple("JobRow", [c.name for c in jobs.c])
 RoundRow = namedtuple("RoundRow", [c.name for c in rounds.c])
 
 
 class _Changed(Exception):
-    """A round's updates changed between its aggregation and its closing (another process stored one), or its
-    closing lease passed to another replica: the closing transaction is rolled back."""
+    """A round's updates or closing lease changed before its closing transaction: it is rolled back."""
 
 
 def open_state(database: str, artifacts: Artifacts) -> "State":
@@ -192,17 +196,14 @@ class State:
 
     def seen(self, device_id: str, job_id: str, metrics: dict | None = None) -> dict:
         """The liveness write of a poll, heartbeat or upload: the device is registered and enrolled in the job
-        (NotFound / PermissionDenied otherwise); it was seen now (with its latest ``metrics`` when given).
-        Returns its capabilities."""
+        (NotFound / PermissionDenied otherwise); seen now (with its ``metrics`` when given). Its capabilities."""
         with self._tx() as conn:
             return self._seen(conn, device_id, job_id, metrics)
 
     @staticmethod
     def _seen(conn: Connection, device_id: str, job_id: str, metrics: dict | None = None) -> dict:
-        values = {"last_seen": now(), **({"metrics": metrics} if metrics is not None else {})}
-        enrolled = exists().where(enrolments.c.device_id == device_id, enrolments.c.job_id == job_id)
-        row = conn.execute(update(devices).where(devices.c.id == device_id, enrolled).values(**values)
-                           .returning(devices.c.capabilities)).first()  # one statement for the common case
+        keys = {"device_id": device_id, "job_id": job_id, "now": now()}  # one statement for the common case
+        row = conn.execute(_SEEN if metrics is None else _SEEN_WITH_METRICS, keys | {"metrics": metrics}).first()
         if row is not None:
             return row.capabilities
         if conn.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is None:
