@@ -27,7 +27,9 @@ def test_lm_perplexity_goes_down(bundle, request, tmp_path, shakespeare):
     result = train(tiny_lm_bundle, train_data, TrainConfig(epochs=3, batch_size=16, learning_rate=2e-2,
                                                            progress=False), val_data)
     ppl = [r["val_perplexity"] for r in result.history]
-    assert ppl[0] < before["perplexity"] and ppl[2] < ppl[1] < ppl[0]
+    # down after the first epoch and after the second; the third may level off (343.866 after 343.863, seen on an
+    # AVX-512 Xeon), so it is held to be below the first
+    assert ppl[0] < before["perplexity"] and ppl[1] < ppl[0] and ppl[2] < ppl[0]
     assert ppl[-1] < 0.9 * before["perplexity"]
 
 
