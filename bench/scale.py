@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--retry-s", type=float,
                         help="a device's wait before asking again while the cap is reached (default: the "
                              "coordinator's advice, its pace steering)")
-    parser.add_argument("--update-pool", type=int, default=32,
-                        help="synthetic updates drawn per global version, shared by the fleet's uploads (default 32; "
+    parser.add_argument("--update-pool", type=int, default=8,
+                        help="synthetic updates drawn per global version, shared by the fleet's uploads (default 8; "
                              "0: each drawn afresh)")
     parser.add_argument("--buffer-size", type=int, default=100)
     parser.add_argument("--max-concurrency", type=int, default=2000)

@@ -21,6 +21,8 @@ import time
 FLOOR_S = 1.0  # the shortest wait told (the cap's recheck: a slot may free any moment)
 CEILING_S = 600.0  # the longest: a device waiting longer would miss work freed meanwhile
 WINDOW_S = 10.0  # rates are measured over this long
+GROWTH = 2.0  # the wait told at most doubles from one window to the next: a window in which nothing freed (every
+# holder still training) says little, and a test's handful of devices must not be told minutes
 
 
 def retry_after(refused_per_s: float, told_s: float, freed_per_s: float, floor_s: float = FLOOR_S,
@@ -31,8 +33,9 @@ def retry_after(refused_per_s: float, told_s: float, freed_per_s: float, floor_s
 
 
 class Pace:
-    """One job's pace: counts refused polls and freed work, and every WINDOW_S turns them into the wait to tell.
-    ``min_freed_per_s``: the freed rate assumed at least (the cap over the task deadline). Thread safe."""
+    """One job's pace: counts refused polls and freed work, and every WINDOW_S turns them into the wait to tell (at
+    most GROWTH times the last). ``min_freed_per_s``: the freed rate assumed at least (the cap over the task
+    deadline). Thread safe."""
 
     def __init__(self, min_freed_per_s: float, window_s: float = WINDOW_S, clock=time.monotonic):  # noqa: ANN001
         self.min_freed_per_s, self.window_s, self.clock = min_freed_per_s, window_s, clock
@@ -54,6 +57,6 @@ class Pace:
             span = at - self._since
             if span >= self.window_s:
                 freed = max(self._freed / span, self.min_freed_per_s)
-                self._told = retry_after(self._refused / span, self._told, freed)
+                self._told = min(retry_after(self._refused / span, self._told, freed), GROWTH * self._told)
                 self._since, self._refused, self._freed = at, 0, 0
             return max(int(round(self._told)), 1)

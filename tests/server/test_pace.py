@@ -30,15 +30,31 @@ def test_a_pace_recomputes_the_wait_every_window_from_the_polls_refused_and_the_
     for _ in range(50):
         pace.freed()
     clock.t = 10.0
-    # 1,001 refused over 10 s, each told 1 s: 100 wait; 50 freed over 10 s = 5/s: 20 s
-    assert pace.refused() == 20
-    for _ in range(399):  # 400 refused in the next 10 s, each told about 20 s: 800 wait; nothing freed: the floor
-        pace.refused()  # rate, 2 a second
+    # 1,001 refused over 10 s, each told 1 s: 100 wait; 50 freed over 10 s = 5/s: 20 s, but at most twice the last
+    assert pace.refused() == 2
+    for _ in range(9):  # 10 refused in the next 10 s, each told 2 s: 2 wait; 10 freed: 1/s, below the floor (2/s)
+        pace.refused()
+    for _ in range(10):
+        pace.freed()
     clock.t = 20.0
-    assert pace.refused() == 400
+    assert pace.refused() == FLOOR_S  # 1.0 * 2 / 2 = 1 s
+    for _ in range(599):  # 600 refused, each told 1 s: 60 wait; nothing freed: the floor rate, 2 a second: 30 s ...
+        pace.refused()
     clock.t = 30.0
-    assert pace.refused() == 20  # one refused poll in 10 s, told 400 s: 40 wait, over 2 a second
-    for _ in range(10_000):
+    assert pace.refused() == 2  # ... at most doubling
+    for _ in range(599):
         pace.refused()
     clock.t = 40.0
-    assert pace.refused() == CEILING_S
+    assert pace.refused() == 4
+    for _ in range(99):  # 100 refused, each told 4 s: 40 wait, over 2 a second
+        pace.refused()
+    clock.t = 50.0
+    assert pace.refused() == 8  # 20 s, at most doubling
+    for _ in range(99):
+        pace.refused()
+    clock.t = 60.0
+    assert pace.refused() == 16  # 10 * 8 / 2 = 40 s, at most doubling
+    for _ in range(19):  # 20 refused, each told 16 s: 32 wait, over 2 a second: 16 s, below doubling
+        pace.refused()
+    clock.t = 70.0
+    assert pace.refused() == 16
