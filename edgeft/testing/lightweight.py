@@ -95,8 +95,8 @@ class SentUpdate:
 class FleetReport:
     """What the fleet did: devices registered, tasks received, uploads accepted or refused (by the coordinator's
     message), tasks dropped, each accepted upload's (end time, latency in seconds; Unix time and seconds), calls
-    retried, polls told to ask again later, bytes of tasks received and updates sent, when the last device registered (Unix time), and errors
-    that stopped a device."""
+    retried, polls told to ask again later, bytes of tasks received and updates sent, when the last device
+    registered (Unix time), and errors that stopped a device."""
 
     registered: int = 0
     tasks: int = 0
