@@ -85,8 +85,10 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     server_table = '[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\ninsecure = true\n'
-    if args.max_concurrent_rpcs:  # the coordinator's calls in progress; beyond them RESOURCE_EXHAUSTED (retried)
-        server_table += f"[server.limits]\nmax_concurrent_rpcs = {args.max_concurrent_rpcs}\n"
+    limits = {"max_concurrent_rpcs": args.max_concurrent_rpcs,  # calls in progress; beyond: RESOURCE_EXHAUSTED
+              "max_workers": args.max_workers}  # threads serving calls
+    if any(limits.values()):
+        server_table += "[server.limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items() if v)
     config = state / "jobs.toml"
     config.write_text(server_table + f'[[job]]\nid = "scale"\nbundle = "{bundle.resolve()}"\nmode = "async"\n'
                       f'head_init = "none"\nround_deadline_s = {max(600.0, 20 * args.train_s)}\n'
@@ -177,6 +179,8 @@ def main() -> None:
     parser.add_argument("--max-staleness", type=int, default=20)
     parser.add_argument("--max-concurrent-rpcs", type=int,
                         help="the coordinator's [server.limits] max_concurrent_rpcs (default: its own, 128)")
+    parser.add_argument("--max-workers", type=int,
+                        help="the coordinator's [server.limits] max_workers (default: its own, 64)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--start-together", action="store_true",

@@ -248,7 +248,7 @@ class AsyncRounds:
         """A version's record: updates accepted into it, their staleness and weights, and the uploads refused as
         stale since the previous version (``refused_stale``; ``refused_stale_total`` counts the whole job)."""
         total = self.rounds.state.rejections(job.id).get("stale", 0)
-        previous = self.rounds.state.job_record(job.id)["reports"].get(version - 1) or {}
+        previous = self.state.report(job.id, version - 1)  # one row: the job's whole record grows with its tasks
         before = (previous.get("asynchronous") or {}).get("refused_stale_total", 0)
         refused = {index for index, _ in step.refused}
         accepted = [s for i, s in enumerate(step.staleness) if i not in refused]

@@ -238,6 +238,12 @@ class AsyncState:
                                     for r in rows if r.version == version]})
         return out
 
+    def report(self, job_id: str, version: int) -> dict:
+        """The strategy's report stored with global ``version`` ({} when there is none)."""
+        with self._tx() as conn:
+            return conn.execute(select(aggregations.c.report).where(aggregations.c.job_id == job_id,
+                                                                    aggregations.c.round == version)).scalar() or {}
+
     def buffered(self, job_id: str) -> int:
         """How many accepted updates wait in the job's buffer."""
         with self._tx() as conn:

@@ -261,8 +261,8 @@ class LightFleet:
         work = task.asynchronous
         header = UploadHeader(task.job_id, task.round, device_id, f"{device_id}:{task.job_id}:{task.round}"
                               if work is None else work.upload_id, 0 if work is None else work.base_version)
-        update, parts = self._update(task, header, rng)
-        self.report.bytes_up += sum(part.ByteSize() for part in parts)
+        update, parts, size = self._update(task, header, rng)
+        self.report.bytes_up += size
         begun = time.monotonic()
         try:
             receipt = upload_receipt_from_pb(await self._call(stub.UploadUpdate, lambda: iter(parts),
@@ -280,26 +280,30 @@ class LightFleet:
             self.report.sent.append(SentUpdate(device_id, task.round, None if work is None else work.base_version,
                                                header.upload_id, update))
 
-    def _update(self, task: Task, header: UploadHeader, rng: np.random.Generator) -> tuple[AdapterUpdate, list]:
-        """A synthetic update of ``task`` and its upload's messages: drawn afresh, or (update_pool) from the pool,
-        all but its smallest tensor shared, that one drawn afresh: every upload is still a blob of its own."""
+    def _update(self, task: Task, header: UploadHeader, rng: np.random.Generator) -> tuple[AdapterUpdate, list, int]:
+        """A synthetic update of ``task``, its upload's messages and their size: drawn afresh, or (update_pool) from
+        the pool, all but its smallest tensor shared, that one drawn afresh: every upload is still a blob of its
+        own."""
         c = self.config
         if not c.update_pool:
             update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
-            return update, list(task_update_parts(task, header, update))
+            parts = list(task_update_parts(task, header, update))
+            return update, parts, sum(part.ByteSize() for part in parts)
         version = task.round if task.asynchronous is None else task.asynchronous.base_version
         key = (task.job_id, version, int(rng.integers(c.update_pool)))
         if key not in self._pool:
             drawn = synthetic_update(task.global_adapter, rng, c.noise, c.examples).tensors
             own = min(drawn, key=lambda name: drawn[name].nbytes)
             shared = {name: value for name, value in drawn.items() if name != own}
-            self._pool[key] = drawn, own, list(task_update_parts(task, header, AdapterUpdate(shared, 1)))[1:]
+            chunks = list(task_update_parts(task, header, AdapterUpdate(shared, 1)))[1:]
+            self._pool[key] = drawn, own, chunks, sum(part.ByteSize() for part in chunks)  # sized once
             if len(self._pool) > 4 * c.update_pool:  # older versions' draws: nobody is given those versions now
                 self._pool.pop(next(iter(self._pool)))
-        drawn, own, chunks = self._pool[key]
+        drawn, own, chunks, size = self._pool[key]
         fresh = synthetic_update({own: drawn[own]}, rng, c.noise, c.examples)
         head, *tail = task_update_parts(task, header, fresh)
-        return dataclasses.replace(fresh, tensors={**drawn, **fresh.tensors}), [head, *chunks, *tail]
+        size += head.ByteSize() + sum(part.ByteSize() for part in tail)
+        return dataclasses.replace(fresh, tensors={**drawn, **fresh.tensors}), [head, *chunks, *tail], size
 
 
 def synthetic_update(global_adapter: dict[str, np.ndarray], rng: np.random.Generator, noise: float,

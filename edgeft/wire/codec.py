@@ -119,5 +119,6 @@ def chunks_to_tensors(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]
     for name, part in parts.items():
         if len(part.buffer) != part.size:
             raise WireError(f"tensor {name!r} is truncated: {len(part.buffer)} of {part.size} bytes arrived")
-        tensors[name] = _widen(np.frombuffer(bytes(part.buffer), dtype=part.dtype).reshape(part.shape))
+        array = np.frombuffer(part.buffer, dtype=part.dtype).reshape(part.shape)  # writable: the bytearray's own
+        tensors[name] = array if array.dtype == np.float32 else _widen(array)  # float32 as it came, no copy
     return tensors
