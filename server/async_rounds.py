@@ -27,6 +27,7 @@ from edgeft.aggregate.fedbuff import TABLE, BufferedUpdate, aggregate_buffer, ch
 from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
 from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
+from edgeft.server.admission import BUSY_SHARE, Admission, UploadLoad
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
 from edgeft.server.pace import Pace
@@ -43,8 +44,10 @@ CAP_MARGIN = 256  # below the cap by more than this (estimated), a poll gives wo
 class AsyncRounds:
     """Tasks, uploads and versions of asynchronous jobs."""
 
-    def __init__(self, rounds: Rounds, state: AsyncState):
+    def __init__(self, rounds: Rounds, state: AsyncState, load: UploadLoad | None = None):
         self.rounds, self.state = rounds, state
+        self.load = load or UploadLoad()  # this process's uploads in progress
+        self._admissions: dict[str, Admission] = {}  # job id -> its admission by load (server.admission)
         # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
         # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
         self._full_until: dict[str, float] = {}
@@ -61,6 +64,8 @@ class AsyncRounds:
         None)."""
         if time.monotonic() < self._full_until.get(job.id, 0.0):
             return self._refused(job), None  # the cap was reached a moment ago: no database work for this poll
+        if not self._admission(job.id).admit():  # uploads queue: work is given at the rate they are taken in
+            return self._refused(job), None
         deadline, cap = now() + job.round_deadline_s, job.asynchronous.max_concurrency
         seen, row, upload_id, holding = self.state.take_work(job.id, device_id, deadline,
                                                              self._cap_to_check(job.id, cap), seen=capabilities is None)
@@ -84,6 +89,13 @@ class AsyncRounds:
         if pace is None:  # before any upload came, work frees at least this fast: every slot by the task deadline
             pace = self._paces.setdefault(job.id, Pace(job.asynchronous.max_concurrency / job.round_deadline_s))
         return pace
+
+    def _admission(self, job_id: str) -> Admission:
+        admission = self._admissions.get(job_id)
+        if admission is None:
+            busy_at = BUSY_SHARE * self.rounds.config.limits.max_workers
+            admission = self._admissions.setdefault(job_id, Admission(job_id, self.load, busy_at))
+        return admission
 
     def _refused(self, job: JobConfig) -> RetryLater:
         return RetryLater(self._pace(job).refused())
@@ -160,6 +172,7 @@ class AsyncRounds:
             raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
         self._full_until.pop(job.id, None)  # the device's slot is free
         self._pace(job).freed()
+        self._admission(job.id).taken()
         try:
             self.close_if_full(job, buffered)
         except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
@@ -172,6 +185,7 @@ class AsyncRounds:
         self._full_until.pop(job_id, None)
         if job_id in self._paces:
             self._paces[job_id].freed()
+        self._admission(job_id).taken()
 
     # -- versions ------------------------------------------------------------------------------------
     def close_if_full(self, job: JobConfig, buffered: int | None = None) -> None:

@@ -171,6 +171,10 @@ class CoordinatorServicer:
 
     @rpc(stream=True)
     def UploadUpdate(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        with self.coordinator.upload_load.uploading():  # received, then stored: admission's measure of load
+            return self._upload(request_iterator, context, principal)
+
+    def _upload(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN202
         sizes: list[int] = []  # the bytes that came over the wire
 
         def check(size: int, claim: UploadHeader | None) -> None:  # every message, before it is read

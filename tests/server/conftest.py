@@ -80,3 +80,18 @@ def backend(request) -> dict:
 def fault_report(tmp_path_factory) -> Path:
     """The fault-injection scenarios' JSON report (``faults.record``), in pytest's base temporary folder."""
     return tmp_path_factory.getbasetemp() / "fault_report.json"
+
+
+class ManualClock:
+    """A clock (time.monotonic's stand-in) that the test moves by setting ``t``."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture()
+def clock() -> ManualClock:
+    return ManualClock()

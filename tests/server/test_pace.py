@@ -13,16 +13,7 @@ def test_retry_after_spreads_the_waiting_devices_over_the_rate_work_frees_up():
     assert retry_after(30.0, 2.0, 10.0, floor_s=0.5, ceiling_s=5.0) == 5.0
 
 
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_a_pace_recomputes_the_wait_every_window_from_the_polls_refused_and_the_work_freed():
-    clock = Clock()
+def test_a_pace_recomputes_the_wait_every_window_from_the_polls_refused_and_the_work_freed(clock):
     pace = Pace(min_freed_per_s=2.0, window_s=10.0, clock=clock)
     assert [pace.refused() for _ in range(3)] == [1, 1, 1]  # the first window: the floor
     for _ in range(997):
