@@ -27,7 +27,7 @@ from edgeft.aggregate.fedbuff import TABLE, BufferedUpdate, aggregate_buffer, ch
 from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
 from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
-from edgeft.server.admission import BUSY_SHARE, Admission, UploadLoad
+from edgeft.server.admission import BUSY_SHARE, Admission, CallLoad
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
 from edgeft.server.pace import Pace
@@ -44,9 +44,9 @@ CAP_MARGIN = 256  # below the cap by more than this (estimated), a poll gives wo
 class AsyncRounds:
     """Tasks, uploads and versions of asynchronous jobs."""
 
-    def __init__(self, rounds: Rounds, state: AsyncState, load: UploadLoad | None = None):
+    def __init__(self, rounds: Rounds, state: AsyncState, load: CallLoad | None = None):
         self.rounds, self.state = rounds, state
-        self.load = load or UploadLoad()  # this process's uploads in progress
+        self.load = load or CallLoad()  # calls waiting for this process's call threads
         self._admissions: dict[str, Admission] = {}  # job id -> its admission by load (server.admission)
         # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
         # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
@@ -64,7 +64,7 @@ class AsyncRounds:
         None)."""
         if time.monotonic() < self._full_until.get(job.id, 0.0):
             return self._refused(job), None  # the cap was reached a moment ago: no database work for this poll
-        if not self._admission(job.id).admit():  # uploads queue: work is given at the rate they are taken in
+        if not self._admission(job.id).admit():  # calls queue: work is given at the rate uploads are taken in
             return self._refused(job), None
         deadline, cap = now() + job.round_deadline_s, job.asynchronous.max_concurrency
         seen, row, upload_id, holding = self.state.take_work(job.id, device_id, deadline,

@@ -28,7 +28,7 @@ from edgeft.aggregate import STRATEGIES, Strategy, build_strategy
 from edgeft.aggregate.lora_ranks import HeteroRankFedAvg
 from edgeft.bundle import Bundle
 from edgeft.errors import NotFound, Rejected, Unavailable
-from edgeft.server.admission import UploadLoad
+from edgeft.server.admission import CallLoad
 from edgeft.server.artifacts import Artifacts, FolderStore
 from edgeft.server.async_rounds import AsyncRounds
 from edgeft.server.async_state import AsyncState
@@ -122,8 +122,8 @@ class Coordinator:
         self.evaluator = Evaluator(self.state, lambda: self.bundles, self.global_adapter, self.leases)
         self.rounds = Rounds(config, self.jobs, self.bundle_sets, self.state, self.artifacts, self.strategies,
                              self.secure_rounds, on_closed=self.evaluator.schedule, leases=self.leases)
-        self.upload_load = UploadLoad()  # upload calls in progress (the servicer counts them): admission's measure
-        self.async_rounds = AsyncRounds(self.rounds, AsyncState(self.state), self.upload_load)  # "async" jobs
+        self.call_load = CallLoad()  # calls waiting for a call thread (the server's CallThreads count them)
+        self.async_rounds = AsyncRounds(self.rounds, AsyncState(self.state), self.call_load)  # "async" jobs
         self._swept = 0.0  # when the clock last looked for global adapters without an evaluation
         self._clock: threading.Thread | None = None
         self._seen: dict[tuple[str, str], tuple[float, dict]] = {}  # (device, job): last liveness write, capabilities

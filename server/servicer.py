@@ -16,7 +16,6 @@ import functools
 import hashlib
 import logging
 import time
-from concurrent import futures
 from typing import Callable
 
 import grpc
@@ -28,6 +27,7 @@ from edgeft import wire
 from edgeft.wire.types import MESSAGE_HEADROOM
 from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Finished, RetryLater, Task,
                          UploadHeader, UploadReceipt)
+from edgeft.server.admission import CallThreads
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
@@ -171,10 +171,6 @@ class CoordinatorServicer:
 
     @rpc(stream=True)
     def UploadUpdate(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN201, N802
-        with self.coordinator.upload_load.uploading():  # received, then stored: admission's measure of load
-            return self._upload(request_iterator, context, principal)
-
-    def _upload(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN202
         sizes: list[int] = []  # the bytes that came over the wire
 
         def check(size: int, claim: UploadHeader | None) -> None:  # every message, before it is read
@@ -282,7 +278,8 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     # One BLAS thread: calls run on many threads at once, and BLAS's own pool of busy-waiting threads (numpy's
     # OpenBLAS starts one per core) took half the coordinator's CPU under load, for vectors of 10^5 values.
     threadpool_limits(1, user_api="blas")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="edgeft-rpc"),
+    threads = CallThreads(coordinator.call_load, limits.max_workers, "edgeft-rpc")  # counts calls waiting for one
+    server = grpc.server(threads,
                          options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
     health_servicer = health.HealthServicer()
