@@ -55,6 +55,10 @@ class AsyncRounds:
         self._estimate_lock = threading.Lock()
         self._making = threading.Lock()  # one version at a time made here (a lease makes it once across replicas)
         self._paces: dict[str, Pace] = {}  # job id -> when devices refused work are told to ask again
+        # job id -> the latest global version this process read or made: uploads too stale for it are refused before
+        # they are checked (the transaction that stores an update checks against the stored one)
+        self._latest: dict[str, int] = {}
+        self._started: dict[str, float] = {}  # job id -> when it started (its initial global adapter was stored)
 
     # -- a device asks for work ----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict | None) -> tuple:
@@ -79,6 +83,7 @@ class AsyncRounds:
             self._full_until[job.id] = time.monotonic() + CAP_RECHECK_S
             return self._refused(job), seen
         version = row.current_round - 1
+        self._known(job.id, version)
         rank, bundle = self.rounds.jobs.device_bundle(job.id, capabilities)
         adapter = self.rounds.jobs.for_rank(job.id, rank, self.rounds.global_adapter(job.id, version))
         return TaskAssignment(job, version + 1, bundle.digest, adapter, deadline,
@@ -132,20 +137,24 @@ class AsyncRounds:
             raise
 
     def _submit(self, job: JobConfig, header: UploadHeader, update: AdapterUpdate, size: int) -> bool:
-        # a replay?, then registered and enrolled (the liveness write), and the job: one transaction
-        received, capabilities, row = self.state.upload_state(job.id, header.upload_id, header.device_id)
-        if received:
-            self.rounds.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} "
-                                        "again; counted once")
-            return False
-        if row.status != "running":
-            raise Rejected(f"job {job.id!r} is {row.status}; the update came late", reason="late")
-        latest = row.current_round - 1
-        try:
-            check_staleness(latest, header.base_version, job.asynchronous.fedbuff)
-        except Rejected:
-            self._release(job.id, header.device_id)
-            raise
+        if self.rounds.jobs.one_bundle(job.id) is None:  # the device's capabilities say which bundle it trained
+            # a replay?, then registered and enrolled (the liveness write), and the job: one transaction
+            received, capabilities, row = self.state.upload_state(job.id, header.upload_id, header.device_id)
+            if received:
+                self._count_replay(job, header)
+                return False
+            if row.status != "running":
+                raise Rejected(f"job {job.id!r} is {row.status}; the update came late", reason="late")
+            latest = row.current_round - 1
+        else:  # one bundle: add_update's transaction makes those checks (a transaction per upload fewer; the
+            # coordinator's transactions take turns on SQLite, and 3 per update bounded its updates a second)
+            capabilities, latest = None, self._latest.get(job.id)
+        if latest is not None:  # the latest version this process knows: add_update checks against the stored one
+            try:
+                check_staleness(latest, header.base_version, job.asynchronous.fedbuff)
+            except Rejected:
+                self._release(job.id, header.device_id)
+                raise
         try:
             self.rounds.check_trained(job, header.base_version, update, capabilities)
         except DataError as exc:
@@ -159,9 +168,10 @@ class AsyncRounds:
         options = job.asynchronous.fedbuff
         buffered = self.state.add_update(job.id, header.upload_id, header.device_id, header.base_version,
                                          update.n_examples, update.metrics, blob, size, options.buffer_size,
-                                         options.max_staleness)
-        if not buffered:  # nothing stored: a replay that raced this one, too stale by now (None), or the job ended
+                                         options.max_staleness, seen=capabilities is None)
+        if not buffered:  # nothing stored: a replay, too stale by now (None), or the job ended
             if self.state.received(job.id, header.upload_id):
+                self._count_replay(job, header)
                 return False
             if buffered is None:
                 self._release(job.id, header.device_id)
@@ -178,6 +188,15 @@ class AsyncRounds:
         except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
             log.warning("job %s: the next version waits: %s", job.id, exc)
         return True
+
+    def _count_replay(self, job: JobConfig, header: UploadHeader) -> None:
+        self.rounds.count_rejection(job.id, "duplicate", f"upload {header.upload_id!r} of {header.device_id} again; "
+                                    "counted once")
+
+    def _known(self, job_id: str, version: int) -> None:
+        """The latest global version of the job is at least ``version`` (read, or made here)."""
+        with self._estimate_lock:
+            self._latest[job_id] = max(self._latest.get(job_id, version), version)
 
     def _release(self, job_id: str, device_id: str) -> None:
         """The device's upload was refused: its slot is free (here at once, for other replicas at their recheck)."""
@@ -199,6 +218,8 @@ class AsyncRounds:
             return  # the buffer holds enough (an upload does not wait for it; the clock's turn catches any left)
         try:
             while True:
+                if self._budget_spent(job):  # checked before each version: a buffer that keeps filling (uploads
+                    return  # taken in faster than versions are made) must not hold the job past its budget
                 row = self.rounds.state.job(job.id)
                 buffer = self.state.buffer(job.id, size)
                 if row is None or row.status != "running" or len(buffer) < size:
@@ -246,6 +267,7 @@ class AsyncRounds:
             return False
         log.info("job %s: global version %d made from %d updates (mean staleness %.2f)%s", job.id, version, count,
                  report["asynchronous"]["mean_staleness"], "; the job is finished" if finished else "")
+        self._known(job.id, version)
         rounds.on_closed(job, version)
         return True
 
@@ -272,17 +294,27 @@ class AsyncRounds:
 
     # -- the clock -----------------------------------------------------------------------------------
     def tick(self, jobs: list[JobConfig]) -> None:
-        """Make versions a full buffer waits for (after a restart, or a store that did not answer), and end jobs
-        whose time budget is spent."""
+        """End jobs whose time budget is spent, and make versions a full buffer waits for (after a restart, or a
+        store that did not answer)."""
         for job in jobs:
             row = self.rounds.state.job(job.id)
-            if row is None or row.status != "running":
-                continue
-            self.close_if_full(job)
-            budget = job.asynchronous.time_budget_s
+            if row is not None and row.status == "running":
+                self.close_if_full(job)  # which checks the budget first
+
+    def _budget_spent(self, job: JobConfig) -> bool:
+        """Whether the job's time budget is spent (it is finished then, here if it was running)."""
+        budget = job.asynchronous.time_budget_s
+        if budget is None:
+            return False
+        started = self._started.get(job.id)
+        if started is None:
             started = self.state.started_at(job.id)
-            if budget is not None and started is not None and now() - started >= budget:
-                made = self.rounds.state.job(job.id).current_round - 1
-                if self.state.finish(job.id, f"time budget of {budget:g} s spent after {made} global versions"):
-                    log.info("job %s: time budget of %g s spent after %d global versions; finished", job.id,
-                             budget, made)
+            if started is None:
+                return False
+            self._started[job.id] = started
+        if now() - started < budget:
+            return False
+        made = self.rounds.state.job(job.id).current_round - 1
+        if self.state.finish(job.id, f"time budget of {budget:g} s spent after {made} global versions"):
+            log.info("job %s: time budget of %g s spent after %d global versions; finished", job.id, budget, made)
+        return True

@@ -134,13 +134,18 @@ class AsyncState:
             return False, capabilities, conn.execute(_JOB, {"job_id": job_id}).first()
 
     def add_update(self, job_id: str, upload_id: str, device_id: str, base_version: int, n_examples: int,
-                   metrics: dict, blob: str, size: int, buffer_size: int, max_staleness: int) -> int | None:
-        """Store an accepted update in the job's buffer and release the device's work, in one transaction; returns
-        how many updates the buffer holds with it, 0 (nothing stored) for an upload stored already or a job that
-        is no longer running, or None (nothing stored) when it would be more than ``max_staleness`` versions behind
-        the version it goes into: the job's next version, or a later one when the buffer already holds
-        ``buffer_size`` or more updates ahead of it (versions made, or uploads stored, while it was checked)."""
+                   metrics: dict, blob: str, size: int, buffer_size: int, max_staleness: int,
+                   seen: bool = False) -> int | None:
+        """Store an accepted update in the job's buffer and release the device's work, in one transaction (first,
+        when ``seen``, the device's liveness write: ``State.seen``'s NotFound / PermissionDenied for a device not
+        registered or not enrolled); returns how many updates the buffer holds with it, 0 (nothing stored) for an
+        upload stored already or a job that is no longer running, or None (nothing stored) when it would be more
+        than ``max_staleness`` versions behind the version it goes into: the job's next version, or a later one when
+        the buffer already holds ``buffer_size`` or more updates ahead of it (versions made, or uploads stored, while
+        it was checked)."""
         with self._tx() as conn:
+            if seen:
+                State._seen(conn, device_id, job_id)
             job = conn.execute(_JOB_PROGRESS, {"job_id": job_id}).first()
             if job is None or job.status != "running":
                 return 0

@@ -305,6 +305,12 @@ class JobBundles:
             return self.rank_bundles[job_id][rank]
         return self.engine_bundles[job_id][self.device_engine(job_id, capabilities)]
 
+    def one_bundle(self, job_id: str) -> Bundle | None:
+        """The job's bundle when it serves one (one training engine, one LoRA rank): every device trains it, whatever
+        its capabilities; None when a device's capabilities choose among several."""
+        ranks, engines = self.rank_bundles[job_id], self.engine_bundles[job_id]
+        return next(iter(engines.values())) if len(ranks) == 1 and len(engines) == 1 else None
+
     def update_rank(self, job_id: str, update: AdapterUpdate) -> int:
         """The LoRA rank an update was trained at (the rows of its first LoRA A), one of the ranks the job
         serves; DataError (reason shape) otherwise."""

@@ -230,13 +230,16 @@ class Rounds:
             self._norms[key] = update_norm(reference)
         return job.max_update_norm_ratio * self._norms[key]
 
-    def check_trained(self, job: JobConfig, version: int, update: AdapterUpdate, capabilities: dict) -> None:
+    def check_trained(self, job: JobConfig, version: int, update: AdapterUpdate, capabilities: dict | None) -> None:
         """Refuse (DataError) an update trained from global adapter ``version`` that does not fit the bundle the
-        device was given, claims too many examples, or moved further from that adapter than the job's bound."""
+        device was given, claims too many examples, or moved further from that adapter than the job's bound.
+        ``capabilities`` None: the job serves one bundle (``JobBundles.one_bundle``)."""
         reference = self.global_adapter(job.id, version)
         bound = self.norm_bound(job, version, reference)
         rank = self.jobs.update_rank(job.id, update)
-        manifest = self.jobs.given_bundle(job.id, capabilities, rank).manifest
+        bundle = self.jobs.one_bundle(job.id) if capabilities is None else self.jobs.given_bundle(job.id, capabilities,
+                                                                                                   rank)
+        manifest = bundle.manifest
         check_update(update, manifest, max_examples=job.max_update_examples,
                      reference=self.jobs.for_rank(job.id, rank, reference), max_norm=bound)
 

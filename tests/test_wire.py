@@ -171,6 +171,11 @@ def test_a_task_survives_the_wire_and_its_bytes_are_those_of_the_contract():
     assert plain.kind == "train" and plain.upload_dtype == "float32"
     for outcome in (Finished("job j finished"), RetryLater(1)):
         assert poll_response_from_pb(poll_response_to_pb(outcome)) == outcome
+    held = {"lora_A": np.ones((2, 3), np.float32)}  # an adapter a simulator holds decoded for (job, 4) already
+    reply = poll_response_to_pb(task)
+    shared = poll_response_from_pb(reply, lambda job_id, version: held if (job_id, version) == ("job", 4) else None)
+    assert shared.global_adapter is held and not reply.task.global_adapter  # not decoded: cleared
+    assert poll_response_from_pb(poll_response_to_pb(task), lambda *_: None).global_adapter.keys() == adapter.keys()
     assert poll_response_to_pb(Finished("over")).SerializeToString() == pb.PollTaskResponse(
         finished="over").SerializeToString()
 

@@ -28,7 +28,7 @@ from edgeft.testing.fleet_profile import FleetProfile
 from edgeft.update import AdapterUpdate
 from edgeft.wire import (Capabilities, Finished, PollRequest, Registration, Task, UploadHeader, coordinator_stub,
                          poll_request_to_pb, poll_response_from_pb, registered_from_pb, registration_to_pb,
-                         task_update_parts, upload_receipt_from_pb)
+                         serialized, task_update_parts, upload_of_bytes, upload_receipt_from_pb)
 
 
 
@@ -150,7 +150,8 @@ class LightFleet:
         started = time.monotonic()
         self._deadline = started + c.duration_s if c.duration_s is not None else float("inf")
         channels = [open_aio_channel(c.server, c.transport) for _ in range(c.channels)]
-        stubs = [coordinator_stub(ch) for ch in channels]
+        # uploads take serialized messages: a pooled update's chunks are serialized once, not at every upload
+        stubs = [(coordinator_stub(ch), upload_of_bytes(ch)) for ch in channels]
         gate = asyncio.Semaphore(c.register_concurrency)
         self._registrations_ended, self._all_registered = 0, asyncio.Event()
         try:
@@ -185,8 +186,9 @@ class LightFleet:
             raise _Stop
         await asyncio.sleep(seconds)
 
-    async def _device(self, index: int, stub, gate: asyncio.Semaphore, started: float) -> None:  # noqa: ANN001
+    async def _device(self, index: int, stubs: tuple, gate: asyncio.Semaphore, started: float) -> None:
         c = self.config
+        stub, upload = stubs
         profile = c.profile.device(index)
         rng = np.random.default_rng([c.seed, index])
         try:
@@ -212,7 +214,8 @@ class LightFleet:
                     continue
                 request = poll_request_to_pb(PollRequest(device_id, c.poll_wait_s))
                 reply = await self._call(stub.PollTask, request)
-                outcome = poll_response_from_pb(reply)
+                size = reply.ByteSize()
+                outcome = self._outcome(reply)
                 if isinstance(outcome, Finished):
                     self.report.finished += 1
                     return
@@ -224,9 +227,9 @@ class LightFleet:
                 if outcome.asynchronous is None and (outcome.job_id, outcome.round) in done:
                     await self._sleep(1.0)
                     continue
-                self.report.bytes_down += reply.ByteSize()
-                task, reply, outcome = self._shared(outcome), None, None  # the message is not held while training
-                await self._work(stub, device_id, task, profile, rng)
+                self.report.bytes_down += size
+                task, reply, outcome = outcome, None, None  # the message is not held while training
+                await self._work(upload, device_id, task, profile, rng)
                 if task.asynchronous is None:
                     done.add((task.job_id, task.round))
                 if c.idle_s:
@@ -237,16 +240,18 @@ class LightFleet:
             details = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
             self.report.errors.append(f"device {index}: {details}")
 
-    def _shared(self, task: Task) -> Task:
-        """The task with its global adapter shared by every device given the same version: thousands of devices
-        training at once would otherwise each hold their own decoded copy."""
-        version = task.round if task.asynchronous is None else task.asynchronous.base_version
-        adapter = self._adapters.setdefault((task.job_id, version), task.global_adapter)
-        if len(self._adapters) > 64:  # old versions: nobody is given them any more
-            self._adapters.pop(next(iter(self._adapters)))
-        return dataclasses.replace(task, global_adapter=adapter)
+    def _outcome(self, reply):  # noqa: ANN001, ANN202
+        """The poll's outcome; a task's global adapter is decoded once per version and shared by every device given
+        that version: thousands of devices training at once would otherwise each hold (and decode) their own copy."""
+        outcome = poll_response_from_pb(reply, lambda job_id, version: self._adapters.get((job_id, version)))
+        if isinstance(outcome, Task):
+            key = (outcome.job_id, outcome.round if outcome.asynchronous is None else outcome.asynchronous.base_version)
+            self._adapters.setdefault(key, outcome.global_adapter)
+            if len(self._adapters) > 64:  # old versions: nobody is given them any more
+                self._adapters.pop(next(iter(self._adapters)))
+        return outcome
 
-    async def _work(self, stub, device_id: str, task: Task, profile, rng: np.random.Generator) -> None:  # noqa: ANN001
+    async def _work(self, upload, device_id: str, task: Task, profile, rng: np.random.Generator) -> None:  # noqa: ANN001
         """Train (wait), then upload a synthetic update, or drop the task."""
         c = self.config
         if task.statistics:
@@ -265,8 +270,7 @@ class LightFleet:
         self.report.bytes_up += size
         begun = time.monotonic()
         try:
-            receipt = upload_receipt_from_pb(await self._call(stub.UploadUpdate, lambda: iter(parts),
-                                                                stop_at_deadline=False))
+            receipt = upload_receipt_from_pb(await self._call(upload, lambda: iter(parts), stop_at_deadline=False))
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
@@ -281,28 +285,28 @@ class LightFleet:
                                                header.upload_id, update))
 
     def _update(self, task: Task, header: UploadHeader, rng: np.random.Generator) -> tuple[AdapterUpdate, list, int]:
-        """A synthetic update of ``task``, its upload's messages and their size: drawn afresh, or (update_pool) from
-        the pool, all but its smallest tensor shared, that one drawn afresh: every upload is still a blob of its
-        own."""
+        """A synthetic update of ``task``, its upload's messages (serialized) and their size: drawn afresh, or
+        (update_pool) from the pool, all but its smallest tensor shared, that one drawn afresh: every upload is still
+        a blob of its own."""
         c = self.config
         if not c.update_pool:
             update = synthetic_update(task.global_adapter, rng, c.noise, c.examples)
-            parts = list(task_update_parts(task, header, update))
-            return update, parts, sum(part.ByteSize() for part in parts)
+            parts = serialized(task_update_parts(task, header, update))
+            return update, parts, sum(map(len, parts))
         version = task.round if task.asynchronous is None else task.asynchronous.base_version
         key = (task.job_id, version, int(rng.integers(c.update_pool)))
         if key not in self._pool:
             drawn = synthetic_update(task.global_adapter, rng, c.noise, c.examples).tensors
             own = min(drawn, key=lambda name: drawn[name].nbytes)
             shared = {name: value for name, value in drawn.items() if name != own}
-            chunks = list(task_update_parts(task, header, AdapterUpdate(shared, 1)))[1:]
-            self._pool[key] = drawn, own, chunks, sum(part.ByteSize() for part in chunks)  # sized once
+            chunks = serialized(task_update_parts(task, header, AdapterUpdate(shared, 1)))[1:]
+            self._pool[key] = drawn, own, chunks, sum(map(len, chunks))  # serialized and sized once
             if len(self._pool) > 4 * c.update_pool:  # older versions' draws: nobody is given those versions now
                 self._pool.pop(next(iter(self._pool)))
         drawn, own, chunks, size = self._pool[key]
         fresh = synthetic_update({own: drawn[own]}, rng, c.noise, c.examples)
-        head, *tail = task_update_parts(task, header, fresh)
-        size += head.ByteSize() + sum(part.ByteSize() for part in tail)
+        head, *tail = serialized(task_update_parts(task, header, fresh))
+        size += len(head) + sum(map(len, tail))
         return dataclasses.replace(fresh, tensors={**drawn, **fresh.tensors}), [head, *chunks, *tail], size
 
 

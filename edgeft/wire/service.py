@@ -3,6 +3,7 @@ the service itself (its methods for registering handlers, request parsing, the c
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,6 +48,17 @@ def update_to_parts(header: UploadHeader, update: AdapterUpdate, dtype: str = "f
         size += len(chunk.data)
     if batch:
         yield pb.UpdatePart(chunks=pb.TensorChunks(chunks=batch))
+
+
+def upload_of_bytes(channel):  # noqa: ANN001, ANN201
+    """UploadUpdate over ``channel`` (asyncio or not) taking messages serialized already (``serialized``): a
+    simulator sending the same chunks many times serializes them once."""
+    return channel.stream_unary(f"/{SERVICE_NAME}/UploadUpdate", response_deserializer=pb.UploadResponse.FromString)
+
+
+def serialized(parts: Iterable[Message]) -> list[bytes]:
+    """Messages as they go on the wire."""
+    return [part.SerializeToString() for part in parts]
 
 
 def task_update_parts(task: Task, header: UploadHeader, update: AdapterUpdate,
@@ -229,10 +241,20 @@ def poll_response_to_pb(outcome: PollOutcome) -> pb.PollTaskResponse:
     return pb.PollTaskResponse(retry_after_seconds=outcome.seconds)
 
 
-def poll_response_from_pb(message: pb.PollTaskResponse) -> PollOutcome:
+def poll_response_from_pb(message: pb.PollTaskResponse,
+                          held: Callable[[str, int], dict | None] | None = None) -> PollOutcome:
+    """The poll's outcome. ``held(job_id, version)``: a global adapter the caller holds decoded already for a task's
+    version (its round, or an asynchronous task's base version), or None; when it holds one, the task carries it and
+    the message's tensors are cleared, not decoded (a simulator's thousands of devices given the same version)."""
     kind = message.WhichOneof("outcome")
     if kind == "task":
-        return task_from_pb(message.task)
+        task = message.task
+        version = task.asynchronous.base_version if task.HasField("asynchronous") else task.round
+        adapter = None if held is None else held(task.job_id, version)
+        if adapter is None:
+            return task_from_pb(task)
+        task.ClearField("global_adapter")
+        return dataclasses.replace(task_from_pb(task), global_adapter=adapter)
     if kind == "finished":
         return Finished(message.finished)
     return RetryLater(message.retry_after_seconds)

@@ -16,7 +16,7 @@ from safetensors.numpy import load as load_tensors
 from sqlalchemy import select
 
 from edgeft.aggregate.fedbuff import FedBuffOptions
-from edgeft.errors import ConfigError, Rejected
+from edgeft.errors import ConfigError, NotFound, PermissionDenied, Rejected
 from edgeft.server.artifacts import ArtifactStore
 from edgeft.server.config import load_server_config
 from edgeft.server.async_state import AsyncState
@@ -334,3 +334,58 @@ def test_the_store_refuses_an_update_that_would_be_too_stale_in_the_version_it_g
         assert store.add_update("job", "late", "d", 0, 10, {}, "b", 1, 2, 2) == 0  # stored already
     finally:
         state.engine.dispose()
+
+
+def test_an_upload_of_a_device_not_registered_or_not_enrolled_is_refused_and_nothing_is_stored(tmp_path, tiny_bundle):
+    """Transport-free, a job serving one bundle (its uploads' checks of the device and the replay are made in the
+    transaction that stores them): an unknown device is NotFound, a device enrolled in another job
+    PermissionDenied, nothing is stored for either; a replay is counted once."""
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": {**ASYNC, "versions": 10}})
+    try:
+        device = coordinator.register("", {}, "banking")
+        work = coordinator.poll(device, "banking").asynchronous
+        tensors = coordinator.global_adapter("banking", 0)
+        coordinator.state.enrol("elsewhere", {}, "other-job", "")  # registered, enrolled in another job only
+
+        def send(device_id: str) -> bool:
+            header = UploadHeader("banking", 1, device_id, work.upload_id if device_id == device else
+                                  f"{device_id}:banking:v0:x", 0)
+            return coordinator.submit(header, AdapterUpdate(tensors, 10))
+
+        with pytest.raises(NotFound, match="unknown device 'nobody': register first"):
+            send("nobody")
+        with pytest.raises(PermissionDenied, match="device 'elsewhere' is not enrolled in job 'banking'"):
+            send("elsewhere")
+        assert coordinator.async_rounds.state.buffered("banking") == 0
+        assert send(device) is True and send(device) is False  # the device's own upload, then its replay
+        assert coordinator.async_rounds.state.buffered("banking") == 1
+        assert coordinator.history("banking")["duplicates"] == 1
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
+
+
+def test_the_time_budget_ends_the_job_even_while_full_buffers_wait_for_their_versions(tmp_path, tiny_bundle):
+    """Transport-free: the budget is checked before each version is made, so uploads taken in faster than versions
+    are made cannot hold a job past its budget (the clock used to make every waiting version first: a 300 s job ran
+    428 s under load). The buffer's updates stay stored."""
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": {**ASYNC, "max_concurrency": 10, "time_budget_s": 3}})
+    try:
+        rounds = coordinator.async_rounds
+        devices = [coordinator.register("", {}, "banking") for _ in range(2)]
+        works = [coordinator.poll(d, "banking").asynchronous for d in devices]
+        tensors = coordinator.global_adapter("banking", 0)
+        with rounds._making:  # a version is being made: the uploads fill the buffer without making one
+            for device, work in zip(devices, works):
+                assert coordinator.submit(UploadHeader("banking", 1, device, work.upload_id, 0),
+                                          AdapterUpdate(tensors, 10))
+            assert rounds.state.buffered("banking") == 2
+            wait_for(lambda: time.time() - rounds.state.started_at("banking") > 3.2, 30, "the budget to pass")
+        wait_for(lambda: coordinator.job_status("banking")["status"] == "finished", 30, "the clock to end the job")
+        assert "time budget of 3 s spent after 0 global versions" in coordinator.job_status("banking")["message"]
+        assert rounds.state.buffered("banking") == 2
+    finally:
+        server.stop(grace=None)
+        coordinator.close()

@@ -96,6 +96,28 @@ def test_each_device_gets_the_first_engine_it_runs_and_updates_aggregate_togethe
     assert set(restarted.served_bundles("j")) == {tiny_bundle.digest, portable_bundle.digest}
 
 
+def test_an_asynchronous_job_checks_each_upload_against_the_bundle_of_its_devices_engine(tmp_path, tiny_bundle,
+                                                                                         portable_bundle):
+    """Several bundles: an upload's checks read its device's capabilities (the bundle it was given) first."""
+    job = JobConfig(id="j", bundle=tiny_bundle.path, engine_bundles=(portable_bundle.path,), mode="async",
+                    asynchronous={"buffer_size": 2, "versions": 5}, head_init="none")
+    coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "state", insecure=True, jobs=(job,)))
+    assert coordinator.rounds.jobs.one_bundle("j") is None
+    coordinator.register("plain", {"engines": ["portable"]}, "j")
+    coordinator.register("old", {}, "j")
+    tasks = {d: coordinator.poll(d, "j") for d in ("plain", "old")}
+    assert {d: t.bundle_digest for d, t in tasks.items()} == {"plain": portable_bundle.digest,
+                                                               "old": tiny_bundle.digest}
+    for device, task in tasks.items():
+        work = task.asynchronous
+        header = UploadHeader("j", 1, device, work.upload_id, work.base_version)
+        assert coordinator.submit(header, AdapterUpdate(task.global_adapter, 10)) is True
+        assert coordinator.submit(header, AdapterUpdate(task.global_adapter, 10)) is False  # a replay
+    assert coordinator.job_status("j")["current_round"] == 2  # version 1 made from both
+    assert coordinator.history("j")["duplicates"] == 2
+    coordinator.close()
+
+
 def test_a_device_that_runs_none_of_the_jobs_engines_is_refused_with_what_to_do(tmp_path, tiny_bundle,
                                                                                portable_bundle):
     coordinator = Coordinator(ServerConfig(state_dir=tmp_path / "a", insecure=True, jobs=(
