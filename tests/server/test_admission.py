@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from edgeft.server.admission import BACKOFF, GROWTH, MIN_PER_S, Admission, CallLoad, CallThreads, issue_limit
+from edgeft.server.admission import (BACKOFF, GROWTH, INITIAL_PER_S, MIN_PER_S, SLOW_START_GROWTH, Admission, CallLoad,
+                                     CallThreads, issue_limit)
 
 
 def test_issue_limit_follows_the_rate_taken_in_while_busy_and_grows_back_after():
@@ -12,7 +13,9 @@ def test_issue_limit_follows_the_rate_taken_in_while_busy_and_grows_back_after()
     assert issue_limit(True, 0.4, 80.0, 10.0) == MIN_PER_S  # never below the floor
     assert issue_limit(True, 0.0, 80.0, None) is None  # a queue while nothing was taken in: no evidence, no limit
     assert issue_limit(True, 0.0, 80.0, 12.0) == 12.0  # ... nor a change to the one there is
-    assert issue_limit(False, 50.0, 44.0, 45.0) == 45.0 * GROWTH  # not busy, the limit bound: it grows
+    assert issue_limit(False, 40.0, 44.0, 45.0) == 45.0 * GROWTH  # not busy, the work given came back: it grows
+    assert issue_limit(False, 40.0, 44.0, 45.0, SLOW_START_GROWTH) == 90.0  # ... doubles before calls first queued
+    assert issue_limit(False, 30.0, 44.0, 45.0) == 45.0  # not back yet (taken in under 0.8 of it): it waits
     assert issue_limit(False, 50.0, 20.0, 45.0) is None  # not busy, under half the limit given: no limit
     assert issue_limit(False, 50.0, 80.0, None) is None
 
@@ -45,6 +48,7 @@ def test_call_threads_count_the_calls_waiting_for_a_thread():
 def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_limit(clock):
     load = CallLoad(clock)
     admission = Admission("job", load, busy_at=4.0, window_s=10.0)
+    admission.limit, admission._queued = None, True  # past its slow start (below), no limit
     assert all(admission.admit() for _ in range(500))  # not busy: no limit
     load.change(5)  # 5 calls wait for a thread the whole window: busy (from 4)
     for _ in range(200):  # 20 updates a second taken in
@@ -57,11 +61,49 @@ def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_lim
     clock.t = 12.0
     assert sum(admission.admit() for _ in range(100)) == 18
     load.change(-5)  # the queue drained
-    for second in range(13, 20):  # the limit binds: 18 given each second
+    for second in range(13, 20):  # the limit binds: 18 given each second, and the work given comes back
         clock.t = float(second)
         assert sum(admission.admit() for _ in range(100)) == 18
+    for _ in range(180):
+        admission.taken()
     clock.t = 20.0
-    admission.admit()  # a window not busy in which the limit bound: it grows
+    admission.admit()  # a window not busy in which the work given came back: the limit grows
     assert admission.limit == BACKOFF * 20.0 * GROWTH
     clock.t = 30.0  # a window in which little work was asked for: the limit is lifted
     assert admission.admit() is True and admission.limit is None
+
+
+def test_admission_starts_slow_and_doubles_as_the_work_given_comes_back(clock):
+    """A crowd asking at once gets INITIAL_PER_S tasks a second, not all the work there is; the limit doubles each
+    window in which the uploads came back without a queue, and stays while they have not."""
+    load = CallLoad(clock)
+    admission = Admission("job", load, busy_at=4.0, window_s=10.0)
+    given = 0
+    for second in range(10):  # a crowd asks: a second's tokens, then INITIAL_PER_S a second
+        clock.t = float(second)
+        given += sum(admission.admit() for _ in range(1000))
+    assert given == INITIAL_PER_S * 10
+    for second in range(10, 20):  # the crowd asks on; the uploads come back at the rate given, no queue
+        clock.t = float(second)
+        assert sum(admission.admit() for _ in range(1000)) == INITIAL_PER_S
+        assert admission.limit == INITIAL_PER_S  # at 10 s nothing had come back yet (devices train): it waited
+        for _ in range(int(INITIAL_PER_S)):
+            admission.taken()
+    clock.t = 20.0
+    admission.admit()
+    assert admission.limit == INITIAL_PER_S * SLOW_START_GROWTH
+    load.change(5)  # calls queue: the limit follows what was taken in, and the slow start is over
+    for _ in range(300):
+        admission.taken()
+    clock.t = 30.0
+    admission.admit()
+    assert admission.limit == BACKOFF * 30.0
+    load.change(-5)
+    for second in range(30, 40):  # the queue drained; the crowd asks on and the work given comes back
+        clock.t = float(second)
+        assert 26 <= sum(admission.admit() for _ in range(1000)) <= 27  # 27 tokens a second
+        for _ in range(27):
+            admission.taken()
+    clock.t = 40.0
+    admission.admit()
+    assert admission.limit == BACKOFF * 30.0 * GROWTH
