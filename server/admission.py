@@ -32,15 +32,15 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from edgeft.server.pace import WINDOW_S
+from edgeft.server.pace import WINDOW_S, Tally
 
 log = logging.getLogger("edgeft.server")
 BUSY_SHARE = 0.5  # busy: on average at least this many calls per call thread (limits.max_workers) wait for one
 BACKOFF = 0.9  # while busy, work is given at this share of the rate updates were taken in
 GROWTH = 1.25  # a window not busy in which the work given came back: the limit grows by this factor ...
 SLOW_START_GROWTH = 2.0  # ... by this one until calls first queue
-INITIAL_PER_S = 25.0  # a job's limit to begin with, tasks a second
-CAUGHT_UP = 0.8  # the work given came back: updates taken in at this share of the limit or more
+INITIAL_PER_S = 50.0  # a job's limit to begin with, tasks a second
+CAUGHT_UP = 0.7  # the work given came back: updates taken in at this share of the limit or more
 MIN_PER_S = 0.5  # the limit never falls below this many tasks a second
 
 
@@ -107,24 +107,22 @@ class CallThreads(ThreadPoolExecutor):
 
 
 class Admission:
-    """One job's admission: counts the tasks it gave and the uploads taken in (accepted or refused), and every
+    """One job's admission: counts the tasks it gave, reads ``taken`` (the uploads taken in, accepted or refused), and
+    every
     ``window_s`` turns them and the process's call queue into the rate limit of the next window, a token bucket
     holding at most a second of tasks (full to begin with). ``busy_at``: the mean calls waiting from which the
     process is busy. Thread safe."""
 
-    def __init__(self, job_id: str, load: CallLoad, busy_at: float, window_s: float = WINDOW_S):
+    def __init__(self, job_id: str, load: CallLoad, busy_at: float, taken: Tally | None = None,
+                 window_s: float = WINDOW_S):
         self.job_id, self.load, self.busy_at, self.window_s = job_id, load, busy_at, window_s
+        self.taken = taken or Tally()
         self._lock = threading.Lock()
         self._since, self._area = load.reading()
-        self._given = self._taken = 0
+        self._given, self._taken_at = 0, self.taken.count
         self.limit: float | None = INITIAL_PER_S
         self._tokens, self._filled = INITIAL_PER_S, self._since
         self._queued = False  # calls have queued since the job began: the slow start is over
-
-    def taken(self) -> None:
-        """An upload of the job was taken in (accepted or refused): its device's work ended."""
-        with self._lock:
-            self._taken += 1
 
     def admit(self) -> bool:
         """Whether a device asking for work may be given some now (counted as given when it may)."""
@@ -146,10 +144,11 @@ class Admission:
     def _roll(self, at: float, span: float, waiting: float) -> None:
         before, busy = self.limit, waiting >= self.busy_at
         first_queue = busy and not self._queued
-        self.limit = issue_limit(busy, self._taken / span, self._given / span, before,
+        taken_at = self.taken.count
+        self.limit = issue_limit(busy, (taken_at - self._taken_at) / span, self._given / span, before,
                                  GROWTH if self._queued else SLOW_START_GROWTH)
         self._queued = self._queued or busy
-        self._given = self._taken = 0
+        self._given, self._taken_at = 0, taken_at
         if before is None and self.limit is not None:
             self._tokens, self._filled = 0.0, at
         if busy and self.limit is not None and (first_queue or before is None):

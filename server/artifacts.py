@@ -29,11 +29,13 @@ from edgeft.errors import BundleError
 class DecodedCache:
     """Decoded blobs (tensors by name) kept by key, the least recently used dropped beyond ``max_bytes`` (the
     latest one is always kept). Global adapter versions never change once written: an asynchronous job's uploads
-    are checked against the several recent versions they trained from, and its polls all ask for the latest."""
+    are checked against the several recent versions they trained from, and its polls all ask for the latest; the
+    updates it takes in are kept until a version ``take``s them."""
 
     def __init__(self, max_bytes: int = 64 << 20):
         self.max_bytes = max_bytes
         self._items: OrderedDict = OrderedDict()  # key -> (tensors, bytes)
+        self._bytes = 0  # of the tensors kept
         self._lock = threading.Lock()
 
     def get(self, key: object) -> dict[str, np.ndarray] | None:
@@ -46,10 +48,23 @@ class DecodedCache:
 
     def put(self, key: object, tensors: dict[str, np.ndarray]) -> None:
         with self._lock:
+            self._drop(key)
             self._items[key] = (tensors, sum(t.nbytes for t in tensors.values()))
-            self._items.move_to_end(key)
-            while len(self._items) > 1 and sum(size for _, size in self._items.values()) > self.max_bytes:
-                self._items.popitem(last=False)
+            self._bytes += self._items[key][1]
+            while len(self._items) > 1 and self._bytes > self.max_bytes:
+                self._drop(next(iter(self._items)))
+
+    def take(self, key: object) -> dict[str, np.ndarray] | None:
+        """The tensors kept under ``key``, no longer kept (None when none are)."""
+        with self._lock:
+            return self._drop(key)
+
+    def _drop(self, key: object) -> dict[str, np.ndarray] | None:
+        item = self._items.pop(key, None)
+        if item is None:
+            return None
+        self._bytes -= item[1]
+        return item[0]
 
 
 def check_digest(data: bytes, digest: str, where: str) -> bytes:

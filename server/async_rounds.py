@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -30,9 +29,10 @@ from edgeft.aggregate.privacy import clip_to_norm
 from edgeft.aggregate.vectors import delta
 from edgeft.errors import ConfigError, DataError, EdgeftError, NotFound, Rejected, Unavailable
 from edgeft.server.admission import BUSY_SHARE, Admission, CallLoad
+from edgeft.server.artifacts import DecodedCache
 from edgeft.server.async_state import AsyncState
 from edgeft.server.config import JobConfig
-from edgeft.server.pace import Pace
+from edgeft.server.pace import Pace, Tally
 from edgeft.server.rounds import Rounds, TaskAssignment
 from edgeft.server.store import now
 from edgeft.update import AdapterUpdate
@@ -41,6 +41,7 @@ from edgeft.wire import AsyncWork, RetryLater, UploadHeader
 log = logging.getLogger("edgeft.server")
 CAP_RECHECK_S = 1.0  # once the concurrency cap is reached, how long "ask later" is answered without counting again
 CAP_MARGIN = 256  # below the cap by more than this (estimated), a poll gives work without counting the holders
+KEPT_BYTES = 256 << 20  # the updates taken in here kept decoded until a version reads them (83 MB: 200 of MiniLM's)
 
 
 class AsyncRounds:
@@ -57,15 +58,16 @@ class AsyncRounds:
         self._estimate_lock = threading.Lock()
         self._making = threading.Lock()  # one version at a time made here (a lease makes it once across replicas)
         self._paces: dict[str, Pace] = {}  # job id -> when devices refused work are told to ask again
+        self._ended: dict[str, Tally] = {}  # job id -> the work that ended here (read by its pace and admission)
         # job id -> the latest global version this process read or made: uploads too stale for it are refused before
         # they are checked (the transaction that stores an update checks against the stored one)
         self._latest: dict[str, int] = {}
+        self._latest_lock = threading.Lock()
         self._started: dict[str, float] = {}  # job id -> when it started (its initial global adapter was stored)
-        # job id -> blob -> the tensors of an update taken in here, as they came, until a version reads them (at most
-        # buffer_size a job): reading back, checking and decoding 200 blobs took ~40% of making a version, which
-        # runs on one thread among the upload threads and fell behind them
-        self._recent: dict[str, OrderedDict[str, dict]] = {}
-        self._recent_lock = threading.Lock()
+        # (job id, blob) -> the tensors of an update taken in here, as they came, until a version reads them:
+        # reading back, checking and decoding 200 blobs took ~40% of making a version, which runs on one thread
+        # among the upload threads and fell behind them
+        self._taken_in = DecodedCache(KEPT_BYTES)
 
     # -- a device asks for work ----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict | None) -> tuple:
@@ -99,15 +101,20 @@ class AsyncRounds:
     def _pace(self, job: JobConfig) -> Pace:
         pace = self._paces.get(job.id)
         if pace is None:  # before any upload came, work frees at least this fast: every slot by the task deadline
-            pace = self._paces.setdefault(job.id, Pace(job.asynchronous.max_concurrency / job.round_deadline_s))
+            pace = self._paces.setdefault(job.id, Pace(job.asynchronous.max_concurrency / job.round_deadline_s,
+                                                       self._ended_of(job.id)))
         return pace
 
     def _admission(self, job_id: str) -> Admission:
         admission = self._admissions.get(job_id)
         if admission is None:
             busy_at = BUSY_SHARE * self.rounds.config.limits.max_workers
-            admission = self._admissions.setdefault(job_id, Admission(job_id, self.load, busy_at))
+            admission = self._admissions.setdefault(job_id, Admission(job_id, self.load, busy_at,
+                                                                      self._ended_of(job_id)))
         return admission
+
+    def _ended_of(self, job_id: str) -> Tally:
+        return self._ended.get(job_id) or self._ended.setdefault(job_id, Tally())
 
     def _refused(self, job: JobConfig) -> RetryLater:
         return RetryLater(self._pace(job).refused())
@@ -168,7 +175,7 @@ class AsyncRounds:
             self._release(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
-        self._keep(job, blob, update.tensors)
+        self._taken_in.put((job.id, blob), update.tensors)
         # The store checks staleness again, in the transaction that stores the update, against the version it goes
         # into (versions made and uploads stored meanwhile count): within one process an accepted update is never
         # left out for staleness. (With several replicas, or PostgreSQL's concurrent transactions, one can be:
@@ -189,8 +196,7 @@ class AsyncRounds:
                                reason="stale")
             raise Rejected(f"job {job.id!r} ended while the update was checked", reason="late")
         self._full_until.pop(job.id, None)  # the device's slot is free
-        self._pace(job).freed()
-        self._admission(job.id).taken()
+        self._ended_of(job.id).add()
         try:
             self.close_if_full(job, buffered)
         except Unavailable as exc:  # the update is stored; the clock makes the version when the store answers
@@ -203,16 +209,14 @@ class AsyncRounds:
 
     def _known(self, job_id: str, version: int) -> None:
         """The latest global version of the job is at least ``version`` (read, or made here)."""
-        with self._estimate_lock:
+        with self._latest_lock:
             self._latest[job_id] = max(self._latest.get(job_id, version), version)
 
     def _release(self, job_id: str, device_id: str) -> None:
         """The device's upload was refused: its slot is free (here at once, for other replicas at their recheck)."""
         self.state.release_work(job_id, device_id)
         self._full_until.pop(job_id, None)
-        if job_id in self._paces:
-            self._paces[job_id].freed()
-        self._admission(job_id).taken()
+        self._ended_of(job_id).add()
 
     # -- versions ------------------------------------------------------------------------------------
     def close_if_full(self, job: JobConfig, buffered: int | None = None) -> None:
@@ -226,11 +230,13 @@ class AsyncRounds:
             return  # the buffer holds enough (an upload does not wait for it; the clock's turn catches any left)
         try:
             while True:
-                if self._budget_spent(job):  # checked before each version: a buffer that keeps filling (uploads
-                    return  # taken in faster than versions are made) must not hold the job past its budget
                 row = self.rounds.state.job(job.id)
+                if row is None or row.status != "running":
+                    return
+                if self._budget_spent(job, row.current_round - 1):  # checked before each version: a buffer that
+                    return  # keeps filling (taken in faster than versions are made) must not hold the job past it
                 buffer = self.state.buffer(job.id, size)
-                if row is None or row.status != "running" or len(buffer) < size:
+                if len(buffer) < size:
                     return
                 version = row.current_round
                 with self.rounds.leases.hold(f"version/{job.id}/{version}") as lease:
@@ -279,19 +285,14 @@ class AsyncRounds:
         rounds.on_closed(job, version)
         return True
 
-    def _keep(self, job: JobConfig, blob: str, tensors: dict) -> None:
-        with self._recent_lock:
-            recent = self._recent.setdefault(job.id, OrderedDict())
-            recent[blob] = tensors
-            while len(recent) > job.asynchronous.fedbuff.buffer_size:
-                recent.popitem(last=False)
-
     def _buffered_tensors(self, job_id: str, buffer: list) -> Iterator[dict]:
         """The tensors of each buffered update, in order: kept since it was taken in here, else read from the store
         (taken in before a restart, by another replica, or no longer kept)."""
-        with self._recent_lock:
-            recent = self._recent.get(job_id, {})
-            kept = {row.blob: recent.pop(row.blob, None) for row in buffer if row.blob in recent}
+        kept = {}
+        for row in buffer:
+            tensors = None if row.blob in kept else self._taken_in.take((job_id, row.blob))
+            if tensors is not None:
+                kept[row.blob] = tensors
         read = self.rounds.artifacts.iter_tensors(row.blob for row in buffer if row.blob not in kept)
         for row in buffer:
             yield kept[row.blob] if row.blob in kept else next(read)
@@ -322,12 +323,11 @@ class AsyncRounds:
         """End jobs whose time budget is spent, and make versions a full buffer waits for (after a restart, or a
         store that did not answer)."""
         for job in jobs:
-            row = self.rounds.state.job(job.id)
-            if row is not None and row.status == "running":
-                self.close_if_full(job)  # which checks the budget first
+            self.close_if_full(job)  # which checks the budget first
 
-    def _budget_spent(self, job: JobConfig) -> bool:
-        """Whether the job's time budget is spent (it is finished then, here if it was running)."""
+    def _budget_spent(self, job: JobConfig, made: int) -> bool:
+        """Whether the running job's time budget is spent (it is finished then, here if still running); ``made``:
+        its global versions made."""
         budget = job.asynchronous.time_budget_s
         if budget is None:
             return False
@@ -339,7 +339,6 @@ class AsyncRounds:
             self._started[job.id] = started
         if now() - started < budget:
             return False
-        made = self.rounds.state.job(job.id).current_round - 1
         if self.state.finish(job.id, f"time budget of {budget:g} s spent after {made} global versions"):
             log.info("job %s: time budget of %g s spent after %d global versions; finished", job.id, budget, made)
         return True

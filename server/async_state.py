@@ -39,27 +39,23 @@ _BUFFERED = select(func.count()).select_from(async_updates).where(async_updates.
 _RELEASE = async_work.delete().where(async_work.c.job_id == bindparam("job_id"),
                                      async_work.c.device_id == bindparam("device_id"))
 _WORK = ("job_id", "device_id", "upload_id", "base_version", "issued_at", "expires_at")
-_UPDATE = ("job_id", "upload_id", "device_id", "base_version", "n_examples", "metrics", "blob", "received_at", "bytes")
 
 
-_WRITES: dict[str, tuple] = {}  # dialect name -> _writes
+_WORK_RECORDED: dict[str, object] = {}  # dialect name -> _work_recorded
 
 
-def _writes(conn: Connection) -> tuple:
-    """(work recorded, update stored) statements of the connection's dialect (ON CONFLICT), or (None, None) for a
-    database without it (then ``store.upsert`` / ``store.insert_ignore``)."""
+def _work_recorded(conn: Connection):  # noqa: ANN202
+    """The statement recording a device's work in the connection's dialect (ON CONFLICT DO UPDATE), built once, or
+    None for a database without it (then ``store.upsert``)."""
     name = conn.dialect.name
-    if name not in _WRITES:
+    if name not in _WORK_RECORDED:
         insert_of = dialect_insert_of(conn)
         if insert_of is None:
-            return None, None
+            return None
         work = insert_of(async_work).values(_bound(async_work, *_WORK))
-        work = work.on_conflict_do_update(index_elements=["job_id", "device_id"], set_={
+        _WORK_RECORDED[name] = work.on_conflict_do_update(index_elements=["job_id", "device_id"], set_={
             column: work.excluded[column] for column in _WORK[2:]})
-        stored = insert_of(async_updates).values(_bound(async_updates, *_UPDATE)).on_conflict_do_nothing(
-            index_elements=["job_id", "upload_id"])
-        _WRITES[name] = work, stored if name == "sqlite" else stored.returning(async_updates.c.seq)
-    return _WRITES[name]
+    return _WORK_RECORDED[name]
 
 
 class _Changed(Exception):
@@ -95,7 +91,7 @@ class AsyncState:
             version = row.current_round - 1
             upload_id = f"{device_id}:{job_id}:v{version}:{uuid.uuid4().hex[:12]}"
             work = keys | dict(upload_id=upload_id, base_version=version, issued_at=now(), expires_at=expires_at)
-            statement = _writes(conn)[0]
+            statement = _work_recorded(conn)
             if statement is None:
                 upsert(conn, async_work, ("job_id", "device_id"), work, {k: work[k] for k in _WORK[2:]})
             else:
@@ -155,13 +151,7 @@ class AsyncState:
                 return None
             row = dict(job_id=job_id, upload_id=upload_id, device_id=device_id, base_version=base_version,
                        n_examples=n_examples, metrics=metrics, blob=blob, received_at=now(), bytes=size)
-            statement = _writes(conn)[1]
-            if statement is None:
-                stored = insert_ignore(conn, async_updates, ("job_id", "upload_id"), **row, version=None)
-            else:
-                result = conn.execute(statement, row)
-                stored = result.rowcount == 1 if conn.dialect.name == "sqlite" else result.first() is not None
-            if not stored:
+            if not insert_ignore(conn, async_updates, ("job_id", "upload_id"), **row):
                 return 0
             conn.execute(_RELEASE, {"job_id": job_id, "device_id": device_id})
             return ahead + 1

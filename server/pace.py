@@ -32,22 +32,32 @@ def retry_after(refused_per_s: float, told_s: float, freed_per_s: float, floor_s
     return min(max(refused_per_s * told_s / freed_per_s, floor_s), ceiling_s)
 
 
-class Pace:
-    """One job's pace: counts refused polls and freed work, and every WINDOW_S turns them into the wait to tell (at
-    most GROWTH times the last). ``min_freed_per_s``: the freed rate assumed at least (the cap over the task
-    deadline). Thread safe."""
+class Tally:
+    """A running count of events, thread safe: a window reads it when it starts and when it ends. One a job counts
+    the work that ended (an upload taken in, accepted or refused), read by its ``Pace`` and its admission."""
 
-    def __init__(self, min_freed_per_s: float, window_s: float = WINDOW_S, clock=time.monotonic):  # noqa: ANN001
-        self.min_freed_per_s, self.window_s, self.clock = min_freed_per_s, window_s, clock
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since = clock()
-        self._refused = self._freed = 0
-        self._told = FLOOR_S
+        self.count = 0
 
-    def freed(self) -> None:
-        """A device's work ended (its upload came)."""
+    def add(self) -> None:
         with self._lock:
-            self._freed += 1
+            self.count += 1
+
+
+class Pace:
+    """One job's pace: counts refused polls, reads ``freed`` (the work that ended), and every WINDOW_S turns them
+    into the wait to tell (at most GROWTH times the last). ``min_freed_per_s``: the freed rate assumed at least (the
+    cap over the task deadline). Thread safe."""
+
+    def __init__(self, min_freed_per_s: float, freed: Tally | None = None, window_s: float = WINDOW_S,
+                 clock=time.monotonic):  # noqa: ANN001
+        self.min_freed_per_s, self.window_s, self.clock = min_freed_per_s, window_s, clock
+        self.freed = freed or Tally()
+        self._lock = threading.Lock()
+        self._since, self._freed_at = clock(), self.freed.count
+        self._refused = 0
+        self._told = FLOOR_S
 
     def refused(self) -> int:
         """A device was refused work (the cap is reached): the whole seconds to tell it to wait."""
@@ -56,7 +66,8 @@ class Pace:
             at = self.clock()
             span = at - self._since
             if span >= self.window_s:
-                freed = max(self._freed / span, self.min_freed_per_s)
+                freed_at = self.freed.count
+                freed = max((freed_at - self._freed_at) / span, self.min_freed_per_s)
                 self._told = min(retry_after(self._refused / span, self._told, freed), GROWTH * self._told)
-                self._since, self._refused, self._freed = at, 0, 0
+                self._since, self._refused, self._freed_at = at, 0, freed_at
             return max(int(round(self._told)), 1)

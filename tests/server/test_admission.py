@@ -52,7 +52,7 @@ def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_lim
     assert all(admission.admit() for _ in range(500))  # not busy: no limit
     load.change(5)  # 5 calls wait for a thread the whole window: busy (from 4)
     for _ in range(200):  # 20 updates a second taken in
-        admission.taken()
+        admission.taken.add()
     clock.t = 10.0
     assert admission.admit() is False  # the window rolls: the limit is 0.9 * 20 = 18 a second, no tokens yet
     assert admission.limit == BACKOFF * 20.0
@@ -65,7 +65,7 @@ def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_lim
         clock.t = float(second)
         assert sum(admission.admit() for _ in range(100)) == 18
     for _ in range(180):
-        admission.taken()
+        admission.taken.add()
     clock.t = 20.0
     admission.admit()  # a window not busy in which the work given came back: the limit grows
     assert admission.limit == BACKOFF * 20.0 * GROWTH
@@ -88,13 +88,13 @@ def test_admission_starts_slow_and_doubles_as_the_work_given_comes_back(clock):
         assert sum(admission.admit() for _ in range(1000)) == INITIAL_PER_S
         assert admission.limit == INITIAL_PER_S  # at 10 s nothing had come back yet (devices train): it waited
         for _ in range(int(INITIAL_PER_S)):
-            admission.taken()
+            admission.taken.add()
     clock.t = 20.0
     admission.admit()
     assert admission.limit == INITIAL_PER_S * SLOW_START_GROWTH
     load.change(5)  # calls queue: the limit follows what was taken in, and the slow start is over
     for _ in range(300):
-        admission.taken()
+        admission.taken.add()
     clock.t = 30.0
     admission.admit()
     assert admission.limit == BACKOFF * 30.0
@@ -103,7 +103,7 @@ def test_admission_starts_slow_and_doubles_as_the_work_given_comes_back(clock):
         clock.t = float(second)
         assert 26 <= sum(admission.admit() for _ in range(1000)) <= 27  # 27 tokens a second
         for _ in range(27):
-            admission.taken()
+            admission.taken.add()
     clock.t = 40.0
     admission.admit()
     assert admission.limit == BACKOFF * 30.0 * GROWTH

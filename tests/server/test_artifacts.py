@@ -26,3 +26,13 @@ def test_the_least_recently_used_versions_go_beyond_the_byte_budget_and_the_late
     small.put(("job", 1), tensors(1))
     small.put(("job", 2), tensors(2))
     assert small.get(("job", 1)) is None and small.get(("job", 2))["w"][0] == 2
+
+
+def test_taken_tensors_are_kept_no_longer_and_free_their_bytes():
+    cache = DecodedCache(max_bytes=2 * 4096)
+    cache.put(("job", "a"), tensors(1))
+    cache.put(("job", "a"), tensors(2))  # the same key again: counted once
+    cache.put(("job", "b"), tensors(3))
+    assert cache.take(("job", "a"))["w"][0] == 2 and cache.take(("job", "a")) is None
+    cache.put(("job", "c"), tensors(4))  # a's bytes were freed: b stays
+    assert [cache.get(("job", k))["w"][0] for k in "bc"] == [3, 4]

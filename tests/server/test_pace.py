@@ -19,14 +19,14 @@ def test_a_pace_recomputes_the_wait_every_window_from_the_polls_refused_and_the_
     for _ in range(997):
         pace.refused()
     for _ in range(50):
-        pace.freed()
+        pace.freed.add()
     clock.t = 10.0
     # 1,001 refused over 10 s, each told 1 s: 100 wait; 50 freed over 10 s = 5/s: 20 s, but at most twice the last
     assert pace.refused() == 2
     for _ in range(9):  # 10 refused in the next 10 s, each told 2 s: 2 wait; 10 freed: 1/s, below the floor (2/s)
         pace.refused()
     for _ in range(10):
-        pace.freed()
+        pace.freed.add()
     clock.t = 20.0
     assert pace.refused() == FLOOR_S  # 1.0 * 2 / 2 = 1 s
     for _ in range(599):  # 600 refused, each told 1 s: 60 wait; nothing freed: the floor rate, 2 a second: 30 s ...
