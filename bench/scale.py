@@ -149,6 +149,9 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     return {"devices": n, "registered": sum(r["registered"] for r in reports),
             "registration_s": round(registered_at - started, 1) if registered_at else None, "accepted": accepted,
             "accepted_per_s": round(accepted / span, 1) if span == span and span > 0 else None,
+            # each minute from the first accepted upload: the ramp at the start, then the steady rate
+            "accepted_per_s_by_minute": [round(float(c) / 60, 1) for c in np.bincount(
+                ((np.array(ends) - ends[0]) // 60).astype(int))] if ends else [],
             "versions": final["versions"], "versions_per_min": round(final["versions"] / minutes, 2),
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
             "upload_p99_s": round(float(np.nanpercentile(latencies, 99)), 3),
