@@ -17,8 +17,8 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgeft.server.state import State
-from edgeft.server.store import (adapters, aggregations, async_updates, async_work, dialect_insert_of, insert_ignore,
-                                 jobs, now, transaction, upsert)
+from edgeft.server.store import adapters, aggregations, async_updates, async_work, jobs, now, transaction
+from edgeft.server.writes import dialect_insert_of, insert_ignore, upsert
 
 
 def _bound(table, *names: str) -> dict:  # noqa: ANN001
@@ -46,7 +46,7 @@ _WORK_RECORDED: dict[str, object] = {}  # dialect name -> _work_recorded
 
 def _work_recorded(conn: Connection):  # noqa: ANN202
     """The statement recording a device's work in the connection's dialect (ON CONFLICT DO UPDATE), built once, or
-    None for a database without it (then ``store.upsert``)."""
+    None for a database without it (then ``writes.upsert``)."""
     name = conn.dialect.name
     if name not in _WORK_RECORDED:
         insert_of = dialect_insert_of(conn)

@@ -25,7 +25,8 @@ from typing import Iterator
 from sqlalchemy import delete, func, literal, or_, update
 from sqlalchemy.engine import Connection, Engine
 
-from edgeft.server.store import insert_ignore, leases, transaction
+from edgeft.server.store import leases, transaction
+from edgeft.server.writes import insert_ignore
 
 log = logging.getLogger("edgeft.server")
 

@@ -6,8 +6,7 @@ method is one transaction; the round, job and device rules live in ``rounds``, `
 Several coordinator processes may write one database: what must happen once (one update per device and round, one
 global adapter per round, a round closed or failed once, one row per device, enrolment, job) is decided by the
 database's unique keys and by claiming the round's row (an UPDATE ... WHERE status = 'open', which PostgreSQL
-locks and SQLite serialises), never by a lock in this process. A database that cannot be reached raises
-Unavailable (``store.transaction``).
+locks and SQLite serialises), never by a lock here. An unreachable database raises Unavailable (``store.transaction``).
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ from sqlalchemy.engine import Connection
 from edgeft.errors import NotFound, PermissionDenied, StateError
 from edgeft.server.artifacts import Artifacts
 from edgeft.server.schema import upgrade
-from edgeft.server.store import (adapters, aggregations, connect, devices, dialect_insert_of, downloads, enrolments,
-                                 evaluations, insert_ignore, job_bundles, job_engines, jobs, label, now, rejections,
-                                 rounds, transaction, updates, upsert, upsert_device)
+from edgeft.server.store import (adapters, aggregations, connect, devices, downloads, enrolments, evaluations,
+                                 job_bundles, job_engines, jobs, label, now, rejections, rounds, transaction, updates,
+                                 upsert_device)
+from edgeft.server.writes import dialect_insert_of, insert_ignore, upsert
 
 log = logging.getLogger("edgeft.server")
 # the liveness write (State._seen), built once: building a statement costs more than running it (~0.1 ms)

@@ -4,14 +4,13 @@ SQLAlchemy reaches (``[server] database``, e.g. PostgreSQL through psycopg).
 Every state change is one transaction, so a crash at any point leaves either the old or the new state: an accepted
 update is a row (unique per job, round and device), a closed round and the global adapter it produced are written
 together. Nothing here relies on a single writer: rows that must exist once are kept once by unique keys
-(``insert_ignore``, ``upsert``), never by a lock in this process (SQLite's turn lock in ``transaction`` only spares
+(``edgeft.server.writes``), never by a lock in this process (SQLite's turn lock in ``transaction`` only spares
 waiting), so several coordinator processes may share one database. The schema's versions are
 ``edgeft.server.schema``'s (Alembic).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -20,15 +19,15 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import (JSON, Column, Float, Index, Integer, MetaData, String, Table, UniqueConstraint, bindparam,
-                        create_engine, event, insert, select)
+from sqlalchemy import (JSON, Column, Float, Index, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
+                        event, select)
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import (ArgumentError, DatabaseError, DisconnectionError, IntegrityError, InterfaceError,
-                            NoSuchModuleError, OperationalError)
+from sqlalchemy.exc import (ArgumentError, DatabaseError, DisconnectionError, InterfaceError, NoSuchModuleError,
+                            OperationalError)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.sql import ClauseElement
 
 from edgeft.errors import ConfigError, StateError, Unavailable
+from edgeft.server.writes import upsert
 
 log = logging.getLogger("edgeft.server")
 IDLE_PING_S = 5.0  # a database connection unused this long is tested before use
@@ -353,57 +352,6 @@ def transaction(engine: Engine) -> Iterator[Connection]:
             raise  # SQLite's OperationalError is also "no such table" and the like: not a matter of waiting
         log.warning("the state database %s failed a transaction: %s", label(engine.url), _cause(exc))
         raise Unavailable("the coordinator's database is unavailable; retry later") from exc
-
-
-def dialect_insert_of(conn: Connection):  # noqa: ANN202
-    """The INSERT with ON CONFLICT of the connection's dialect (PostgreSQL, SQLite), or None."""
-    name = conn.dialect.name
-    return importlib.import_module(f"sqlalchemy.dialects.{name}").insert if name in ("postgresql", "sqlite") else None
-
-
-_IGNORING: dict[tuple, object] = {}  # (dialect, table, keys, columns) -> insert_ignore's statement, built once
-
-
-def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **values: object) -> bool:
-    """Insert a row unless one with the same ``keys`` (a unique key of ``table``) is stored; True when inserted.
-    Atomic with any number of writers: the database's unique key decides. Where every value is plain (no SQL
-    expression), the statement is built once for each set of columns: building one costs more than running it
-    (~0.1 ms), and every upload stores a row."""
-    dialect_insert = dialect_insert_of(conn)
-    if dialect_insert is None:
-        try:
-            with conn.begin_nested():
-                conn.execute(insert(table).values(**values))
-        except IntegrityError:
-            return False
-        return True
-    plain = not any(isinstance(value, ClauseElement) for value in values.values())
-    cache_key = (conn.dialect.name, table.name, keys, tuple(values))
-    statement = _IGNORING.get(cache_key) if plain else None
-    if statement is None:
-        statement = dialect_insert(table).values(
-            {name: bindparam(name, type_=table.c[name].type) for name in values} if plain else values)
-        statement = statement.on_conflict_do_nothing(index_elements=list(keys))
-        if conn.dialect.name != "sqlite":  # SQLite's rowcount counts the row inserted (RETURNING needs SQLite 3.35)
-            statement = statement.returning(table.c[keys[0]])
-        if plain:
-            statement = _IGNORING.setdefault(cache_key, statement)
-    result = conn.execute(statement, values if plain else {})
-    return result.rowcount == 1 if conn.dialect.name == "sqlite" else result.first() is not None
-
-
-def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict, changes: dict) -> None:
-    """Insert ``values``, or when a row with the same ``keys`` is stored apply ``changes`` to it (column values
-    or expressions over its columns), atomically."""
-    dialect_insert = dialect_insert_of(conn)
-    if dialect_insert is not None:
-        conn.execute(dialect_insert(table).values(**values).on_conflict_do_update(index_elements=list(keys),
-                                                                                  set_=changes))
-        return
-    where = [table.c[k] == values[k] for k in keys]
-    if conn.execute(table.update().where(*where).values(**changes)).rowcount == 0 and not insert_ignore(
-            conn, table, keys, **values):
-        conn.execute(table.update().where(*where).values(**changes))
 
 
 now = time.time
