@@ -86,7 +86,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     state.mkdir(parents=True)
     server_table = '[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\ninsecure = true\n'
     limits = {"max_concurrent_rpcs": args.max_concurrent_rpcs,  # calls in progress; beyond: RESOURCE_EXHAUSTED
-              "max_workers": args.max_workers}  # threads serving calls
+              "max_workers": args.max_workers,  # threads serving calls other than uploads
+              "upload_workers": args.upload_workers}  # threads taking uploads in
     if any(limits.values()):
         server_table += "[server.limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items() if v)
     config = state / "jobs.toml"
@@ -184,6 +185,8 @@ def main() -> None:
                         help="the coordinator's [server.limits] max_concurrent_rpcs (default: its own, 128)")
     parser.add_argument("--max-workers", type=int,
                         help="the coordinator's [server.limits] max_workers (default: its own, 64)")
+    parser.add_argument("--upload-workers", type=int,
+                        help="the coordinator's [server.limits] upload_workers (default: its own, 32)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--start-together", action="store_true",

@@ -1,26 +1,30 @@
-"""Admission by load for asynchronous jobs: while calls queue for the coordinator's call threads (it takes uploads in
-more slowly than its devices send them), work is given out no faster than updates were taken in, a little slower,
+"""Admission by load for asynchronous jobs: while uploads queue for the coordinator's upload threads (it takes them
+in more slowly than its devices send them), work is given out no faster than updates were taken in, a little slower,
 so the queue drains; once it has, that rate grows again, each window in which the work given came back. Without it,
 a concurrency cap above what the coordinator can take fills its call slots (``max_concurrent_rpcs``) with queued
 uploads, devices retry on RESOURCE_EXHAUSTED, and fewer updates a second are taken in than with a smaller cap.
 
-The measure is the calls waiting for a thread (``CallThreads`` counts them): 20,000 simulated devices with a cap
-of 5,000 had 900 calls waiting on 64 threads, a healthy coordinator under 10. A rate, not a lower cap: an upload
-comes a training time after its task; a cap lowered while uploads queue keeps being lowered for all that time (the
-uploads already under way keep the queue full), then starves the coordinator. The rate taken in while busy is what
-it can take, whatever the training time.
+The measure is the uploads waiting for a thread of their own (``CallThreads`` counts them; uploads have their own
+threads, ``[server.limits] upload_workers``, so the polls of a crowd waiting for work neither hold them nor count):
+20,000 simulated devices with a cap of 5,000 had 900 calls waiting on 64 shared threads, a healthy coordinator under
+10. A rate, not a lower cap: an upload comes a training time after its task; a cap lowered while uploads queue keeps
+being lowered for all that time (the uploads already under way keep the queue full), then starves the coordinator.
+The rate taken in while busy is what it can take, whatever the training time.
 
 A slow start (as TCP's): a job's limit begins at INITIAL_PER_S and doubles each window in which the work given
-came back (updates were taken in at CAUGHT_UP of the limit or more) without a queue, until calls first queue; then
+came back (updates were taken in at CAUGHT_UP of the limit or more) without a queue, until uploads first queue; then
 it grows by GROWTH. Without it every device of a crowd that asks at once got work, their uploads came together a
 training time later, and the RESOURCE_EXHAUSTED retries they set off (42,512 in one 20,000-device run, 105,523 in
 another of the same code) decided how many updates a second the run took in. Growth waits for the work given to
 come back, so a training time longer than the window does not let the limit run ahead of what the coordinator has
-shown it can take.
+shown it can take. A limit that does not bind (under half of it asked for) follows the demand down, to twice what
+was asked (never below INITIAL_PER_S), and grows again from there: it is never lifted, as a lifted limit let a crowd
+returning after a lull take every task at once.
 
     issue_limit(busy, taken, given, limit, growth) = max(BACKOFF * taken, MIN_PER_S)   busy, taken > 0
-                                                   = limit           busy, nothing taken in (another queue)
-                                                   = None            not busy, no limit or under half of it given
+                                                   = limit           busy, nothing taken in (no evidence)
+                                                   = min(limit, max(2 * given, INITIAL_PER_S))
+                                                                     not busy, under half of it given
                                                    = limit * growth  not busy, the work given came back
                                                    = limit           not busy, it has not yet
 """
@@ -35,32 +39,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from edgeft.server.pace import WINDOW_S, Tally
 
 log = logging.getLogger("edgeft.server")
-BUSY_SHARE = 0.5  # busy: on average at least this many calls per call thread (limits.max_workers) wait for one
+BUSY_SHARE = 0.5  # busy: on average at least this many uploads per upload thread (limits.upload_workers) wait for one
 BACKOFF = 0.9  # while busy, work is given at this share of the rate updates were taken in
 GROWTH = 1.25  # a window not busy in which the work given came back: the limit grows by this factor ...
-SLOW_START_GROWTH = 2.0  # ... by this one until calls first queue
+SLOW_START_GROWTH = 2.0  # ... by this one until uploads first queue
 INITIAL_PER_S = 50.0  # a job's limit to begin with, tasks a second
 CAUGHT_UP = 0.7  # the work given came back: updates taken in at this share of the limit or more
 MIN_PER_S = 0.5  # the limit never falls below this many tasks a second
 
 
-def issue_limit(busy: bool, taken_per_s: float, given_per_s: float, limit: float | None,
-                growth: float = GROWTH) -> float | None:
-    """The most tasks a second to give out in the next window (None: no limit), from the last window: whether calls
-    queued, the updates taken in a second and the tasks given a second, and the limit it had. A queue while no
-    update was taken in (a crowd registering) says nothing of the rate uploads can be taken in: the limit stays. Not
-    busy, the limit grows by ``growth`` once updates come back at about its rate, and is lifted when under half of
-    it was asked for (a fleet that small does not need one)."""
+def issue_limit(busy: bool, taken_per_s: float, given_per_s: float, limit: float,
+                growth: float = GROWTH) -> float:
+    """The most tasks a second to give out in the next window, from the last window: whether uploads queued, the
+    updates taken in a second and the tasks given a second, and the limit it had. A queue while no update was taken
+    in says nothing of the rate uploads can be taken in: the limit stays. Not busy, the limit grows by ``growth``
+    once updates come back at about its rate, and follows the demand down when under half of it was asked for."""
     if busy:
         return max(BACKOFF * taken_per_s, MIN_PER_S) if taken_per_s > 0 else limit
-    if limit is None or given_per_s < limit / 2:
-        return None
+    if given_per_s < limit / 2:
+        return min(limit, max(2 * given_per_s, INITIAL_PER_S))
     return limit * growth if taken_per_s >= CAUGHT_UP * limit else limit
 
 
 class CallLoad:
-    """The calls waiting for one of the coordinator's call threads, integrated over time: two ``reading``s give
-    their mean between them. One per coordinator process, shared by its jobs (they share its threads). Thread safe."""
+    """The calls waiting for a thread of a pool (``CallThreads``), integrated over time: two ``reading``s give their
+    mean between them. The coordinator's upload load is shared by its jobs (they share its threads). Thread safe."""
 
     def __init__(self, clock=time.monotonic):  # noqa: ANN001
         self.clock = clock
@@ -86,8 +89,8 @@ class CallLoad:
 
 
 class CallThreads(ThreadPoolExecutor):
-    """The gRPC server's call threads; ``load`` counts each call from when the server hands it over (``submit``)
-    until a thread starts it."""
+    """Threads serving gRPC calls (the coordinator's upload threads); ``load`` counts each call from when the server
+    hands it over (``submit``) until a thread starts it."""
 
     def __init__(self, load: CallLoad, max_workers: int, thread_name_prefix: str = ""):
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
@@ -107,11 +110,10 @@ class CallThreads(ThreadPoolExecutor):
 
 
 class Admission:
-    """One job's admission: counts the tasks it gave, reads ``taken`` (the uploads taken in, accepted or refused), and
-    every
-    ``window_s`` turns them and the process's call queue into the rate limit of the next window, a token bucket
-    holding at most a second of tasks (full to begin with). ``busy_at``: the mean calls waiting from which the
-    process is busy. Thread safe."""
+    """One job's admission: counts the tasks it gave, reads ``taken`` (the uploads taken in, accepted or refused),
+    and every ``window_s`` turns them and the uploads' queue (``load``) into the rate limit of the next window, a
+    token bucket holding at most a second of tasks (full to begin with). ``busy_at``: the mean uploads waiting from
+    which the process is busy. Thread safe."""
 
     def __init__(self, job_id: str, load: CallLoad, busy_at: float, taken: Tally | None = None,
                  window_s: float = WINDOW_S):
@@ -120,9 +122,9 @@ class Admission:
         self._lock = threading.Lock()
         self._since, self._area = load.reading()
         self._given, self._taken_at = 0, self.taken.count
-        self.limit: float | None = INITIAL_PER_S
+        self.limit = INITIAL_PER_S
         self._tokens, self._filled = INITIAL_PER_S, self._since
-        self._queued = False  # calls have queued since the job began: the slow start is over
+        self._queued = False  # uploads have queued since the job began: the slow start is over
 
     def admit(self) -> bool:
         """Whether a device asking for work may be given some now (counted as given when it may)."""
@@ -130,30 +132,24 @@ class Admission:
             at, area = self.load.reading()
             span = at - self._since
             if span >= self.window_s:
-                self._roll(at, span, (area - self._area) / span)
+                self._roll(span, (area - self._area) / span)
                 self._since, self._area = at, area
-            if self.limit is not None:
-                self._tokens = min(self._tokens + (at - self._filled) * self.limit, max(self.limit, 1.0))
-                self._filled = at
-                if self._tokens < 1:
-                    return False
-                self._tokens -= 1
+            self._tokens = min(self._tokens + (at - self._filled) * self.limit, max(self.limit, 1.0))
+            self._filled = at
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
             self._given += 1
             return True
 
-    def _roll(self, at: float, span: float, waiting: float) -> None:
-        before, busy = self.limit, waiting >= self.busy_at
-        first_queue = busy and not self._queued
+    def _roll(self, span: float, waiting: float) -> None:
+        busy, first_queue = waiting >= self.busy_at, waiting >= self.busy_at and not self._queued
         taken_at = self.taken.count
-        self.limit = issue_limit(busy, (taken_at - self._taken_at) / span, self._given / span, before,
+        self.limit = issue_limit(busy, (taken_at - self._taken_at) / span, self._given / span, self.limit,
                                  GROWTH if self._queued else SLOW_START_GROWTH)
         self._queued = self._queued or busy
         self._given, self._taken_at = 0, taken_at
-        if before is None and self.limit is not None:
-            self._tokens, self._filled = 0.0, at
-        if busy and self.limit is not None and (first_queue or before is None):
-            log.warning("job %s: calls queue for the coordinator's threads (%.0f waiting on average, busy from "
-                        "%.0f): work is given at most %.1f times a second while they do", self.job_id, waiting,
-                        self.busy_at, self.limit)
-        elif before is not None and self.limit is None:
-            log.info("job %s: calls no longer queue; work is given without a rate limit", self.job_id)
+        if first_queue:
+            log.warning("job %s: uploads queue for the coordinator's upload threads (%.0f waiting on average, busy "
+                        "from %.0f): work is given at most %.1f times a second while they do, then grows as it "
+                        "comes back", self.job_id, waiting, self.busy_at, self.limit)

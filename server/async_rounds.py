@@ -49,7 +49,7 @@ class AsyncRounds:
 
     def __init__(self, rounds: Rounds, state: AsyncState, load: CallLoad | None = None):
         self.rounds, self.state = rounds, state
-        self.load = load or CallLoad()  # calls waiting for this process's call threads
+        self.load = load or CallLoad()  # uploads waiting for this process's upload threads
         self._admissions: dict[str, Admission] = {}  # job id -> its admission by load (server.admission)
         # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
         # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
@@ -77,7 +77,7 @@ class AsyncRounds:
         None)."""
         if time.monotonic() < self._full_until.get(job.id, 0.0):
             return self._refused(job), None  # the cap was reached a moment ago: no database work for this poll
-        if not self._admission(job.id).admit():  # calls queue: work is given at the rate uploads are taken in
+        if not self._admission(job.id).admit():  # uploads queue: work is given at the rate they are taken in
             return self._refused(job), None
         deadline, cap = now() + job.round_deadline_s, job.asynchronous.max_concurrency
         seen, row, upload_id, holding = self.state.take_work(job.id, device_id, deadline,
@@ -108,7 +108,7 @@ class AsyncRounds:
     def _admission(self, job_id: str) -> Admission:
         admission = self._admissions.get(job_id)
         if admission is None:
-            busy_at = BUSY_SHARE * self.rounds.config.limits.max_workers
+            busy_at = BUSY_SHARE * self.rounds.config.limits.upload_workers
             admission = self._admissions.setdefault(job_id, Admission(job_id, self.load, busy_at,
                                                                       self._ended_of(job_id)))
         return admission

@@ -18,12 +18,7 @@ from sqlalchemy.engine import Connection
 
 from edgeft.server.state import State
 from edgeft.server.store import adapters, aggregations, async_updates, async_work, jobs, now, transaction
-from edgeft.server.writes import dialect_insert_of, insert_ignore, upsert
-
-
-def _bound(table, *names: str) -> dict:  # noqa: ANN001
-    """A bound parameter per column, typed as the column (a JSON column's value is encoded as JSON)."""
-    return {name: bindparam(name, type_=table.c[name].type) for name in names}
+from edgeft.server.writes import insert_ignore, upsert
 
 
 # the statements of every poll and upload, built once: building one costs more than running it (~0.1 ms)
@@ -41,21 +36,6 @@ _RELEASE = async_work.delete().where(async_work.c.job_id == bindparam("job_id"),
 _WORK = ("job_id", "device_id", "upload_id", "base_version", "issued_at", "expires_at")
 
 
-_WORK_RECORDED: dict[str, object] = {}  # dialect name -> _work_recorded
-
-
-def _work_recorded(conn: Connection):  # noqa: ANN202
-    """The statement recording a device's work in the connection's dialect (ON CONFLICT DO UPDATE), built once, or
-    None for a database without it (then ``writes.upsert``)."""
-    name = conn.dialect.name
-    if name not in _WORK_RECORDED:
-        insert_of = dialect_insert_of(conn)
-        if insert_of is None:
-            return None
-        work = insert_of(async_work).values(_bound(async_work, *_WORK))
-        _WORK_RECORDED[name] = work.on_conflict_do_update(index_elements=["job_id", "device_id"], set_={
-            column: work.excluded[column] for column in _WORK[2:]})
-    return _WORK_RECORDED[name]
 
 
 class _Changed(Exception):
@@ -91,11 +71,7 @@ class AsyncState:
             version = row.current_round - 1
             upload_id = f"{device_id}:{job_id}:v{version}:{uuid.uuid4().hex[:12]}"
             work = keys | dict(upload_id=upload_id, base_version=version, issued_at=now(), expires_at=expires_at)
-            statement = _work_recorded(conn)
-            if statement is None:
-                upsert(conn, async_work, ("job_id", "device_id"), work, {k: work[k] for k in _WORK[2:]})
-            else:
-                conn.execute(statement, work)
+            upsert(conn, async_work, ("job_id", "device_id"), work, _WORK[2:])
             return capabilities, row, upload_id, holding
 
     def release_work(self, job_id: str, device_id: str) -> None:

@@ -112,7 +112,9 @@ class ServerLimits:
     max_message_bytes: int = MAX_MESSAGE_BYTES  # largest message either way (a task carries the whole global adapter)
     chunk_bytes: int = 1 << 20  # bundle bytes per download message
     max_upload_bytes: int = 512 << 20  # all messages of one upload together
-    max_workers: int = 64  # threads serving calls
+    max_workers: int = 64  # threads serving calls other than uploads
+    upload_workers: int = 32  # threads taking uploads in (UploadUpdate): polls never hold them; admission counts
+    # the uploads waiting for one
     max_concurrent_rpcs: int = 128  # calls in progress (running or waiting for a thread)
     # Keepalive (see the agent's edgeft.client.transport for its side). Agents ping every 60 s while they
     # train without a call in flight; the server must accept that, or it answers GOAWAY "too_many_pings":
@@ -132,6 +134,7 @@ class ServerLimits:
         check_config(self.max_upload_bytes >= self.max_message_bytes, "limits.max_upload_bytes", self.max_upload_bytes,
                "must be >= limits.max_message_bytes")
         check_config(self.max_workers >= 1, "limits.max_workers", self.max_workers, "must be >= 1")
+        check_config(self.upload_workers >= 1, "limits.upload_workers", self.upload_workers, "must be >= 1")
         check_config(self.max_concurrent_rpcs >= 1, "limits.max_concurrent_rpcs", self.max_concurrent_rpcs, "must be >= 1")
         for name in ("min_client_ping_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
             check_config(getattr(self, name) > 0, f"limits.{name}", getattr(self, name), "must be positive")

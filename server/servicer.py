@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import grpc
@@ -237,13 +238,19 @@ def _task(task: TaskAssignment, message_bytes: int = 0) -> Task:
                 asynchronous=task.asynchronous, upload_message_bytes=message_bytes)
 
 
-def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server,
+                            upload_threads: CallThreads | None = None) -> None:
     """Register edgeft.v1.Coordinator like the generated ``add_CoordinatorServicer_to_server``, but with its
-    requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``)."""
+    requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``).
+    ``upload_threads``: UploadUpdate's own threads (else the server's), so that polls never hold them."""
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    behaviours = {m.name: getattr(servicer, m.name) for m in wire.coordinator_methods()}
+    if upload_threads is not None:  # grpcio runs a behaviour on its ``experimental_thread_pool`` when it has one
+        behaviours["UploadUpdate"] = functools.partial(servicer.UploadUpdate)
+        behaviours["UploadUpdate"].experimental_thread_pool = upload_threads
     handlers = {m.name: kinds[m.client_streaming, m.server_streaming](
-        getattr(servicer, m.name), request_deserializer=None, response_serializer=m.serialize_response)
+        behaviours[m.name], request_deserializer=None, response_serializer=m.serialize_response)
         for m in wire.coordinator_methods()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(wire.SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(wire.SERVICE_NAME, handlers)
@@ -278,10 +285,11 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     # One BLAS thread: calls run on many threads at once, and BLAS's own pool of busy-waiting threads (numpy's
     # OpenBLAS starts one per core) took half the coordinator's CPU under load, for vectors of 10^5 values.
     threadpool_limits(1, user_api="blas")
-    threads = CallThreads(coordinator.call_load, limits.max_workers, "edgeft-rpc")  # counts calls waiting for one
+    threads = ThreadPoolExecutor(limits.max_workers, "edgeft-rpc")
+    uploads = CallThreads(coordinator.upload_load, limits.upload_workers, "edgeft-upload")  # counts uploads waiting
     server = grpc.server(threads,
                          options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
+    add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server, uploads)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     probe = HealthProbe(health_servicer, {"database": coordinator.state.ping,
@@ -306,7 +314,9 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     def stop_server_and_clock(grace: float | None):  # noqa: ANN202
         probe.stop()
         coordinator.stop_clock()
-        return stop(grace)
+        stopped = stop(grace)
+        uploads.shutdown(wait=False)
+        return stopped
 
     server.stop = stop_server_and_clock
     return server, port, coordinator

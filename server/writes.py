@@ -19,7 +19,12 @@ def dialect_insert_of(conn: Connection):  # noqa: ANN202
     return importlib.import_module(f"sqlalchemy.dialects.{name}").insert if name in ("postgresql", "sqlite") else None
 
 
-_IGNORING: dict[tuple, object] = {}  # (dialect, table, keys, columns) -> insert_ignore's statement, built once
+_BUILT: dict[tuple, object] = {}  # (dialect, write, table, keys, columns) -> the statement, built once
+
+
+def bound(table: Table, *names: str) -> dict:
+    """A bound parameter per column, typed as the column (a JSON column's value is encoded as JSON)."""
+    return {name: bindparam(name, type_=table.c[name].type) for name in names}
 
 
 def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **values: object) -> bool:
@@ -36,24 +41,36 @@ def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **value
             return False
         return True
     plain = not any(isinstance(value, ClauseElement) for value in values.values())
-    cache_key = (conn.dialect.name, table.name, keys, tuple(values))
-    statement = _IGNORING.get(cache_key) if plain else None
+    cache_key = (conn.dialect.name, "ignore", table.name, keys, tuple(values))
+    statement = _BUILT.get(cache_key) if plain else None
     if statement is None:
-        statement = dialect_insert(table).values(
-            {name: bindparam(name, type_=table.c[name].type) for name in values} if plain else values)
+        statement = dialect_insert(table).values(bound(table, *values) if plain else values)
         statement = statement.on_conflict_do_nothing(index_elements=list(keys))
         if conn.dialect.name != "sqlite":  # SQLite's rowcount counts the row inserted (RETURNING needs SQLite 3.35)
             statement = statement.returning(table.c[keys[0]])
         if plain:
-            statement = _IGNORING.setdefault(cache_key, statement)
+            statement = _BUILT.setdefault(cache_key, statement)
     result = conn.execute(statement, values if plain else {})
     return result.rowcount == 1 if conn.dialect.name == "sqlite" else result.first() is not None
 
 
-def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict, changes: dict) -> None:
-    """Insert ``values``, or when a row with the same ``keys`` is stored apply ``changes`` to it (column values
-    or expressions over its columns), atomically."""
+def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict,
+           changes: dict | tuple[str, ...]) -> None:
+    """Insert ``values``, or when a row with the same ``keys`` is stored apply ``changes`` to it, atomically:
+    column values or expressions over its columns, or a tuple of column names to set as in ``values`` (plain values:
+    the statement is then built once for each set of columns, as ``insert_ignore``'s)."""
     dialect_insert = dialect_insert_of(conn)
+    if dialect_insert is not None and isinstance(changes, tuple):
+        cache_key = (conn.dialect.name, "upsert", table.name, keys, tuple(values), changes)
+        statement = _BUILT.get(cache_key)
+        if statement is None:
+            inserted = dialect_insert(table).values(bound(table, *values))
+            statement = _BUILT.setdefault(cache_key, inserted.on_conflict_do_update(
+                index_elements=list(keys), set_={name: inserted.excluded[name] for name in changes}))
+        conn.execute(statement, values)
+        return
+    if isinstance(changes, tuple):
+        changes = {name: values[name] for name in changes}
     if dialect_insert is not None:
         conn.execute(dialect_insert(table).values(**values).on_conflict_do_update(index_elements=list(keys),
                                                                                   set_=changes))

@@ -1,4 +1,4 @@
-"""Admission by load (server.admission): the rate work is given at while calls queue, by hand."""
+"""Admission by load (server.admission): the rate work is given at while uploads queue, by hand."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from edgeft.server.admission import (BACKOFF, GROWTH, INITIAL_PER_S, MIN_PER_S, 
 
 
 def test_issue_limit_follows_the_rate_taken_in_while_busy_and_grows_back_after():
-    assert issue_limit(True, 50.0, 80.0, None) == BACKOFF * 50.0  # busy: a little below what was taken in
+    assert issue_limit(True, 50.0, 80.0, 100.0) == BACKOFF * 50.0  # busy: a little below what was taken in
     assert issue_limit(True, 0.4, 80.0, 10.0) == MIN_PER_S  # never below the floor
-    assert issue_limit(True, 0.0, 80.0, None) is None  # a queue while nothing was taken in: no evidence, no limit
-    assert issue_limit(True, 0.0, 80.0, 12.0) == 12.0  # ... nor a change to the one there is
+    assert issue_limit(True, 0.0, 80.0, 12.0) == 12.0  # a queue while nothing was taken in: no evidence, no change
     assert issue_limit(False, 40.0, 44.0, 45.0) == 45.0 * GROWTH  # not busy, the work given came back: it grows
     assert issue_limit(False, 40.0, 44.0, 45.0, SLOW_START_GROWTH) == 90.0  # ... doubles before calls first queued
     assert issue_limit(False, 30.0, 44.0, 45.0) == 45.0  # not back yet (taken in under 0.8 of it): it waits
-    assert issue_limit(False, 50.0, 20.0, 45.0) is None  # not busy, under half the limit given: no limit
-    assert issue_limit(False, 50.0, 80.0, None) is None
+    # not busy, under half the limit given: it follows the demand down, to twice what was asked, never below where
+    # it starts (nor above where it was), and is never lifted
+    assert issue_limit(False, 50.0, 60.0, 400.0) == 120.0
+    assert issue_limit(False, 50.0, 20.0, 400.0) == INITIAL_PER_S
+    assert issue_limit(False, 5.0, 2.0, 20.0) == 20.0
 
 
 def test_call_load_is_the_mean_number_of_calls_waiting_over_a_span(clock):
@@ -45,16 +47,17 @@ def test_call_threads_count_the_calls_waiting_for_a_thread():
     assert load.waiting == 0
 
 
-def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_limit(clock):
+def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_follows_the_demand(clock):
     load = CallLoad(clock)
     admission = Admission("job", load, busy_at=4.0, window_s=10.0)
-    admission.limit, admission._queued = None, True  # past its slow start (below), no limit
-    assert all(admission.admit() for _ in range(500))  # not busy: no limit
-    load.change(5)  # 5 calls wait for a thread the whole window: busy (from 4)
+    admission.limit, admission._tokens, admission._queued = 1000.0, 1000.0, True  # past its slow start (below)
+    assert all(admission.admit() for _ in range(500))  # not busy: the limit does not bind
+    load.change(5)  # 5 uploads wait for a thread the whole window: busy (from 4)
     for _ in range(200):  # 20 updates a second taken in
         admission.taken.add()
     clock.t = 10.0
-    assert admission.admit() is False  # the window rolls: the limit is 0.9 * 20 = 18 a second, no tokens yet
+    # the window rolls: the limit is 0.9 * 20 = 18 a second, and the bucket holds a second's tokens at most
+    assert sum(admission.admit() for _ in range(100)) == 18
     assert admission.limit == BACKOFF * 20.0
     clock.t = 11.0
     assert sum(admission.admit() for _ in range(100)) == 18  # a second's tokens
@@ -69,8 +72,11 @@ def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_lifts_the_lim
     clock.t = 20.0
     admission.admit()  # a window not busy in which the work given came back: the limit grows
     assert admission.limit == BACKOFF * 20.0 * GROWTH
-    clock.t = 30.0  # a window in which little work was asked for: the limit is lifted
-    assert admission.admit() is True and admission.limit is None
+    for second in range(21, 30):  # the fleet asks for 3 tasks a second: far under the limit, which is kept
+        clock.t = float(second)
+        assert sum(admission.admit() for _ in range(3)) == 3
+    clock.t = 30.0
+    assert admission.admit() is True and admission.limit == BACKOFF * 20.0 * GROWTH  # (2 * 3.1 < INITIAL_PER_S)
 
 
 def test_admission_starts_slow_and_doubles_as_the_work_given_comes_back(clock):

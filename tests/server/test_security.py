@@ -207,6 +207,29 @@ def test_the_concurrent_call_limit_answers_resource_exhausted_at_once(tmp_path, 
         server.stop(grace=None)
 
 
+def test_uploads_have_threads_of_their_own_that_long_polls_never_hold(tmp_path, tiny_bundle):
+    """One call thread, held by a long poll for 3 s: an upload is still answered at once, on an upload thread."""
+    limits = ServerLimits(max_workers=1, upload_workers=1)
+    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=5, poll_wait_s=3, limits=limits)
+    try:
+        device_stub = stub(port, enrol(coordinator, tmp_path))
+        device = device_stub.Register(pb.RegisterRequest(), timeout=10).device_id
+        long_poll = threading.Thread(target=device_stub.PollTask, kwargs={"timeout": 10, "request": pb.PollTaskRequest(
+            device_id=device, wait_seconds=3)})
+        long_poll.start()  # no round can open (5 devices needed): the poll holds the one call thread for 3 s
+        time.sleep(1.0)
+        started = time.monotonic()
+        tensors = coordinator.global_adapter("banking")
+        with pytest.raises(grpc.RpcError) as raised:  # for a round that never opened: refused, by an upload thread
+            device_stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, device, "u1"), AdapterUpdate(tensors, 9)),
+                                     timeout=10)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION, raised.value.details()
+        assert time.monotonic() - started < 1.5  # not queued behind the poll
+        long_poll.join()
+    finally:
+        server.stop(grace=None)
+
+
 def test_an_idle_agents_keepalive_pings_never_earn_a_goaway(tmp_path, tiny_bundle):
     """The defaults at a 60x smaller scale (client pings every 1 s, the server accepts every 0.5 s): the
     channel stays READY through idle time, as it must through a 15-minute training round. The control, a
