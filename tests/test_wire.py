@@ -10,7 +10,7 @@ from edgeft.update import AdapterUpdate
 from edgeft.v1 import edgeft_pb2 as pb
 from edgeft.errors import WireError
 from edgeft.wire import (UploadHeader, chunks_to_tensors, tensor_from_pb, tensor_to_pb, tensors_to_chunks,
-                         train_config, train_spec, update_from_parts, update_to_parts)
+                         train_config, train_spec, update_from_parts, update_from_wire, update_to_parts)
 
 HEADER = UploadHeader("job", 3, "dev-1", "upload-1")
 
@@ -213,18 +213,22 @@ def test_registration_downloads_receipts_and_heartbeats_survive_the_wire():
 
 def test_an_upload_is_observed_message_by_message_before_it_is_read():
     """What the coordinator checks as an upload arrives: each message's size, and the header's claim first."""
-    parts = list(update_to_parts(HEADER, AdapterUpdate(tensors(), 3), chunk_bytes=400_000))
+    messages = [p.SerializeToString() for p in update_to_parts(HEADER, AdapterUpdate(tensors(), 3),
+                                                               chunk_bytes=400_000)]
     seen = []
-    header, _ = update_from_parts(parts, observe=lambda size, claim: seen.append((size, claim)))
-    assert header == HEADER and [s for s, _ in seen] == [p.ByteSize() for p in parts]
+    header, back = update_from_wire(messages, observe=lambda size, claim: seen.append((size, claim)))
+    assert header == HEADER and [s for s, _ in seen] == [len(m) for m in messages]
     assert seen[0][1] == HEADER and all(claim is None for _, claim in seen[1:])
+    assert all(np.array_equal(back.tensors[k], v) for k, v in tensors().items())
 
     def refuse(size, claim):  # noqa: ANN001, ANN202
         if claim is None:
             raise WireError("too large")
 
     with pytest.raises(WireError, match="too large"):
-        update_from_parts(parts, observe=refuse)
+        update_from_wire(messages, observe=refuse)
+    with pytest.raises(WireError, match="does not parse"):  # garbled bytes: INVALID_ARGUMENT, not an internal error
+        update_from_wire([messages[0], messages[1][:-7]], observe=lambda size, claim: None)
 
 
 def test_the_service_is_described_for_registration_and_requests_parse_by_method():

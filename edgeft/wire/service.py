@@ -69,14 +69,31 @@ def task_update_parts(task: Task, header: UploadHeader, update: AdapterUpdate,
     return update_to_parts(header, update, dtype or task.upload_dtype, size or CHUNK_BYTES, packed=size > 0)
 
 
-def update_from_parts(parts: Iterable[pb.UpdatePart],
-                      observe: Callable[[int, UploadHeader | None], None] | None = None
-                      ) -> tuple[UploadHeader, AdapterUpdate]:
-    """Read one upload; the first message must be the header. ``observe(size, claim)`` runs on every message
-    before it is read, with its size on the wire and, for a leading header, what it claims (unchecked): the
-    caller's checks (the sender's job, a size limit) stop a stream as it arrives."""
-    iterator = iter(_observed(parts, observe) if observe is not None else parts)
-    first = next(iterator, None)
+def update_from_parts(parts: Iterable[pb.UpdatePart]) -> tuple[UploadHeader, AdapterUpdate]:
+    """Read one upload from its messages; the first must be the header."""
+    return _update(iter(parts))
+
+
+def update_from_wire(messages: Iterable[bytes], observe: Callable[[int, UploadHeader | None], None]
+                     ) -> tuple[UploadHeader, AdapterUpdate]:
+    """Read one upload from its messages as they came over the wire (each parsed as it is read: WireError when it
+    does not parse). ``observe(size, claim)`` runs on every message before it is read, with its size on the wire and,
+    for a leading header, what it claims (unchecked): the caller's checks (the sender's job, a size limit) stop a
+    stream as it arrives. (The size is the bytes' length: ``ByteSize`` serializes a message again, ~1 ms for an
+    update of 400 kB.)"""
+    def observed() -> Iterator[pb.UpdatePart]:
+        for index, data in enumerate(messages):
+            part = parse(pb.UpdatePart, data)
+            h = part.header if index == 0 and part.WhichOneof("part") == "header" else None
+            observe(len(data), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id,
+                                                                    h.base_version))
+            yield part
+
+    return _update(observed())
+
+
+def _update(parts: Iterator[pb.UpdatePart]) -> tuple[UploadHeader, AdapterUpdate]:
+    first = next(parts, None)
     if first is None or first.WhichOneof("part") != "header":
         raise WireError("an upload must start with its header")
     h = first.header
@@ -86,7 +103,7 @@ def update_from_parts(parts: Iterable[pb.UpdatePart],
         raise WireError("the upload header needs job_id, device_id and upload_id")
 
     def chunks() -> Iterator[pb.TensorChunk]:
-        for part in iterator:
+        for part in parts:
             kind = part.WhichOneof("part")
             if kind == "chunk":
                 yield part.chunk
@@ -98,15 +115,6 @@ def update_from_parts(parts: Iterable[pb.UpdatePart],
     tensors = chunks_to_tensors(chunks())
     return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id, h.base_version),
             AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
-
-
-def _observed(parts: Iterable[pb.UpdatePart], observe: Callable[[int, UploadHeader | None], None]
-              ) -> Iterator[pb.UpdatePart]:
-    for index, part in enumerate(parts):
-        h = part.header if index == 0 and part.WhichOneof("part") == "header" else None
-        observe(part.ByteSize(), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id,
-                                                                      h.base_version))
-        yield part
 
 
 def upload_receipt_to_pb(receipt: UploadReceipt) -> pb.UploadResponse:
@@ -320,13 +328,18 @@ class RpcMethod:
     name: str
     client_streaming: bool
     server_streaming: bool
-    serialize_response: Callable[[Message], bytes]
+    serialize_response: Callable[[Message | bytes], bytes]
+
+
+def _sent_as_is(message: Message | bytes) -> bytes:
+    """A reply's bytes: serialized now, or by the handler already (``serialized``: it needed their size)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def coordinator_methods() -> list[RpcMethod]:
-    """The Coordinator service's methods (as in protos/edgeft/v1/edgeft.proto)."""
-    return [RpcMethod(m.name, m.client_streaming, m.server_streaming,
-                      getattr(pb, m.output_type.name).SerializeToString) for m in _SERVICE.methods]
+    """The Coordinator service's methods (as in protos/edgeft/v1/edgeft.proto); a handler may return its reply
+    serialized already."""
+    return [RpcMethod(m.name, m.client_streaming, m.server_streaming, _sent_as_is) for m in _SERVICE.methods]
 
 
 def parse_request(method: str, data: bytes) -> Message:
