@@ -22,7 +22,7 @@ def dialect_insert_of(conn: Connection):  # noqa: ANN202
 _BUILT: dict[tuple, object] = {}  # (dialect, write, table, keys, columns) -> the statement, built once
 
 
-def bound(table: Table, *names: str) -> dict:
+def _bound(table: Table, *names: str) -> dict:
     """A bound parameter per column, typed as the column (a JSON column's value is encoded as JSON)."""
     return {name: bindparam(name, type_=table.c[name].type) for name in names}
 
@@ -44,7 +44,7 @@ def insert_ignore(conn: Connection, table: Table, keys: tuple[str, ...], **value
     cache_key = (conn.dialect.name, "ignore", table.name, keys, tuple(values))
     statement = _BUILT.get(cache_key) if plain else None
     if statement is None:
-        statement = dialect_insert(table).values(bound(table, *values) if plain else values)
+        statement = dialect_insert(table).values(_bound(table, *values) if plain else values)
         statement = statement.on_conflict_do_nothing(index_elements=list(keys))
         if conn.dialect.name != "sqlite":  # SQLite's rowcount counts the row inserted (RETURNING needs SQLite 3.35)
             statement = statement.returning(table.c[keys[0]])
@@ -64,7 +64,7 @@ def upsert(conn: Connection, table: Table, keys: tuple[str, ...], values: dict,
         cache_key = (conn.dialect.name, "upsert", table.name, keys, tuple(values), changes)
         statement = _BUILT.get(cache_key)
         if statement is None:
-            inserted = dialect_insert(table).values(bound(table, *values))
+            inserted = dialect_insert(table).values(_bound(table, *values))
             statement = _BUILT.setdefault(cache_key, inserted.on_conflict_do_update(
                 index_elements=list(keys), set_={name: inserted.excluded[name] for name in changes}))
         conn.execute(statement, values)

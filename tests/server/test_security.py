@@ -214,15 +214,14 @@ def test_uploads_have_threads_of_their_own_that_long_polls_never_hold(tmp_path, 
     try:
         device_stub = stub(port, enrol(coordinator, tmp_path))
         device = device_stub.Register(pb.RegisterRequest(), timeout=10).device_id
-        long_poll = threading.Thread(target=device_stub.PollTask, kwargs={"timeout": 10, "request": pb.PollTaskRequest(
-            device_id=device, wait_seconds=3)})
+        poll = pb.PollTaskRequest(device_id=device, wait_seconds=3)
+        long_poll = threading.Thread(target=device_stub.PollTask, args=(poll,), kwargs={"timeout": 10})
         long_poll.start()  # no round can open (5 devices needed): the poll holds the one call thread for 3 s
         time.sleep(1.0)
         started = time.monotonic()
-        tensors = coordinator.global_adapter("banking")
+        update = AdapterUpdate(coordinator.global_adapter("banking"), 9)
         with pytest.raises(grpc.RpcError) as raised:  # for a round that never opened: refused, by an upload thread
-            device_stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, device, "u1"), AdapterUpdate(tensors, 9)),
-                                     timeout=10)
+            device_stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, device, "u1"), update), timeout=10)
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION, raised.value.details()
         assert time.monotonic() - started < 1.5  # not queued behind the poll
         long_poll.join()
