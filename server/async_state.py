@@ -36,8 +36,6 @@ _RELEASE = async_work.delete().where(async_work.c.job_id == bindparam("job_id"),
 _WORK = ("job_id", "device_id", "upload_id", "base_version", "issued_at", "expires_at")
 
 
-
-
 class _Changed(Exception):
     """The version was made meanwhile, or its buffer changed: roll the closing transaction back."""
 
