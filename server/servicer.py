@@ -130,7 +130,7 @@ class CoordinatorServicer:
             outcome = self.coordinator.poll(poll.device_id, principal.job_id)
             if isinstance(outcome, TaskAssignment):
                 # serialized here, once: its size is counted (ByteSize would serialize it again, ~0.5 ms a task)
-                reply = wire.serialized([wire.poll_response_to_pb(_task(outcome, self.limits.chunk_bytes))])[0]
+                reply = wire.task_reply(_task(outcome, self.limits.chunk_bytes))
                 self.coordinator.record_download(outcome.job.id, outcome.round, poll.device_id, len(reply))
                 return reply
             if isinstance(outcome, str):

@@ -180,6 +180,22 @@ def test_a_task_survives_the_wire_and_its_bytes_are_those_of_the_contract():
         finished="over").SerializeToString()
 
 
+def test_a_task_reply_serialized_from_its_adapters_memo_parses_as_the_whole_message():
+    """The coordinator's task reply: the global adapter's part serialized once per adapter, the task's own fields
+    appended; it parses to the message poll_response_to_pb builds, for every task given that adapter."""
+    from edgeft.wire import AsyncWork, Task, parse, poll_response_from_pb, poll_response_to_pb, task_reply
+
+    adapter = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "lora_B": np.ones((3, 2), np.float32)}
+    for upload_id in ("u1", "u2"):
+        task = Task("job", 5, "d" * 64, TrainConfig(epochs=1), adapter, deadline=1_700_000_000.5,
+                    asynchronous=AsyncWork(4, upload_id), upload_message_bytes=1 << 20)
+        reply = parse(pb.PollTaskResponse, task_reply(task))
+        assert reply == poll_response_to_pb(task)
+        back = poll_response_from_pb(reply)
+        assert back.asynchronous == AsyncWork(4, upload_id) and back.global_adapter.keys() == adapter.keys()
+        np.testing.assert_array_equal(back.global_adapter["lora_A"], adapter["lora_A"])
+
+
 def test_registration_downloads_receipts_and_heartbeats_survive_the_wire():
     from edgeft.wire import (BundleChunk, BundleFile, BundleInfo, Capabilities, DownloadRequest, Heartbeat,
                              PollRequest, Registration, UploadReceipt, bundle_chunk_from_pb, bundle_chunk_to_pb,

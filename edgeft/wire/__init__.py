@@ -24,9 +24,9 @@ from edgeft.wire.service import (SERVICE_NAME, RpcMethod, bundle_chunk_from_pb, 
                                  download_request_to_pb, heartbeat_from_pb, heartbeat_reply_to_pb, heartbeat_to_pb,
                                  parse_request, poll_request_from_pb, poll_request_to_pb, poll_response_from_pb,
                                  poll_response_to_pb, registered_from_pb, registered_to_pb, registration_from_pb,
-                                 registration_to_pb, serialized, task_from_pb, task_to_pb, task_update_parts,
-                                 train_config, train_spec, update_from_parts, update_from_wire, update_to_parts,
-                                 upload_of_bytes, upload_receipt_from_pb, upload_receipt_to_pb)
+                                 registration_to_pb, serialized, task_from_pb, task_reply, task_to_pb,
+                                 task_update_parts, train_config, train_spec, update_from_parts, update_from_wire,
+                                 update_to_parts, upload_of_bytes, upload_receipt_from_pb, upload_receipt_to_pb)
 from edgeft.wire.types import (STATISTICS, TRAIN, AsyncWork, BundleChunk, BundleFile, BundleInfo, Capabilities,
                                DataSchema, DownloadRequest, Finished, Heartbeat, PollOutcome, PollRequest, Registration,
                                RetryLater, SecAggCall, SecAggHeader, Task, UploadHeader, UploadReceipt)
@@ -46,7 +46,7 @@ __all__ = [
     "download_request_to_pb", "heartbeat_from_pb", "heartbeat_reply_to_pb", "heartbeat_to_pb", "parse_request",
     "poll_request_from_pb", "poll_request_to_pb", "poll_response_from_pb", "poll_response_to_pb",
     "registered_from_pb", "registered_to_pb", "registration_from_pb", "registration_to_pb", "serialized",
-    "task_from_pb", "task_to_pb", "task_update_parts", "train_config", "train_spec", "update_from_parts",
+    "task_from_pb", "task_reply", "task_to_pb", "task_update_parts", "train_config", "train_spec", "update_from_parts",
     "update_from_wire", "update_to_parts", "upload_of_bytes", "upload_receipt_from_pb", "upload_receipt_to_pb",
     # secure aggregation
     "secagg_aborted_pb", "secagg_call_from_pb", "secagg_request_from_pb", "secagg_request_to_pb",

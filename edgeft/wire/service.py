@@ -79,14 +79,13 @@ def update_from_wire(messages: Iterable[bytes], observe: Callable[[int, UploadHe
     """Read one upload from its messages as they came over the wire (each parsed as it is read: WireError when it
     does not parse). ``observe(size, claim)`` runs on every message before it is read, with its size on the wire and,
     for a leading header, what it claims (unchecked): the caller's checks (the sender's job, a size limit) stop a
-    stream as it arrives. (The size is the bytes' length: ``ByteSize`` serializes a message again, ~1 ms for an
-    update of 400 kB.)"""
+    stream as it arrives. (The size is the bytes' length: ``ByteSize`` serializes a message again, ~0.5 ms for
+    an update of 400 kB.)"""
     def observed() -> Iterator[pb.UpdatePart]:
         for index, data in enumerate(messages):
             part = parse(pb.UpdatePart, data)
             h = part.header if index == 0 and part.WhichOneof("part") == "header" else None
-            observe(len(data), None if h is None else UploadHeader(h.job_id, h.round, h.device_id, h.upload_id,
-                                                                    h.base_version))
+            observe(len(data), None if h is None else _header(h))
             yield part
 
     return _update(observed())
@@ -113,8 +112,11 @@ def _update(parts: Iterator[pb.UpdatePart]) -> tuple[UploadHeader, AdapterUpdate
                 raise WireError("an upload carries one header, then tensor chunks only")
 
     tensors = chunks_to_tensors(chunks())
-    return (UploadHeader(h.job_id, h.round, h.device_id, h.upload_id, h.base_version),
-            AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics)))
+    return _header(h), AdapterUpdate(tensors, int(h.n_examples), dict(h.metrics))
+
+
+def _header(h: pb.UpdateHeader) -> UploadHeader:
+    return UploadHeader(h.job_id, h.round, h.device_id, h.upload_id, h.base_version)
 
 
 def upload_receipt_to_pb(receipt: UploadReceipt) -> pb.UploadResponse:
@@ -181,6 +183,22 @@ def poll_request_from_pb(message: pb.PollTaskRequest) -> PollRequest:
 
 def task_to_pb(task: Task, into: pb.Task | None = None) -> pb.Task:
     """The Task message (written into ``into``, a field of a larger message, when given: no copy of its tensors)."""
+    message = _task_fields(task, into)
+    message.global_adapter.extend(_encoded(task.global_adapter).messages)
+    return message
+
+
+def task_reply(task: Task) -> bytes:
+    """The PollTaskResponse carrying ``task``, serialized. The global adapter's part is serialized once per adapter
+    (every device polling a version gets the same bytes) and the task's other fields appended: protobuf parses
+    concatenated messages as one, merged. (Building and serializing the whole message again took ~0.5 ms a task.)"""
+    reply = pb.PollTaskResponse()
+    _task_fields(task, reply.task)
+    return _encoded(task.global_adapter).reply + reply.SerializeToString()
+
+
+def _task_fields(task: Task, into: pb.Task | None) -> pb.Task:
+    """The Task message without its global adapter."""
     secure = {} if task.secure is None else {"secure_aggregation": secagg_settings_to_pb(task.secure)}
     deadline = {} if task.deadline is None else {"deadline_unix_ms": int(task.deadline * 1000)}
     work = task.asynchronous
@@ -194,26 +212,34 @@ def task_to_pb(task: Task, into: pb.Task | None = None) -> pb.Task:
         data=pb.DataSchema(text_column=task.data.text_column, label_column=task.data.label_column,
                            image_column=task.data.image_column or "",
                            feature_columns=list(task.data.feature_columns or ()), format=task.data.format or "")))
-    message.global_adapter.extend(_encoded(task.global_adapter))
     return message
 
 
-_ENCODED: OrderedDict[int, tuple[dict, list[pb.Tensor]]] = OrderedDict()  # id(adapter) -> (adapter, its messages)
+@dataclass(frozen=True)
+class _Encoded:
+    adapter: dict[str, np.ndarray]  # held: its id is not reused while it is memoised
+    messages: list[pb.Tensor]
+    reply: bytes  # a PollTaskResponse whose task holds only ``messages``, serialized
+
+
+_ENCODED: OrderedDict[int, _Encoded] = OrderedDict()  # id(adapter) -> its encodings
 _ENCODED_LOCK = threading.Lock()
 
 
-def _encoded(adapter: dict[str, np.ndarray]) -> list[pb.Tensor]:
-    """An adapter's Tensor messages, encoded once for the last few adapters: a coordinator sends the same global
-    adapter (one dict per version, kept decoded and never changed: ``Rounds.global_adapter``) to every device. The
-    memo holds the adapter itself, so its id is not reused while it is memoised."""
+def _encoded(adapter: dict[str, np.ndarray]) -> _Encoded:
+    """An adapter's Tensor messages and task reply part, encoded once for the last few adapters: a coordinator sends
+    the same global adapter (one dict per version, kept decoded and never changed: ``Rounds.global_adapter``) to
+    every device."""
     key = id(adapter)
     with _ENCODED_LOCK:
         hit = _ENCODED.get(key)
-    if hit is not None and hit[0] is adapter:
-        return hit[1]
-    encoded = [tensor_to_pb(n, v) for n, v in adapter.items()]
+    if hit is not None and hit.adapter is adapter:
+        return hit
+    messages = [tensor_to_pb(n, v) for n, v in adapter.items()]
+    encoded = _Encoded(adapter, messages,
+                       pb.PollTaskResponse(task=pb.Task(global_adapter=messages)).SerializeToString())
     with _ENCODED_LOCK:
-        _ENCODED[key] = (adapter, encoded)
+        _ENCODED[key] = encoded
         while len(_ENCODED) > 8:
             _ENCODED.popitem(last=False)
     return encoded

@@ -6,6 +6,7 @@ stubs for the calls an agent would never make.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -183,50 +184,50 @@ def test_another_jobs_token_is_permission_denied(tmp_path, tiny_bundle, tiny_lm_
         server.stop(grace=None)
 
 
-def test_the_concurrent_call_limit_answers_resource_exhausted_at_once(tmp_path, tiny_bundle):
-    limits = ServerLimits(max_workers=4, max_concurrent_rpcs=2)
-    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=5, poll_wait_s=3, limits=limits)
+@contextlib.contextmanager
+def _long_polls(tmp_path, bundle, limits: ServerLimits, polls: int):  # noqa: ANN001, ANN202
+    """A coordinator with ``limits`` whose job needs 5 devices (no round ever opens), one registered device and
+    ``polls`` long polls of it, each holding its call for 3 s; yields (stub, device id, coordinator, a function
+    that waits until the polls ended) once they hold their calls."""
+    server, port, coordinator = start(tmp_path, bundle, minimum=5, poll_wait_s=3, limits=limits)
     try:
         device_stub = stub(port, enrol(coordinator, tmp_path))
         device = device_stub.Register(pb.RegisterRequest(), timeout=10).device_id
-        long_polls = [threading.Thread(target=device_stub.PollTask,
-                                       args=(pb.PollTaskRequest(device_id=device, wait_seconds=3),),
-                                       kwargs={"timeout": 10}) for _ in range(2)]
-        for thread in long_polls:  # no round can open (5 devices needed): each poll holds its call for 3 s
+        poll = pb.PollTaskRequest(device_id=device, wait_seconds=3)
+        threads = [threading.Thread(target=device_stub.PollTask, args=(poll,), kwargs={"timeout": 10})
+                   for _ in range(polls)]
+        for thread in threads:
             thread.start()
         time.sleep(1.0)
+        yield device_stub, device, coordinator, lambda: [thread.join() for thread in threads]
+        for thread in threads:
+            thread.join()
+    finally:
+        server.stop(grace=None)
+
+
+def test_the_concurrent_call_limit_answers_resource_exhausted_at_once(tmp_path, tiny_bundle):
+    with _long_polls(tmp_path, tiny_bundle, ServerLimits(max_workers=4, max_concurrent_rpcs=2), 2) as (
+            device_stub, device, _, polls_ended):
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             device_stub.Register(pb.RegisterRequest(device_id=device), timeout=10)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert time.monotonic() - started < 1.0  # refused at once, not queued
-        for thread in long_polls:
-            thread.join()
+        polls_ended()
         assert device_stub.Register(pb.RegisterRequest(device_id=device), timeout=10).device_id == device
-    finally:
-        server.stop(grace=None)
 
 
 def test_uploads_have_threads_of_their_own_that_long_polls_never_hold(tmp_path, tiny_bundle):
     """One call thread, held by a long poll for 3 s: an upload is still answered at once, on an upload thread."""
-    limits = ServerLimits(max_workers=1, upload_workers=1)
-    server, port, coordinator = start(tmp_path, tiny_bundle, minimum=5, poll_wait_s=3, limits=limits)
-    try:
-        device_stub = stub(port, enrol(coordinator, tmp_path))
-        device = device_stub.Register(pb.RegisterRequest(), timeout=10).device_id
-        poll = pb.PollTaskRequest(device_id=device, wait_seconds=3)
-        long_poll = threading.Thread(target=device_stub.PollTask, args=(poll,), kwargs={"timeout": 10})
-        long_poll.start()  # no round can open (5 devices needed): the poll holds the one call thread for 3 s
-        time.sleep(1.0)
+    with _long_polls(tmp_path, tiny_bundle, ServerLimits(max_workers=1, upload_workers=1), 1) as (
+            device_stub, device, coordinator, _):
         started = time.monotonic()
         update = AdapterUpdate(coordinator.global_adapter("banking"), 9)
         with pytest.raises(grpc.RpcError) as raised:  # for a round that never opened: refused, by an upload thread
             device_stub.UploadUpdate(update_to_parts(UploadHeader("banking", 1, device, "u1"), update), timeout=10)
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION, raised.value.details()
         assert time.monotonic() - started < 1.5  # not queued behind the poll
-        long_poll.join()
-    finally:
-        server.stop(grace=None)
 
 
 def test_an_idle_agents_keepalive_pings_never_earn_a_goaway(tmp_path, tiny_bundle):
