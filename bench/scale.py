@@ -36,8 +36,9 @@ from common import coordinator_script  # noqa: E402
 
 # how many versions the job made; devices still polling are told the job finished until the bench
 # closes the coordinator's stdin
-SERVER = coordinator_script('"versions": len(coordinator.history("scale").get("versions") or [])',
-                            wait_s=7 * 24 * 3600, then="sys.stdin.read()")
+SERVER = coordinator_script('"versions": len(coordinator.history("scale").get("versions") or []), '
+                            '"in_versions": sum(v["accepted"] for v in coordinator.history("scale").get("versions") '
+                            'or [])', wait_s=7 * 24 * 3600, then="sys.stdin.read()")
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -154,6 +155,9 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             "accepted_per_s_by_minute": [round(float(c) / 60, 1) for c in np.bincount(
                 ((np.array(ends) - ends[0]) // 60).astype(int))] if ends else [],
             "versions": final["versions"], "versions_per_min": round(final["versions"] / minutes, 2),
+            # updates that went into a version by the end: accepted faster than versions are made, the rest wait
+            "in_versions": final["in_versions"],
+            "in_versions_per_s": round(final["in_versions"] / span, 1) if span == span and span > 0 else None,
             "upload_p50_s": round(float(np.nanpercentile(latencies, 50)), 3),
             "upload_p99_s": round(float(np.nanpercentile(latencies, 99)), 3),
             "refused": refused, "refused_details": details,
@@ -212,7 +216,8 @@ def main() -> None:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     emit(result, "scale: " + "; ".join(
-        f"N={r['devices']}: {r.get('accepted_per_s')} accepted/s, {r.get('versions_per_min')} versions/min, "
+        f"N={r['devices']}: {r.get('accepted_per_s')} accepted/s ({r.get('in_versions_per_s')}/s into versions), "
+        f"{r.get('versions_per_min')} versions/min, "
         f"p99 upload {r.get('upload_p99_s')} s, server peak RSS {r.get('server_peak_rss_mb')} MB, "
         f"{r.get('server_cpu_ms_per_update')} ms of server CPU per accepted update"
         for r in result["rows"]))

@@ -35,13 +35,14 @@ from edgeft.server.config import JobConfig
 from edgeft.server.pace import Pace, Tally
 from edgeft.server.rounds import Rounds, TaskAssignment
 from edgeft.server.store import now
+from edgeft.server.turn import urgent
 from edgeft.update import AdapterUpdate
 from edgeft.wire import AsyncWork, RetryLater, UploadHeader
 
 log = logging.getLogger("edgeft.server")
 CAP_RECHECK_S = 1.0  # once the concurrency cap is reached, how long "ask later" is answered without counting again
 CAP_MARGIN = 256  # below the cap by more than this (estimated), a poll gives work without counting the holders
-KEPT_BYTES = 256 << 20  # the updates taken in here kept decoded until a version reads them (83 MB: 200 of MiniLM's)
+KEPT_BYTES = 256 << 20  # the deltas of updates taken in here, kept until a version reads them (310 of MiniLM's)
 
 
 class AsyncRounds:
@@ -64,10 +65,11 @@ class AsyncRounds:
         self._latest: dict[str, int] = {}
         self._latest_lock = threading.Lock()
         self._started: dict[str, float] = {}  # job id -> when it started (its initial global adapter was stored)
-        # (job id, blob) -> the tensors of an update taken in here, as they came, until a version reads them:
-        # reading back, checking and decoding 200 blobs took ~40% of making a version, which runs on one thread
-        # among the upload threads and fell behind them
-        self._taken_in = DecodedCache(KEPT_BYTES)
+        # (job id, blob, base version) -> the delta an update taken in here adds to a version (float64, computed on
+        # its upload's thread), until a version reads it: a version is made on one thread among the upload threads,
+        # which got ~8% of the GIL at 100,000 devices; reading back 200 blobs and computing their deltas there made
+        # versions fall behind the uploads (a backlog of thousands, read back from the store once no longer kept)
+        self._deltas = DecodedCache(KEPT_BYTES)
 
     # -- a device asks for work ----------------------------------------------------------------------
     def task(self, device_id: str, job: JobConfig, capabilities: dict | None) -> tuple:
@@ -175,7 +177,8 @@ class AsyncRounds:
             self._release(job.id, header.device_id)
             raise DataError(f"update from {header.device_id} refused: {exc}", reason=exc.reason) from exc
         blob = self.rounds.artifacts.put_tensors(update.tensors)
-        self._taken_in.put((job.id, blob), update.tensors)
+        kept = (job.id, blob, header.base_version)
+        self._deltas.put(kept, delta(update.tensors, self.rounds.global_adapter(job.id, header.base_version)))
         # The store checks staleness again, in the transaction that stores the update, against the version it goes
         # into (versions made and uploads stored meanwhile count): within one process an accepted update is never
         # left out for staleness. (With several replicas, or PostgreSQL's concurrent transactions, one can be:
@@ -188,6 +191,7 @@ class AsyncRounds:
             if self.state.received(job.id, header.upload_id):
                 self._count_replay(job, header)
                 return False
+            self._deltas.take(kept)  # no version reads it: it would push out updates that wait for one
             if buffered is None:
                 self._release(job.id, header.device_id)
                 raise Rejected(f"update trained from version {header.base_version} would be more than "
@@ -229,21 +233,22 @@ class AsyncRounds:
         if not self._making.acquire(blocking=buffered is None):  # a version is being made here: it goes on while
             return  # the buffer holds enough (an upload does not wait for it; the clock's turn catches any left)
         try:
-            while True:
-                row = self.rounds.state.job(job.id)
-                if row is None or row.status != "running":
-                    return
-                if self._budget_spent(job, row.current_round - 1):  # checked before each version: a buffer that
-                    return  # keeps filling (taken in faster than versions are made) must not hold the job past it
-                buffer = self.state.buffer(job.id, size)
-                if len(buffer) < size:
-                    return
-                version = row.current_round
-                with self.rounds.leases.hold(f"version/{job.id}/{version}") as lease:
-                    if lease is None:
+            with urgent():  # its transactions go before the uploads' and polls' waiting (server.turn)
+                while True:
+                    row = self.rounds.state.job(job.id)
+                    if row is None or row.status != "running":
                         return
-                    if not self._make(job, version, buffer, lease.guard):
+                    if self._budget_spent(job, row.current_round - 1):  # checked before each version: a buffer that
+                        return  # keeps filling (taken in faster than versions are made) must not hold the job past it
+                    buffer = self.state.buffer(job.id, size)
+                    if len(buffer) < size:
                         return
+                    version = row.current_round
+                    with self.rounds.leases.hold(f"version/{job.id}/{version}") as lease:
+                        if lease is None:
+                            return
+                        if not self._make(job, version, buffer, lease.guard):
+                            return
         finally:
             self._making.release()
 
@@ -255,8 +260,7 @@ class AsyncRounds:
         clip = getattr(strategy_options, "clip_norm", None)
         private = bool(getattr(strategy_options, "private", False))
         updates = []
-        for row, tensors in zip(buffer, self._buffered_tensors(job.id, buffer)):
-            change = delta(tensors, rounds.global_adapter(job.id, row.base_version))
+        for row, change in zip(buffer, self._buffered_deltas(job.id, buffer)):
             if clip is not None:
                 change, _ = clip_to_norm(change, clip)
             updates.append(BufferedUpdate(row.base_version, 1 if private else row.n_examples, change))
@@ -285,17 +289,21 @@ class AsyncRounds:
         rounds.on_closed(job, version)
         return True
 
-    def _buffered_tensors(self, job_id: str, buffer: list) -> Iterator[dict]:
-        """The tensors of each buffered update, in order: kept since it was taken in here, else read from the store
-        (taken in before a restart, by another replica, or no longer kept)."""
+    def _buffered_deltas(self, job_id: str, buffer: list) -> Iterator[dict]:
+        """The delta of each buffered update from the global version it trained from, in order: kept since it was
+        taken in here, else computed from the store (taken in before a restart, by another replica, or no longer
+        kept)."""
         kept = {}
         for row in buffer:
-            tensors = None if row.blob in kept else self._taken_in.take((job_id, row.blob))
-            if tensors is not None:
-                kept[row.blob] = tensors
-        read = self.rounds.artifacts.iter_tensors(row.blob for row in buffer if row.blob not in kept)
+            key = (job_id, row.blob, row.base_version)
+            change = None if key in kept else self._deltas.take(key)
+            if change is not None:
+                kept[key] = change
+        missing = [row for row in buffer if (job_id, row.blob, row.base_version) not in kept]
+        read = self.rounds.artifacts.iter_tensors(row.blob for row in missing)
         for row in buffer:
-            yield kept[row.blob] if row.blob in kept else next(read)
+            key = (job_id, row.blob, row.base_version)
+            yield kept[key] if key in kept else delta(next(read), self.rounds.global_adapter(job_id, row.base_version))
 
     def _drop(self, job: JobConfig, version: int, buffer: list) -> None:
         """Take a buffer of updates all too stale for ``version`` out of the buffer, each counted as stale."""

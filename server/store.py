@@ -12,7 +12,6 @@ waiting), so several coordinator processes may share one database. The schema's 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -27,6 +26,7 @@ from sqlalchemy.exc import (ArgumentError, DatabaseError, DisconnectionError, In
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from edgeft.errors import ConfigError, StateError, Unavailable
+from edgeft.server.turn import Turn
 from edgeft.server.writes import upsert
 
 log = logging.getLogger("edgeft.server")
@@ -254,7 +254,7 @@ def connect(url_or_path: URL | str | Path) -> Engine:
     if not sqlite:
         _ping_idle_connections(engine)
     if sqlite:
-        _SQLITE_WRITERS[engine] = threading.Lock()  # this process's transactions take turns (``transaction``)
+        _SQLITE_WRITERS[engine] = Turn()  # this process's transactions take turns (``transaction``)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -334,7 +334,7 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError(f"an idle database connection is gone: {exc}") from exc
 
 
-_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, Turn] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -342,7 +342,8 @@ def transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction (committed at the end, rolled back on any error). A database that cannot be reached or did
     not answer (a SQLite file locked past its timeout) raises Unavailable (UNAVAILABLE on the wire: retry later),
     logged here, never sent to devices. On SQLite (one writer; its busy handler polls a locked file with sleeps of up
-    to 100 ms) this process's transactions take turns on a lock, which hands the turn over at once."""
+    to 100 ms) this process's transactions take turns (``edgeft.server.turn``: urgent ones first), handed over at
+    once."""
     turn = _SQLITE_WRITERS.get(engine) or nullcontext()
     try:
         with turn, engine.begin() as conn:

@@ -389,3 +389,24 @@ def test_the_time_budget_ends_the_job_even_while_full_buffers_wait_for_their_ver
     finally:
         server.stop(grace=None)
         coordinator.close()
+
+
+def test_an_upload_refused_as_it_is_stored_is_not_kept_for_a_version(tmp_path, tiny_bundle):
+    """Transport-free: the delta an upload adds to a version is kept from before the transaction that stores it (a
+    version may read it at once); one that transaction refuses (here the job ended meanwhile: "late") is no longer
+    kept, where it would push out updates that wait for a version."""
+    server, _, coordinator = start(tmp_path, tiny_bundle, minimum=1, job_settings={
+        "mode": "async", "asynchronous": {**ASYNC, "time_budget_s": 1}})
+    try:
+        device = coordinator.register("", {}, "banking")
+        work = coordinator.poll(device, "banking").asynchronous
+        tensors = {k: v + 0.01 for k, v in coordinator.global_adapter("banking", 0).items()}
+        wait_for(lambda: coordinator.job_status("banking")["status"] == "finished", 30, "the clock to end the job")
+        with pytest.raises(Rejected, match="ended while the update was checked"):
+            coordinator.submit(UploadHeader("banking", 1, device, work.upload_id, 0), AdapterUpdate(tensors, 10))
+        blob = coordinator.artifacts.put_tensors(tensors)  # content-addressed: the digest the upload was stored as
+        assert coordinator.async_rounds._deltas.get(("banking", blob, 0)) is None
+        assert coordinator.async_rounds.state.buffered("banking") == 0
+    finally:
+        server.stop(grace=None)
+        coordinator.close()
