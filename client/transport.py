@@ -172,9 +172,11 @@ def open_channel(address: str, transport: Transport) -> grpc.Channel:
 
 def open_aio_channel(address: str, transport: Transport) -> grpc.aio.Channel:
     """``open_channel`` for asyncio (many simulated devices in one process, ``edgeft.testing.lightweight``): the same
-    target, channel arguments, credentials and token on every call."""
+    target, channel arguments, credentials and token on every call. Each such channel has its own connection: gRPC
+    otherwise shares one between channels of the same target and arguments (its global subchannel pool), and a
+    fleet's channels all went over one connection, whose frames the coordinator takes in one at a time."""
     target, extra, name = channel_target(address)
-    options = channel_options(transport) + extra
+    options = channel_options(transport) + extra + [("grpc.use_local_subchannel_pool", 1)]
     if name and not transport.server_name:
         options.append(("grpc.ssl_target_name_override", name))
     interceptors = [AioBearerToken(transport.token), AioStreamBearerToken(transport.token)]
