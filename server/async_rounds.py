@@ -293,16 +293,14 @@ class AsyncRounds:
         """The delta of each buffered update from the global version it trained from, in order: kept since it was
         taken in here, else computed from the store (taken in before a restart, by another replica, or no longer
         kept)."""
+        keys = [(job_id, row.blob, row.base_version) for row in buffer]
         kept = {}
-        for row in buffer:
-            key = (job_id, row.blob, row.base_version)
+        for key in keys:
             change = None if key in kept else self._deltas.take(key)
             if change is not None:
                 kept[key] = change
-        missing = [row for row in buffer if (job_id, row.blob, row.base_version) not in kept]
-        read = self.rounds.artifacts.iter_tensors(row.blob for row in missing)
-        for row in buffer:
-            key = (job_id, row.blob, row.base_version)
+        read = self.rounds.artifacts.iter_tensors(row.blob for row, key in zip(buffer, keys) if key not in kept)
+        for row, key in zip(buffer, keys):
             yield kept[key] if key in kept else delta(next(read), self.rounds.global_adapter(job_id, row.base_version))
 
     def _drop(self, job: JobConfig, version: int, buffer: list) -> None:

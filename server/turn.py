@@ -19,7 +19,7 @@ _URGENT = threading.local()
 @contextmanager
 def urgent() -> Iterator[None]:
     """Within it, the transactions of this thread take their turn before the others waiting."""
-    before = getattr(_URGENT, "on", False)
+    before = Turn.is_urgent()
     _URGENT.on = True
     try:
         yield
