@@ -4,7 +4,7 @@ sampled over the run, to see whether memory stays flat as N grows), per N.
 
     python bench/scale.py [--devices 1000 10000 100000] [--duration 300] [--train-s 30] [--retry-s 30]
                           [--buffer-size 100] [--max-concurrency 2000] [--max-concurrent-rpcs N]
-                          [--client-processes 1] [--work runs/scale]
+                          [--client-processes 1] [--replicas 1] [--work runs/scale]
 
 Devices (edgeft.testing.lightweight) hold no model: each registers, asks for work, waits ``--train-s`` (times a
 log-normal slowdown, --speed-sigma), uploads the task's global adapter perturbed (MiniLM + LoRA(q, v) + head: the
@@ -14,7 +14,9 @@ adapter's own names and shapes, 416 kB), waits ``--idle-s`` and asks again; whil
 updates per global version, so the fleet's process spends its time on calls. They share ``--client-processes``
 processes (an event loop each). The coordinator runs in its own process on loopback (plaintext: the figures are its
 own overhead; every call still carries a token), with SQLite and an artifact folder; the job ends after
-``--duration`` seconds (its time budget), the figures cover the whole run including registration.
+``--duration`` seconds (its time budget), the figures cover the whole run including registration. ``--replicas N``:
+N coordinator processes on that one SQLite file and folder (docs/replicas.md), the devices' calls spread over them
+by gRPC's round robin; their CPU and RSS are summed.
 """
 
 from __future__ import annotations
@@ -55,12 +57,21 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _sample_rss(pid: int, samples: list, stop: threading.Event, every_s: float = 5.0) -> None:
+def _sample_rss(pids: list[int], samples: list, stop: threading.Event, every_s: float = 5.0) -> None:
+    """Every ``every_s``: (seconds, the processes' RSS summed, MB) into ``samples``."""
     started = time.monotonic()
     while not stop.wait(every_s):
-        value = _rss_mb(pid)
-        if value is not None:
-            samples.append((round(time.monotonic() - started, 1), round(value, 1)))
+        values = [_rss_mb(pid) for pid in pids]
+        if None not in values:
+            samples.append((round(time.monotonic() - started, 1), round(sum(values), 1)))
+
+
+def _start_server(config: Path, log_path: Path) -> subprocess.Popen:
+    """A coordinator process serving ``config`` (it prints {"port": ...} once it serves), its warnings and any
+    call's traceback kept in ``log_path`` for reading."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
 
 
 def _fleet(settings: dict) -> dict:
@@ -102,18 +113,17 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     engine = open_database(state / "state" / "state.db")
     _, token = TokenStore(engine).create("scale")
     engine.dispose()
-    with open(state / "coordinator.log", "w") as log:  # its warnings and any call's traceback, kept for reading
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    servers = [_start_server(config, state / f"coordinator{i or ''}.log") for i in range(args.replicas)]
     samples: list = []
     stop = threading.Event()
     try:
-        port = json.loads(server.stdout.readline())["port"]
-        sampler = threading.Thread(target=_sample_rss, args=(server.pid, samples, stop), daemon=True)
+        ports = [json.loads(server.stdout.readline())["port"] for server in servers]
+        sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
         processes = max(1, min(args.client_processes, n))
         shares = [n // processes + (i < n % processes) for i in range(processes)]
-        settings = [{"server": f"127.0.0.1:{port}", "token": token, "devices": share, "train_s": args.train_s,
+        address = ",".join(f"127.0.0.1:{port}" for port in ports)  # replicas: round robin over them (replicas.md)
+        settings = [{"server": address, "token": token, "devices": share, "train_s": args.train_s,
                      "idle_s": args.idle_s, "retry_s": args.retry_s, "update_pool": args.update_pool,
                      "poll_wait_s": 0, "channels": args.channels, "duration_s": args.duration + 120,
                      "speed_sigma": args.speed_sigma, "seed": i, "start_together": args.start_together}
@@ -124,15 +134,19 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
         else:
             with multiprocessing.get_context("spawn").Pool(processes) as pool:
                 reports = pool.map(_fleet, settings)
-        final = json.loads(server.stdout.readline())
-        server_cpu_s = _cpu_s(server.pid)  # the job is over: its whole run, registration included
-        server.stdin.close()
-        server.wait(timeout=120)
+        finals = [json.loads(server.stdout.readline()) for server in servers]
+        final = finals[0]  # versions are the database's: every replica reports the same
+        server_cpu_s = sum(_cpu_s(server.pid) for server in servers)  # the job is over: registration included
+        for server in servers:
+            server.stdin.close()
+        for server in servers:
+            server.wait(timeout=120)
     finally:
         stop.set()
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        for server in servers:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
     ends = sorted(e for r in reports for e in r["upload_ends"])
     latencies = np.array([lat for r in reports for lat in r["latencies"]] or [np.nan])
     accepted = sum(r["accepted"] for r in reports)
@@ -163,7 +177,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             "refused": refused, "refused_details": details,
             "retries": retried, "waits": sum(r["waits"] for r in reports), "errors": sum(r["errors"] for r in reports),
             "first_errors": [e for r in reports for e in r["first_errors"]][:3],
-            "server_peak_rss_mb": round(final["peak_rss_mb"], 1), "server_rss_mb_samples": samples,
+            # with replicas: the sum of their peaks (and of their RSS in each sample)
+            "server_peak_rss_mb": round(sum(f["peak_rss_mb"] for f in finals), 1), "server_rss_mb_samples": samples,
             "server_cpu_s": round(server_cpu_s, 1),
             "server_cpu_ms_per_update": round(1000 * server_cpu_s / accepted, 2) if accepted else None,
             "seconds": round(time.time() - started, 1)}
@@ -193,6 +208,10 @@ def main() -> None:
                         help="the coordinator's [server.limits] upload_workers (default: its own, 32)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="coordinator processes on the run's one SQLite file and artifact folder, each on its own "
+                             "port; devices round-robin their calls over them (default 1). --max-concurrency is each "
+                             "one's")
     parser.add_argument("--start-together", action="store_true",
                         help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
