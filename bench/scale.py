@@ -113,11 +113,14 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     engine = open_database(state / "state" / "state.db")
     _, token = TokenStore(engine).create("scale")
     engine.dispose()
-    servers = [_start_server(config, state / f"coordinator{i or ''}.log") for i in range(args.replicas)]
+    servers: list[subprocess.Popen] = []
     samples: list = []
     stop = threading.Event()
     try:
-        ports = [json.loads(server.stdout.readline())["port"] for server in servers]
+        ports = []
+        for i in range(args.replicas):  # one after the other: each one's start (the bundle stored) done first
+            servers.append(_start_server(config, state / f"coordinator{i or ''}.log"))
+            ports.append(json.loads(servers[-1].stdout.readline())["port"])
         sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
         processes = max(1, min(args.client_processes, n))
