@@ -212,9 +212,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1,
-                        help="coordinator processes on the run's one SQLite file and artifact folder, each on its own "
-                             "port; devices round-robin their calls over them (default 1). --max-concurrency is the job's, "
-                             "counted in the database over all of them")
+                        help="coordinator processes on the run's one SQLite file and artifact folder, each on its "
+                             "own port; devices round-robin their calls over them (default 1). --max-concurrency is "
+                             "the job's, counted in the database over all of them")
     parser.add_argument("--start-together", action="store_true",
                         help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
