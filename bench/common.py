@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +55,26 @@ print(json.dumps({{"peak_rss_mb": hwm / 1024, {report}}}), flush=True)
 {then}
 server.stop(grace=1)
 """
+
+
+def start_coordinator(script: str, config: Path, log: Path | None = None) -> subprocess.Popen:
+    """A coordinator process running ``script`` (``coordinator_script``) on ``config``, returned once it serves, its
+    port as ``.port`` (replicas start one after the other: the first stores the bundle and creates the job, the
+    others find them); its stderr into ``log`` when given. Stop it with ``stop_coordinators``."""
+    err = open(log, "w") if log is not None else None  # noqa: SIM115 - the child holds it; ours closes at once
+    try:
+        server = subprocess.Popen([sys.executable, "-c", script, str(config)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    finally:
+        if err is not None:
+            err.close()
+    server.port = json.loads(server.stdout.readline())["port"]
+    return server
+
+
+def stop_coordinators(servers: list[subprocess.Popen]) -> None:
+    """Kill (by process group) those of ``servers`` still running: a run that failed leaves them waiting."""
+    for server in servers:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import coordinator_script  # noqa: E402
+from common import coordinator_script, start_coordinator, stop_coordinators  # noqa: E402
 
 SERVER = coordinator_script('"aggregate_s": coordinator.last_close_seconds')
 
@@ -63,16 +60,11 @@ def run(n: int, bundle: Path, work: Path, backend: dict | None = None, replicas:
     _, token = TokenStore(open_database(database)).create("bench")
     servers = []
     try:
-        for i in range(replicas):  # one at a time: the first creates the job, the others find it
-            servers.append(subprocess.Popen([sys.executable, "-c", SERVER, str(state / f"jobs{i or ''}.toml")],
-                                            stdout=subprocess.PIPE, text=True, start_new_session=True))
-            servers[-1].port = json.loads(servers[-1].stdout.readline())["port"]
+        for i in range(replicas):
+            servers.append(start_coordinator(SERVER, state / f"jobs{i or ''}.toml"))
         return _round(n, token, servers, backend, replicas, database)
     finally:
-        for server in servers:  # a round that failed leaves its coordinators waiting: stop them
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_coordinators(servers)
 
 
 def _round(n: int, token: str, servers: list, backend: dict | None, replicas: int, database) -> dict:  # noqa: ANN001

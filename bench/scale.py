@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import coordinator_script  # noqa: E402
+from common import coordinator_script, start_coordinator, stop_coordinators  # noqa: E402
 
 # how many versions the job made; devices still polling are told the job finished until the bench
 # closes the coordinator's stdin
@@ -64,14 +63,6 @@ def _sample_rss(pids: list[int], samples: list, stop: threading.Event, every_s: 
         values = [_rss_mb(pid) for pid in pids]
         if None not in values:
             samples.append((round(time.monotonic() - started, 1), round(sum(values), 1)))
-
-
-def _start_server(config: Path, log_path: Path) -> subprocess.Popen:
-    """A coordinator process serving ``config`` (it prints {"port": ...} once it serves), its warnings and any
-    call's traceback kept in ``log_path`` for reading."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-c", SERVER, str(config)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
 
 
 def _fleet(settings: dict) -> dict:
@@ -117,15 +108,13 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     samples: list = []
     stop = threading.Event()
     try:
-        ports = []
-        for i in range(args.replicas):  # one after the other: each one's start (the bundle stored) done first
-            servers.append(_start_server(config, state / f"coordinator{i or ''}.log"))
-            ports.append(json.loads(servers[-1].stdout.readline())["port"])
+        for i in range(args.replicas):  # its warnings and any call's traceback kept in the log, for reading
+            servers.append(start_coordinator(SERVER, config, state / f"coordinator{i or ''}.log"))
         sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
         processes = max(1, min(args.client_processes, n))
         shares = [n // processes + (i < n % processes) for i in range(processes)]
-        address = ",".join(f"127.0.0.1:{port}" for port in ports)  # replicas: round robin over them (replicas.md)
+        address = ",".join(f"127.0.0.1:{server.port}" for server in servers)  # replicas: round robin (replicas.md)
         settings = [{"server": address, "token": token, "devices": share, "train_s": args.train_s,
                      "idle_s": args.idle_s, "retry_s": args.retry_s, "update_pool": args.update_pool,
                      "poll_wait_s": 0, "channels": args.channels, "duration_s": args.duration + 120,
@@ -146,10 +135,7 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
             server.wait(timeout=120)
     finally:
         stop.set()
-        for server in servers:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_coordinators(servers)
     ends = sorted(e for r in reports for e in r["upload_ends"])
     latencies = np.array([lat for r in reports for lat in r["latencies"]] or [np.nan])
     accepted = sum(r["accepted"] for r in reports)
