@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from edgeft import __version__
@@ -188,7 +189,7 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    @property
+    @cached_property  # read once: a coordinator names the bundle in every task it gives
     def digest(self) -> str:
         """Digest of the manifest, which pins every file's sha256: the bundle's identity."""
         return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()

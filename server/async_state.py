@@ -23,7 +23,6 @@ from edgeft.server.writes import insert_ignore, upsert
 
 # the statements of every poll and upload, built once: building one costs more than running it (~0.1 ms)
 _JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
-_JOB_PROGRESS = select(jobs.c.status, jobs.c.current_round).where(jobs.c.id == bindparam("job_id"))
 _HOLDING = select(func.count()).select_from(async_work).where(
     async_work.c.job_id == bindparam("job_id"), async_work.c.device_id != bindparam("device_id"),
     async_work.c.expires_at > bindparam("now"))
@@ -31,6 +30,8 @@ _RECEIVED = select(async_updates.c.seq).where(async_updates.c.job_id == bindpara
                                               async_updates.c.upload_id == bindparam("upload_id"))
 _BUFFERED = select(func.count()).select_from(async_updates).where(async_updates.c.job_id == bindparam("job_id"),
                                                                   async_updates.c.version.is_(None))
+_JOB_PROGRESS = select(jobs.c.status, jobs.c.current_round,  # and the buffer's size: one statement
+                       _BUFFERED.scalar_subquery().label("buffered")).where(jobs.c.id == bindparam("job_id"))
 _RELEASE = async_work.delete().where(async_work.c.job_id == bindparam("job_id"),
                                      async_work.c.device_id == bindparam("device_id"))
 _WORK = ("job_id", "device_id", "upload_id", "base_version", "issued_at", "expires_at")
@@ -119,7 +120,7 @@ class AsyncState:
             job = conn.execute(_JOB_PROGRESS, {"job_id": job_id}).first()
             if job is None or job.status != "running":
                 return 0
-            ahead = self._buffered(conn, job_id)
+            ahead = job.buffered
             goes_into = job.current_round + ahead // buffer_size  # a version takes the oldest buffer_size updates
             if goes_into - 1 - base_version > max_staleness:
                 return None

@@ -60,6 +60,9 @@ def test_truncated_reordered_and_inconsistent_chunks_are_refused():
     huge = pb.TensorChunk(name="x", dtype=pb.FLOAT32, shape=[2], offset=0, data=b"\x00" * 12)
     with pytest.raises(WireError, match="overflows"):
         chunks_to_tensors([huge])
+    whole = list(tensors_to_chunks({"w": np.ones(3, dtype=np.float32)}))  # a tensor in one chunk, then again
+    with pytest.raises(WireError, match="offset"):
+        chunks_to_tensors(whole + whole)
 
 
 def test_upload_round_trip():
