@@ -95,7 +95,7 @@ class _Assembly:
     dtype: np.dtype
     shape: tuple[int, ...]
     size: int
-    buffer: bytes | bytearray = field(default_factory=bytearray)
+    buffer: bytearray = field(default_factory=bytearray)
 
 
 def chunks_to_tensors(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:
@@ -114,14 +114,11 @@ def chunks_to_tensors(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]
                             "(missing, repeated or reordered chunk)")
         if len(part.buffer) + len(chunk.data) > size:
             raise WireError(f"tensor {chunk.name!r} of shape {shape} overflows its {size} bytes")
-        if not part.buffer and len(chunk.data) == size:  # the whole tensor in one chunk: its bytes as they came
-            part.buffer = chunk.data
-        else:
-            part.buffer += chunk.data
+        part.buffer += chunk.data
     tensors = {}
     for name, part in parts.items():
         if len(part.buffer) != part.size:
             raise WireError(f"tensor {name!r} is truncated: {len(part.buffer)} of {part.size} bytes arrived")
-        array = np.frombuffer(part.buffer, dtype=part.dtype).reshape(part.shape)  # read-only when it came whole
+        array = np.frombuffer(part.buffer, dtype=part.dtype).reshape(part.shape)  # writable: the bytearray's own
         tensors[name] = array if array.dtype == np.float32 else _widen(array)  # float32 as it came, no copy
     return tensors
