@@ -37,9 +37,11 @@ from common import coordinator_script, start_coordinator, stop_coordinators  # n
 
 # how many versions the job made; devices still polling are told the job finished until the bench
 # closes the coordinator's stdin
-SERVER = coordinator_script('"versions": len(coordinator.history("scale").get("versions") or []), '
-                            '"in_versions": sum(v["accepted"] for v in coordinator.history("scale").get("versions") '
-                            'or [])', wait_s=7 * 24 * 3600, then="sys.stdin.read()")
+_REPORT = ('"versions": len(coordinator.history("scale").get("versions") or []), '
+           '"in_versions": sum(v["accepted"] for v in coordinator.history("scale").get("versions") or [])')
+SERVER = coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()")
+AIO_PROTOTYPE = coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()",
+                                   server_module="aio_coordinator")
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -109,7 +111,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     stop = threading.Event()
     try:
         for i in range(args.replicas):  # its warnings and any call's traceback kept in the log, for reading
-            servers.append(start_coordinator(SERVER, config, state / f"coordinator{i or ''}.log"))
+            servers.append(start_coordinator(AIO_PROTOTYPE if args.aio_prototype else SERVER, config,
+                                             state / f"coordinator{i or ''}.log"))
         sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
         processes = max(1, min(args.client_processes, n))
@@ -201,6 +204,8 @@ def main() -> None:
                         help="coordinator processes on the run's one SQLite file and artifact folder, each on its "
                              "own port; devices round-robin their calls over them (default 1). --max-concurrency is "
                              "the job's, counted in the database over all of them")
+    parser.add_argument("--aio-prototype", action="store_true",
+                        help="serve with bench/aio_coordinator.py, a prototype on one grpc.aio thread (not the product)")
     parser.add_argument("--start-together", action="store_true",
                         help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
