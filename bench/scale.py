@@ -205,7 +205,7 @@ def main() -> None:
                              "own port; devices round-robin their calls over them (default 1). --max-concurrency is "
                              "the job's, counted in the database over all of them")
     parser.add_argument("--aio-prototype", action="store_true",
-                        help="serve with bench/aio_coordinator.py, a prototype on one grpc.aio thread (not the product)")
+                        help="serve with bench/aio_coordinator.py: a prototype on one grpc.aio thread, not the product")
     parser.add_argument("--start-together", action="store_true",
                         help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")
