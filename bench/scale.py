@@ -39,9 +39,12 @@ from common import coordinator_script, start_coordinator, stop_coordinators  # n
 # closes the coordinator's stdin
 _REPORT = ('"versions": len(coordinator.history("scale").get("versions") or []), '
            '"in_versions": sum(v["accepted"] for v in coordinator.history("scale").get("versions") or [])')
-SERVER = coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()")
-AIO_PROTOTYPE = coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()",
-                                   server_module="aio_coordinator")
+
+
+def _server_script(aio_prototype: bool) -> str:
+    """The coordinator process's source: edgeft's, or bench/aio_coordinator.py's prototype."""
+    return coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()",
+                              server_module="aio_coordinator" if aio_prototype else "edgeft.server.servicer")
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -111,7 +114,7 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     stop = threading.Event()
     try:
         for i in range(args.replicas):  # its warnings and any call's traceback kept in the log, for reading
-            servers.append(start_coordinator(AIO_PROTOTYPE if args.aio_prototype else SERVER, config,
+            servers.append(start_coordinator(_server_script(args.aio_prototype), config,
                                              state / f"coordinator{i or ''}.log"))
         sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
