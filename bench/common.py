@@ -36,18 +36,15 @@ def emit(result: dict, summary: str) -> None:
     sys.stdout.flush()
 
 
-def coordinator_script(report: str, wait_s: float = 3600, then: str = "",
-                       server_module: str = "edgeft.server.servicer") -> str:
+def coordinator_script(report: str, wait_s: float = 3600, then: str = "") -> str:
     """Python source of a coordinator process for ``python -c SOURCE jobs.toml``: it prints {"port": PORT}, waits
     until every job finished, prints {"peak_rss_mb": its VmHWM, <report>} (``report``: more dict entries, Python
-    over ``coordinator``), runs ``then`` and stops. ``server_module``: whose ``create_server`` serves (a module of
-    bench/ for a prototype)."""
+    over ``coordinator``), runs ``then`` and stops."""
     return f"""
 import sys, json
 from pathlib import Path
-sys.path.insert(0, {str(Path(__file__).parent)!r})
 from edgeft.server.config import load_server_config
-from {server_module} import create_server
+from edgeft.server.servicer import create_server
 config = load_server_config(sys.argv[1])
 server, port, coordinator = create_server(config)
 server.start()

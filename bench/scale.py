@@ -41,10 +41,7 @@ _REPORT = ('"versions": len(coordinator.history("scale").get("versions") or []),
            '"in_versions": sum(v["accepted"] for v in coordinator.history("scale").get("versions") or [])')
 
 
-def _server_script(aio_prototype: bool) -> str:
-    """The coordinator process's source: edgeft's, or bench/aio_coordinator.py's prototype."""
-    return coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()",
-                              server_module="aio_coordinator" if aio_prototype else "edgeft.server.servicer")
+_SERVER = coordinator_script(_REPORT, wait_s=7 * 24 * 3600, then="sys.stdin.read()")
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -94,8 +91,8 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     state.mkdir(parents=True)
     server_table = '[server]\naddress = "127.0.0.1:0"\nstate_dir = "state"\npoll_wait_s = 1\ninsecure = true\n'
     limits = {"max_concurrent_rpcs": args.max_concurrent_rpcs,  # calls in progress; beyond: RESOURCE_EXHAUSTED
-              "max_workers": args.max_workers,  # threads serving calls other than uploads
-              "upload_workers": args.upload_workers}  # threads taking uploads in
+              "max_workers": args.max_workers,  # threads serving the health service
+              "upload_workers": args.upload_workers}  # uploads in progress beyond these wait (admission's signal)
     if any(limits.values()):
         server_table += "[server.limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items() if v)
     config = state / "jobs.toml"
@@ -114,7 +111,7 @@ def run(n: int, bundle: Path, work: Path, args: argparse.Namespace) -> dict:
     stop = threading.Event()
     try:
         for i in range(args.replicas):  # its warnings and any call's traceback kept in the log, for reading
-            servers.append(start_coordinator(_server_script(args.aio_prototype), config,
+            servers.append(start_coordinator(_SERVER, config,
                                              state / f"coordinator{i or ''}.log"))
         sampler = threading.Thread(target=_sample_rss, args=([s.pid for s in servers], samples, stop), daemon=True)
         sampler.start()
@@ -198,7 +195,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent-rpcs", type=int,
                         help="the coordinator's [server.limits] max_concurrent_rpcs (default: its own, 128)")
     parser.add_argument("--max-workers", type=int,
-                        help="the coordinator's [server.limits] max_workers (default: its own, 64)")
+                        help="the coordinator's [server.limits] max_workers (default: its own, 4)")
     parser.add_argument("--upload-workers", type=int,
                         help="the coordinator's [server.limits] upload_workers (default: its own, 32)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels per client process (default 8)")
@@ -207,8 +204,6 @@ def main() -> None:
                         help="coordinator processes on the run's one SQLite file and artifact folder, each on its "
                              "own port; devices round-robin their calls over them (default 1). --max-concurrency is "
                              "the job's, counted in the database over all of them")
-    parser.add_argument("--aio-prototype", action="store_true",
-                        help="serve with bench/aio_coordinator.py: a prototype on one grpc.aio thread, not the product")
     parser.add_argument("--start-together", action="store_true",
                         help="devices ask for work only once all have registered (registration at full speed first)")
     parser.add_argument("--bundle", type=Path, help="an exported bench bundle to use (default: export it afresh)")

@@ -5,5 +5,5 @@ Lives in the repository's top-level ``server/`` folder and installs as the packa
 (jobs.toml), ``store`` (the tables), ``state`` (the named SQL queries), ``artifacts`` (content-addressed files),
 ``jobs`` (each job's bundles), ``rounds`` / ``secure`` (the round rules), ``evaluation``, ``history``,
 ``coordinator`` (the facade over them), ``auth`` (enrolment tokens), ``certs`` (TLS files, ``edgeft certs``),
-``servicer`` (the gRPC face; ``create_server`` / ``serve``).
+``servicer`` (the gRPC face; ``create_server`` / ``serve``), ``loop`` (the gRPC server on one event loop).
 """

@@ -1,13 +1,12 @@
-"""Admission by load for asynchronous jobs: while uploads queue for the coordinator's upload threads (it takes them
-in more slowly than its devices send them), work is given out no faster than updates were taken in, a little slower,
+"""Admission by load for asynchronous jobs: while uploads queue (the coordinator takes them in more slowly than its
+devices send them), work is given out no faster than updates were taken in, a little slower,
 so the queue drains; once it has, that rate grows again, each window in which the work given came back. Without it,
 a concurrency cap above what the coordinator can take fills its call slots (``max_concurrent_rpcs``) with queued
 uploads, devices retry on RESOURCE_EXHAUSTED, and fewer updates a second are taken in than with a smaller cap.
 
-The measure is the uploads waiting for a thread of their own (``CallThreads`` counts them; uploads have their own
-threads, ``[server.limits] upload_workers``, so the polls of a crowd waiting for work neither hold them nor count):
-20,000 simulated devices with a cap of 5,000 had 900 calls waiting on 64 shared threads, a healthy coordinator under
-10. A rate, not a lower cap: an upload comes a training time after its task; a cap lowered while uploads queue keeps
+The measure is the uploads in progress beyond ``[server.limits] upload_workers`` (``InProgress`` counts them; the
+polls of a crowd waiting for work do not count): 20,000 simulated devices with a cap of 5,000 had 900 calls waiting
+on 64 shared threads, a healthy coordinator under 10. A rate, not a lower cap: an upload comes a training time after its task; a cap lowered while uploads queue keeps
 being lowered for all that time (the uploads already under way keep the queue full), then starves the coordinator.
 The rate taken in while busy is what it can take, whatever the training time.
 
@@ -34,12 +33,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from edgeft.server.pace import WINDOW_S, Tally
 
 log = logging.getLogger("edgeft.server")
-BUSY_SHARE = 0.5  # busy: on average at least this many uploads per upload thread (limits.upload_workers) wait for one
+BUSY_SHARE = 0.5  # busy: on average uploads beyond limits.upload_workers are at least this share of it
 BACKOFF = 0.9  # while busy, work is given at this share of the rate updates were taken in
 GROWTH = 1.25  # a window not busy in which the work given came back: the limit grows by this factor ...
 SLOW_START_GROWTH = 2.0  # ... by this one until uploads first queue
@@ -62,8 +60,8 @@ def issue_limit(busy: bool, taken_per_s: float, given_per_s: float, limit: float
 
 
 class CallLoad:
-    """The calls waiting for a thread of a pool (``CallThreads``), integrated over time: two ``reading``s give their
-    mean between them. The coordinator's upload load is shared by its jobs (they share its threads). Thread safe."""
+    """The calls waiting (``InProgress``), integrated over time: two ``reading``s give their mean between them. The
+    coordinator's upload load is shared by its jobs. Thread safe."""
 
     def __init__(self, clock=time.monotonic):  # noqa: ANN001
         self.clock = clock
@@ -88,25 +86,27 @@ class CallLoad:
             return at, self._area + self._count * (at - self._at)
 
 
-class CallThreads(ThreadPoolExecutor):
-    """Threads serving gRPC calls (the coordinator's upload threads); ``load`` counts each call from when the server
-    hands it over (``submit``) until a thread starts it."""
+class InProgress:
+    """Calls in progress (the coordinator's uploads, ``with`` one each): those beyond ``free`` count as waiting in
+    ``load``. Uploads run one at a time on the server's event loop; many in progress at once mean they come faster
+    than it takes them in."""
 
-    def __init__(self, load: CallLoad, max_workers: int, thread_name_prefix: str = ""):
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        self.load = load
+    def __init__(self, load: CallLoad, free: int):
+        self.load, self.free, self.count = load, free, 0
+        self._lock = threading.Lock()
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
-        def started(*a, **k):  # noqa: ANN002, ANN003, ANN202
-            self.load.change(-1)
-            return fn(*a, **k)
+    def _change(self, by: int) -> None:
+        with self._lock:
+            waiting = max(self.count - self.free, 0)
+            self.count += by
+            self.load.change(max(self.count - self.free, 0) - waiting)
 
-        self.load.change(1)
-        try:
-            return super().submit(started, *args, **kwargs)
-        except BaseException:  # refused (shut down): it will never start
-            self.load.change(-1)
-            raise
+    def __enter__(self) -> InProgress:
+        self._change(1)
+        return self
+
+    def __exit__(self, *_) -> None:  # noqa: ANN002
+        self._change(-1)
 
 
 class Admission:
@@ -150,6 +150,6 @@ class Admission:
         self._queued = self._queued or busy
         self._given, self._taken_at = 0, taken_at
         if first_queue:
-            log.warning("job %s: uploads queue for the coordinator's upload threads (%.0f waiting on average, busy "
+            log.warning("job %s: uploads queue at the coordinator (%.0f beyond upload_workers on average, busy "
                         "from %.0f): work is given at most %.1f times a second while they do, then grows as it "
                         "comes back", self.job_id, waiting, self.busy_at, self.limit)

@@ -50,7 +50,7 @@ class AsyncRounds:
 
     def __init__(self, rounds: Rounds, state: AsyncState, load: CallLoad | None = None):
         self.rounds, self.state = rounds, state
-        self.load = load or CallLoad()  # uploads waiting for this process's upload threads
+        self.load = load or CallLoad()  # uploads waiting in this process (the servicer's InProgress counts them)
         self._admissions: dict[str, Admission] = {}  # job id -> its admission by load (server.admission)
         # job id -> until when (time.monotonic) this process answers "ask later" without counting the devices that
         # hold work: the cap was reached then. An update that frees a slot here forgets it at once.
@@ -65,10 +65,10 @@ class AsyncRounds:
         self._latest: dict[str, int] = {}
         self._latest_lock = threading.Lock()
         self._started: dict[str, float] = {}  # job id -> when it started (its initial global adapter was stored)
-        # (job id, blob, base version) -> the delta an update taken in here adds to a version (float64, computed on
-        # its upload's thread), until a version reads it: a version is made on one thread among the upload threads,
-        # which got ~8% of the GIL at 100,000 devices; reading back 200 blobs and computing their deltas there made
-        # versions fall behind the uploads (a backlog of thousands, read back from the store once no longer kept)
+        # (job id, blob, base version) -> the delta an update taken in here adds to a version (float64, computed as
+        # it is taken in), until a version reads it: reading back 200 blobs and computing their deltas when a version
+        # is made made versions fall behind the uploads (a backlog of thousands, read back from the store once no
+        # longer kept)
         self._deltas = DecodedCache(KEPT_BYTES)
 
     # -- a device asks for work ----------------------------------------------------------------------

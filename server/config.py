@@ -105,17 +105,17 @@ class TlsConfig:
 class ServerLimits:
     """Resource bounds of the coordinator, and its HTTP/2 keepalive policy.
 
-    A long poll holds a worker thread for up to ``poll_wait_s``; beyond ``max_concurrent_rpcs`` calls in
-    progress a call is answered RESOURCE_EXHAUSTED at once (agents back off and retry), never left hanging.
+    The Coordinator service's calls run on one event loop (``server.loop``): a long poll waits up to ``poll_wait_s``
+    without holding a thread. Beyond ``max_concurrent_rpcs`` calls in progress a call is answered
+    RESOURCE_EXHAUSTED at once (agents back off and retry), never left hanging.
     """
 
     max_message_bytes: int = MAX_MESSAGE_BYTES  # largest message either way (a task carries the whole global adapter)
     chunk_bytes: int = 1 << 20  # bundle bytes per download message
     max_upload_bytes: int = 512 << 20  # all messages of one upload together
-    max_workers: int = 64  # threads serving calls other than uploads
-    upload_workers: int = 32  # threads taking uploads in (UploadUpdate): polls never hold them; admission counts
-    # the uploads waiting for one
-    max_concurrent_rpcs: int = 128  # calls in progress (running or waiting for a thread)
+    max_workers: int = 4  # threads serving the health service (the Coordinator service runs on the event loop)
+    upload_workers: int = 32  # uploads in progress beyond this many wait: asynchronous jobs' admission counts them
+    max_concurrent_rpcs: int = 128  # calls in progress
     # Keepalive (see the agent's edgeft.client.transport for its side). Agents ping every 60 s while they
     # train without a call in flight; the server must accept that, or it answers GOAWAY "too_many_pings":
     # it accepts pings without data down to every ``min_client_ping_interval_s`` (half the agents' interval,

@@ -122,7 +122,7 @@ class Coordinator:
         self.evaluator = Evaluator(self.state, lambda: self.bundles, self.global_adapter, self.leases)
         self.rounds = Rounds(config, self.jobs, self.bundle_sets, self.state, self.artifacts, self.strategies,
                              self.secure_rounds, on_closed=self.evaluator.schedule, leases=self.leases)
-        self.upload_load = CallLoad()  # uploads waiting for an upload thread (the server's CallThreads count them)
+        self.upload_load = CallLoad()  # uploads waiting (the servicer's InProgress counts them)
         self.async_rounds = AsyncRounds(self.rounds, AsyncState(self.state), self.upload_load)  # "async" jobs
         self._swept = 0.0  # when the clock last looked for global adapters without an evaluation
         self._clock: threading.Thread | None = None

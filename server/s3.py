@@ -33,9 +33,9 @@ from edgeft.server.config import S3Settings
 log = logging.getLogger("edgeft.server")
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 READ_AHEAD = 8  # GETs in flight while aggregation streams the stored updates (iter_tensors)
-# HTTP connections kept to the store: one per gRPC worker thread uploading (limits.max_workers, 64 by default) and
-# per read-ahead GET; beyond the pool urllib3 opens and drops a connection for each request
-POOL_CONNECTIONS = 64 + READ_AHEAD
+# HTTP connections kept to the store: the server's event loop, its clock and health threads, and the read-ahead GETs;
+# beyond the pool urllib3 opens and drops a connection for each request
+POOL_CONNECTIONS = 8 + READ_AHEAD
 UNREACHABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
 
 

@@ -7,16 +7,17 @@ the ``rpc``/``stream_rpc`` decorators: the caller's enrolment token (call metada
 <token>``) gives a ``Principal`` whose job bounds what the call may touch. Requests arrive as raw bytes and are
 parsed only after that (``edgeft.wire.parse_request``), so truncated or garbled messages are INVALID_ARGUMENT
 like any other malformed request. Refused uploads are counted per job and reason.
-Health checking and reflection are separate services and need no token.
+Health checking and reflection are separate services and need no token. The methods run on the server's one event
+loop (``server.loop``): a long poll awaits, it never sleeps holding a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import grpc
@@ -28,11 +29,12 @@ from edgeft import wire
 from edgeft.wire.types import MESSAGE_HEADROOM
 from edgeft.wire import (STATISTICS, TRAIN, BundleChunk, BundleFile, BundleInfo, Finished, RetryLater, Task,
                          UploadHeader, UploadReceipt)
-from edgeft.server.admission import CallThreads
+from edgeft.server.admission import InProgress
 from edgeft.server.auth import Principal, bearer_token
 from edgeft.server.config import ServerConfig, ServerLimits
 from edgeft.server.coordinator import Coordinator, TaskAssignment
 from edgeft.server.health import HealthProbe
+from edgeft.server.loop import LoopServer
 
 log = logging.getLogger("edgeft.server")
 CHUNK_BYTES = ServerLimits.chunk_bytes  # defaults; [server.limits] sets them per coordinator
@@ -42,31 +44,30 @@ def _status(exc: EdgeftError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
-def _refused(name: str, context, exc: EdgeftError) -> None:  # noqa: ANN001
+async def _refused(name: str, context, exc: EdgeftError) -> None:  # noqa: ANN001
     log.info("%s from %s refused [%s]: %s", name, context.peer(), exc.reason or type(exc).__name__, exc)
-    context.abort(_status(exc), str(exc))
+    await context.abort(_status(exc), str(exc))
 
 
 def rpc(stream: bool = False) -> Callable:
-    """Authenticate the caller, parse its request (``stream``: a client stream, passed on as the raw messages for the
-    method to parse one by one as it reads them, with ``edgeft.wire``) and pass both on with the Principal; turn
+    """Authenticate the caller, parse its request (``stream``: a client stream, passed on as its async iterator of raw
+    messages for the method to read and parse with ``edgeft.wire``) and pass both on with the Principal; turn
     EdgeftError into the matching gRPC status (UNAUTHENTICATED without a valid token, INVALID_ARGUMENT for bytes that
     do not parse); log anything else as INTERNAL."""
 
     def decorate(method: Callable) -> Callable:
         @functools.wraps(method)
-        def wrapper(self, request, context):  # noqa: ANN001, ANN202
+        async def wrapper(self, request, context):  # noqa: ANN001, ANN202
             try:
                 principal = self.authenticate(context)
-                return method(self, request if stream else wire.parse_request(method.__name__, request), context,
-                              principal)
+                return await method(self, request if stream else wire.parse_request(method.__name__, request),
+                                    context, principal)
             except EdgeftError as exc:
-                _refused(method.__name__, context, exc)
-            except grpc.RpcError:
-                raise
+                await _refused(method.__name__, context, exc)
             except Exception as exc:  # the request is not applied; say so without leaking internals
                 log.exception("%s failed", method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"internal error in {method.__name__}: {type(exc).__name__}")
 
         return wrapper
 
@@ -74,16 +75,17 @@ def rpc(stream: bool = False) -> Callable:
 
 
 def stream_rpc() -> Callable:
-    """rpc() for server-streaming methods (generators)."""
+    """rpc() for server-streaming methods (generators; each message is sent before the next is made)."""
 
     def decorate(method: Callable) -> Callable:
         @functools.wraps(method)
-        def wrapper(self, request, context):  # noqa: ANN001, ANN202
+        async def wrapper(self, request, context):  # noqa: ANN001, ANN202
             try:
                 principal = self.authenticate(context)
-                yield from method(self, wire.parse_request(method.__name__, request), context, principal)
+                for message in method(self, wire.parse_request(method.__name__, request), context, principal):
+                    yield message
             except EdgeftError as exc:
-                _refused(method.__name__, context, exc)
+                await _refused(method.__name__, context, exc)
 
         return wrapper
 
@@ -98,6 +100,8 @@ class CoordinatorServicer:
         self.coordinator = coordinator
         self.poll_wait_s = poll_wait_s
         self.limits = limits or ServerLimits()
+        # uploads in progress; those beyond upload_workers wait (asynchronous jobs' admission reads them)
+        self.uploads = InProgress(coordinator.upload_load, self.limits.upload_workers)
 
     def authenticate(self, context) -> Principal:  # noqa: ANN001
         """The caller's principal from its bearer token (Unauthenticated without a valid one)."""
@@ -115,14 +119,14 @@ class CoordinatorServicer:
         return self.coordinator.artifacts.bundle(digest)
 
     @rpc()
-    def Register(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+    async def Register(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         registration = wire.registration_from_pb(request)
         device_id = self.coordinator.register(registration.device_id, registration.capabilities.record(),
                                               principal.job_id, principal.token_id)
         return wire.registered_to_pb(device_id)
 
     @rpc()
-    def PollTask(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+    async def PollTask(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         poll = wire.poll_request_from_pb(request)
         wait = min(float(poll.wait_seconds or 0), self.poll_wait_s)
         end = time.monotonic() + wait
@@ -137,12 +141,12 @@ class CoordinatorServicer:
                 return wire.poll_response_to_pb(Finished(outcome))
             if isinstance(outcome, RetryLater):  # not held in a long-poll: the device comes back when told
                 return wire.poll_response_to_pb(outcome)
-            if time.monotonic() >= end or not context.is_active():
+            if time.monotonic() >= end:  # (a call cancelled meanwhile is cancelled in its sleep)
                 return wire.poll_response_to_pb(RetryLater(1))
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
 
     @rpc()
-    def GetBundle(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+    async def GetBundle(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         bundle = self._bundle(principal, wire.bundle_request_from_pb(request))
         files = tuple(BundleFile(name, bundle.file(name).stat().st_size, digest)
                       for name, digest in bundle.manifest.files.items())
@@ -166,36 +170,42 @@ class CoordinatorServicer:
                 offset += len(block)
 
     @rpc(stream=True)
-    def UploadUpdate(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN201, N802
-        sizes: list[int] = []  # the bytes that came over the wire
+    async def UploadUpdate(self, request_iterator, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+        messages: list[bytes] = []  # as they came over the wire
+        size = 0
 
-        def check(size: int, claim: UploadHeader | None) -> None:  # every message, before it is read
+        def check(_: int, claim: UploadHeader | None) -> None:  # every message as it is parsed
             if claim is not None and claim.job_id != principal.job_id:
                 raise PermissionDenied(f"this device's token enrols it in job {principal.job_id!r}, not "
                                        f"{claim.job_id!r}", reason="wrong_job")
-            sizes.append(size)
-            if sum(sizes) > self.limits.max_upload_bytes:
-                raise WireError(f"the upload exceeds the coordinator's limit of {self.limits.max_upload_bytes} "
-                                "bytes ([server.limits] max_upload_bytes)", reason="too_large")
 
-        try:
-            header, update = wire.update_from_wire(request_iterator, observe=check)
-        except EdgeftError as exc:  # malformed before it reached the coordinator's rules: counted here
-            self.coordinator.count_rejection(principal.job_id, exc)
-            raise
-        except grpc.RpcError:  # the call was cancelled mid-upload: nothing is stored. (A device that dies mid-upload
-            # usually looks like a stream that ended early instead: refused, as every tensor must arrive whole.)
-            log.info("UploadUpdate from %s broke off after %d messages; nothing stored", context.peer(), len(sizes))
-            self.coordinator.count_rejection(principal.job_id, "incomplete",
-                                             f"upload from {context.peer()} broke off after {len(sizes)} messages")
-            raise
-        size = sum(sizes)
-        accepted = self.coordinator.submit(header, update, size)
+        with self.uploads:
+            try:
+                async for message in request_iterator:
+                    size += len(message)
+                    if size > self.limits.max_upload_bytes:  # stops the stream as it arrives
+                        raise WireError(f"the upload exceeds the coordinator's limit of "
+                                        f"{self.limits.max_upload_bytes} bytes ([server.limits] max_upload_bytes)",
+                                        reason="too_large")
+                    messages.append(message)
+                header, update = wire.update_from_wire(messages, observe=check)
+            except EdgeftError as exc:  # malformed before it reached the coordinator's rules: counted here
+                self.coordinator.count_rejection(principal.job_id, exc)
+                raise
+            except asyncio.CancelledError:  # the call was cancelled mid-upload: nothing is stored. (A device that
+                # dies mid-upload usually looks like a stream that ended early instead: refused, as every tensor must
+                # arrive whole.)
+                log.info("UploadUpdate from %s broke off after %d messages; nothing stored", context.peer(),
+                         len(messages))
+                self.coordinator.count_rejection(principal.job_id, "incomplete", f"upload from {context.peer()} "
+                                                 f"broke off after {len(messages)} messages")
+                raise
+            accepted = self.coordinator.submit(header, update, size)
         return wire.upload_receipt_to_pb(UploadReceipt(duplicate=not accepted, message="accepted" if accepted
                                                        else "already received; counted once"))
 
     @rpc()
-    def SecureAggregate(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+    async def SecureAggregate(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         """One device's message for the current phase of a secure round; the answer once the phase closes
         (long-poll up to ``wait_seconds``), ``retry_after_seconds`` before, ``aborted`` when the device's part
         in the round is over (the round aborted or failed, or the device came too late)."""
@@ -208,8 +218,8 @@ class CoordinatorServicer:
                 request, self.coordinator.secure_ring_dtype(call.header.job_id, call.header.round))
             answer = self.coordinator.secure_step(header, step)
             end = time.monotonic() + min(float(call.wait_seconds or 0), self.poll_wait_s)
-            while answer is None and time.monotonic() < end and context.is_active():
-                time.sleep(0.1)
+            while answer is None and time.monotonic() < end:
+                await asyncio.sleep(0.1)
                 answer = self.coordinator.secure_answer(header, call.phase)
         except SecAggError as exc:
             log.info("SecureAggregate from %s: %s", call.header.device_id, exc)
@@ -217,7 +227,7 @@ class CoordinatorServicer:
         return wire.secagg_response_to_pb(answer)
 
     @rpc()
-    def Heartbeat(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
+    async def Heartbeat(self, request, context, principal: Principal):  # noqa: ANN001, ANN201, N802
         heartbeat = wire.heartbeat_from_pb(request)
         self.coordinator.heartbeat(heartbeat.device_id, dict(heartbeat.metrics), principal.job_id)
         return wire.heartbeat_reply_to_pb()
@@ -233,19 +243,13 @@ def _task(task: TaskAssignment, message_bytes: int = 0) -> Task:
                 asynchronous=task.asynchronous, upload_message_bytes=message_bytes)
 
 
-def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.Server,
-                            upload_threads: CallThreads | None = None) -> None:
+def add_coordinator_service(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Register edgeft.v1.Coordinator like the generated ``add_CoordinatorServicer_to_server``, but with its
-    requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``).
-    ``upload_threads``: UploadUpdate's own threads (else the server's), so that polls never hold them."""
+    requests left as raw bytes: the servicer parses them after authenticating the caller (see ``rpc``)."""
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    behaviours = {m.name: getattr(servicer, m.name) for m in wire.coordinator_methods()}
-    if upload_threads is not None:  # grpcio runs a behaviour on its ``experimental_thread_pool`` when it has one
-        behaviours["UploadUpdate"] = functools.partial(servicer.UploadUpdate)
-        behaviours["UploadUpdate"].experimental_thread_pool = upload_threads
     handlers = {m.name: kinds[m.client_streaming, m.server_streaming](
-        behaviours[m.name], request_deserializer=None, response_serializer=m.serialize_response)
+        getattr(servicer, m.name), request_deserializer=None, response_serializer=m.serialize_response)
         for m in wire.coordinator_methods()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(wire.SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(wire.SERVICE_NAME, handlers)
@@ -262,7 +266,7 @@ def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
             ("grpc.http2.max_pings_without_data", 0)]
 
 
-def create_server(config: ServerConfig, coordinator: Coordinator | None = None) -> tuple[grpc.Server, int, Coordinator]:
+def create_server(config: ServerConfig, coordinator: Coordinator | None = None) -> tuple[LoopServer, int, Coordinator]:
     """A started-not-yet gRPC server bound to ``config.address`` (port 0 picks one): (server, port, coordinator).
 
     TLS from ``config.tls`` (mutual with ``client_ca``), or plaintext when ``config.insecure`` (logged loudly)."""
@@ -277,27 +281,28 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     limits = config.limits
     coordinator = coordinator or Coordinator(config)
     _check_adapters_fit(coordinator, limits)
-    # One BLAS thread: calls run on many threads at once, and BLAS's own pool of busy-waiting threads (numpy's
-    # OpenBLAS starts one per core) took half the coordinator's CPU under load, for vectors of 10^5 values.
+    # One BLAS thread: BLAS's own pool of busy-waiting threads (numpy's OpenBLAS starts one per core) took half the
+    # coordinator's CPU under load, for vectors of 10^5 values.
     threadpool_limits(1, user_api="blas")
-    threads = ThreadPoolExecutor(limits.max_workers, "edgeft-rpc")
-    uploads = CallThreads(coordinator.upload_load, limits.upload_workers, "edgeft-upload")  # counts uploads waiting
-    server = grpc.server(threads,
-                         options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server, uploads)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    def setup(server: grpc.aio.Server) -> int:
+        add_coordinator_service(CoordinatorServicer(coordinator, config.poll_wait_s, limits), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            return (server.add_insecure_port(config.address) if credentials is None
+                    else server.add_secure_port(config.address, credentials))
+        except RuntimeError:
+            return 0
+
+    server = LoopServer(setup, server_options(limits), limits.max_concurrent_rpcs, limits.max_workers)
+    port = server.ready
+    if port == 0:
+        server.stop(grace=None)
+        raise EdgeftError(f"cannot listen on {config.address}; is the port in use?")
     probe = HealthProbe(health_servicer, {"database": coordinator.state.ping,
                                           "artifact store": coordinator.artifacts.check})
-    names = (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    try:
-        port = (server.add_insecure_port(config.address) if credentials is None
-                else server.add_secure_port(config.address, credentials))
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise EdgeftError(f"cannot listen on {config.address}; is the port in use?")
     if config.insecure:
         log.warning("PLAINTEXT: the coordinator on %s serves without TLS (insecure = true). Enrolment tokens and "
                     "model updates cross the network readable and forgeable by anyone on the path; use this on a "
@@ -306,12 +311,10 @@ def create_server(config: ServerConfig, coordinator: Coordinator | None = None) 
     probe.start()  # NOT_SERVING while the database or the artifact store does not answer
     stop = server.stop
 
-    def stop_server_and_clock(grace: float | None):  # noqa: ANN202
+    def stop_server_and_clock(grace: float | None) -> None:
         probe.stop()
         coordinator.stop_clock()
-        stopped = stop(grace)
-        uploads.shutdown(wait=False)
-        return stopped
+        stop(grace)
 
     server.stop = stop_server_and_clock
     return server, port, coordinator

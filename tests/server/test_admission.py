@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
 from edgeft.server.admission import (BACKOFF, GROWTH, INITIAL_PER_S, MIN_PER_S, SLOW_START_GROWTH, Admission, CallLoad,
-                                     CallThreads, issue_limit)
+                                     InProgress, issue_limit)
 
 
 def test_issue_limit_follows_the_rate_taken_in_while_busy_and_grows_back_after():
@@ -35,16 +33,15 @@ def test_call_load_is_the_mean_number_of_calls_waiting_over_a_span(clock):
     assert (area - start[1]) / (at - start[0]) == (4 * 1 + 2 * 2 + 4 * 1) / 10  # 1.2 calls waiting on average
 
 
-def test_call_threads_count_the_calls_waiting_for_a_thread():
+def test_in_progress_counts_the_calls_beyond_its_free_ones_as_waiting():
     load = CallLoad()
-    release = threading.Event()
-    with CallThreads(load, max_workers=1) as threads:
-        running = threads.submit(release.wait)
-        waiting = [threads.submit(lambda i=i: i) for i in range(3)]
-        assert load.waiting in (3, 4)  # the first may not have started yet; the other three wait for the thread
-        release.set()
-        assert [f.result() for f in waiting] == [0, 1, 2] and running.result()
-    assert load.waiting == 0
+    uploads = InProgress(load, free=2)
+    with uploads, uploads:
+        assert load.waiting == 0  # two in progress, both free
+        with uploads, uploads, uploads:
+            assert load.waiting == 3
+        assert load.waiting == 0
+    assert uploads.count == 0 and load.waiting == 0
 
 
 def test_admission_gives_work_at_the_rate_taken_in_while_busy_then_follows_the_demand(clock):
