@@ -24,7 +24,7 @@ STOP_S = 60.0  # how long stop() waits for the server to stop (beyond its grace)
 
 class LoopServer:
     """A grpc.aio server on a fresh event loop of its own thread. ``setup(server)`` adds services and ports on the
-    loop's thread (grpc.aio wants it); its result is returned by the constructor's ``ready`` attribute."""
+    loop's thread (grpc.aio wants it); what it returns is kept as ``ready`` (the coordinator's: the port bound)."""
 
     def __init__(self, setup: Callable[[grpc.aio.Server], Any], options: list, maximum_concurrent_rpcs: int,
                  sync_threads: int):
